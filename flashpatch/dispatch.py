@@ -1,0 +1,87 @@
+"""Which kernel path serves a device, or the named fallback and why. Pure where it can be."""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+
+MIN_CAPABILITY = (8, 0)
+
+
+@dataclass(frozen=True)
+class KernelPath:
+    """`name` is what serves attention: 'triton-sm90', 'triton-interpreter', or 'fallback'."""
+
+    name: str
+    family: str | None  # tile-table family ('sm90', 'sm80', 'sm86'); None for the interpreter
+    reason: str
+
+    @property
+    def usable(self) -> bool:
+        return self.name != "fallback"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@functools.lru_cache(maxsize=1)
+def triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+
+        from flashpatch import kernels  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken Triton install
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def interpreter_active() -> bool:
+    """True when our kernels were built by Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    if triton_import_error() is not None:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from flashpatch.kernels.forward import _flash_fwd_kernel
+
+    return isinstance(_flash_fwd_kernel, InterpretedFunction)
+
+
+def path_for_capability(capability: tuple[int, int] | None, *, triton_error: str | None = None,
+                        interpreter: bool = False) -> KernelPath:
+    """Pure decision: capability None means a CPU device."""
+    from flashpatch.kernels.config import gpu_family
+
+    if triton_error is not None:
+        return KernelPath("fallback", None, f"Triton unavailable ({triton_error})")
+    if capability is None:
+        if interpreter:
+            return KernelPath("triton-interpreter", None, "CPU tensors under TRITON_INTERPRET=1 (slow; for proofs)")
+        return KernelPath("fallback", None, "no CUDA device (set TRITON_INTERPRET=1 before import to run the kernels on CPU)")
+    if interpreter:
+        return KernelPath("fallback", None, "TRITON_INTERPRET=1 is set: kernels run on CPU tensors only")
+    family = gpu_family(capability)
+    if family is None:
+        major, minor = capability
+        return KernelPath("fallback", None, f"GPU sm{major}{minor} is older than sm80 (Ampere): no tile table for it")
+    major, minor = capability
+    return KernelPath(f"triton-{family}", family, f"sm{major}{minor} uses the {family} tile table")
+
+
+def path_for_device(device: torch.device) -> KernelPath:
+    capability = None
+    if device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+    elif device.type != "cpu":
+        return KernelPath("fallback", None, f"device type {device.type!r} is not served (CUDA or the CPU interpreter only)")
+    return path_for_capability(capability, triton_error=triton_import_error(), interpreter=interpreter_active())
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes")

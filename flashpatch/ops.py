@@ -1,0 +1,101 @@
+"""`flashpatch.attention`: the op in SDPA's layout, validated, over the Triton kernels."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .dispatch import path_for_device
+from .reference import reference_attention
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+class AttentionInputError(ValueError):
+    """Input the kernels cannot serve; the message names the problem and what to do."""
+
+
+def _check_inputs(q, k, v, key_padding_mask) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise AttentionInputError(f"{name} must be a 4-D tensor [batch, heads, seq, head_dim], got "
+                                      f"{getattr(t, 'shape', type(t).__name__)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise AttentionInputError(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}): cast them to one dtype")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise AttentionInputError(f"dtype {q.dtype} is not supported: use float16, bfloat16 or float32")
+    if not (q.device == k.device == v.device):
+        raise AttentionInputError(f"q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
+    (b, hq, _, d), (bk, hk, sk, dk) = q.shape, k.shape
+    if k.shape != v.shape:
+        raise AttentionInputError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if bk != b or dk != d:
+        raise AttentionInputError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or head_dim")
+    if hk == 0 or hq % hk != 0:
+        raise AttentionInputError(f"query heads ({hq}) must be a multiple of key/value heads ({hk}) for GQA/MQA")
+    if d % 8 != 0 or not 8 <= d <= MAX_HEAD_DIM:
+        raise AttentionInputError(f"head_dim {d} is not supported: multiples of 8 from 8 to {MAX_HEAD_DIM}; "
+                                  "use torch.nn.functional.scaled_dot_product_attention for others")
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (b, sk):
+            raise AttentionInputError(f"key_padding_mask must be bool [batch, Sk] = [{b}, {sk}] (True = attend), got "
+                                      f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != q.device:
+            raise AttentionInputError(f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
+
+
+def _forward(q, k, v, causal, scale, key_padding_mask):
+    from flashpatch.kernels import flash_attn_forward, select_config
+
+    path = path_for_device(q.device)
+    if not path.usable:
+        raise AttentionInputError(f"flashpatch kernels cannot run here: {path.reason}. Use "
+                                  "torch.nn.functional.scaled_dot_product_attention, or set TRITON_INTERPRET=1 "
+                                  "before importing flashpatch to run the kernels on CPU tensors")
+    config = select_config(path.family, q.shape[-1], q.shape[2])
+    guard = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        return flash_attn_forward(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+                                  config=config)
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, key_padding_mask):
+        out, lse = _forward(q, k, v, causal, scale, key_padding_mask)
+        ctx.save_for_backward(q, k, v, key_padding_mask)
+        ctx.causal, ctx.scale = causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        # Interim backward until the Triton backward kernels land: recompute the attention in
+        # float32 with PyTorch ops and differentiate that (exact, but O(Sq * Sk) memory).
+        q, k, v, key_padding_mask = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+            out = reference_attention(*leaves, causal=ctx.causal, scale=ctx.scale, key_padding_mask=key_padding_mask)
+            grads = torch.autograd.grad(out, leaves, grad_out.float())
+        return (*(g.to(t.dtype) for g, t in zip(grads, (q, k, v))), None, None, None)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, scale: float | None = None,
+              key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Flash attention in `F.scaled_dot_product_attention`'s layout.
+
+    q: [batch, Hq, Sq, D]; k, v: [batch, Hkv, Sk, D] with Hq a multiple of Hkv (GQA/MQA, no copy).
+    causal: query i sees keys j <= i + Sk - Sq (bottom-right, as with a KV cache).
+    key_padding_mask: bool [batch, Sk], True = attend. A query that sees no key returns zeros.
+    D: a multiple of 8 up to 256. Any strides. float16/bfloat16 dots run on tensor cores with
+    float32 accumulation; float32 inputs use exact IEEE float32 dots (no TF32).
+    Returns [batch, Hq, Sq, D] (memory laid out as [batch, Sq, Hq, D]).
+    """
+    _check_inputs(q, k, v, key_padding_mask)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        return torch.zeros_like(q)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return _FlashAttention.apply(q, k, v, causal, scale, key_padding_mask)
+    return _forward(q, k, v, causal, scale, key_padding_mask)[0]

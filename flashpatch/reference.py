@@ -1,0 +1,39 @@
+"""Plain-PyTorch attention with flashpatch's exact semantics: the yardstick for tests.
+
+Materialises the [Sq, Sk] score matrix, so it is for checking, not for speed.
+"""
+
+import torch
+
+
+def visibility_mask(seq_q: int, seq_k: int, *, causal: bool, key_padding_mask: torch.Tensor | None,
+                    device: torch.device) -> torch.Tensor | None:
+    """Bool [B or 1, 1, Sq, Sk]: True where query i may attend key j (bottom-right causal)."""
+    mask = None
+    if causal:
+        rows = torch.arange(seq_q, device=device)[:, None]
+        cols = torch.arange(seq_k, device=device)[None, :]
+        mask = (cols <= rows + (seq_k - seq_q))[None, None]
+    if key_padding_mask is not None:
+        pad = key_padding_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
+        mask = pad if mask is None else mask & pad
+    return mask
+
+
+def reference_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None, compute_dtype=None):
+    """Attention in `compute_dtype` (default: the input dtype); rows that see no key give zeros."""
+    compute_dtype = compute_dtype or q.dtype
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    group = q.shape[1] // k.shape[1]
+    qc, kc, vc = (t.to(compute_dtype) for t in (q, k, v))
+    kc = kc.repeat_interleave(group, dim=1)
+    vc = vc.repeat_interleave(group, dim=1)
+    scores = (qc @ kc.transpose(-1, -2)) * scale
+    mask = visibility_mask(q.shape[2], k.shape[2], causal=causal, key_padding_mask=key_padding_mask,
+                           device=q.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if mask is not None:
+        probs = probs.masked_fill(~mask.any(-1, keepdim=True), 0.0)  # softmax of all -inf is NaN
+    return (probs @ vc).to(q.dtype)

@@ -1,0 +1,72 @@
+"""Tile sizes per GPU generation: the one place a reader sees what each GPU gets.
+
+Rows are (block_m, block_n, num_warps, num_stages) keyed by head-dim bucket. Shared
+memory per program is about (block_m + 2 * num_stages * block_n) * padded_head_dim * 2
+bytes for 16-bit inputs, which every row keeps under its GPU's per-block limit.
+"""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# Per compute-capability family, per padded head dim (64, 128, 256).
+# sm90 rows were chosen from timings on an H100 (BENCHMARKS.md); sm80/sm86 rows follow the
+# same shapes scaled to those GPUs' shared memory (163 KB and 99 KB per block).
+TILE_TABLE: dict[str, dict[int, TileConfig]] = {
+    "sm90": {
+        64: TileConfig(128, 64, 4, 3),
+        128: TileConfig(128, 64, 8, 3),
+        256: TileConfig(64, 64, 4, 2),
+    },
+    "sm80": {
+        64: TileConfig(128, 64, 4, 3),
+        128: TileConfig(128, 64, 8, 2),
+        256: TileConfig(64, 32, 4, 2),
+    },
+    "sm86": {
+        64: TileConfig(128, 64, 4, 2),
+        128: TileConfig(64, 64, 4, 2),
+        256: TileConfig(64, 32, 4, 1),
+    },
+}
+
+# Triton's CPU interpreter: small tiles so that short test sequences still cross several
+# blocks, the causal diagonal and the ragged tail.
+INTERPRETER_CONFIG = TileConfig(32, 16, 4, 1)
+
+# Few query rows (decode, speculative verification): a 16-row tile wastes less work.
+SHORT_Q_BLOCK_M = 16
+
+
+def gpu_family(capability: tuple[int, int]) -> str | None:
+    """The table family serving a compute capability, or None below sm80."""
+    major, minor = capability
+    if major >= 9:
+        return "sm90"
+    if major == 8:
+        return "sm80" if minor == 0 else "sm86"
+    return None
+
+
+def head_dim_bucket(head_dim: int) -> int:
+    for bucket in (64, 128, 256):
+        if head_dim <= bucket:
+            return bucket
+    raise ValueError(f"head_dim {head_dim} > 256 is not supported")
+
+
+def select_config(family: str | None, head_dim: int, seq_q: int) -> TileConfig:
+    """Tiles for a launch. family None means the interpreter."""
+    if family is None:
+        return INTERPRETER_CONFIG
+    row = TILE_TABLE[family][head_dim_bucket(head_dim)]
+    if seq_q <= SHORT_Q_BLOCK_M:
+        return TileConfig(SHORT_Q_BLOCK_M, row.block_n, 4, row.num_stages)
+    return row

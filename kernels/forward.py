@@ -1,0 +1,189 @@
+"""Flash-attention forward: one Triton program per (query tile, batch x head).
+
+Reads top to bottom like Triton's fused-attention tutorial, plus what Hugging Face
+models need: GQA/MQA by index arithmetic, bottom-right causal alignment for Sq != Sk,
+a [batch, Sk] key-padding mask, head dims that are not powers of two, and any strides.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .config import TileConfig
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_block(
+    acc, l_i, m_i, q,
+    k_base, v_base, kpm_base,
+    start_n, offs_m, offs_n, offs_d,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+    qk_scale, seq_k, head_dim, causal_offset,
+    BOUNDARY: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Online-softmax update of (acc, l_i, m_i) with keys [start_n, start_n + BLOCK_N)."""
+    cols = start_n + offs_n
+    k_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    if BOUNDARY:
+        k = tl.load(k_ptrs, mask=(cols[None, :] < seq_k) & (offs_d[:, None] < head_dim), other=0.0)
+    elif EVEN_D:
+        k = tl.load(k_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=offs_d[:, None] < head_dim, other=0.0)
+    qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+
+    # Masked scores become -inf; a row can then be -inf throughout this block (or all blocks),
+    # so exponents are taken against 0 where the running max is still -inf (exp2(-inf - -inf) is NaN).
+    MAY_MASK: tl.constexpr = BOUNDARY or HAS_KPM
+    if BOUNDARY:
+        visible = cols[None, :] < seq_k
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= offs_m[:, None] + causal_offset)
+        qk = tl.where(visible, qk, float("-inf"))
+    if HAS_KPM:
+        keep = tl.load(kpm_base + cols * stride_mn, mask=cols < seq_k, other=0) != 0
+        qk = tl.where(keep[None, :], qk, float("-inf"))
+
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_ref = m_new
+    if MAY_MASK:
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk - m_ref[:, None])
+    alpha = tl.math.exp2(m_i - m_ref)
+    l_i = l_i * alpha + tl.sum(p, 1)
+
+    if BOUNDARY:
+        v = tl.load(v_ptrs, mask=(cols[:, None] < seq_k) & (offs_d[None, :] < head_dim), other=0.0)
+    elif EVEN_D:
+        v = tl.load(v_ptrs)
+    else:
+        v = tl.load(v_ptrs, mask=offs_d[None, :] < head_dim, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _flash_fwd_kernel(
+    Q, K, V, O, LSE, KPM,
+    qk_scale,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_mb, stride_mn,
+    num_heads, group_size, seq_q, seq_k, head_dim,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    kv_h = h // group_size  # GQA: query head h reads K/V head h // group, no repeat_kv copy
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    q_mask = offs_m[:, None] < seq_q
+    if not EVEN_D:
+        q_mask = q_mask & (offs_d[None, :] < head_dim)
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+
+    k_base = K + b.to(tl.int64) * stride_kb + kv_h * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + kv_h * stride_vh
+    kpm_base = KPM + b * stride_mb
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Bottom-right causal alignment: query i sees keys j <= i + (seq_k - seq_q).
+    causal_offset = seq_k - seq_q
+    if CAUSAL:
+        # Keys past the tile's last row are never visible: those blocks are skipped, not computed.
+        hi = tl.minimum(seq_k, (pid_m + 1) * BLOCK_M + causal_offset)
+        # Keys up to the tile's first row are visible to every row: no causal test needed there.
+        unmasked_hi = tl.minimum(seq_k, pid_m * BLOCK_M + causal_offset + 1)
+    else:
+        hi = seq_k
+        unmasked_hi = seq_k
+    hi = tl.maximum(hi, 0)
+    unmasked_hi = tl.maximum(unmasked_hi, 0) // BLOCK_N * BLOCK_N
+
+    for start_n in range(0, unmasked_hi, BLOCK_N):
+        acc, l_i, m_i = _attend_block(
+            acc, l_i, m_i, q, k_base, v_base, kpm_base, start_n, offs_m, offs_n, offs_d,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+            qk_scale, seq_k, head_dim, causal_offset,
+            False, CAUSAL, HAS_KPM, EVEN_D, DOT_PRECISION,
+        )
+    for start_n in range(unmasked_hi, hi, BLOCK_N):
+        acc, l_i, m_i = _attend_block(
+            acc, l_i, m_i, q, k_base, v_base, kpm_base, start_n, offs_m, offs_n, offs_d,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+            qk_scale, seq_k, head_dim, causal_offset,
+            True, CAUSAL, HAS_KPM, EVEN_D, DOT_PRECISION,
+        )
+
+    # A row that saw no key (all padding, or causal with seq_q > seq_k) returns zeros, as FA2's varlen does.
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+    tl.store(LSE + pid_bh * seq_q + offs_m, lse, mask=offs_m < seq_q)
+    o_ptrs = O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=q_mask)
+
+
+def flash_attn_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    key_padding_mask: torch.Tensor | None,
+    config: TileConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward on validated [B, H, S, D] tensors.
+
+    Returns (out, lse): out is [B, Hq, Sq, D] stored as [B, Sq, Hq, D] in memory (what
+    transformers wants after its transpose, so that transpose costs nothing), lse is
+    [B, Hq, Sq] float32 natural-log sum-exp of the scaled scores (-inf for empty rows).
+    """
+    batch, heads_q, seq_q, head_dim = q.shape
+    heads_k, seq_k = k.shape[1], k.shape[2]
+    out = torch.empty((batch, seq_q, heads_q, head_dim), device=q.device, dtype=q.dtype).transpose(1, 2)
+    lse = torch.empty((batch, heads_q, seq_q), device=q.device, dtype=torch.float32)
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.view(torch.uint8)
+        stride_mb, stride_mn = kpm.stride()
+    else:
+        kpm, stride_mb, stride_mn = lse, 0, 0  # any pointer: never read when HAS_KPM is False
+
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    grid = (triton.cdiv(seq_q, config.block_m), batch * heads_q)
+    _flash_fwd_kernel[grid](
+        q, k, v, out, lse, kpm,
+        scale * LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        stride_mb, stride_mn,
+        heads_q, heads_q // heads_k, seq_q, seq_k, head_dim,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
+        CAUSAL=causal, HAS_KPM=key_padding_mask is not None, EVEN_D=block_d == head_dim,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out, lse
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

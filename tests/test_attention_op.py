@@ -1,0 +1,171 @@
+"""flashpatch.attention against a float64 reference (Triton interpreter on CPU, real GPU with CUDA)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import flashpatch
+from flashpatch import AttentionInputError
+from flashpatch.reference import reference_attention
+from helpers import assert_fa2_rule, random_qkv
+
+DTYPES = [torch.float32, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seq_q,seq_k", [(1, 1), (17, 17), (63, 65), (65, 63), (200, 200), (1, 200), (17, 63), (5, 3)])
+def test_lengths(seq_q, seq_k, causal, dtype, device, poison_empty):
+    q, k, v = random_qkv(2, 4, 2, seq_q, seq_k, 64, dtype, device)
+    out = flashpatch.attention(q, k, v, causal=causal)
+    assert out.shape == q.shape
+    assert_fa2_rule(out, q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("head_dim", [8, 16, 32, 40, 64, 80, 96, 128, 160, 256])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_head_dims(head_dim, dtype, device, poison_empty):
+    q, k, v = random_qkv(1, 2, 1, 33, 47, head_dim, dtype, device)
+    out = flashpatch.attention(q, k, v, causal=True)
+    assert_fa2_rule(out, q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("heads_q,heads_k", [(9, 3), (32, 8), (8, 1), (6, 6)])
+def test_gqa_and_mqa(heads_q, heads_k, device, poison_empty):
+    q, k, v = random_qkv(1, heads_q, heads_k, 19, 40, 32, torch.float16, device)
+    out = flashpatch.attention(q, k, v, causal=True)
+    assert_fa2_rule(out, q, k, v, causal=True)
+
+
+def _padding(batch, seq_k, side):
+    lengths = torch.randint(1, seq_k + 1, (batch,))
+    pos = torch.arange(seq_k)[None, :]
+    mask = pos >= (seq_k - lengths[:, None]) if side == "left" else pos < lengths[:, None]
+    return mask
+
+
+@pytest.mark.parametrize("side", ["left", "right", "random"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_key_padding(side, causal, dtype, device, poison_empty):
+    batch, seq_q, seq_k = 3, 23, 37
+    mask = torch.rand(batch, seq_k) > 0.4 if side == "random" else _padding(batch, seq_k, side)
+    mask = mask.to(device)
+    q, k, v = random_qkv(batch, 4, 2, seq_q, seq_k, 64, dtype, device)
+    out = flashpatch.attention(q, k, v, causal=causal, key_padding_mask=mask)
+    assert_fa2_rule(out, q, k, v, causal=causal, key_padding_mask=mask)
+
+
+def test_rows_without_keys_are_zero(device, poison_empty):
+    q, k, v = random_qkv(2, 2, 2, 9, 40, 64, torch.float32, device)
+    mask = torch.ones(2, 40, dtype=torch.bool, device=device)
+    mask[1] = False  # the second sequence has no visible key at all
+    out = flashpatch.attention(q, k, v, key_padding_mask=mask)
+    assert torch.isfinite(out).all()
+    assert out[1].abs().max() == 0
+    # causal with Sq > Sk: the first Sq - Sk queries see nothing
+    q, k, v = random_qkv(1, 2, 2, 30, 10, 64, torch.float32, device)
+    out = flashpatch.attention(q, k, v, causal=True)
+    assert out[:, :, :20].abs().max() == 0
+    assert_fa2_rule(out, q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_contiguous_inputs(dtype, device, poison_empty):
+    # transformers hands over [B, S, H, D] projections transposed to [B, H, S, D]
+    q = torch.randn(2, 31, 4, 64, dtype=dtype, device=device).transpose(1, 2)
+    kv = torch.randn(2, 45, 2, 2, 64, dtype=dtype, device=device)  # fused k/v buffer
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    strided = torch.randn(2, 4, 31, 128, dtype=dtype, device=device)[..., ::2]  # stride 2 along head_dim
+    for qq in (q, strided):
+        out = flashpatch.attention(qq, k, v, causal=True)
+        assert_fa2_rule(out, qq, k, v, causal=True)
+
+
+def test_lse_matches_logsumexp(device):
+    from flashpatch.ops import _forward
+
+    q, k, v = random_qkv(1, 3, 3, 21, 34, 64, torch.float32, device)
+    mask = torch.rand(1, 34, device=device) > 0.3
+    _, lse = _forward(q, k, v, True, 0.125, mask)
+    scores = (q.double() @ k.double().transpose(-1, -2)) * 0.125
+    visible = torch.ones(21, 34, dtype=torch.bool, device=device).tril(34 - 21) & mask[:, None, None, :]
+    ref = torch.logsumexp(scores.masked_fill(~visible, float("-inf")), -1)
+    torch.testing.assert_close(lse.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_custom_scale(device):
+    q, k, v = random_qkv(1, 2, 2, 16, 16, 64, torch.float32, device)
+    scale = torch.rand(()).item() + 0.05
+    out = flashpatch.attention(q, k, v, scale=scale)
+    assert_fa2_rule(out, q, k, v, scale=scale)
+
+
+def test_backward_matches_float64(device):
+    q, k, v = (t.requires_grad_() for t in random_qkv(1, 4, 2, 13, 21, 32, torch.float32, device))
+    grad = torch.randn(1, 4, 13, 32, device=device)
+    flashpatch.attention(q, k, v, causal=True).backward(grad)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    reference_attention(*leaves, causal=True).backward(grad.double())
+    for ours, ref in zip((q, k, v), leaves):
+        torch.testing.assert_close(ours.grad.double(), ref.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_reference_matches_sdpa():
+    """The yardstick itself agrees with PyTorch's SDPA (top-left aligned when Sq == Sk)."""
+    q, k, v = random_qkv(2, 4, 4, 12, 12, 16, torch.float64)
+    mask = torch.rand(2, 12) > 0.3
+    mask[:, 0] = True
+    ours = reference_attention(q, k, v, causal=True, key_padding_mask=mask)
+    dense = torch.ones(12, 12, dtype=torch.bool).tril() & mask[:, None, None, :]
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+    torch.testing.assert_close(ours, ref)
+
+
+@pytest.mark.parametrize(
+    "shapes,kwargs,match",
+    [
+        (((1, 4, 8, 64), (1, 3, 8, 64), (1, 3, 8, 64)), {}, "multiple of key/value heads"),
+        (((1, 4, 8, 64), (1, 4, 8, 32), (1, 4, 8, 32)), {}, "disagree on batch or head_dim"),
+        (((1, 4, 8, 64), (1, 4, 8, 64), (1, 4, 9, 64)), {}, "same shape"),
+        (((1, 4, 8, 60), (1, 4, 8, 60), (1, 4, 8, 60)), {}, "head_dim 60"),
+        (((1, 4, 8, 264), (1, 4, 8, 264), (1, 4, 8, 264)), {}, "head_dim 264"),
+        (((4, 8, 64), (1, 4, 8, 64), (1, 4, 8, 64)), {}, "4-D"),
+        (((1, 4, 8, 64), (1, 4, 8, 64), (1, 4, 8, 64)), {"key_padding_mask": torch.ones(1, 7, dtype=torch.bool)},
+         "key_padding_mask"),
+        (((1, 4, 8, 64), (1, 4, 8, 64), (1, 4, 8, 64)), {"key_padding_mask": torch.ones(1, 8)}, "bool"),
+    ],
+)
+def test_bad_input_is_named(shapes, kwargs, match):
+    q, k, v = (torch.randn(s) for s in shapes)
+    with pytest.raises(AttentionInputError, match=match):
+        flashpatch.attention(q, k, v, **kwargs)
+
+
+def test_dtype_mismatch_and_unsupported_dtype():
+    q = torch.randn(1, 2, 4, 64)
+    with pytest.raises(AttentionInputError, match="dtypes differ"):
+        flashpatch.attention(q, q.half(), q.half())
+    with pytest.raises(AttentionInputError, match="not supported"):
+        flashpatch.attention(q.double(), q.double(), q.double())
+
+
+def test_device_mismatch():
+    q = torch.randn(1, 2, 4, 64)
+    with pytest.raises(AttentionInputError, match="different devices"):
+        flashpatch.attention(q, q.to("meta"), q)
+
+
+def test_cpu_without_interpreter_says_what_to_do(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    code = ("import torch, flashpatch\n"
+            "q = torch.randn(1, 2, 4, 64)\n"
+            "try:\n    flashpatch.attention(q, q, q)\n"
+            "except flashpatch.AttentionInputError as e:\n    print('ERR', e)\n")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "ERR" in res.stdout, res.stderr
+    assert "scaled_dot_product_attention" in res.stdout and "TRITON_INTERPRET=1" in res.stdout
