@@ -1,0 +1,161 @@
+"""Kernel benchmark: flashpatch's forward vs SDPA's backends and FlexAttention, side by side in one run.
+
+Times with triton.testing.do_bench (CUDA events, median after warm-up). TFLOPS count
+4 * B * H * Sq * Sk * D for the forward, half of it when causal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+SEED_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
+SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
+
+
+@dataclass
+class KernelRow:
+    impl: str
+    head_dim: int
+    seq_len: int
+    causal: bool
+    ms: float | None
+    tflops: float | None
+    peak_mib: float | None
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def attention_flops(batch, heads, seq_q, seq_k, head_dim, causal) -> float:
+    flops = 4.0 * batch * heads * seq_q * seq_k * head_dim
+    return flops / 2 if causal else flops
+
+
+def _sdpa_fn(backend: str, q, k, v, causal):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    chosen = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+              "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[backend]
+
+    def run():
+        with sdpa_kernel(chosen):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    return run
+
+
+_compiled_flex = None
+
+
+def _flex_fn(q, k, v, causal):
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    block_mask = None
+    if causal:
+        block_mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, q.shape[2], k.shape[2],
+                                       device=q.device)
+    return lambda: _compiled_flex(q, k, v, block_mask=block_mask)
+
+
+def make_fn(impl: str, q, k, v, causal):
+    import flashpatch
+
+    if impl == "flashpatch":
+        return lambda: flashpatch.attention(q, k, v, causal=causal)
+    if impl == "flex":
+        return _flex_fn(q, k, v, causal)
+    if impl.startswith("sdpa-"):
+        return _sdpa_fn(impl.removeprefix("sdpa-"), q, k, v, causal)
+    raise ValueError(f"unknown implementation {impl!r}")
+
+
+def time_cell(fn, flops: float) -> tuple[float, float, float]:
+    """(ms, TFLOPS, peak MiB above what was allocated before) for one callable."""
+    import triton
+
+    fn()  # compile / plan outside the timing
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return ms, flops / (ms * 1e-3) / 1e12, peak
+
+
+def bench_forward(impls, lengths=SEED_LENGTHS, head_dims=(64, 128), causals=(False, True), batch=8, heads=32,
+                  dtype=torch.bfloat16, progress=None) -> list[KernelRow]:
+    rows = []
+    for head_dim in head_dims:
+        for causal in causals:
+            for n in lengths:
+                q, k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", dtype=dtype) for _ in range(3))
+                flops = attention_flops(batch, heads, n, n, head_dim, causal)
+                for impl in impls:
+                    try:
+                        ms, tflops, peak = time_cell(make_fn(impl, q, k, v, causal), flops)
+                        rows.append(KernelRow(impl, head_dim, n, causal, ms, tflops, peak))
+                    except Exception as exc:  # OOM or a backend that refuses the shape: record, go on
+                        reason = "OOM" if isinstance(exc, torch.OutOfMemoryError) else f"{type(exc).__name__}: {exc}"
+                        rows.append(KernelRow(impl, head_dim, n, causal, None, None, None, reason.splitlines()[0][:120]))
+                    with contextlib.suppress(Exception):
+                        torch.cuda.empty_cache()
+                    if progress is not None:
+                        progress()
+                del q, k, v
+    return rows
+
+
+def markdown_table(rows: list[KernelRow], impls) -> str:
+    """One line per (head_dim, causal, N): TFLOPS per implementation and flashpatch's ratio to each."""
+    others = [i for i in impls if i != "flashpatch"]
+    head = "| D | causal | N | " + " | ".join(f"{i} TFLOPS" for i in impls) + " | " + \
+        " | ".join(f"vs {i}" for i in others) + " | flashpatch ms | flashpatch peak MiB |"
+    lines = [head, "|" + "---|" * (3 + len(impls) + len(others) + 2)]
+    keyed = {(r.impl, r.head_dim, r.causal, r.seq_len): r for r in rows}
+    for (d, c, n) in sorted({(r.head_dim, r.causal, r.seq_len) for r in rows}):
+        cells = [keyed.get((i, d, c, n)) for i in impls]
+        fmt = [f"{r.tflops:.0f}" if r and r.tflops else (r.error.split(':')[0] if r and r.error else "-") for r in cells]
+        ours = keyed.get(("flashpatch", d, c, n))
+        ratios = []
+        for i in others:
+            r = keyed.get((i, d, c, n))
+            ratios.append(f"{r.ms / ours.ms:.2f}x" if ours and ours.ms and r and r.ms else "-")
+        ms = f"{ours.ms:.3f}" if ours and ours.ms else "-"
+        peak = f"{ours.peak_mib:.0f}" if ours and ours.peak_mib is not None else "-"
+        lines.append(f"| {d} | {c} | {n} | " + " | ".join(fmt) + " | " + " | ".join(ratios) + f" | {ms} | {peak} |")
+    return "\n".join(lines)
+
+
+def tile_sweep(candidates, lengths=(2048, 8192), head_dims=(64, 128), batch=8, heads=32, dtype=torch.bfloat16):
+    """Time every candidate TileConfig directly through the launcher: evidence for the tile table."""
+    import triton
+
+    from flashpatch.kernels import flash_attn_forward
+
+    results = []
+    for head_dim in head_dims:
+        for causal in (False, True):
+            for n in lengths:
+                q, k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", dtype=dtype) for _ in range(3))
+                flops = attention_flops(batch, heads, n, n, head_dim, causal)
+                for cfg in candidates:
+                    def fn(cfg=cfg):
+                        return flash_attn_forward(q, k, v, causal=causal, scale=1 / math.sqrt(head_dim),
+                                                  key_padding_mask=None, config=cfg)
+                    try:
+                        fn()
+                        ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+                        results.append((head_dim, causal, n, cfg, flops / (ms * 1e-3) / 1e12))
+                    except Exception as exc:
+                        results.append((head_dim, causal, n, cfg, f"{type(exc).__name__}"))
+    return results

@@ -1,0 +1,37 @@
+"""The op at real sizes on a GPU, in bf16 and fp16 (the interpreter cannot run bf16 dots)."""
+
+import pytest
+import torch
+
+import flashpatch
+from helpers import assert_fa2_rule, random_qkv
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_real_sizes(dtype, head_dim, causal, poison_empty):
+    q, k, v = random_qkv(2, 16, 4, 1024, 1024, head_dim, dtype, "cuda")
+    out = flashpatch.attention(q, k, v, causal=causal)
+    assert_fa2_rule(out, q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("seq_q,seq_k", [(1, 4097), (7, 2000), (333, 1777), (2047, 2047)])
+def test_cache_shapes_with_padding(dtype, seq_q, seq_k, poison_empty):
+    q, k, v = random_qkv(3, 32, 8, seq_q, seq_k, 128, dtype, "cuda")
+    lengths = torch.randint(1, seq_k + 1, (3,), device="cuda")
+    mask = torch.arange(seq_k, device="cuda")[None] >= seq_k - lengths[:, None]  # left padding
+    out = flashpatch.attention(q, k, v, causal=True, key_padding_mask=mask)
+    assert_fa2_rule(out, q, k, v, causal=True, key_padding_mask=mask)
+
+
+def test_second_gpu_device_guard():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    q, k, v = random_qkv(1, 4, 4, 256, 256, 64, torch.bfloat16, "cuda:1")
+    out = flashpatch.attention(q, k, v, causal=True)
+    assert out.device == q.device
+    assert_fa2_rule(out, q, k, v, causal=True)
