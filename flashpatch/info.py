@@ -1,0 +1,43 @@
+"""What `flashpatch info` reports: versions, the GPU, and which kernel path would serve it."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import asdict
+
+import torch
+
+from .dispatch import default_device, path_for_device
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def gather_info() -> dict:
+    device = default_device()
+    info = {
+        "versions": {name: _version(name) for name in ("flashpatch", "torch", "triton", "transformers")},
+        "device": str(device),
+        "gpu": None,
+        "kernel_path": path_for_device(device).to_dict(),
+        "tiles": {},
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = {
+            "name": props.name,
+            "capability": f"{props.major}.{props.minor}",
+            "multiprocessors": props.multi_processor_count,
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "shared_memory_per_block_kib": getattr(props, "shared_memory_per_block_optin", 0) // 1024 or None,
+        }
+    family = info["kernel_path"]["family"]
+    if family is not None:
+        from flashpatch.kernels import TILE_TABLE
+
+        info["tiles"] = {f"head_dim<={d}": asdict(cfg) for d, cfg in TILE_TABLE[family].items()}
+    return info
