@@ -57,6 +57,8 @@ def _flex_fn(q, k, v, causal):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     if _compiled_flex is None:
+        # One compile per shape: without room for them dynamo falls back to the unfused (O(N^2)) path.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     block_mask = None
     if causal:

@@ -17,11 +17,11 @@ class TileConfig:
 
 
 # Per compute-capability family, per padded head dim (64, 128, 256).
-# sm90 rows were chosen from timings on an H100 (BENCHMARKS.md); sm80/sm86 rows follow the
+# sm90 rows were chosen from a sweep on an H100 (docs/gpu-runs/2026-11-24-h100-tile-sweep.txt); sm80/sm86 rows follow the
 # same shapes scaled to those GPUs' shared memory (163 KB and 99 KB per block).
 TILE_TABLE: dict[str, dict[int, TileConfig]] = {
     "sm90": {
-        64: TileConfig(128, 64, 4, 3),
+        64: TileConfig(128, 64, 8, 3),
         128: TileConfig(128, 64, 8, 3),
         256: TileConfig(64, 64, 4, 2),
     },

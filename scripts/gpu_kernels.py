@@ -31,6 +31,8 @@ if "--sweep" in sys.argv:
             print(*row, flush=True)
     print(f"sweep {time.time() - t:.0f}s", flush=True)
 
+if "--no-bench" in sys.argv:
+    sys.exit(0)
 impls = ["flashpatch"] + [f"sdpa-{b}" for b in SDPA_BACKENDS] + ["flex"]
 t = time.time()
 rows = bench_forward(impls)
