@@ -1,0 +1,161 @@
+"""transformers' side of the patch: the attention and mask functions registered under IMPL_NAME.
+
+The mask function hands the attention a 2D key-padding mask (or None), never a dense
+[batch, 1, Sq, Sk] mask. The attention function calls the Triton op, or, for a call the
+kernels don't serve, the model's original implementation with a one-time warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from transformers import masking_utils
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from .archs.base import ArchSpec
+from .dispatch import KernelPath, path_for_device
+from .ops import MAX_HEAD_DIM, SUPPORTED_DTYPES, attention
+from .reference import visibility_mask
+
+# The attn_implementation name. It must not contain "flash": transformers treats any such name as a
+# flash-attn package (hub kernel loading, FA2-specific generation paths).
+IMPL_NAME = "fp_triton"
+
+
+class FallbackError(RuntimeError):
+    """A call the kernels cannot serve, under fallback="error"."""
+
+
+@dataclass
+class PatchState:
+    """Per patched config: what to restore and how to fall back."""
+
+    original_impl: str
+    arch: ArchSpec
+    fallback: str
+    fallbacks: Counter = field(default_factory=Counter)
+
+
+# id(config) -> state. Keyed by id because transformers configs define __eq__ and are unhashable.
+STATES: dict[int, PatchState] = {}
+
+
+@functools.lru_cache(maxsize=16)
+def _device_path(device: torch.device) -> KernelPath:
+    return path_for_device(device)
+
+
+def _why_not_served(module, query, key, value, attention_mask, dropout, kwargs) -> str | None:
+    if kwargs.get("output_attentions"):
+        return "output_attentions=True needs the attention weights"
+    if attention_mask is not None and attention_mask.dim() != 2:
+        return "a dense 4D attention mask (custom mask, packed sequences or a mask overlay)"
+    if dropout and module.training:
+        return "attention dropout while training"
+    for name, what in (("softcap", "logit softcapping"), ("sliding_window", "sliding-window attention"),
+                       ("s_aux", "attention sinks"), ("position_bias", "an additive position bias")):
+        if kwargs.get(name) is not None:
+            return what
+    if key.shape[-1] != value.shape[-1] or query.shape[-1] != key.shape[-1]:
+        return "q/k and v head dims differ"
+    head_dim = query.shape[-1]
+    if head_dim % 8 or head_dim > MAX_HEAD_DIM:
+        return f"head_dim {head_dim} (kernels serve multiples of 8 up to {MAX_HEAD_DIM})"
+    if query.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {query.dtype}"
+    path = _device_path(query.device)
+    return None if path.usable else path.reason
+
+
+def _original_function(impl: str, module):
+    if impl == "eager":
+        # The model's own eager function (GPT-J's upcasts, GPT-2's takes its scale): what transformers would pass as default.
+        return getattr(sys.modules[type(module).__module__], "eager_attention_forward")
+    return ALL_ATTENTION_FUNCTIONS[impl]
+
+
+def _fallback_impl(original: str, attention_mask, module) -> str:
+    """The original implementation, or sdpa where the original cannot take the mask we have."""
+    if original == "eager":
+        return original if hasattr(sys.modules[type(module).__module__], "eager_attention_forward") else "sdpa"
+    if original.startswith("flash_attention"):
+        return original if attention_mask is None or attention_mask.dim() == 2 else "sdpa"
+    if original == "flex_attention" or original not in ALL_ATTENTION_FUNCTIONS:  # flex wants a BlockMask
+        return "sdpa"
+    return original
+
+
+def _mask_for(impl: str, attention_mask, query, key, causal: bool):
+    """Turn our 2D-or-None mask into what the original implementation expects."""
+    if impl.startswith("flash_attention") and (attention_mask is None or attention_mask.dim() == 2):
+        return attention_mask
+    if attention_mask is None or attention_mask.dim() == 2:
+        attention_mask = visibility_mask(query.shape[2], key.shape[2], causal=causal,
+                                         key_padding_mask=attention_mask, device=query.device)
+    if impl == "eager" and attention_mask is not None and attention_mask.dtype == torch.bool:
+        # eager adds its mask to the scores
+        attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~attention_mask, torch.finfo(query.dtype).min)
+    return attention_mask
+
+
+def _fallback(state: PatchState | None, reason: str, module, query, key, value, attention_mask, causal, **kwargs):
+    mode = state.fallback if state else "warn"
+    if mode == "error":
+        raise FallbackError(f"flashpatch cannot serve this attention call: {reason} (fallback='error')")
+    impl = _fallback_impl(state.original_impl if state else "sdpa", attention_mask, module)
+    if state is not None:
+        if not state.fallbacks[reason]:
+            warnings.warn(f"flashpatch: {reason}; this call and others like it run {impl!r} attention instead",
+                          stacklevel=3)
+        state.fallbacks[reason] += 1
+    mask = _mask_for(impl, attention_mask, query, key, causal)
+    # flash implementations take causality as a flag; the dense masks built here already hold it
+    kwargs["is_causal"] = causal if impl.startswith("flash_attention") else False
+    return _original_function(impl, module)(module, query, key, value, mask, **kwargs)
+
+
+def flashpatch_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                                 scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+    """AttentionInterface entry: [B, H, S, D] in, ([B, Sq, H, D], None) out, like transformers' sdpa."""
+    state = STATES.get(id(getattr(module, "config", None)))
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[-1] < key.shape[2]:
+        # StaticCache: buffers are max-length, only the mask's prefix holds tokens (a view, no copy).
+        length = attention_mask.shape[-1]
+        key, value = key[:, :, :length], value[:, :, :length]
+    if scaling is None and state is not None:
+        scaling = state.arch.scaling(module)
+
+    reason = _why_not_served(module, query, key, value, attention_mask, dropout, kwargs)
+    if reason is not None:
+        return _fallback(state, reason, module, query, key, value, attention_mask, causal,
+                         dropout=dropout, scaling=scaling, **kwargs)
+
+    key_padding_mask = None if attention_mask is None else attention_mask.bool()
+    out = attention(query, key, value, causal=causal, scale=scaling, key_padding_mask=key_padding_mask)
+    return out.transpose(1, 2), None  # memory is already [B, Sq, H, D]: no copy
+
+
+def flashpatch_mask(*args, **kwargs):
+    """AttentionMaskInterface entry: a 2D padding mask (or None) for plain causal or bidirectional masks.
+
+    Anything else (packed sequences, sliding windows, overlays) becomes a dense boolean mask,
+    which the attention function hands to the original implementation.
+    """
+    mask_function = kwargs.get("mask_function", masking_utils.causal_mask_function)
+    if mask_function in (masking_utils.causal_mask_function, masking_utils.bidirectional_mask_function):
+        return masking_utils.flash_attention_mask(*args, **kwargs)
+    kwargs["allow_is_causal_skip"] = False
+    return masking_utils.sdpa_mask(*args, **kwargs)
+
+
+def register() -> None:
+    """Make IMPL_NAME a valid attn_implementation (idempotent)."""
+    AttentionInterface.register(IMPL_NAME, flashpatch_attention_forward)
+    masking_utils.AttentionMaskInterface.register(IMPL_NAME, flashpatch_mask)

@@ -1,0 +1,34 @@
+"""What a registry entry knows about one architecture."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str
+    model_types: tuple[str, ...]
+    # Head dims seen in this family's real checkpoints (documentation and the report; any multiple of 8 <= 256 runs).
+    head_dims: tuple[int, ...]
+    # Attention-module classes whose calls go through the AttentionInterface.
+    attention_classes: tuple[str, ...]
+    # Why a given config cannot be served (empty list: it can). Checked once, at apply time.
+    unsupported: Callable[[object], list[str]] = lambda config: []
+    # Softmax scale for a module when the call passes no `scaling` kwarg (older transformers).
+    scaling: Callable[[object], float | None] = lambda module: getattr(module, "scaling", None)
+    quirks: tuple[str, ...] = field(default_factory=tuple)
+
+
+def head_dim_of(config) -> int:
+    explicit = getattr(config, "head_dim", None)
+    if explicit:
+        return int(explicit)
+    return config.hidden_size // config.num_attention_heads
+
+
+def head_dim_problem(head_dim: int) -> list[str]:
+    if head_dim % 8 or head_dim > 256:
+        return [f"head_dim {head_dim} is not a multiple of 8 up to 256"]
+    return []

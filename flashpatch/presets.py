@@ -1,0 +1,64 @@
+"""Random-weight models built from real architectures' configs: no downloads.
+
+`layers` keeps fewer blocks; `scale` shrinks width for CPU tests while keeping head dims.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Real configs (hidden size, heads, layers, ...) of the checkpoints named.
+PRESET_CONFIGS: dict[str, tuple[str, dict]] = {
+    "llama2-7b": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                                num_key_value_heads=32, num_hidden_layers=32, vocab_size=32000,
+                                max_position_embeddings=4096, rms_norm_eps=1e-5)),
+    "gpt2": ("gpt2", dict(n_embd=768, n_head=12, n_layer=12, vocab_size=50257, n_positions=1024)),
+    "gptj-6b": ("gptj", dict(n_embd=4096, n_head=16, n_layer=28, rotary_dim=64, vocab_size=50400,
+                             n_positions=2048)),
+    "pythia-1.4b": ("gpt_neox", dict(hidden_size=2048, num_attention_heads=16, num_hidden_layers=24,
+                                     intermediate_size=8192, rotary_pct=0.25, vocab_size=50304,
+                                     max_position_embeddings=2048, use_parallel_residual=True)),
+    "neox-20b": ("gpt_neox", dict(hidden_size=6144, num_attention_heads=64, num_hidden_layers=44,
+                                  intermediate_size=24576, rotary_pct=0.25, vocab_size=50432,
+                                  max_position_embeddings=2048, use_parallel_residual=True)),
+}
+
+
+@dataclass
+class Preset:
+    name: str
+    model_type: str
+    kwargs: dict
+
+    def config(self, *, layers: int | None = None, max_positions: int | None = None, **overrides):
+        from transformers import AutoConfig
+
+        kwargs = dict(self.kwargs)
+        if layers is not None:
+            key = "n_layer" if self.model_type in ("gpt2", "gptj") else "num_hidden_layers"
+            kwargs[key] = layers
+        if max_positions is not None:
+            key = "n_positions" if self.model_type in ("gpt2", "gptj") else "max_position_embeddings"
+            kwargs[key] = max_positions
+        kwargs.update(overrides)
+        return AutoConfig.for_model(self.model_type, **kwargs)
+
+
+def preset(name: str) -> Preset:
+    if name not in PRESET_CONFIGS:
+        raise KeyError(f"unknown preset {name!r}; choose from {', '.join(PRESET_CONFIGS)}")
+    model_type, kwargs = PRESET_CONFIGS[name]
+    return Preset(name, model_type, kwargs)
+
+
+def build_model(name: str, *, layers: int | None = None, dtype=None, device=None, attn_implementation="sdpa",
+                seed: int = 0, **overrides):
+    """A causal LM with random weights from a preset's real config."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = preset(name).config(layers=layers, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation,
+                                             dtype=dtype or torch.float32)
+    return model.to(device or "cpu").eval()
