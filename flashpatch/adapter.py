@@ -50,8 +50,21 @@ def _device_path(device: torch.device) -> KernelPath:
     return path_for_device(device)
 
 
-def _why_not_served(module, query, key, value, attention_mask, dropout, kwargs) -> str | None:
+def _attention_weights_requested(kwargs) -> bool:
     if kwargs.get("output_attentions"):
+        return True
+    # transformers 5 records attention weights with hooks while `output_attentions=True`; the flag is
+    # only visible in its output collector (a private API, hence the guard).
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        return False
+    collected = _active_collector.get()
+    return collected is not None and "attentions" in collected
+
+
+def _why_not_served(module, query, key, value, attention_mask, dropout, kwargs) -> str | None:
+    if _attention_weights_requested(kwargs):
         return "output_attentions=True needs the attention weights"
     if attention_mask is not None and attention_mask.dim() != 2:
         return "a dense 4D attention mask (custom mask, packed sequences or a mask overlay)"

@@ -1,0 +1,34 @@
+"""Tiny random-weight models at real head dims, one per registry entry (no downloads)."""
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+VOCAB = 96
+
+TINY_CONFIGS = {
+    # Llama 2 head dim 128 with GQA (4 query heads, 2 KV heads)
+    "llama": dict(model_type="llama", hidden_size=512, intermediate_size=256, num_attention_heads=4,
+                  num_key_value_heads=2, num_hidden_layers=2, head_dim=128),
+    "gpt2": dict(model_type="gpt2", n_embd=128, n_head=2, n_layer=2),
+    "gpt2-layer-scaled": dict(model_type="gpt2", n_embd=128, n_head=2, n_layer=3,
+                              scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True),
+    "gptj": dict(model_type="gptj", n_embd=512, n_head=2, n_layer=2, rotary_dim=64),
+    "gpt_neox-80": dict(model_type="gpt_neox", hidden_size=160, num_attention_heads=2, num_hidden_layers=2,
+                        intermediate_size=128, rotary_pct=0.25),
+    "gpt_neox-96": dict(model_type="gpt_neox", hidden_size=192, num_attention_heads=2, num_hidden_layers=2,
+                        intermediate_size=128, rotary_pct=0.25),
+    "qwen2-generic": dict(model_type="qwen2", hidden_size=128, intermediate_size=128, num_attention_heads=4,
+                          num_key_value_heads=2, num_hidden_layers=2),
+}
+
+
+def tiny_config(name, **overrides):
+    kwargs = dict(TINY_CONFIGS[name])
+    model_type = kwargs.pop("model_type")
+    kwargs.update(vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=0, **overrides)
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def tiny_model(name, *, dtype=torch.float32, attn="eager", cls=AutoModelForCausalLM, **overrides):
+    torch.manual_seed(torch.seed() % 2**31)  # fresh weights every run
+    return cls.from_config(tiny_config(name, **overrides), attn_implementation=attn, dtype=dtype).eval()
