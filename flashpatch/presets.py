@@ -9,6 +9,10 @@ from dataclasses import dataclass
 
 # Real configs (hidden size, heads, layers, ...) of the checkpoints named.
 PRESET_CONFIGS: dict[str, tuple[str, dict]] = {
+    # Not a real checkpoint: a 2-layer Llama for CPU runs (head dim 64, GQA 4/2).
+    "tiny-llama": ("llama", dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                                 num_key_value_heads=2, num_hidden_layers=2, vocab_size=512,
+                                 max_position_embeddings=2048)),
     "llama2-7b": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
                                 num_key_value_heads=32, num_hidden_layers=32, vocab_size=32000,
                                 max_position_embeddings=4096, rms_norm_eps=1e-5)),

