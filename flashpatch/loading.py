@@ -67,7 +67,7 @@ def load_model(spec: str, *, dtype: torch.dtype, device: str, layers: int | None
         source, kwargs["gguf_file"] = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
         description = f"{os.path.basename(path)} (GGUF, de-quantized to {dtype})"
     else:
-        if os.path.sep in spec and not os.path.isdir(spec):
+        if spec.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(spec)):
             raise UsageError(f"model directory not found: {spec}")
         source, description = spec, spec
     try:

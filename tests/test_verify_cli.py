@@ -1,0 +1,95 @@
+"""`flashpatch verify` end to end through the CLI (Triton interpreter on CPU)."""
+
+import json
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import WIKITEXT
+from flashpatch import adapter
+from flashpatch.cli.main import app
+from flashpatch.verify import strided_windows
+
+runner = CliRunner()
+SMALL = ["--layers", "2", "--max-tokens", "160", "--context", "64", "--generate-tokens", "6"]
+
+
+def verify(*args):
+    return runner.invoke(app, ["verify", *args])
+
+
+def test_strided_windows_score_every_token_once():
+    for n, context, stride in [(100, 32, 16), (100, 32, 32), (7, 32, 16), (65, 64, 1)]:
+        windows = strided_windows(n, context, stride)
+        assert sum(scored for _, _, scored in windows) == n
+        assert all(end - begin <= context for begin, end, _ in windows)
+        assert windows[-1][1] == n
+
+
+def test_preset_passes_and_reports_json():
+    result = verify("gpt2", "--text", WIKITEXT, *SMALL, "--json", "-")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output[result.output.index("{"):])
+    assert data["verdict"] == "PASS"
+    assert data["kernel_path"] == "triton-interpreter" and data["baseline_impl"] == "sdpa"
+    assert data["tokens"] == 160 and data["windows"] == 3
+    assert abs(data["ppl_patched"] - data["ppl_baseline"]) / data["ppl_baseline"] < 1e-3
+    assert data["generation_identical"] and data["top1_agreement"] == 1.0
+    assert not data["fallback_calls"]
+
+
+def test_smollm2_real_weights_on_wikitext(tmp_path):
+    pytest.importorskip("gguf")
+    out = tmp_path / "verify.json"
+    result = verify("smollm2", "--text", WIKITEXT, "--max-tokens", "96", "--context", "48",
+                    "--generate-tokens", "4", "--json", str(out))
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert "SmolLM2" in data["model"] and data["verdict"] == "PASS"
+    assert 1 < data["ppl_baseline"] < 1000  # a real model on real text, not random weights
+    assert "PASS" in result.output
+
+
+def test_wrong_attention_fails_with_exit_1(monkeypatch):
+    real = adapter.attention
+
+    def wrong(q, k, v, *, scale=None, **kw):  # a deliberately mis-scaled softmax
+        return real(q, k, v, scale=(scale or q.shape[-1] ** -0.5) * 3.0, **kw)
+
+    monkeypatch.setattr(adapter, "attention", wrong)
+    result = verify("gpt2", "--text", WIKITEXT, *SMALL)
+    assert result.exit_code == 1, result.output
+    assert "FAIL" in result.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["gpt2", "--text", "/no/such/file.txt"], "cannot read text file"),
+    (["./no-such-model-dir", "--text", WIKITEXT], "not found"),
+    (["gpt2", "--text", WIKITEXT, "--dtype", "bf16", "--device", "cpu"], "bf16 needs a GPU"),
+    (["gpt2", "--text", WIKITEXT, "--dtype", "int8"], "--dtype"),
+    (["gpt2", "--text", WIKITEXT, "--context", "8", "--stride", "9"], "--stride"),
+])
+def test_bad_usage_exits_2(args, message):
+    result = verify(*args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+def test_empty_text_exits_2(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    result = verify("gpt2", "--text", str(empty))
+    assert result.exit_code == 2 and "no text" in result.output
+
+
+def test_unknown_hub_model_exits_2(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import; no network in CI
+    result = verify("nobody/does-not-exist", "--text", WIKITEXT)
+    assert result.exit_code == 2 and "cannot load model" in result.output
+
+
+def test_wikitext_path_is_the_shared_one():
+    assert os.path.exists(WIKITEXT), "tests read ../shared/data/wikitext-2-raw/wiki.test.raw"
