@@ -4,6 +4,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 VOCAB = 96
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 TINY_CONFIGS = {
     # Llama 2 head dim 128 with GQA (4 query heads, 2 KV heads)
@@ -31,4 +32,9 @@ def tiny_config(name, **overrides):
 
 def tiny_model(name, *, dtype=torch.float32, attn="eager", cls=AutoModelForCausalLM, **overrides):
     torch.manual_seed(torch.seed() % 2**31)  # fresh weights every run
-    return cls.from_config(tiny_config(name, **overrides), attn_implementation=attn, dtype=dtype).eval()
+    model = cls.from_config(tiny_config(name, **overrides), attn_implementation=attn, dtype=dtype)
+    return model.to(DEVICE).eval()
+
+
+def token_ids(*shape):
+    return torch.randint(2, VOCAB, shape, device=DEVICE)

@@ -8,7 +8,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceCl
 
 import flashpatch
 from flashpatch import adapter
-from models import TINY_CONFIGS, VOCAB, tiny_config, tiny_model
+from models import DEVICE, TINY_CONFIGS, VOCAB, tiny_config, tiny_model, token_ids
 
 ARCHS = list(TINY_CONFIGS)
 EXPECTED_ENTRY = {"llama": "llama", "gpt2": "gpt2", "gpt2-layer-scaled": "gpt2", "gptj": "gptj",
@@ -25,7 +25,7 @@ def logits(model, ids, mask=None):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fp32_logits_match_eager(arch):
     model = tiny_model(arch)
-    ids = torch.randint(2, VOCAB, (2, 37))
+    ids = token_ids(2, 37)
     before = logits(model, ids)
     report = flashpatch.apply(model, fallback="error")
     assert report.patched and report.entry == EXPECTED_ENTRY[arch]
@@ -40,7 +40,7 @@ def test_fp16_within_fa2_rule(arch):
     # GPT-2's eager reorder_and_upcast path itself fails in fp16 on CPU (transformers' autocast check)
     overrides = {"reorder_and_upcast_attn": False} if arch.startswith("gpt2") else {}
     model64 = tiny_model(arch, **overrides).double()
-    ids = torch.randint(2, VOCAB, (1, 29))
+    ids = token_ids(1, 29)
     ref = logits(model64, ids)
     model16 = tiny_model(arch, dtype=torch.float16, **overrides)
     model16.load_state_dict({k: v.half() for k, v in model64.state_dict().items()})
@@ -55,10 +55,10 @@ def test_left_padded_batch_equals_each_sequence_alone(arch):
     model = tiny_model(arch)
     flashpatch.apply(model, fallback="error")
     lengths = [19, 11, 4]
-    seqs = [torch.randint(2, VOCAB, (n,)) for n in lengths]
+    seqs = [token_ids(n) for n in lengths]
     width = max(lengths)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long, device=DEVICE)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long, device=DEVICE)
     for i, s in enumerate(seqs):
         ids[i, width - len(s):], mask[i, width - len(s):] = s, 1
     batched = logits(model, ids, mask)
@@ -70,7 +70,7 @@ def test_left_padded_batch_equals_each_sequence_alone(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_generation_identical_and_decode_is_patched(arch, monkeypatch):
     model = tiny_model(arch)
-    prompt = torch.randint(2, VOCAB, (1, 9))
+    prompt = token_ids(1, 9)
     gen = dict(max_new_tokens=20, do_sample=False, min_new_tokens=20)
     with torch.no_grad():
         expected = model.generate(prompt, **gen)
@@ -92,7 +92,7 @@ def test_greedy_generation_identical_and_decode_is_patched(arch, monkeypatch):
 
 def test_unapply_is_bit_identical_and_apply_twice_is_harmless():
     model = tiny_model("llama", attn="sdpa")
-    ids = torch.randint(2, VOCAB, (2, 17))
+    ids = token_ids(2, 17)
     original = logits(model, ids)
     first = flashpatch.apply(model)
     second = flashpatch.apply(model)
@@ -116,7 +116,7 @@ def test_context_manager_restores_on_exception():
 @pytest.mark.parametrize("cls", [AutoModel, AutoModelForSequenceClassification])
 def test_base_and_classification_classes(cls):
     model = tiny_model("llama", cls=cls)
-    ids = torch.randint(2, VOCAB, (2, 13))
+    ids = token_ids(2, 13)
     with torch.no_grad():
         before = model(ids)[0]
         report = flashpatch.apply(model, fallback="error")
@@ -138,7 +138,7 @@ def test_torch_compile_wrapper_is_detected():
 def test_peft_lora_wrapper_is_detected():
     peft = pytest.importorskip("peft")
     model = tiny_model("llama")
-    ids = torch.randint(2, VOCAB, (1, 15))
+    ids = token_ids(1, 15)
     lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     with torch.no_grad():
         before = lora(input_ids=ids).logits
@@ -157,7 +157,7 @@ def test_unsupported_generic_models_are_left_alone_with_reason(model_type, overr
 
     config = AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=64, num_attention_heads=2,
                                   num_key_value_heads=1, num_hidden_layers=1, vocab_size=VOCAB, **overrides)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(DEVICE)
     with pytest.warns(UserWarning, match=reason):
         report = flashpatch.apply(model)
     assert not report.patched and any(reason in r for r in report.reasons)
@@ -173,7 +173,7 @@ def test_not_a_transformers_model():
 
 def test_output_attentions_falls_back_to_original_with_warning():
     model = tiny_model("gpt2")
-    ids = torch.randint(2, VOCAB, (1, 12))
+    ids = token_ids(1, 12)
     with torch.no_grad():
         expected = model(ids, output_attentions=True)
     report = flashpatch.apply(model)
@@ -190,7 +190,7 @@ def test_output_attentions_falls_back_to_original_with_warning():
 def test_dropout_in_training_falls_back():
     model = tiny_model("gpt2", attn_pdrop=0.1).train()
     report = flashpatch.apply(model)
-    ids = torch.randint(2, VOCAB, (1, 12))
+    ids = token_ids(1, 12)
     with pytest.warns(UserWarning, match="dropout"):
         model(ids).logits.sum().backward()
     assert report.fallbacks["attention dropout while training"] > 0
@@ -198,7 +198,7 @@ def test_dropout_in_training_falls_back():
 
 def test_training_without_dropout_is_served_and_differentiable():
     model = tiny_model("llama").train()
-    ids = torch.randint(2, VOCAB, (2, 16))
+    ids = token_ids(2, 16)
     loss_ref = model(ids, labels=ids).loss
     loss_ref.backward()
     grads_ref = [p.grad.clone() for p in model.parameters()]

