@@ -39,6 +39,7 @@ class PatchState:
     arch: ArchSpec
     fallback: str
     fallbacks: Counter = field(default_factory=Counter)
+    undo: list = field(default_factory=list)  # legacy path: callables that remove the module patches
 
 
 # id(config) -> state. Keyed by id because transformers configs define __eq__ and are unhashable.
@@ -95,6 +96,7 @@ def _original_function(impl: str, module):
 def _fallback_impl(original: str, attention_mask, module) -> str:
     """The original implementation, or sdpa where the original cannot take the mask we have."""
     if original == "eager":
+        # Legacy modules (no module-level eager function) fall back to sdpa, which matches eager's math.
         return original if hasattr(sys.modules[type(module).__module__], "eager_attention_forward") else "sdpa"
     if original.startswith("flash_attention"):
         return original if attention_mask is None or attention_mask.dim() == 2 else "sdpa"

@@ -120,7 +120,8 @@ def apply(model, *, fallback: str = "warn") -> PatchReport:
         return _report(inner, state.arch, state.original_impl, patched=True, reasons=[], state=state)
 
     arch = find_arch(config)
-    reasons = [] if uses_attention_interface(inner) else [
+    legacy = not uses_attention_interface(inner) and arch.legacy_install is not None
+    reasons = [] if uses_attention_interface(inner) or legacy else [
         f"{type(inner).__name__} does not route attention through transformers' AttentionInterface"]
     if getattr(config, "is_causal", True) is False:
         reasons.append("config.is_causal=False: bidirectional attention in a decoder")
@@ -137,7 +138,13 @@ def apply(model, *, fallback: str = "warn") -> PatchReport:
     state = PatchState(original_impl=original, arch=arch, fallback=fallback)
     for cfg in _configs(inner):
         STATES[id(cfg)] = state
-    _set_attn_implementation(inner, IMPL_NAME)
+    if legacy:
+        # The model still builds its mask through AttentionMaskInterface under config._attn_implementation.
+        state.undo = arch.legacy_install(inner)
+        for cfg in _configs(inner):
+            cfg._attn_implementation = IMPL_NAME
+    else:
+        _set_attn_implementation(inner, IMPL_NAME)
     report = _report(inner, arch, original, patched=True, reasons=[], state=state)
     if not report.kernel_path["name"].startswith("triton"):
         if fallback == "error":
@@ -156,7 +163,7 @@ def _report(model, arch, original, *, patched, reasons, state) -> PatchReport:
         entry=arch.name if patched else None,
         patched=patched,
         original_impl=original,
-        layers_patched=_attention_layers(model) if patched else 0,
+        layers_patched=(len(state.undo) or _attention_layers(model)) if patched and state else 0,
         head_dim=_head_dim(model.config),
         kernel_path=path_for_device(_device(model)).to_dict(),
         reasons=list(reasons),
@@ -171,7 +178,13 @@ def unapply(model) -> bool:
     state = STATES.get(id(inner.config))
     if state is None:
         return False
-    _set_attn_implementation(inner, state.original_impl)
+    if state.undo:
+        for undo in state.undo:
+            undo()
+        for cfg in _configs(inner):
+            cfg._attn_implementation = state.original_impl
+    else:
+        _set_attn_implementation(inner, state.original_impl)
     for cfg in _configs(inner):
         STATES.pop(id(cfg), None)
     return True

@@ -19,6 +19,9 @@ class ArchSpec:
     # Softmax scale for a module when the call passes no `scaling` kwarg (older transformers).
     scaling: Callable[[object], float | None] = lambda module: getattr(module, "scaling", None)
     quirks: tuple[str, ...] = field(default_factory=tuple)
+    # For transformers versions where this architecture predates the AttentionInterface: installs the
+    # patch on the model's attention modules and returns callables that undo it.
+    legacy_install: Callable[[object], list] | None = None
 
 
 def head_dim_of(config) -> int:
