@@ -63,6 +63,9 @@ def build_model(name: str, *, layers: int | None = None, dtype=None, device=None
 
     config = preset(name).config(layers=layers, **overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation,
-                                             dtype=dtype or torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation,
+                                                 dtype=dtype or torch.float32)
+    except ValueError:  # e.g. GPT-J before transformers moved it to the AttentionInterface: no sdpa
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=dtype or torch.float32)
     return model.to(device or "cpu").eval()
