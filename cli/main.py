@@ -77,7 +77,7 @@ def verify(
     device: str = typer.Option(None, "--device", help="cuda or cpu (default: cuda if present)."),
     generate_tokens: int = typer.Option(None, "--generate-tokens", help="Greedy tokens compared (GPU 128, CPU 16)."),
     tolerance: float = typer.Option(0.1, "--tolerance", help="Allowed relative perplexity difference, percent."),
-    min_top1: float = typer.Option(0.98, "--min-top1", help="Required top-1 agreement of logits."),
+    min_top1: float = typer.Option(None, "--min-top1", help="Also require this top-1 agreement of logits (0-1)."),
     layers: int = typer.Option(None, "--layers", help="Presets: keep only this many layers."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
     json_path: str = typer.Option(None, "--json", help="Also write the result as JSON to this file ('-': stdout)."),
@@ -139,7 +139,8 @@ def _print_verify(result):
         ("relative difference", f"{result.ppl_rel_diff_pct:.4f} % (tolerance {result.tolerance_pct} %)"),
         ("max |logit diff|", f"{result.max_abs_logit_diff:.3g}"),
         ("mean |logit diff|", f"{result.mean_abs_logit_diff:.3g}"),
-        ("top-1 agreement", f"{result.top1_agreement:.4%} (required {result.min_top1:.0%})"),
+        ("top-1 agreement", f"{result.top1_agreement:.4%}" + (f" (required {result.min_top1:.0%})"
+                                                               if result.min_top1 is not None else "")),
         (f"greedy {result.generate_tokens} tokens", "identical" if result.generation_identical
          else f"diverge at token {result.first_divergence}"),
         ("time baseline / patched", f"{result.seconds_baseline:.2f} s / {result.seconds_patched:.2f} s"),

@@ -56,16 +56,19 @@ def preset(name: str) -> Preset:
 
 
 def build_model(name: str, *, layers: int | None = None, dtype=None, device=None, attn_implementation="sdpa",
-                seed: int = 0, **overrides):
+                seed: int = 0, max_positions: int | None = None, **overrides):
     """A causal LM with random weights from a preset's real config."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    config = preset(name).config(layers=layers, **overrides)
+    config = preset(name).config(layers=layers, max_positions=max_positions, **overrides)
     torch.manual_seed(seed)
-    try:
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation,
-                                                 dtype=dtype or torch.float32)
-    except ValueError:  # e.g. GPT-J before transformers moved it to the AttentionInterface: no sdpa
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=dtype or torch.float32)
-    return model.to(device or "cpu").eval()
+    # Allocate and initialise on the target device: a 20B model initialised on the CPU takes minutes.
+    with torch.device(device or "cpu"):
+        try:
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation,
+                                                     dtype=dtype or torch.float32)
+        except ValueError:  # e.g. GPT-J before transformers moved it to the AttentionInterface: no sdpa
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="eager",
+                                                     dtype=dtype or torch.float32)
+    return model.eval()
