@@ -154,5 +154,103 @@ def _print_verify(result):
     console.print(table)
 
 
+@app.command()
+def bench(
+    model: str = typer.Argument(None, help="As in verify; 'kernels' benchmarks the op itself. Default: the "
+                                           "llama2-7b preset on a GPU, tiny-llama without one."),
+    contexts: str = typer.Option(None, "--contexts", help="Comma-separated prompt lengths "
+                                                          "(GPU default 512,1024,2048,4096,8192,16384)."),
+    new_tokens: int = typer.Option(None, "--new-tokens", help="Greedy tokens generated (GPU 128, CPU 8)."),
+    batch: int = typer.Option(1, "--batch"),
+    dtype: str = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (GPU default bf16, CPU fp32)."),
+    baselines: str = typer.Option("eager,sdpa", "--baselines", help="transformers implementations to compare."),
+    repeats: int = typer.Option(2, "--repeats", help="Timed runs per cell (median)."),
+    regimes: str = typer.Option("cold,warm", "--regimes", help="cold (unseen lengths), warm (repeated call)."),
+    layers: int = typer.Option(None, "--layers", help="Presets: keep only this many layers."),
+    device: str = typer.Option(None, "--device", help="cuda or cpu (default: cuda if present)."),
+    json_path: str = typer.Option(None, "--json", help="Write rows as JSON to this file."),
+    plot_path: str = typer.Option(None, "--plot", help="Write a PNG: tokens/s and peak memory vs context."),
+    head_dims: str = typer.Option("64,128", "--head-dims", help="kernels: head dims."),
+):
+    """Generation tokens/sec and memory by context, baselines vs flashpatch (or `bench kernels`)."""
+    if model == "kernels":
+        return _bench_kernels(contexts, head_dims, json_path)
+    device = _prepare_device(device)  # before anything imports the kernels
+    from rich.progress import Progress
+
+    from flashpatch.bench_generate import bench_generation, markdown, plot, table_rows
+    from flashpatch.loading import DTYPES, UsageError, load_model
+    from flashpatch.presets import PRESET_CONFIGS
+
+    on_gpu = device == "cuda"
+    if not on_gpu:
+        console.print("[yellow]Speed on a CPU says nothing about flash kernels: this run only exercises the "
+                      "benchmark.[/yellow]")
+    model = model or ("llama2-7b" if on_gpu else "tiny-llama")
+    dtype = dtype or ("bf16" if on_gpu else "fp32")
+    if dtype not in DTYPES or (dtype == "bf16" and not on_gpu):
+        _fail_usage(f"--dtype {dtype!r}: bf16/fp16 on a GPU, fp32 or fp16 on a CPU")
+    try:
+        context_list = [int(c) for c in (contexts or ("512,1024,2048,4096,8192,16384" if on_gpu else "32,64"))
+                        .split(",")]
+    except ValueError:
+        _fail_usage(f"--contexts {contexts!r}: comma-separated integers")
+    new_tokens = new_tokens or (128 if on_gpu else 8)
+    regime_list = [r.strip() for r in regimes.split(",") if r.strip()]
+    if not set(regime_list) <= {"cold", "warm"}:
+        _fail_usage(f"--regimes {regimes!r}: cold and/or warm")
+    baseline_list = tuple(b.strip() for b in baselines.split(",") if b.strip())
+    try:
+        with console.status(f"building {model}"):
+            if model in PRESET_CONFIGS:
+                from flashpatch.presets import build_model
+
+                loaded_model = build_model(model, layers=layers, dtype=DTYPES[dtype], device=device,
+                                           max_positions=max(context_list) + new_tokens + 1)
+            else:
+                loaded_model = load_model(model, dtype=DTYPES[dtype], device=device).model
+    except UsageError as exc:
+        _fail_usage(str(exc))
+    cells = len(context_list) * len(regime_list) * (len(baseline_list) + 1)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(f"{model}: {cells} cells", total=cells)
+        rows = bench_generation(loaded_model, contexts=context_list, new_tokens=new_tokens, batch=batch,
+                                baselines=baseline_list, repeats=repeats, regimes=regime_list,
+                                progress=lambda: progress.advance(task))
+    header, cells_text = table_rows(rows, baseline_list)
+    table = Table(title=f"flashpatch bench: {model}, {dtype}, batch {batch}, {new_tokens} new tokens "
+                        f"(cold = unseen lengths, warm = repeated call)")
+    for h in header:
+        table.add_column(h, justify="right")
+    for c in cells_text:
+        table.add_row(*c)
+    console.print(table)
+    if json_path:
+        _write_json({"model": model, "dtype": dtype, "batch": batch, "new_tokens": new_tokens,
+                     "rows": [r.to_dict() for r in rows], "markdown": markdown(rows, baseline_list)}, json_path)
+    if plot_path:
+        plot(rows, plot_path, f"{model} ({dtype}, batch {batch}, {new_tokens} new tokens)")
+
+
+def _bench_kernels(lengths: str | None, head_dims: str, json_path: str | None):
+    import torch
+
+    if not torch.cuda.is_available():
+        _fail_usage("bench kernels needs a CUDA GPU (the CPU interpreter's speed means nothing)")
+    from rich.progress import Progress
+
+    from flashpatch.bench_kernels import SDPA_BACKENDS, SEED_LENGTHS, bench_forward, markdown_table
+
+    impls = ["flashpatch"] + [f"sdpa-{b}" for b in SDPA_BACKENDS] + ["flex"]
+    length_list = [int(n) for n in lengths.split(",")] if lengths else list(SEED_LENGTHS)
+    dims = [int(d) for d in head_dims.split(",")]
+    total = len(length_list) * len(dims) * 2 * len(impls)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("forward kernels", total=total)
+        rows = bench_forward(impls, lengths=length_list, head_dims=dims, progress=lambda: progress.advance(task))
+    console.print(markdown_table(rows, impls))
+    _write_json({"rows": [r.to_dict() for r in rows]}, json_path)
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,226 @@
+"""Generation benchmark: time to first token, decode and end-to-end tokens/sec, peak memory, by context.
+
+Implementations run side by side in one process: the baselines as transformers ships them
+(`eager`, `sdpa`), then flashpatch. Greedy, exactly N new tokens. Two regimes:
+- cold: every repeat uses prompt (and so KV) lengths this process has not seen, as a user's new
+  prompts do (SDPA's cuDNN backend builds a plan per new length);
+- warm: one warm-up call, then the same call repeated.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from .patch import apply, unapply
+
+
+@dataclass
+class GenRow:
+    impl: str
+    context: int
+    regime: str  # "cold" or "warm"
+    prompt_lengths: list
+    ttft_ms: float | None = None
+    decode_tok_s: float | None = None
+    e2e_tok_s: float | None = None
+    peak_mib: float | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _StepClock(LogitsProcessor):
+    """Records when each new token's logits are ready (the first one ends the prefill)."""
+
+    def __init__(self, sync):
+        self.sync, self.times = sync, []
+
+    def __call__(self, input_ids, scores):
+        self.sync()
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def _generate_once(model, prompt, new_tokens: int) -> tuple[float, float, float]:
+    """(ttft s, decode s for new_tokens - 1 tokens, total s) of one greedy generate call."""
+    sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
+    clock = _StepClock(sync)
+    sync()
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                             logits_processor=LogitsProcessorList([clock]))
+    sync()
+    end = time.perf_counter()
+    assert out.shape[1] == prompt.shape[1] + new_tokens
+    return clock.times[0] - start, end - clock.times[0], end - start
+
+
+class _LengthSource:
+    """Prompt lengths for cold runs: each run's KV lengths [L, L + new_tokens] unseen by the process."""
+
+    def __init__(self, new_tokens: int):
+        self.span, self.seen = new_tokens + 1, []
+
+    def fresh(self, context: int) -> int:
+        length = context
+        while any(length <= hi and length + self.span - 1 >= lo for lo, hi in self.seen) and length > self.span:
+            length -= self.span
+        self.seen.append((length, length + self.span - 1))
+        return length
+
+    def mark(self, length: int):
+        self.seen.append((length, length + self.span - 1))
+
+
+def _cell(model, impl, context, regime, lengths, new_tokens, batch, repeats, vocab, device) -> GenRow:
+    results, used = [], []
+    base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        if regime == "warm":
+            length = context
+            lengths.mark(length)
+            prompt = torch.randint(0, vocab, (batch, length), device=device)
+            _generate_once(model, prompt, new_tokens)  # warm-up
+            for _ in range(repeats):
+                results.append(_generate_once(model, prompt, new_tokens))
+                used.append(length)
+        else:
+            for _ in range(repeats):
+                length = lengths.fresh(context)
+                prompt = torch.randint(0, vocab, (batch, length), device=device)
+                results.append(_generate_once(model, prompt, new_tokens))
+                used.append(length)
+    except Exception as exc:  # OOM or any failure of one cell: record it, go on
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        reason = "OOM" if isinstance(exc, torch.OutOfMemoryError) else f"{type(exc).__name__}: {exc}".splitlines()[0]
+        return GenRow(impl, context, regime, used, error=reason[:160])
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else None
+    ttft = statistics.median(r[0] for r in results)
+    decode = statistics.median(r[1] for r in results)
+    total = statistics.median(r[2] for r in results)
+    return GenRow(impl, context, regime, used, ttft_ms=ttft * 1e3,
+                  decode_tok_s=batch * (new_tokens - 1) / decode if decode > 0 else None,
+                  e2e_tok_s=batch * new_tokens / total, peak_mib=peak)
+
+
+def bench_generation(model, *, contexts, new_tokens=128, batch=1, baselines=("eager", "sdpa"), repeats=2,
+                     regimes=("cold", "warm"), progress=None) -> list[GenRow]:
+    """All cells for one model. The model's own attention is restored at the end."""
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    original = model.config._attn_implementation
+    rows = []
+    for impl in (*baselines, "flashpatch"):
+        if impl == "flashpatch":
+            model.set_attn_implementation(original)
+            report = apply(model, fallback="error")
+        else:
+            try:
+                model.set_attn_implementation(impl)
+            except (ValueError, ImportError) as exc:
+                rows += [GenRow(impl, c, r, [], error=f"unavailable: {exc}".splitlines()[0][:160])
+                         for c in contexts for r in regimes]
+                continue
+        # Same lengths for every implementation; each one's process-level history starts with a short
+        # warm-up (Triton compiles, cuBLAS/cuDNN handles) that leaves the measured lengths unseen.
+        lengths = _LengthSource(new_tokens)
+        _generate_once(model, torch.randint(0, vocab, (batch, 17), device=device), 8)
+        for context in contexts:
+            for regime in regimes:  # cold first: a warm call would make its lengths seen
+                rows.append(_cell(model, impl, context, regime, lengths, new_tokens, batch, repeats, vocab, device))
+                if progress:
+                    progress()
+        if impl == "flashpatch":
+            unapply(model)
+            assert not report.fallbacks, f"flashpatch fell back during the benchmark: {dict(report.fallbacks)}"
+    model.set_attn_implementation(original)
+    return rows
+
+
+def speedup_table(rows: list[GenRow], baselines) -> list[dict]:
+    """One record per (context, regime): each implementation's numbers and flashpatch's ratios."""
+    keyed = {(r.impl, r.context, r.regime): r for r in rows}
+    records = []
+    for context in sorted({r.context for r in rows}):
+        for regime in ("cold", "warm"):
+            ours = keyed.get(("flashpatch", context, regime))
+            if ours is None:
+                continue
+            rec = {"context": context, "regime": regime}
+            for impl in (*baselines, "flashpatch"):
+                r = keyed.get((impl, context, regime))
+                rec[impl] = r
+                if impl != "flashpatch":
+                    ok = r is not None and r.e2e_tok_s and ours.e2e_tok_s
+                    rec[f"x_{impl}"] = ours.e2e_tok_s / r.e2e_tok_s if ok else None
+            records.append(rec)
+    return records
+
+
+def plot(rows: list[GenRow], path: str, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_speed, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for impl in dict.fromkeys(r.impl for r in rows):
+        for regime, style in (("cold", "--"), ("warm", "-")):
+            pts = sorted((r.context, r.e2e_tok_s, r.peak_mib) for r in rows
+                         if r.impl == impl and r.regime == regime and r.e2e_tok_s)
+            if not pts:
+                continue
+            xs = [p[0] for p in pts]
+            ax_speed.plot(xs, [p[1] for p in pts], style, marker="o", label=f"{impl} ({regime})")
+            if regime == "warm" and all(p[2] is not None for p in pts):
+                ax_mem.plot(xs, [p[2] / 1024 for p in pts], marker="o", label=impl)
+    for ax, ylabel in ((ax_speed, "end-to-end tokens/s"), (ax_mem, "peak memory above weights (GiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (prompt tokens)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _fmt(value, spec=".1f"):
+    return "-" if value is None else format(value, spec)
+
+
+def table_rows(rows: list[GenRow], baselines) -> tuple[list[str], list[list[str]]]:
+    """Header and cells shared by the terminal table and BENCHMARKS.md."""
+    impls = (*baselines, "flashpatch")
+    header = (["context", "regime"] + [f"{i} tok/s" for i in impls] + [f"x {b}" for b in baselines]
+              + [f"{i} TTFT ms" for i in impls] + ["flashpatch decode tok/s"] + [f"{i} peak MiB" for i in impls])
+    cells = []
+    for rec in speedup_table(rows, baselines):
+        get = [rec.get(i) for i in impls]
+        cell = [str(rec["context"]), rec["regime"]]
+        cell += [(r.error or "-") if r is None or r.e2e_tok_s is None else _fmt(r.e2e_tok_s) for r in get]
+        cell += ["-" if rec[f"x_{b}"] is None else f"{rec[f'x_{b}']:.2f}x" for b in baselines]
+        cell += [_fmt(r.ttft_ms if r else None, ".0f") for r in get]
+        cell += [_fmt(rec["flashpatch"].decode_tok_s)]
+        cell += [_fmt(r.peak_mib if r else None, ".0f") for r in get]
+        cells.append(cell)
+    return header, cells
+
+
+def markdown(rows: list[GenRow], baselines) -> str:
+    header, cells = table_rows(rows, baselines)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c) + " |" for c in cells]
+    return "\n".join(lines)

@@ -1,0 +1,66 @@
+"""`flashpatch bench` smoke runs on a tiny preset (speed on a CPU means nothing; the plumbing does)."""
+
+import json
+
+import torch
+from typer.testing import CliRunner
+
+from flashpatch import bench_generate
+from flashpatch.bench_generate import _LengthSource
+from flashpatch.cli.main import app
+
+runner = CliRunner()
+ARGS = ["bench", "tiny-llama", "--contexts", "24,40", "--new-tokens", "4", "--repeats", "1", "--dtype", "fp32"]
+
+
+def test_smoke_json_and_plot(tmp_path):
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    result = runner.invoke(app, [*ARGS, "--json", str(out), "--plot", str(png)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert {(r["impl"], r["context"], r["regime"]) for r in rows} == {
+        (i, c, g) for i in ("eager", "sdpa", "flashpatch") for c in (24, 40) for g in ("cold", "warm")}
+    for r in rows:
+        assert r["error"] is None and r["e2e_tok_s"] > 0 and r["ttft_ms"] > 0
+    cold = [r["prompt_lengths"] for r in rows if r["regime"] == "cold" and r["impl"] == "flashpatch"]
+    assert cold == [[24], [40]]
+    assert "x sdpa" in data["markdown"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_a_failing_cell_is_recorded_and_the_run_completes(tmp_path, monkeypatch):
+    real = bench_generate._generate_once
+
+    def oom_on_long_prompts(model, prompt, new_tokens):
+        if prompt.shape[1] >= 40 and model.config._attn_implementation == "eager":
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(model, prompt, new_tokens)
+
+    monkeypatch.setattr(bench_generate, "_generate_once", oom_on_long_prompts)
+    out = tmp_path / "bench.json"
+    result = runner.invoke(app, [*ARGS, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    failed = [r for r in rows if r["error"]]
+    assert {(r["impl"], r["context"]) for r in failed} == {("eager", 40)}
+    assert all(r["error"] == "OOM" for r in failed)
+    assert all(r["e2e_tok_s"] for r in rows if not r["error"])
+
+
+def test_cold_lengths_never_overlap():
+    source = _LengthSource(new_tokens=16)
+    spans = []
+    for context in (512, 512, 512, 1024, 600):
+        start = source.fresh(context)
+        spans.append((start, start + 16))
+    for i, (a0, a1) in enumerate(spans):
+        for b0, b1 in spans[i + 1:]:
+            assert a1 < b0 or b1 < a0, spans
+
+
+def test_kernels_bench_needs_a_gpu():
+    if torch.cuda.is_available():
+        return
+    result = runner.invoke(app, ["bench", "kernels"])
+    assert result.exit_code == 2 and "CUDA" in result.output
