@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -46,8 +47,17 @@ def _check_inputs(q, k, v, key_padding_mask) -> None:
             raise AttentionInputError(f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
 
 
+@functools.lru_cache(maxsize=16)
+def _sm_count(device: torch.device) -> int:
+    from flashpatch.kernels import INTERPRETER_SM_COUNT
+
+    if device.type != "cuda":
+        return INTERPRETER_SM_COUNT
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _forward(q, k, v, causal, scale, key_padding_mask):
-    from flashpatch.kernels import flash_attn_forward, select_config
+    from flashpatch.kernels import decode_splits, flash_attn_forward, select_config
 
     path = path_for_device(q.device)
     if not path.usable:
@@ -55,10 +65,11 @@ def _forward(q, k, v, causal, scale, key_padding_mask):
                                   "torch.nn.functional.scaled_dot_product_attention, or set TRITON_INTERPRET=1 "
                                   "before importing flashpatch to run the kernels on CPU tensors")
     config = select_config(path.family, q.shape[-1], q.shape[2])
+    splits = decode_splits(q.shape[0] * q.shape[1], q.shape[2], k.shape[2], config.block_n, _sm_count(q.device))
     guard = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
     with guard:
         return flash_attn_forward(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
-                                  config=config)
+                                  config=config, num_splits=splits)
 
 
 class _FlashAttention(torch.autograd.Function):

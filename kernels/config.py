@@ -70,3 +70,19 @@ def select_config(family: str | None, head_dim: int, seq_q: int) -> TileConfig:
     if seq_q <= SHORT_Q_BLOCK_M:
         return TileConfig(SHORT_Q_BLOCK_M, row.block_n, 4, row.num_stages)
     return row
+
+
+# Pretend SM count under the interpreter, so that CPU tests exercise the split-KV path.
+INTERPRETER_SM_COUNT = 8
+MAX_SPLITS = 64
+
+
+def decode_splits(batch_heads: int, seq_q: int, seq_k: int, block_n: int, sm_count: int) -> int:
+    """How many programs share one (batch, head)'s keys: flash-decoding when few query rows would leave
+    most SMs idle. Each split keeps at least 4 key blocks so the combine stays cheap."""
+    if seq_q > SHORT_Q_BLOCK_M:
+        return 1
+    if batch_heads >= sm_count:
+        return 1
+    by_length = seq_k // (4 * block_n)
+    return max(1, min(-(-2 * sm_count // batch_heads), by_length, MAX_SPLITS))

@@ -78,12 +78,14 @@ def _flash_fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_mb, stride_mn,
     num_heads, group_size, seq_q, seq_k, head_dim,
+    split_len, stride_os, stride_ls,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)  # split of the key range (flash-decoding); 0 when not split
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     kv_h = h // group_size  # GQA: query head h reads K/V head h // group, no repeat_kv copy
@@ -116,10 +118,11 @@ def _flash_fwd_kernel(
     else:
         hi = seq_k
         unmasked_hi = seq_k
-    hi = tl.maximum(hi, 0)
-    unmasked_hi = tl.maximum(unmasked_hi, 0) // BLOCK_N * BLOCK_N
+    lo = pid_s * split_len  # a multiple of BLOCK_N
+    hi = tl.minimum(tl.maximum(hi, 0), lo + split_len)
+    unmasked_hi = tl.maximum(tl.minimum(tl.maximum(unmasked_hi, 0) // BLOCK_N * BLOCK_N, hi), lo)
 
-    for start_n in range(0, unmasked_hi, BLOCK_N):
+    for start_n in range(lo, unmasked_hi, BLOCK_N):
         acc, l_i, m_i = _attend_block(
             acc, l_i, m_i, q, k_base, v_base, kpm_base, start_n, offs_m, offs_n, offs_d,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
@@ -138,9 +141,39 @@ def _flash_fwd_kernel(
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
-    tl.store(LSE + pid_bh * seq_q + offs_m, lse, mask=offs_m < seq_q)
-    o_ptrs = O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    tl.store(LSE + pid_s * stride_ls + pid_bh * seq_q + offs_m, lse, mask=offs_m < seq_q)
+    o_ptrs = O + pid_s * stride_os + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    O_PART, LSE_PART, O, LSE,
+    num_splits, seq_q, num_heads, head_dim,
+    stride_ps, stride_pb, stride_pm, stride_ph,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_ls,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out = sum_s exp(lse_s - lse) * out_s, lse = logsumexp_s lse_s, for one (batch, head, query row)."""
+    row = tl.program_id(0)
+    bh = row // seq_q
+    m = row % seq_q
+    b = bh // num_heads
+    h = bh % num_heads
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    lse_s = tl.load(LSE_PART + offs_s * stride_ls + row, mask=offs_s < num_splits, other=float("-inf"))
+    top = tl.max(lse_s, 0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    w = tl.math.exp(lse_s - top)
+    total = tl.sum(w, 0)
+    part = tl.load(O_PART + offs_s[:, None] * stride_ps + b * stride_pb + m * stride_pm + h * stride_ph
+                   + offs_d[None, :], mask=(offs_s[:, None] < num_splits) & (offs_d[None, :] < head_dim), other=0.0)
+    out = tl.sum(part * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(O + b * stride_ob + h * stride_oh + m * stride_om + offs_d * stride_od,
+             out.to(O.dtype.element_ty), mask=offs_d < head_dim)
+    tl.store(LSE + row, tl.where(total == 0.0, float("-inf"), top + tl.math.log(tl.where(total == 0.0, 1.0, total))))
 
 
 def flash_attn_forward(
@@ -152,12 +185,15 @@ def flash_attn_forward(
     scale: float,
     key_padding_mask: torch.Tensor | None,
     config: TileConfig,
+    num_splits: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward on validated [B, H, S, D] tensors.
 
     Returns (out, lse): out is [B, Hq, Sq, D] stored as [B, Sq, Hq, D] in memory (what
     transformers wants after its transpose, so that transpose costs nothing), lse is
     [B, Hq, Sq] float32 natural-log sum-exp of the scaled scores (-inf for empty rows).
+    num_splits > 1 splits the key range across programs (flash-decoding: few query rows, long
+    caches) and combines the float32 partial results by their log-sum-exp.
     """
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
@@ -170,18 +206,36 @@ def flash_attn_forward(
         kpm, stride_mb, stride_mn = lse, 0, 0  # any pointer: never read when HAS_KPM is False
 
     block_d = max(16, triton.next_power_of_2(head_dim))
-    grid = (triton.cdiv(seq_q, config.block_m), batch * heads_q)
+    split_len = triton.cdiv(triton.cdiv(seq_k, num_splits), config.block_n) * config.block_n
+    num_splits = triton.cdiv(seq_k, split_len)
+    if num_splits > 1:
+        o_part = torch.empty((num_splits, batch, seq_q, heads_q, head_dim), device=q.device, dtype=torch.float32)
+        o_dst, lse_dst = o_part.permute(0, 1, 3, 2, 4)[0], torch.empty((num_splits, batch, heads_q, seq_q),
+                                                                        device=q.device, dtype=torch.float32)
+        stride_os, stride_ls = o_part.stride(0), lse_dst.stride(0)
+    else:
+        o_dst, lse_dst, stride_os, stride_ls = out, lse, 0, 0
+    grid = (triton.cdiv(seq_q, config.block_m), batch * heads_q, num_splits)
     _flash_fwd_kernel[grid](
-        q, k, v, out, lse, kpm,
+        q, k, v, o_dst, lse_dst, kpm,
         scale * LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *q.stride(), *k.stride(), *v.stride(), *o_dst.stride(),
         stride_mb, stride_mn,
         heads_q, heads_q // heads_k, seq_q, seq_k, head_dim,
+        split_len, stride_os, stride_ls,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
         CAUSAL=causal, HAS_KPM=key_padding_mask is not None, EVEN_D=block_d == head_dim,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
+    if num_splits > 1:
+        _combine_splits_kernel[(batch * heads_q * seq_q,)](
+            o_part, lse_dst, out, lse,
+            num_splits, seq_q, heads_q, head_dim,
+            o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
+            *out.stride(), stride_ls,
+            BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=block_d,
+        )
     return out, lse
 
 

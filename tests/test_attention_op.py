@@ -169,3 +169,30 @@ def test_cpu_without_interpreter_says_what_to_do(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert "ERR" in res.stdout, res.stderr
     assert "scaled_dot_product_attention" in res.stdout and "TRITON_INTERPRET=1" in res.stdout
+
+
+@pytest.mark.parametrize("num_splits", [2, 3, 5])
+@pytest.mark.parametrize("seq_q,seq_k,causal", [(1, 200, True), (4, 97, True), (16, 64, False), (3, 2, True)])
+def test_split_kv_matches_reference(num_splits, seq_q, seq_k, causal, device, poison_empty):
+    from flashpatch.dispatch import path_for_device
+    from flashpatch.kernels import flash_attn_forward, select_config
+
+    q, k, v = random_qkv(2, 4, 2, seq_q, seq_k, 64, torch.float16, device)
+    mask = torch.rand(2, seq_k, device=device) > 0.2
+    mask[1, : seq_k // 2] = False  # left padding: some splits see no key at all
+    config = select_config(path_for_device(q.device).family, 64, seq_q)
+    out, lse = flash_attn_forward(q, k, v, causal=causal, scale=0.125, key_padding_mask=mask, config=config,
+                                  num_splits=num_splits)
+    assert_fa2_rule(out, q, k, v, causal=causal, scale=0.125, key_padding_mask=mask)
+    _, lse_one = flash_attn_forward(q, k, v, causal=causal, scale=0.125, key_padding_mask=mask, config=config)
+    torch.testing.assert_close(lse, lse_one, rtol=1e-4, atol=1e-4)
+
+
+def test_decode_takes_the_split_path():
+    from flashpatch.kernels import decode_splits
+
+    assert decode_splits(batch_heads=32, seq_q=1, seq_k=16384, block_n=64, sm_count=132) == 9
+    assert decode_splits(batch_heads=512, seq_q=1, seq_k=16384, block_n=64, sm_count=132) == 1
+    assert decode_splits(batch_heads=32, seq_q=1024, seq_k=16384, block_n=64, sm_count=132) == 1
+    assert decode_splits(batch_heads=4, seq_q=1, seq_k=100, block_n=64, sm_count=132) == 1
+    assert decode_splits(batch_heads=1, seq_q=1, seq_k=1 << 20, block_n=64, sm_count=132) == 64
