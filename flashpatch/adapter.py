@@ -7,7 +7,6 @@ kernels don't serve, the model's original implementation with a one-time warning
 
 from __future__ import annotations
 
-import functools
 import sys
 import warnings
 from collections import Counter
@@ -18,13 +17,20 @@ from transformers import masking_utils
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from .archs.base import ArchSpec
-from .dispatch import KernelPath, path_for_device
+from .dispatch import path_for_device
 from .ops import MAX_HEAD_DIM, SUPPORTED_DTYPES, attention
 from .reference import visibility_mask
 
 # The attn_implementation name. It must not contain "flash": transformers treats any such name as a
 # flash-attn package (hub kernel loading, FA2-specific generation paths).
 IMPL_NAME = "fp_triton"
+
+# transformers 5 records attention weights with hooks while `output_attentions=True`; the flag is only
+# visible in its output collector (a private API, hence the guard).
+try:
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:
+    _active_collector = None
 
 
 class FallbackError(RuntimeError):
@@ -46,19 +52,10 @@ class PatchState:
 STATES: dict[int, PatchState] = {}
 
 
-@functools.lru_cache(maxsize=16)
-def _device_path(device: torch.device) -> KernelPath:
-    return path_for_device(device)
-
-
 def _attention_weights_requested(kwargs) -> bool:
     if kwargs.get("output_attentions"):
         return True
-    # transformers 5 records attention weights with hooks while `output_attentions=True`; the flag is
-    # only visible in its output collector (a private API, hence the guard).
-    try:
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:
+    if _active_collector is None:
         return False
     collected = _active_collector.get()
     return collected is not None and "attentions" in collected
@@ -82,7 +79,7 @@ def _why_not_served(module, query, key, value, attention_mask, dropout, kwargs) 
         return f"head_dim {head_dim} (kernels serve multiples of 8 up to {MAX_HEAD_DIM})"
     if query.dtype not in SUPPORTED_DTYPES:
         return f"dtype {query.dtype}"
-    path = _device_path(query.device)
+    path = path_for_device(query.device)
     return None if path.usable else path.reason
 
 

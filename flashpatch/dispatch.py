@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import asdict, dataclass
 
 import torch
@@ -70,6 +69,7 @@ def path_for_capability(capability: tuple[int, int] | None, *, triton_error: str
     return KernelPath(f"triton-{family}", family, f"sm{major}{minor} uses the {family} tile table")
 
 
+@functools.lru_cache(maxsize=32)  # on the hot path: every attention call asks
 def path_for_device(device: torch.device) -> KernelPath:
     capability = None
     if device.type == "cuda":
@@ -81,7 +81,3 @@ def path_for_device(device: torch.device) -> KernelPath:
 
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "0").lower() in ("1", "true", "yes")
