@@ -15,7 +15,7 @@ class ArchSpec:
     # Attention-module classes whose calls go through the AttentionInterface.
     attention_classes: tuple[str, ...]
     # Why a given config cannot be served (empty list: it can). Checked once, at apply time.
-    unsupported: Callable[[object], list[str]] = lambda config: []
+    unsupported: Callable[[object], list[str]] = lambda config: head_dim_problem(head_dim_of(config))
     # Softmax scale for a module when the call passes no `scaling` kwarg (older transformers).
     scaling: Callable[[object], float | None] = lambda module: getattr(module, "scaling", None)
     quirks: tuple[str, ...] = field(default_factory=tuple)

@@ -1,6 +1,6 @@
 """GPT-2: Conv1D projections, optional per-layer scale, eager-only upcast/reorder."""
 
-from .base import ArchSpec, head_dim_of, head_dim_problem
+from .base import ArchSpec
 
 
 def _scaling(module) -> float:
@@ -11,16 +11,11 @@ def _scaling(module) -> float:
     return scale
 
 
-def _unsupported(config) -> list[str]:
-    return head_dim_problem(head_dim_of(config))
-
-
 SPEC = ArchSpec(
     name="gpt2",
     model_types=("gpt2",),
     head_dims=(64,),
     attention_classes=("GPT2Attention",),
-    unsupported=_unsupported,
     scaling=_scaling,
     quirks=(
         "scale_attn_weights and scale_attn_by_inverse_layer_idx fold into the softmax scale",

@@ -1,10 +1,6 @@
 """GPT-NeoX / Pythia: fused QKV, partial rotary (rotary_pct) applied before attention, head dims 64-128."""
 
-from .base import ArchSpec, head_dim_of, head_dim_problem
-
-
-def _unsupported(config) -> list[str]:
-    return head_dim_problem(head_dim_of(config))
+from .base import ArchSpec
 
 
 SPEC = ArchSpec(
@@ -12,7 +8,6 @@ SPEC = ArchSpec(
     model_types=("gpt_neox",),
     head_dims=(64, 80, 96, 128),
     attention_classes=("GPTNeoXAttention",),
-    unsupported=_unsupported,
     scaling=lambda module: module.head_size ** -0.5,
     quirks=(
         "rotary_pct (partial_rotary_factor) rotates a prefix of each head inside GPTNeoXAttention, before the attention call",

@@ -4,11 +4,7 @@ transformers releases up to at least 5.17 keep GPT-J on its own `GPTJAttention._
 AttentionInterface; there the patch replaces `_attn` on each attention module (the legacy path).
 """
 
-from .base import ArchSpec, head_dim_of, head_dim_problem
-
-
-def _unsupported(config) -> list[str]:
-    return head_dim_problem(head_dim_of(config))
+from .base import ArchSpec
 
 
 def install_legacy(model) -> list:
@@ -46,7 +42,6 @@ SPEC = ArchSpec(
     model_types=("gptj",),
     head_dims=(256,),
     attention_classes=("GPTJAttention",),
-    unsupported=_unsupported,
     scaling=lambda module: module.head_dim ** -0.5,
     legacy_install=install_legacy,
     quirks=(

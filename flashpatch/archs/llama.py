@@ -1,10 +1,6 @@
 """Llama (1, 2, 3; SmolLM2): rotary applied to q/k before attention, GQA, scale 1/sqrt(head_dim)."""
 
-from .base import ArchSpec, head_dim_of, head_dim_problem
-
-
-def _unsupported(config) -> list[str]:
-    return head_dim_problem(head_dim_of(config))
+from .base import ArchSpec
 
 
 SPEC = ArchSpec(
@@ -12,7 +8,6 @@ SPEC = ArchSpec(
     model_types=("llama",),
     head_dims=(64, 128),
     attention_classes=("LlamaAttention",),
-    unsupported=_unsupported,
     scaling=lambda module: module.head_dim ** -0.5,
     quirks=(
         "GQA: num_key_value_heads < num_attention_heads is served without repeat_kv",
