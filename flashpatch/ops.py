@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 
 import torch
 
@@ -72,24 +73,46 @@ def _forward(q, k, v, causal, scale, key_padding_mask):
                                   config=config, num_splits=splits)
 
 
+def _backward(grad_out, q, k, v, out, lse, causal, scale, key_padding_mask):
+    from flashpatch.kernels import flash_attn_backward, select_backward_config
+
+    config = select_backward_config(path_for_device(q.device).family, q.shape[-1])
+    guard = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        return flash_attn_backward(grad_out, q, k, v, out, lse, causal=causal, scale=scale,
+                                   key_padding_mask=key_padding_mask, config=config)
+
+
+def _reference_backward(grad_out, q, k, v, causal, scale, key_padding_mask):
+    """PyTorch recomputation in float32 (O(Sq * Sk) memory): the named fallback of the Triton backward."""
+    with torch.enable_grad():
+        leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+        out = reference_attention(*leaves, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
+        grads = torch.autograd.grad(out, leaves, grad_out.float())
+    return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
+
+
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, key_padding_mask):
         out, lse = _forward(q, k, v, causal, scale, key_padding_mask)
-        ctx.save_for_backward(q, k, v, key_padding_mask)
+        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
         ctx.causal, ctx.scale = causal, scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        # Interim backward until the Triton backward kernels land: recompute the attention in
-        # float32 with PyTorch ops and differentiate that (exact, but O(Sq * Sk) memory).
-        q, k, v, key_padding_mask = ctx.saved_tensors
-        with torch.enable_grad():
-            leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
-            out = reference_attention(*leaves, causal=ctx.causal, scale=ctx.scale, key_padding_mask=key_padding_mask)
-            grads = torch.autograd.grad(out, leaves, grad_out.float())
-        return (*(g.to(t.dtype) for g, t in zip(grads, (q, k, v))), None, None, None)
+        q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+        args = (ctx.causal, ctx.scale, key_padding_mask)
+        try:
+            grads = _backward(grad_out, q, k, v, out, lse, *args)
+        except Exception as exc:  # a GPU whose resources the tiles exceed: compile errors, not wrong numbers
+            if "OutOfResources" not in type(exc).__name__ and "CompilationError" not in type(exc).__name__:
+                raise
+            warnings.warn(f"flashpatch: Triton backward unavailable here ({type(exc).__name__}); "
+                          "recomputing the gradient with PyTorch ops (O(Sq*Sk) memory)", stacklevel=2)
+            grads = _reference_backward(grad_out, q, k, v, *args)
+        return (*grads, None, None, None)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, scale: float | None = None,

@@ -86,3 +86,18 @@ def decode_splits(batch_heads: int, seq_q: int, seq_k: int, block_n: int, sm_cou
         return 1
     by_length = seq_k // (4 * block_n)
     return max(1, min(-(-2 * sm_count // batch_heads), by_length, MAX_SPLITS))
+
+
+# Backward tiles: five [tile, head_dim] operands live at once (q, dO, k, v and an fp32 accumulator pair),
+# so tiles are smaller than the forward's. Not yet tuned on a GPU (issue 6/8).
+BACKWARD_TABLE: dict[int, TileConfig] = {
+    64: TileConfig(64, 64, 4, 2),
+    128: TileConfig(64, 64, 8, 2),
+    256: TileConfig(32, 32, 4, 1),
+}
+
+
+def select_backward_config(family: str | None, head_dim: int) -> TileConfig:
+    if family is None:
+        return INTERPRETER_CONFIG
+    return BACKWARD_TABLE[head_dim_bucket(head_dim)]
