@@ -92,27 +92,54 @@ def _reference_backward(grad_out, q, k, v, causal, scale, key_padding_mask):
     return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
 
 
-class _FlashAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, causal, scale, key_padding_mask):
-        out, lse = _forward(q, k, v, causal, scale, key_padding_mask)
-        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
-        ctx.causal, ctx.scale = causal, scale
-        return out
+# The op as PyTorch custom ops with fake (meta) implementations and registered autograd, so that
+# torch.compile traces through it without graph breaks (fullgraph=True included).
+@torch.library.custom_op("flashpatch::attention_fwd", mutates_args=())
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+                   key_padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, causal, scale, key_padding_mask)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
-        args = (ctx.causal, ctx.scale, key_padding_mask)
-        try:
-            grads = _backward(grad_out, q, k, v, out, lse, *args)
-        except Exception as exc:  # a GPU whose resources the tiles exceed: compile errors, not wrong numbers
-            if "OutOfResources" not in type(exc).__name__ and "CompilationError" not in type(exc).__name__:
-                raise
-            warnings.warn(f"flashpatch: Triton backward unavailable here ({type(exc).__name__}); "
-                          "recomputing the gradient with PyTorch ops (O(Sq*Sk) memory)", stacklevel=2)
-            grads = _reference_backward(grad_out, q, k, v, *args)
-        return (*grads, None, None, None)
+
+@_attention_fwd.register_fake
+def _(q, k, v, causal, scale, key_padding_mask):
+    batch, heads, seq_q, head_dim = q.shape
+    out = q.new_empty((batch, seq_q, heads, head_dim)).transpose(1, 2)
+    return out, q.new_empty((batch, heads, seq_q), dtype=torch.float32)
+
+
+@torch.library.custom_op("flashpatch::attention_bwd", mutates_args=())
+def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   lse: torch.Tensor, causal: bool, scale: float,
+                   key_padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    args = (causal, scale, key_padding_mask)
+    try:
+        return _backward(grad_out, q, k, v, out, lse, *args)
+    except Exception as exc:  # a GPU whose resources the tiles exceed: compile errors, not wrong numbers
+        if "OutOfResources" not in type(exc).__name__ and "CompilationError" not in type(exc).__name__:
+            raise
+        warnings.warn(f"flashpatch: Triton backward unavailable here ({type(exc).__name__}); "
+                      "recomputing the gradient with PyTorch ops (O(Sq*Sk) memory)", stacklevel=2)
+        return _reference_backward(grad_out, q, k, v, *args)
+
+
+@_attention_bwd.register_fake
+def _(grad_out, q, k, v, out, lse, causal, scale, key_padding_mask):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, scale, key_padding_mask = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], key_padding_mask)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _autograd_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale, key_padding_mask)
+    return dq, dk, dv, None, None, None
+
+
+_attention_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, scale: float | None = None,
@@ -130,6 +157,4 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if q.shape[2] == 0 or k.shape[2] == 0:
         return torch.zeros_like(q)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return _FlashAttention.apply(q, k, v, causal, scale, key_padding_mask)
-    return _forward(q, k, v, causal, scale, key_padding_mask)[0]
+    return _attention_fwd(q, k, v, causal, scale, key_padding_mask)[0]
