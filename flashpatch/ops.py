@@ -157,4 +157,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if q.shape[2] == 0 or k.shape[2] == 0:
         return torch.zeros_like(q)
-    return _attention_fwd(q, k, v, causal, scale, key_padding_mask)[0]
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+        return _attention_fwd(q, k, v, causal, scale, key_padding_mask)[0]
+    # Inference outside torch.compile: skip the dispatcher's per-call cost (decode is launch-bound).
+    return _forward(q, k, v, causal, scale, key_padding_mask)[0]
