@@ -1,0 +1,38 @@
+"""The fine-tuning examples run a few steps (CPU smoke; their real numbers come from a GPU)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import WIKITEXT
+
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
+TINY = ["--context", "32", "--batch-size", "2", "--max-steps", "3", "--max-tokens", "2048", "--text", WIKITEXT]
+
+
+def run_example(script, *args, tmp_path):
+    out = tmp_path / f"{script}-{len(list(tmp_path.iterdir()))}.json"
+    res = subprocess.run([sys.executable, os.path.join(EXAMPLES, script), *TINY, *args, "--json", str(out)],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_gpt2_patched_trains_like_unpatched(tmp_path):
+    common = ["--layers", "2", "--width", "128", "--seed", "3"]
+    ours = run_example("finetune_gpt2.py", *common, tmp_path=tmp_path)
+    theirs = run_example("finetune_gpt2.py", *common, "--no-flashpatch", tmp_path=tmp_path)
+    assert ours["flashpatch"] and not theirs["flashpatch"]
+    assert ours["steps"] == 3 and len(ours["losses"]) == 3
+    assert not ours["fallbacks"], ours["fallbacks"]  # every training call went through the kernels
+    for a, b in zip(ours["losses"], theirs["losses"]):
+        assert a == pytest.approx(b, rel=1e-3)
+
+
+def test_llama_packed_batches_fall_back_by_name(tmp_path):
+    summary = run_example("finetune_llama.py", "--model", "tiny-llama", "--packed", tmp_path=tmp_path)
+    assert summary["steps"] == 3
+    assert any("4D attention mask" in reason for reason in summary["fallbacks"])
