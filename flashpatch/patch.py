@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 from .adapter import IMPL_NAME, STATES, PatchState, register
@@ -138,6 +139,7 @@ def apply(model, *, fallback: str = "warn") -> PatchReport:
     state = PatchState(original_impl=original, arch=arch, fallback=fallback)
     for cfg in _configs(inner):
         STATES[id(cfg)] = state
+        weakref.finalize(cfg, STATES.pop, id(cfg), None)  # a dead config's id may be reused
     if legacy:
         # The model still builds its mask through AttentionMaskInterface under config._attn_implementation.
         state.undo = arch.legacy_install(inner)
