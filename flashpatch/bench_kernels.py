@@ -161,3 +161,32 @@ def tile_sweep(candidates, lengths=(2048, 8192), head_dims=(64, 128), batch=8, h
                     except Exception as exc:
                         results.append((head_dim, causal, n, cfg, f"{type(exc).__name__}"))
     return results
+
+
+def bench_forward_backward(impls=("flashpatch", "sdpa-flash", "sdpa-cudnn"), lengths=(2048, 8192), head_dims=(64, 128),
+                           causals=(False, True), batch=8, heads=32, dtype=torch.bfloat16) -> list[KernelRow]:
+    """Forward + backward time; TFLOPS count 3.5x the forward's FLOPs (backward = 2.5x forward, FA's convention)."""
+    import triton
+
+    rows = []
+    for head_dim in head_dims:
+        for causal in causals:
+            for n in lengths:
+                q, k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", dtype=dtype, requires_grad=True)
+                           for _ in range(3))
+                grad = torch.randn(batch, heads, n, head_dim, device="cuda", dtype=dtype)
+                flops = 3.5 * attention_flops(batch, heads, n, n, head_dim, causal)
+                for impl in impls:
+                    forward = make_fn(impl, q, k, v, causal)
+
+                    def step(forward=forward):
+                        torch.autograd.grad(forward(), (q, k, v), grad)
+                    try:
+                        step()
+                        ms = triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
+                        rows.append(KernelRow(impl, head_dim, n, causal, ms, flops / (ms * 1e-3) / 1e12, None))
+                    except Exception as exc:
+                        rows.append(KernelRow(impl, head_dim, n, causal, None, None, None,
+                                              f"{type(exc).__name__}: {exc}".splitlines()[0][:120]))
+                del q, k, v, grad
+    return rows
