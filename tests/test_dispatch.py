@@ -1,0 +1,71 @@
+"""Kernel-path dispatch and tile tables: pure functions of capability, head dim and lengths."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from flashpatch.cli.main import app
+from flashpatch.dispatch import path_for_capability
+from flashpatch.kernels.config import (BACKWARD_TABLE, TILE_TABLE, decode_splits, gpu_family, head_dim_bucket,
+                                       select_config)
+
+# Shared memory per block each family may use (bytes): H100 227 KB, A100 163 KB, sm86/89 99 KB.
+SMEM = {"sm90": 227 * 1024, "sm80": 163 * 1024, "sm86": 99 * 1024}
+
+
+@pytest.mark.parametrize("capability,family", [((9, 0), "sm90"), ((8, 0), "sm80"), ((8, 6), "sm86"),
+                                               ((8, 9), "sm86"), ((7, 5), None), ((7, 0), None)])
+def test_family_by_capability(capability, family):
+    assert gpu_family(capability) == family
+    path = path_for_capability(capability)
+    assert path.usable == (family is not None)
+    if family is None:
+        assert "older than sm80" in path.reason
+
+
+def test_fallback_reasons_are_named():
+    assert "Triton unavailable" in path_for_capability((9, 0), triton_error="ImportError: no triton").reason
+    assert "TRITON_INTERPRET=1" in path_for_capability(None).reason
+    assert path_for_capability(None, interpreter=True).name == "triton-interpreter"
+    assert not path_for_capability((9, 0), interpreter=True).usable
+
+
+@pytest.mark.parametrize("family", list(TILE_TABLE))
+def test_forward_tiles_fit_shared_memory(family):
+    for head_dim, cfg in TILE_TABLE[family].items():
+        # q tile once, k and v tiles per pipeline stage, 2 bytes per element
+        smem = (cfg.block_m + 2 * cfg.num_stages * cfg.block_n) * head_dim * 2
+        assert smem <= SMEM[family], (family, head_dim, cfg, smem)
+
+
+def test_backward_tiles_fit_the_smallest_gpu():
+    for head_dim, cfg in BACKWARD_TABLE.items():
+        smem = (2 * cfg.block_m + 2 * cfg.num_stages * cfg.block_n) * head_dim * 2
+        assert smem <= SMEM["sm86"], (head_dim, cfg, smem)
+
+
+@pytest.mark.parametrize("head_dim,bucket", [(8, 64), (64, 64), (80, 128), (128, 128), (160, 256), (256, 256)])
+def test_head_dim_buckets(head_dim, bucket):
+    assert head_dim_bucket(head_dim) == bucket
+
+
+def test_short_queries_get_a_short_tile():
+    assert select_config("sm90", 128, 1).block_m == 16
+    assert select_config("sm90", 128, 4096).block_m == TILE_TABLE["sm90"][128].block_m
+    assert select_config(None, 128, 4096).block_m == 32  # interpreter
+
+
+def test_splits_never_exceed_key_blocks():
+    for seq_k in (1, 63, 64, 1000, 4096, 1 << 17):
+        for batch_heads in (1, 8, 32, 131, 132, 4096):
+            s = decode_splits(batch_heads, 1, seq_k, 64, 132)
+            assert 1 <= s <= max(1, seq_k // 256)
+
+
+def test_info_json_names_the_path():
+    result = CliRunner().invoke(app, ["info", "--json"])
+    assert result.exit_code == 0
+    data = json.loads(result.output)
+    assert data["versions"]["torch"] and data["kernel_path"]["name"]
+    assert data["kernel_path"]["reason"]
