@@ -4,8 +4,8 @@
     python examples/finetune_gpt2.py --text FILE --model gpt2          # hub weights (needs the hub)
 
 Without --model: a randomly initialised GPT-2 124M (or smaller with --layers/--width), byte tokens.
-GPT-2's attention dropout (attn_pdrop=0.1) is not in the kernels yet and would make every training call
-fall back; random-init runs therefore use --attn-dropout 0 unless told otherwise.
+GPT-2's attention dropout (attn_pdrop, 0.1 by default) runs inside flashpatch's kernels;
+--attn-dropout overrides it.
 """
 
 import _finetune
@@ -34,7 +34,7 @@ def main():
     else:
         config = GPT2Config(n_layer=args.layers, n_embd=args.width, n_head=args.width // 64,
                             n_positions=max(1024, args.context), vocab_size=256 + 1,
-                            attn_pdrop=0.0 if args.attn_dropout is None else args.attn_dropout)
+                            **({} if args.attn_dropout is None else {"attn_pdrop": args.attn_dropout}))
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
         encode = lambda text: list(text.encode("utf-8"))  # noqa: E731
     if torch.cuda.is_available():

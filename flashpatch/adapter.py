@@ -66,8 +66,6 @@ def _why_not_served(module, query, key, value, attention_mask, dropout, kwargs) 
         return "output_attentions=True needs the attention weights"
     if attention_mask is not None and attention_mask.dim() != 2:
         return "a dense 4D attention mask (custom mask, packed sequences or a mask overlay)"
-    if dropout and module.training:
-        return "attention dropout while training"
     for name, what in (("softcap", "logit softcapping"), ("sliding_window", "sliding-window attention"),
                        ("s_aux", "attention sinks"), ("position_bias", "an additive position bias")):
         if kwargs.get(name) is not None:
@@ -150,7 +148,8 @@ def flashpatch_attention_forward(module, query, key, value, attention_mask, drop
                          dropout=dropout, scaling=scaling, **kwargs)
 
     key_padding_mask = None if attention_mask is None else attention_mask.bool()
-    out = attention(query, key, value, causal=causal, scale=scaling, key_padding_mask=key_padding_mask)
+    out = attention(query, key, value, causal=causal, scale=scaling, key_padding_mask=key_padding_mask,
+                    dropout_p=dropout if module.training else 0.0)
     return out.transpose(1, 2), None  # memory is already [B, Sq, H, D]: no copy
 
 

@@ -57,7 +57,7 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _forward(q, k, v, causal, scale, key_padding_mask):
+def _forward(q, k, v, causal, scale, key_padding_mask, dropout_p=0.0, seed=0):
     from flashpatch.kernels import decode_splits, flash_attn_forward, select_config
 
     path = path_for_device(q.device)
@@ -70,17 +70,17 @@ def _forward(q, k, v, causal, scale, key_padding_mask):
     guard = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
     with guard:
         return flash_attn_forward(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
-                                  config=config, num_splits=splits)
+                                  config=config, num_splits=splits, dropout_p=dropout_p, seed=seed)
 
 
-def _backward(grad_out, q, k, v, out, lse, causal, scale, key_padding_mask):
+def _backward(grad_out, q, k, v, out, lse, causal, scale, key_padding_mask, dropout_p, seed):
     from flashpatch.kernels import flash_attn_backward, select_backward_config
 
     config = select_backward_config(path_for_device(q.device).family, q.shape[-1])
     guard = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
     with guard:
         return flash_attn_backward(grad_out, q, k, v, out, lse, causal=causal, scale=scale,
-                                   key_padding_mask=key_padding_mask, config=config)
+                                   key_padding_mask=key_padding_mask, config=config, dropout_p=dropout_p, seed=seed)
 
 
 def _reference_backward(grad_out, q, k, v, causal, scale, key_padding_mask):
@@ -96,12 +96,13 @@ def _reference_backward(grad_out, q, k, v, causal, scale, key_padding_mask):
 # torch.compile traces through it without graph breaks (fullgraph=True included).
 @torch.library.custom_op("flashpatch::attention_fwd", mutates_args=())
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
-                   key_padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, causal, scale, key_padding_mask)
+                   key_padding_mask: torch.Tensor | None, dropout_p: float,
+                   seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, causal, scale, key_padding_mask, dropout_p, seed)
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, causal, scale, key_padding_mask):
+def _(q, k, v, causal, scale, key_padding_mask, dropout_p, seed):
     batch, heads, seq_q, head_dim = q.shape
     out = q.new_empty((batch, seq_q, heads, head_dim)).transpose(1, 2)
     return out, q.new_empty((batch, heads, seq_q), dtype=torch.float32)
@@ -109,13 +110,14 @@ def _(q, k, v, causal, scale, key_padding_mask):
 
 @torch.library.custom_op("flashpatch::attention_bwd", mutates_args=())
 def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                   lse: torch.Tensor, causal: bool, scale: float,
-                   key_padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   lse: torch.Tensor, causal: bool, scale: float, key_padding_mask: torch.Tensor | None,
+                   dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (causal, scale, key_padding_mask)
     try:
-        return _backward(grad_out, q, k, v, out, lse, *args)
+        return _backward(grad_out, q, k, v, out, lse, *args, dropout_p, seed)
     except Exception as exc:  # a GPU whose resources the tiles exceed: compile errors, not wrong numbers
-        if "OutOfResources" not in type(exc).__name__ and "CompilationError" not in type(exc).__name__:
+        resources = "OutOfResources" in type(exc).__name__ or "CompilationError" in type(exc).__name__
+        if not resources or dropout_p > 0:  # PyTorch cannot regenerate the kernels' dropout mask
             raise
         warnings.warn(f"flashpatch: Triton backward unavailable here ({type(exc).__name__}); "
                       "recomputing the gradient with PyTorch ops (O(Sq*Sk) memory)", stacklevel=2)
@@ -123,27 +125,29 @@ def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
 
 
 @_attention_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, causal, scale, key_padding_mask):
+def _(grad_out, q, k, v, out, lse, causal, scale, key_padding_mask, dropout_p, seed):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, scale, key_padding_mask = inputs
+    q, k, v, causal, scale, key_padding_mask, dropout_p, seed = inputs
     ctx.save_for_backward(q, k, v, output[0], output[1], key_padding_mask)
-    ctx.causal, ctx.scale = causal, scale
+    ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed = causal, scale, dropout_p, seed
 
 
 def _autograd_backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale, key_padding_mask)
-    return dq, dk, dv, None, None, None
+    dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale, key_padding_mask,
+                                ctx.dropout_p, ctx.seed)
+    return dq, dk, dv, None, None, None, None, None
 
 
 _attention_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, scale: float | None = None,
-              key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+              key_padding_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+              seed: int | None = None) -> torch.Tensor:
     """Flash attention in `F.scaled_dot_product_attention`'s layout.
 
     q: [batch, Hq, Sq, D]; k, v: [batch, Hkv, Sk, D] with Hq a multiple of Hkv (GQA/MQA, no copy).
@@ -151,13 +155,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     key_padding_mask: bool [batch, Sk], True = attend. A query that sees no key returns zeros.
     D: a multiple of 8 up to 256. Any strides. float16/bfloat16 dots run on tensor cores with
     float32 accumulation; float32 inputs use exact IEEE float32 dots (no TF32).
+    dropout_p: attention dropout inside the kernels (a Philox mask from `seed`, drawn from torch's CPU
+    generator when None, so torch.manual_seed makes runs repeatable; the backward regenerates it).
     Returns [batch, Hq, Sq, D] (memory laid out as [batch, Sq, Hq, D]).
     """
     _check_inputs(q, k, v, key_padding_mask)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise AttentionInputError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p and q.shape[2] * k.shape[2] >= 2**31:
+        raise AttentionInputError("dropout needs Sq * Sk < 2**31 (the mask's per-head counter is 32-bit)")
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p else 0
     if q.shape[2] == 0 or k.shape[2] == 0:
         return torch.zeros_like(q)
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
-        return _attention_fwd(q, k, v, causal, scale, key_padding_mask)[0]
+        return _attention_fwd(q, k, v, causal, scale, key_padding_mask, dropout_p, seed)[0]
     # Inference outside torch.compile: skip the dispatcher's per-call cost (decode is launch-bound).
-    return _forward(q, k, v, causal, scale, key_padding_mask)[0]
+    return _forward(q, k, v, causal, scale, key_padding_mask, dropout_p, seed)[0]

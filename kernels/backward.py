@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .config import TileConfig
-from .forward import LOG2E
+from .forward import LOG2E, dropout_keep
 
 
 @triton.jit
@@ -40,9 +40,9 @@ def _flash_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_mb, stride_mn,
-    num_heads_q, num_heads_k, group_size, seq_q, seq_k, head_dim,
+    num_heads_q, num_heads_k, group_size, seq_q, seq_k, head_dim, dropout_p, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -80,8 +80,13 @@ def _flash_bwd_dkdv_kernel(
             delta = tl.load(DELTA + row_base + rows, mask=rows < seq_q, other=0.0)
             p = _probabilities(q, tl.trans(k), lse, rows, cols, kpm_base, stride_mn, qk_scale, seq_q, seq_k,
                                causal_offset, CAUSAL, HAS_KPM, DOT_PRECISION)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            p_used = p
+            if DROPOUT:  # same mask as the forward: P was dropped before it met V
+                keep = dropout_keep(seed, b * num_heads_q + h, rows, cols, seq_k, dropout_p)
+                p_used = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            dv += tl.dot(tl.trans(p_used.to(do.dtype)), do, input_precision=DOT_PRECISION)
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
 
@@ -101,9 +106,9 @@ def _flash_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_mb, stride_mn,
-    num_heads_q, group_size, seq_q, seq_k, head_dim,
+    num_heads_q, group_size, seq_q, seq_k, head_dim, dropout_p, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -138,6 +143,9 @@ def _flash_bwd_dq_kernel(
         p = _probabilities(q, tl.trans(k), lse, rows, cols, kpm_base, stride_mn, qk_scale, seq_q, seq_k,
                            causal_offset, CAUSAL, HAS_KPM, DOT_PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = dropout_keep(seed, pid_bh, rows, cols, seq_k, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
@@ -148,6 +156,7 @@ def _flash_bwd_dq_kernel(
 def flash_attn_backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, *, causal: bool, scale: float, key_padding_mask: torch.Tensor | None, config: TileConfig,
+    dropout_p: float = 0.0, seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) for flash_attn_forward's (out, lse); dk/dv have k's (fewer, for GQA) heads."""
     batch, heads_q, seq_q, head_dim = q.shape
@@ -162,16 +171,16 @@ def flash_attn_backward(
         kpm, stride_mb, stride_mn = delta, 0, 0  # never read when HAS_KPM is False
     common = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
                   CAUSAL=causal, HAS_KPM=key_padding_mask is not None,
-                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", DROPOUT=dropout_p > 0,
                   num_warps=config.num_warps, num_stages=config.num_stages)
     lse = lse.contiguous()
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     _flash_bwd_dkdv_kernel[(triton.cdiv(seq_k, config.block_n), batch * heads_k)](
         q, k, v, grad_out, lse, delta, dk, dv, kpm, scale * LOG2E, scale,
         *strides, *dk.stride(), *dv.stride(), stride_mb, stride_mn,
-        heads_q, heads_k, heads_q // heads_k, seq_q, seq_k, head_dim, **common)
+        heads_q, heads_k, heads_q // heads_k, seq_q, seq_k, head_dim, dropout_p, seed, **common)
     _flash_bwd_dq_kernel[(triton.cdiv(seq_q, config.block_m), batch * heads_q)](
         q, k, v, grad_out, lse, delta, dq, kpm, scale * LOG2E, scale,
         *strides, *dq.stride(), stride_mb, stride_mn,
-        heads_q, heads_q // heads_k, seq_q, seq_k, head_dim, **common)
+        heads_q, heads_q // heads_k, seq_q, seq_k, head_dim, dropout_p, seed, **common)
     return dq, dk, dv

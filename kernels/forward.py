@@ -17,14 +17,21 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def dropout_keep(seed, row_head, rows, cols, seq_k, dropout_p):
+    """Counter-based keep mask (Philox): a function of (seed, query head, row, column) only, so the
+    backward regenerates exactly the forward's mask. Each (batch, query head) gets its own stream."""
+    return tl.rand(seed + row_head, rows[:, None] * seq_k + cols[None, :]) >= dropout_p
+
+
+@triton.jit
 def _attend_block(
     acc, l_i, m_i, q,
     k_base, v_base, kpm_base,
     start_n, offs_m, offs_n, offs_d,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
-    qk_scale, seq_k, head_dim, causal_offset,
+    qk_scale, seq_k, head_dim, causal_offset, seed, row_head, dropout_p,
     BOUNDARY: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """Online-softmax update of (acc, l_i, m_i) with keys [start_n, start_n + BLOCK_N)."""
     cols = start_n + offs_n
@@ -57,6 +64,8 @@ def _attend_block(
     p = tl.math.exp2(qk - m_ref[:, None])
     alpha = tl.math.exp2(m_i - m_ref)
     l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:  # the normaliser uses every probability; only the weights applied to V are dropped
+        p = tl.where(dropout_keep(seed, row_head, offs_m, cols, seq_k, dropout_p), p / (1.0 - dropout_p), 0.0)
 
     if BOUNDARY:
         v = tl.load(v_ptrs, mask=(cols[:, None] < seq_k) & (offs_d[None, :] < head_dim), other=0.0)
@@ -78,10 +87,10 @@ def _flash_fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_mb, stride_mn,
     num_heads, group_size, seq_q, seq_k, head_dim,
-    split_len, stride_os, stride_ls,
+    split_len, stride_os, stride_ls, dropout_p, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -126,15 +135,15 @@ def _flash_fwd_kernel(
         acc, l_i, m_i = _attend_block(
             acc, l_i, m_i, q, k_base, v_base, kpm_base, start_n, offs_m, offs_n, offs_d,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
-            qk_scale, seq_k, head_dim, causal_offset,
-            False, CAUSAL, HAS_KPM, EVEN_D, DOT_PRECISION,
+            qk_scale, seq_k, head_dim, causal_offset, seed, pid_bh, dropout_p,
+            False, CAUSAL, HAS_KPM, EVEN_D, DOT_PRECISION, DROPOUT,
         )
     for start_n in range(unmasked_hi, hi, BLOCK_N):
         acc, l_i, m_i = _attend_block(
             acc, l_i, m_i, q, k_base, v_base, kpm_base, start_n, offs_m, offs_n, offs_d,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
-            qk_scale, seq_k, head_dim, causal_offset,
-            True, CAUSAL, HAS_KPM, EVEN_D, DOT_PRECISION,
+            qk_scale, seq_k, head_dim, causal_offset, seed, pid_bh, dropout_p,
+            True, CAUSAL, HAS_KPM, EVEN_D, DOT_PRECISION, DROPOUT,
         )
 
     # A row that saw no key (all padding, or causal with seq_q > seq_k) returns zeros, as FA2's varlen does.
@@ -186,6 +195,8 @@ def flash_attn_forward(
     key_padding_mask: torch.Tensor | None,
     config: TileConfig,
     num_splits: int = 1,
+    dropout_p: float = 0.0,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward on validated [B, H, S, D] tensors.
 
@@ -193,7 +204,8 @@ def flash_attn_forward(
     transformers wants after its transpose, so that transpose costs nothing), lse is
     [B, Hq, Sq] float32 natural-log sum-exp of the scaled scores (-inf for empty rows).
     num_splits > 1 splits the key range across programs (flash-decoding: few query rows, long
-    caches) and combines the float32 partial results by their log-sum-exp.
+    caches) and combines the float32 partial results by their log-sum-exp. dropout_p > 0 drops
+    attention weights with a Philox mask drawn from `seed` (lse stays the undropped one).
     """
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
@@ -222,10 +234,10 @@ def flash_attn_forward(
         *q.stride(), *k.stride(), *v.stride(), *o_dst.stride(),
         stride_mb, stride_mn,
         heads_q, heads_q // heads_k, seq_q, seq_k, head_dim,
-        split_len, stride_os, stride_ls,
+        split_len, stride_os, stride_ls, dropout_p, seed,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
         CAUSAL=causal, HAS_KPM=key_padding_mask is not None, EVEN_D=block_d == head_dim,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", DROPOUT=dropout_p > 0,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if num_splits > 1:

@@ -187,13 +187,26 @@ def test_output_attentions_falls_back_to_original_with_warning():
         model(ids, output_attentions=True)
 
 
-def test_dropout_in_training_falls_back():
-    model = tiny_model("gpt2", attn_pdrop=0.1).train()
-    report = flashpatch.apply(model)
+def test_dropout_in_training_runs_in_the_kernels():
+    model = tiny_model("gpt2", attn_pdrop=0.3).train()
+    report = flashpatch.apply(model, fallback="error")
     ids = token_ids(1, 12)
-    with pytest.warns(UserWarning, match="dropout"):
-        model(ids).logits.sum().backward()
-    assert report.fallbacks["attention dropout while training"] > 0
+    torch.manual_seed(1)
+    first = model(ids).logits
+    torch.manual_seed(1)
+    again = model(ids).logits
+    torch.manual_seed(2)
+    other = model(ids).logits
+    assert torch.equal(first, again) and not torch.equal(first, other)  # seeded by torch's generator
+    first.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    assert not report.fallbacks
+    model.eval()
+    with torch.no_grad():
+        flashpatch.unapply(model)
+        expected = model(ids).logits
+        flashpatch.apply(model)
+        torch.testing.assert_close(model(ids).logits, expected, rtol=1e-4, atol=1e-4)  # eval: no dropout
 
 
 def test_training_without_dropout_is_served_and_differentiable():

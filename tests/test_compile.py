@@ -27,7 +27,7 @@ def test_fullgraph_forward_and_backward_match_eager(device):
 
 def test_ops_are_registered_with_fake_implementations():
     q, k, v = random_qkv(1, 2, 1, 5, 7, 16, torch.float16, "meta")
-    out, lse = torch.ops.flashpatch.attention_fwd(q, k, v, True, 0.25, None)
+    out, lse = torch.ops.flashpatch.attention_fwd(q, k, v, True, 0.25, None, 0.0, 0)
     assert out.shape == q.shape and out.device.type == "meta" and lse.dtype == torch.float32
-    dq, dk, dv = torch.ops.flashpatch.attention_bwd(out, q, k, v, out, lse, True, 0.25, None)
+    dq, dk, dv = torch.ops.flashpatch.attention_bwd(out, q, k, v, out, lse, True, 0.25, None, 0.0, 0)
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape

@@ -22,7 +22,7 @@ def run_example(script, *args, tmp_path):
 
 
 def test_gpt2_patched_trains_like_unpatched(tmp_path):
-    common = ["--layers", "2", "--width", "128", "--seed", "3"]
+    common = ["--layers", "2", "--width", "128", "--seed", "3", "--attn-dropout", "0"]  # same masks: none
     ours = run_example("finetune_gpt2.py", *common, tmp_path=tmp_path)
     theirs = run_example("finetune_gpt2.py", *common, "--no-flashpatch", tmp_path=tmp_path)
     assert ours["flashpatch"] and not theirs["flashpatch"]
@@ -30,6 +30,12 @@ def test_gpt2_patched_trains_like_unpatched(tmp_path):
     assert not ours["fallbacks"], ours["fallbacks"]  # every training call went through the kernels
     for a, b in zip(ours["losses"], theirs["losses"]):
         assert a == pytest.approx(b, rel=1e-3)
+
+
+def test_gpt2_attention_dropout_trains_in_the_kernels(tmp_path):
+    summary = run_example("finetune_gpt2.py", "--layers", "2", "--width", "128", tmp_path=tmp_path)
+    assert summary["steps"] == 3 and not summary["fallbacks"]
+    assert all(loss == loss for loss in summary["losses"])  # finite, not NaN
 
 
 def test_llama_packed_batches_fall_back_by_name(tmp_path):
