@@ -167,7 +167,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if dropout_p and q.shape[2] * k.shape[2] >= 2**31:
         raise AttentionInputError("dropout needs Sq * Sk < 2**31 (the mask's per-head counter is 32-bit)")
     if seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p else 0
+        seed = int(torch.randint(0, 2**30, (1,)).item()) if dropout_p else 0  # + head index stays in int32
     if q.shape[2] == 0 or k.shape[2] == 0:
         return torch.zeros_like(q)
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
