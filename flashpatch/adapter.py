@@ -46,6 +46,7 @@ class PatchState:
     fallback: str
     fallbacks: Counter = field(default_factory=Counter)
     undo: list = field(default_factory=list)  # legacy path: callables that remove the module patches
+    finalizers: list = field(default_factory=list)  # drop this state if its config dies first
 
 
 # id(config) -> state. Keyed by id because transformers configs define __eq__ and are unhashable.

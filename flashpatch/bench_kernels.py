@@ -179,8 +179,8 @@ def bench_forward_backward(impls=("flashpatch", "sdpa-flash", "sdpa-cudnn"), len
                 for impl in impls:
                     forward = make_fn(impl, q, k, v, causal)
 
-                    def step(forward=forward):
-                        torch.autograd.grad(forward(), (q, k, v), grad)
+                    def step(forward=forward, inputs=(q, k, v), grad=grad):
+                        torch.autograd.grad(forward(), inputs, grad)
                     try:
                         step()
                         ms = triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")

@@ -7,9 +7,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-MIN_CAPABILITY = (8, 0)
-
-
 @dataclass(frozen=True)
 class KernelPath:
     """`name` is what serves attention: 'triton-sm90', 'triton-interpreter', or 'fallback'."""

@@ -139,7 +139,7 @@ def apply(model, *, fallback: str = "warn") -> PatchReport:
     state = PatchState(original_impl=original, arch=arch, fallback=fallback)
     for cfg in _configs(inner):
         STATES[id(cfg)] = state
-        weakref.finalize(cfg, STATES.pop, id(cfg), None)  # a dead config's id may be reused
+        state.finalizers.append(weakref.finalize(cfg, STATES.pop, id(cfg), None))  # ids of dead configs get reused
     if legacy:
         # The model still builds its mask through AttentionMaskInterface under config._attn_implementation.
         state.undo = arch.legacy_install(inner)
@@ -189,6 +189,8 @@ def unapply(model) -> bool:
         _set_attn_implementation(inner, state.original_impl)
     for cfg in _configs(inner):
         STATES.pop(id(cfg), None)
+    for finalizer in state.finalizers:
+        finalizer.detach()
     return True
 
 

@@ -5,8 +5,6 @@ models need: GQA/MQA by index arithmetic, bottom-right causal alignment for Sq !
 a [batch, Sk] key-padding mask, head dims that are not powers of two, and any strides.
 """
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -249,7 +247,3 @@ def flash_attn_forward(
             BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=block_d,
         )
     return out, lse
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)

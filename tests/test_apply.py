@@ -1,14 +1,12 @@
 """flashpatch.apply on tiny models of every registry entry: parity, padding, generation, restore."""
 
-import warnings
-
 import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import flashpatch
 from flashpatch import adapter
-from models import DEVICE, TINY_CONFIGS, VOCAB, tiny_config, tiny_model, token_ids
+from models import DEVICE, TINY_CONFIGS, VOCAB, tiny_model, token_ids
 
 ARCHS = list(TINY_CONFIGS)
 EXPECTED_ENTRY = {"llama": "llama", "gpt2": "gpt2", "gpt2-layer-scaled": "gpt2", "gptj": "gptj",

@@ -10,10 +10,8 @@ from typing import Callable
 class ArchSpec:
     name: str
     model_types: tuple[str, ...]
-    # Head dims seen in this family's real checkpoints (documentation and the report; any multiple of 8 <= 256 runs).
+    # Head dims seen in this family's real checkpoints (documentation; any multiple of 8 <= 256 runs).
     head_dims: tuple[int, ...]
-    # Attention-module classes whose calls go through the AttentionInterface.
-    attention_classes: tuple[str, ...]
     # Why a given config cannot be served (empty list: it can). Checked once, at apply time.
     unsupported: Callable[[object], list[str]] = lambda config: head_dim_problem(head_dim_of(config))
     # Softmax scale for a module when the call passes no `scaling` kwarg (older transformers).

@@ -41,7 +41,6 @@ SPEC = ArchSpec(
     name="generic",
     model_types=(),
     head_dims=(),
-    attention_classes=(),
     unsupported=_unsupported,
     quirks=("served through the AttentionInterface with the scale the model passes",),
 )

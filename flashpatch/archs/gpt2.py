@@ -15,7 +15,6 @@ SPEC = ArchSpec(
     name="gpt2",
     model_types=("gpt2",),
     head_dims=(64,),
-    attention_classes=("GPT2Attention",),
     scaling=_scaling,
     quirks=(
         "scale_attn_weights and scale_attn_by_inverse_layer_idx fold into the softmax scale",

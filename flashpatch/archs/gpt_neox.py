@@ -7,7 +7,6 @@ SPEC = ArchSpec(
     name="gpt_neox",
     model_types=("gpt_neox",),
     head_dims=(64, 80, 96, 128),
-    attention_classes=("GPTNeoXAttention",),
     scaling=lambda module: module.head_size ** -0.5,
     quirks=(
         "rotary_pct (partial_rotary_factor) rotates a prefix of each head inside GPTNeoXAttention, before the attention call",

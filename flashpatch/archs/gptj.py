@@ -41,7 +41,6 @@ SPEC = ArchSpec(
     name="gptj",
     model_types=("gptj",),
     head_dims=(256,),
-    attention_classes=("GPTJAttention",),
     scaling=lambda module: module.head_dim ** -0.5,
     legacy_install=install_legacy,
     quirks=(

@@ -7,7 +7,6 @@ SPEC = ArchSpec(
     name="llama",
     model_types=("llama",),
     head_dims=(64, 128),
-    attention_classes=("LlamaAttention",),
     scaling=lambda module: module.head_dim ** -0.5,
     quirks=(
         "GQA: num_key_value_heads < num_attention_heads is served without repeat_kv",
