@@ -19,7 +19,7 @@ class AttentionInputError(ValueError):
     """Input the kernels cannot serve; the message names the problem and what to do."""
 
 
-def _check_inputs(q, k, v, key_padding_mask) -> None:
+def _check_inputs(q, k, v, key_padding_mask, seqused_k=None) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise AttentionInputError(f"{name} must be a 4-D tensor [batch, heads, seq, head_dim], got "
@@ -46,6 +46,10 @@ def _check_inputs(q, k, v, key_padding_mask) -> None:
                                       f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
         if key_padding_mask.device != q.device:
             raise AttentionInputError(f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
+    if seqused_k is not None:
+        if seqused_k.dtype != torch.int32 or tuple(seqused_k.shape) != (b,) or seqused_k.device != q.device:
+            raise AttentionInputError(f"seqused_k must be an int32 tensor [batch] = [{b}] on {q.device}, got "
+                                      f"{seqused_k.dtype} {tuple(seqused_k.shape)} on {seqused_k.device}")
 
 
 @functools.lru_cache(maxsize=16)
@@ -57,20 +61,29 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _forward(q, k, v, causal, scale, key_padding_mask, dropout_p=0.0, seed=0):
-    from flashpatch.kernels import decode_splits, flash_attn_forward, select_config
+def _forward(q, k, v, causal, scale, key_padding_mask, dropout_p=0.0, seed=0, seqused_k=None):
+    from flashpatch.kernels import (decode_splits, flash_attn_forward, flash_decode_forward, select_config,
+                                    select_decode_config, uses_decode_kernel)
 
     path = path_for_device(q.device)
     if not path.usable:
         raise AttentionInputError(f"flashpatch kernels cannot run here: {path.reason}. Use "
                                   "torch.nn.functional.scaled_dot_product_attention, or set TRITON_INTERPRET=1 "
                                   "before importing flashpatch to run the kernels on CPU tensors")
-    config = select_config(path.family, q.shape[-1], q.shape[2])
-    splits = decode_splits(q.shape[0] * q.shape[1], q.shape[2], k.shape[2], config.block_n, _sm_count(q.device))
+    batch, heads_q, seq_q, head_dim = q.shape
+    heads_k, seq_k = k.shape[1], k.shape[2]
     guard = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
     with guard:
+        if uses_decode_kernel(seq_q, heads_q // heads_k, dropout_p):
+            config = select_decode_config(path.family, head_dim)
+            splits = decode_splits(batch * heads_k, seq_q, seq_k, config.block_n, _sm_count(q.device))
+            return flash_decode_forward(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+                                        seqused_k=seqused_k, config=config, num_splits=splits)
+        config = select_config(path.family, head_dim, seq_q)
+        splits = decode_splits(batch * heads_q, seq_q, seq_k, config.block_n, _sm_count(q.device))
         return flash_attn_forward(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
-                                  config=config, num_splits=splits, dropout_p=dropout_p, seed=seed)
+                                  config=config, seqused_k=seqused_k, num_splits=splits, dropout_p=dropout_p,
+                                  seed=seed)
 
 
 def _backward(grad_out, q, k, v, out, lse, causal, scale, key_padding_mask, dropout_p, seed):
@@ -96,13 +109,13 @@ def _reference_backward(grad_out, q, k, v, causal, scale, key_padding_mask):
 # torch.compile traces through it without graph breaks (fullgraph=True included).
 @torch.library.custom_op("flashpatch::attention_fwd", mutates_args=())
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
-                   key_padding_mask: torch.Tensor | None, dropout_p: float,
-                   seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, causal, scale, key_padding_mask, dropout_p, seed)
+                   key_padding_mask: torch.Tensor | None, dropout_p: float, seed: int,
+                   seqused_k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, causal, scale, key_padding_mask, dropout_p, seed, seqused_k)
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, causal, scale, key_padding_mask, dropout_p, seed):
+def _(q, k, v, causal, scale, key_padding_mask, dropout_p, seed, seqused_k=None):
     batch, heads, seq_q, head_dim = q.shape
     out = q.new_empty((batch, seq_q, heads, head_dim)).transpose(1, 2)
     return out, q.new_empty((batch, heads, seq_q), dtype=torch.float32)
@@ -130,7 +143,7 @@ def _(grad_out, q, k, v, out, lse, causal, scale, key_padding_mask, dropout_p, s
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, scale, key_padding_mask, dropout_p, seed = inputs
+    q, k, v, causal, scale, key_padding_mask, dropout_p, seed, _seqused_k = inputs
     ctx.save_for_backward(q, k, v, output[0], output[1], key_padding_mask)
     ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed = causal, scale, dropout_p, seed
 
@@ -139,7 +152,7 @@ def _autograd_backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
     dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale, key_padding_mask,
                                 ctx.dropout_p, ctx.seed)
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _attention_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -147,7 +160,7 @@ _attention_fwd.register_autograd(_autograd_backward, setup_context=_setup_contex
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, scale: float | None = None,
               key_padding_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
-              seed: int | None = None) -> torch.Tensor:
+              seed: int | None = None, seqused_k: torch.Tensor | None = None) -> torch.Tensor:
     """Flash attention in `F.scaled_dot_product_attention`'s layout.
 
     q: [batch, Hq, Sq, D]; k, v: [batch, Hkv, Sk, D] with Hq a multiple of Hkv (GQA/MQA, no copy).
@@ -157,13 +170,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     float32 accumulation; float32 inputs use exact IEEE float32 dots (no TF32).
     dropout_p: attention dropout inside the kernels (a Philox mask from `seed`, drawn from torch's CPU
     generator when None, so torch.manual_seed makes runs repeatable; the backward regenerates it).
+    seqused_k: int32 [batch] on the device, for a preallocated (static) KV cache: keys at index >= seqused_k[b]
+    are ignored and causal alignment is to seqused_k[b] instead of Sk. Read on the device: no host sync, so a
+    decode step can be captured in a CUDA graph. Inference only (no backward).
+    Few query tokens (<= 16) go to a flash-decoding kernel that splits the cache across programs and reads
+    each K/V byte once per GQA group.
     Returns [batch, Hq, Sq, D] (memory laid out as [batch, Sq, Hq, D]).
     """
-    _check_inputs(q, k, v, key_padding_mask)
+    _check_inputs(q, k, v, key_padding_mask, seqused_k)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     dropout_p = float(dropout_p)
     if not 0.0 <= dropout_p < 1.0:
         raise AttentionInputError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if seqused_k is not None and (dropout_p or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))):
+        raise AttentionInputError("seqused_k is for inference over a KV cache (no dropout, no backward); to train, "
+                                  "slice the keys to length and pass key_padding_mask")
     if dropout_p and q.shape[2] * k.shape[2] >= 2**31:
         raise AttentionInputError("dropout needs Sq * Sk < 2**31 (the mask's per-head counter is 32-bit)")
     if seed is None:
@@ -171,6 +192,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if q.shape[2] == 0 or k.shape[2] == 0:
         return torch.zeros_like(q)
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
-        return _attention_fwd(q, k, v, causal, scale, key_padding_mask, dropout_p, seed)[0]
+        return _attention_fwd(q, k, v, causal, scale, key_padding_mask, dropout_p, seed, seqused_k)[0]
     # Inference outside torch.compile: skip the dispatcher's per-call cost (decode is launch-bound).
-    return _forward(q, k, v, causal, scale, key_padding_mask, dropout_p, seed)[0]
+    return _forward(q, k, v, causal, scale, key_padding_mask, dropout_p, seed, seqused_k)[0]

@@ -72,6 +72,28 @@ def select_config(family: str | None, head_dim: int, seq_q: int) -> TileConfig:
     return row
 
 
+# Flash-decoding (kernels/decode.py): block_m is unused (the tile holds a GQA group's query rows).
+# Memory-bound, so the knobs are key-block length, warps and pipelining depth. Keyed by padded head dim.
+DECODE_TABLE: dict[str, dict[int, TileConfig]] = {
+    "sm90": {64: TileConfig(16, 64, 4, 3), 128: TileConfig(16, 64, 4, 3), 256: TileConfig(16, 32, 4, 3)},
+    "sm80": {64: TileConfig(16, 64, 4, 3), 128: TileConfig(16, 64, 4, 3), 256: TileConfig(16, 32, 4, 2)},
+    "sm86": {64: TileConfig(16, 64, 4, 2), 128: TileConfig(16, 64, 4, 2), 256: TileConfig(16, 32, 4, 2)},
+}
+INTERPRETER_DECODE_CONFIG = TileConfig(16, 16, 4, 1)
+# The decode kernel holds up to this many rows (query tokens x GQA group) per program.
+DECODE_MAX_ROWS = 128
+
+
+def select_decode_config(family: str | None, head_dim: int) -> TileConfig:
+    if family is None:
+        return INTERPRETER_DECODE_CONFIG
+    return DECODE_TABLE[family][head_dim_bucket(head_dim)]
+
+
+def uses_decode_kernel(seq_q: int, group_size: int, dropout_p: float) -> bool:
+    return seq_q <= SHORT_Q_BLOCK_M and seq_q * group_size <= DECODE_MAX_ROWS and dropout_p == 0.0
+
+
 # Pretend SM count under the interpreter, so that CPU tests exercise the split-KV path.
 INTERPRETER_SM_COUNT = 8
 MAX_SPLITS = 64
@@ -79,7 +101,8 @@ MAX_SPLITS = 64
 
 def decode_splits(batch_heads: int, seq_q: int, seq_k: int, block_n: int, sm_count: int) -> int:
     """How many programs share one (batch, head)'s keys: flash-decoding when few query rows would leave
-    most SMs idle. Each split keeps at least 4 key blocks so the combine stays cheap."""
+    most SMs idle. Each split keeps at least 4 key blocks so the combine stays cheap. A function of
+    shapes only (seq_k is the buffer's length), so a CUDA graph can capture the launch."""
     if seq_q > SHORT_Q_BLOCK_M:
         return 1
     if batch_heads >= sm_count:

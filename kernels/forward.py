@@ -77,7 +77,7 @@ def _attend_block(
 
 @triton.jit
 def _flash_fwd_kernel(
-    Q, K, V, O, LSE, KPM,
+    Q, K, V, O, LSE, KPM, SEQUSED,
     qk_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -87,7 +87,7 @@ def _flash_fwd_kernel(
     num_heads, group_size, seq_q, seq_k, head_dim,
     split_len, stride_os, stride_ls, dropout_p, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQUSED: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -110,6 +110,8 @@ def _flash_fwd_kernel(
     k_base = K + b.to(tl.int64) * stride_kb + kv_h * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + kv_h * stride_vh
     kpm_base = KPM + b * stride_mb
+    if HAS_SEQUSED:  # a static cache: only the first seqused_k[b] keys of the buffer hold tokens
+        seq_k = tl.minimum(tl.load(SEQUSED + b), seq_k)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -192,6 +194,7 @@ def flash_attn_forward(
     scale: float,
     key_padding_mask: torch.Tensor | None,
     config: TileConfig,
+    seqused_k: torch.Tensor | None = None,
     num_splits: int = 1,
     dropout_p: float = 0.0,
     seed: int = 0,
@@ -204,6 +207,7 @@ def flash_attn_forward(
     num_splits > 1 splits the key range across programs (flash-decoding: few query rows, long
     caches) and combines the float32 partial results by their log-sum-exp. dropout_p > 0 drops
     attention weights with a Philox mask drawn from `seed` (lse stays the undropped one).
+    seqused_k (int32 [B], on the device): only keys below seqused_k[b] exist, and causal alignment is to it.
     """
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
@@ -227,14 +231,15 @@ def flash_attn_forward(
         o_dst, lse_dst, stride_os, stride_ls = out, lse, 0, 0
     grid = (triton.cdiv(seq_q, config.block_m), batch * heads_q, num_splits)
     _flash_fwd_kernel[grid](
-        q, k, v, o_dst, lse_dst, kpm,
+        q, k, v, o_dst, lse_dst, kpm, seqused_k if seqused_k is not None else lse,
         scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *o_dst.stride(),
         stride_mb, stride_mn,
         heads_q, heads_q // heads_k, seq_q, seq_k, head_dim,
         split_len, stride_os, stride_ls, dropout_p, seed,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
-        CAUSAL=causal, HAS_KPM=key_padding_mask is not None, EVEN_D=block_d == head_dim,
+        CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_SEQUSED=seqused_k is not None,
+        EVEN_D=block_d == head_dim,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", DROPOUT=dropout_p > 0,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

@@ -1,0 +1,96 @@
+"""Flash-decoding kernel and device-side cache lengths (seqused_k) against float64 references."""
+
+import pytest
+import torch
+
+import flashpatch
+from flashpatch import AttentionInputError
+from flashpatch.kernels import TileConfig, flash_decode_forward
+from flashpatch.reference import reference_attention
+from helpers import EPS, assert_fa2_rule, random_qkv
+
+
+def _reference_seqused(q, k, v, seqused, **kw):
+    """Each batch element attends to its first seqused[b] keys only, causal aligned to that length."""
+    rows = []
+    for b, used in enumerate(seqused.tolist()):
+        rows.append(reference_attention(q[b:b + 1].double(), k[b:b + 1, :, :used].double(),
+                                        v[b:b + 1, :, :used].double(), **kw))
+    return torch.cat(rows)
+
+
+def _assert_close_seqused(out, q, k, v, seqused, **kw):
+    ref64 = _reference_seqused(q, k, v, seqused, **kw)
+    ref_same = torch.cat([reference_attention(q[b:b + 1], k[b:b + 1, :, :u], v[b:b + 1, :, :u], **kw)
+                          for b, u in enumerate(seqused.tolist())])
+    assert torch.isfinite(out).all()
+    err = (out.double() - ref64).abs().max().item()
+    torch_err = (ref_same.double() - ref64).abs().max().item()
+    assert err <= 2 * torch_err + EPS[q.dtype], f"error {err:.3g} vs torch's own {torch_err:.3g}"
+
+
+@pytest.mark.parametrize("seq_q", [1, 2, 5, 16])
+@pytest.mark.parametrize("heads_q,heads_k", [(4, 4), (9, 3), (8, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_query_counts(seq_q, heads_q, heads_k, dtype, device, poison_empty):
+    seq_k = int(torch.randint(seq_q, 300, ()).item())  # odd cache lengths, fresh each run
+    q, k, v = random_qkv(2, heads_q, heads_k, seq_q, seq_k, 64, dtype, device)
+    out = flashpatch.attention(q, k, v, causal=True)
+    assert_fa2_rule(out, q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 7])
+@pytest.mark.parametrize("head_dim", [40, 64, 128])
+def test_decode_splits_that_do_not_divide(num_splits, head_dim, device, poison_empty):
+    q, k, v = random_qkv(2, 6, 2, 3, 203, head_dim, torch.float16, device)
+    config = TileConfig(16, 16, 4, 1) if device.type == "cpu" else TileConfig(16, 64, 4, 2)
+    out, lse = flash_decode_forward(q, k, v, causal=True, scale=head_dim ** -0.5, key_padding_mask=None,
+                                    seqused_k=None, config=config, num_splits=num_splits)
+    assert_fa2_rule(out, q, k, v, causal=True)
+    scores = (q.double() @ k.double().repeat_interleave(3, 1).transpose(-1, -2)) * head_dim ** -0.5
+    scores = scores.masked_fill(torch.ones(3, 203, dtype=torch.bool, device=device).tril(200).logical_not(), -torch.inf)
+    assert torch.allclose(lse.double(), torch.logsumexp(scores, -1), atol=1e-3)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_decode_key_padding(causal, device, poison_empty):
+    batch, seq_k = 3, 157
+    q, k, v = random_qkv(batch, 8, 2, 4, seq_k, 64, torch.float16, device)
+    mask = torch.rand(batch, seq_k, device=device) > 0.3
+    mask[2] = False  # a sequence with nothing to attend to returns zeros
+    out = flashpatch.attention(q, k, v, causal=causal, key_padding_mask=mask)
+    assert out[2].abs().max() == 0
+    assert_fa2_rule(out[:2], q[:2], k[:2], v[:2], causal=causal, key_padding_mask=mask[:2])
+
+
+@pytest.mark.parametrize("seq_q", [1, 4, 16, 40])  # 40 query rows: the prefill kernel reads seqused_k too
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_seqused_k_matches_sliced_cache(seq_q, dtype, device, poison_empty):
+    batch, buffer = 3, 211
+    q, k, v = random_qkv(batch, 6, 3, seq_q, buffer, 64, dtype, device)
+    seqused = torch.randint(seq_q, buffer + 1, (batch,), dtype=torch.int32, device=device)
+    k[:, :, -1] = 1e4  # garbage past the used length would dominate any row that read it
+    seqused[0] = min(int(seqused[0]), buffer - 1)
+    out = flashpatch.attention(q, k, v, causal=True, seqused_k=seqused)
+    _assert_close_seqused(out, q, k, v, seqused.cpu(), causal=True)
+
+
+def test_seqused_k_with_padding_and_empty(device, poison_empty):
+    q, k, v = random_qkv(2, 4, 2, 1, 96, 64, torch.float32, device)
+    mask = torch.rand(2, 96, device=device) > 0.5
+    seqused = torch.tensor([0, 50], dtype=torch.int32, device=device)
+    out = flashpatch.attention(q, k, v, causal=True, key_padding_mask=mask, seqused_k=seqused)
+    assert out[0].abs().max() == 0
+    ref = reference_attention(q[1:].double(), k[1:, :, :50].double(), v[1:, :, :50].double(), causal=True,
+                              key_padding_mask=mask[1:, :50])
+    assert torch.allclose(out[1:].double(), ref, atol=1e-5)
+
+
+def test_seqused_k_errors(device):
+    q, k, v = random_qkv(2, 4, 2, 1, 16, 64, torch.float32, device)
+    with pytest.raises(AttentionInputError, match="int32"):
+        flashpatch.attention(q, k, v, seqused_k=torch.tensor([3, 4], device=device))
+    with pytest.raises(AttentionInputError, match=r"\[batch\] = \[2\]"):
+        flashpatch.attention(q, k, v, seqused_k=torch.tensor([3], dtype=torch.int32, device=device))
+    with pytest.raises(AttentionInputError, match="inference"):
+        flashpatch.attention(q.requires_grad_(), k, v, seqused_k=torch.tensor([3, 4], dtype=torch.int32, device=device))
