@@ -166,6 +166,8 @@ def bench(
     baselines: str = typer.Option("eager,sdpa", "--baselines", help="transformers implementations to compare."),
     repeats: int = typer.Option(2, "--repeats", help="Timed runs per cell (median)."),
     regimes: str = typer.Option("cold,warm", "--regimes", help="cold (unseen lengths), warm (repeated call)."),
+    cache: str = typer.Option("dynamic", "--cache", help="dynamic (transformers' default) or static (StaticCache of "
+                                                         "context + new tokens; generate compiles it on a GPU)."),
     layers: int = typer.Option(None, "--layers", help="Presets: keep only this many layers."),
     device: str = typer.Option(None, "--device", help="cuda or cpu (default: cuda if present)."),
     json_path: str = typer.Option(None, "--json", help="Write rows as JSON to this file."),
@@ -200,6 +202,8 @@ def bench(
     if not set(regime_list) <= {"cold", "warm"}:
         _fail_usage(f"--regimes {regimes!r}: cold and/or warm")
     baseline_list = tuple(b.strip() for b in baselines.split(",") if b.strip())
+    if cache not in ("dynamic", "static"):
+        _fail_usage(f"--cache {cache!r}: dynamic or static")
     try:
         with console.status(f"building {model}"):
             if model in PRESET_CONFIGS:
@@ -215,10 +219,10 @@ def bench(
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(f"{model}: {cells} cells", total=cells)
         rows = bench_generation(loaded_model, contexts=context_list, new_tokens=new_tokens, batch=batch,
-                                baselines=baseline_list, repeats=repeats, regimes=regime_list,
+                                baselines=baseline_list, repeats=repeats, regimes=regime_list, cache=cache,
                                 progress=lambda: progress.advance(task))
     header, cells_text = table_rows(rows, baseline_list)
-    table = Table(title=f"flashpatch bench: {model}, {dtype}, batch {batch}, {new_tokens} new tokens "
+    table = Table(title=f"flashpatch bench: {model}, {dtype}, batch {batch}, {new_tokens} new tokens, {cache} cache "
                         f"(cold = unseen lengths, warm = repeated call)")
     for h in header:
         table.add_column(h, justify="right")
@@ -226,10 +230,10 @@ def bench(
         table.add_row(*c)
     console.print(table)
     if json_path:
-        _write_json({"model": model, "dtype": dtype, "batch": batch, "new_tokens": new_tokens,
+        _write_json({"model": model, "dtype": dtype, "batch": batch, "new_tokens": new_tokens, "cache": cache,
                      "rows": [r.to_dict() for r in rows], "markdown": markdown(rows, baseline_list)}, json_path)
     if plot_path:
-        plot(rows, plot_path, f"{model} ({dtype}, batch {batch}, {new_tokens} new tokens)")
+        plot(rows, plot_path, f"{model} ({dtype}, batch {batch}, {new_tokens} new tokens, {cache} cache)")
 
 
 def _bench_kernels(lengths: str | None, head_dims: str, json_path: str | None):

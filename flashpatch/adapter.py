@@ -17,7 +17,7 @@ from transformers import masking_utils
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from .archs.base import ArchSpec
-from .dispatch import path_for_device
+from .dispatch import unusable_reason
 from .ops import MAX_HEAD_DIM, SUPPORTED_DTYPES, attention
 from .reference import visibility_mask
 
@@ -54,8 +54,8 @@ STATES: dict[int, PatchState] = {}
 
 
 def _attention_weights_requested(kwargs) -> bool:
-    if kwargs.get("output_attentions"):
-        return True
+    if "output_attentions" in kwargs:  # models that still pass the flag (GPT-J's legacy path) say it outright
+        return bool(kwargs["output_attentions"])
     if _active_collector is None:
         return False
     collected = _active_collector.get()
@@ -78,8 +78,7 @@ def _why_not_served(module, query, key, value, attention_mask, dropout, kwargs) 
         return f"head_dim {head_dim} (kernels serve multiples of 8 up to {MAX_HEAD_DIM})"
     if query.dtype not in SUPPORTED_DTYPES:
         return f"dtype {query.dtype}"
-    path = path_for_device(query.device)
-    return None if path.usable else path.reason
+    return unusable_reason(query.device)
 
 
 def _original_function(impl: str, module):
@@ -103,16 +102,37 @@ def _fallback_impl(original: str, attention_mask, module) -> str:
 
 def _mask_for(impl: str, attention_mask, query, key, causal: bool):
     """Turn our 2D-or-None mask into what the original implementation expects."""
-    if impl.startswith("flash_attention") and (attention_mask is None or attention_mask.dim() == 2):
+    seqused_k = _seqused_k(attention_mask, query, key)
+    if impl.startswith("flash_attention") and seqused_k is None and (attention_mask is None or attention_mask.dim() == 2):
         return attention_mask
     if attention_mask is None or attention_mask.dim() == 2:
-        attention_mask = visibility_mask(query.shape[2], key.shape[2], causal=causal,
-                                         key_padding_mask=attention_mask, device=query.device)
+        attention_mask = visibility_mask(query.shape[2], key.shape[2], causal=causal, key_padding_mask=attention_mask,
+                                         device=query.device, seqused_k=seqused_k)
     if impl == "eager" and attention_mask is not None and attention_mask.dtype == torch.bool:
         # eager adds its mask to the scores
         attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
             ~attention_mask, torch.finfo(query.dtype).min)
     return attention_mask
+
+
+# (mask, seqused_k) of the last call outside torch.compile: every layer of a forward gets the same mask object.
+_LAST_SEQUSED: list = [None, None]
+
+
+def _seqused_k(attention_mask, query, key) -> torch.Tensor | None:
+    """Where the causal diagonal ends, for calls with fewer queries than keys and a 2D mask: one past the
+    mask's last visible key (`flashpatch_mask` keeps the current step's last key visible). With a static
+    cache that is the used length of the max-length buffer; computed on the device, no host sync."""
+    if attention_mask is None or attention_mask.dim() != 2 or query.shape[2] >= key.shape[2]:
+        return None
+    compiling = torch.compiler.is_compiling()
+    if not compiling and _LAST_SEQUSED[0] is attention_mask:
+        return _LAST_SEQUSED[1]
+    positions = torch.arange(1, attention_mask.shape[-1] + 1, device=attention_mask.device, dtype=torch.int32)
+    seqused = torch.where(attention_mask, positions, 0).amax(-1).to(torch.int32)
+    if not compiling:
+        _LAST_SEQUSED[:] = [attention_mask, seqused]
+    return seqused
 
 
 def _fallback(state: PatchState | None, reason: str, module, query, key, value, attention_mask, causal, **kwargs):
@@ -149,22 +169,46 @@ def flashpatch_attention_forward(module, query, key, value, attention_mask, drop
                          dropout=dropout, scaling=scaling, **kwargs)
 
     key_padding_mask = None if attention_mask is None else attention_mask.bool()
+    seqused_k = _seqused_k(key_padding_mask, query, key) if causal else None
     out = attention(query, key, value, causal=causal, scale=scaling, key_padding_mask=key_padding_mask,
-                    dropout_p=dropout if module.training else 0.0)
+                    dropout_p=dropout if module.training else 0.0, seqused_k=seqused_k)
     return out.transpose(1, 2), None  # memory is already [B, Sq, H, D]: no copy
 
 
-def flashpatch_mask(*args, **kwargs):
-    """AttentionMaskInterface entry: a 2D padding mask (or None) for plain causal or bidirectional masks.
+def _key_mask(batch_size: int, q_length: int, kv_length: int, q_offset, attention_mask, device) -> torch.Tensor:
+    """Bool [batch, kv_length]: keys that hold tokens of this sequence, the current step's last key always
+    True (it marks where the causal diagonal ends; see `_seqused_k`). `q_offset` may be a device tensor
+    (StaticCache's), so this needs no host sync and has a fixed shape step after step."""
+    positions = torch.arange(kv_length, device=device)
+    end = q_offset + q_length
+    keys = positions < end
+    if attention_mask is not None:
+        pad = attention_mask[:, -kv_length:].to(device=device, dtype=torch.bool)
+        if pad.shape[-1] < kv_length:  # a static cache's buffer is longer than the tokens seen so far
+            pad = torch.cat([pad, pad.new_zeros(pad.shape[0], kv_length - pad.shape[-1])], dim=-1)
+        keys = keys & pad
+    return (keys | (positions == end - 1)).expand(batch_size, kv_length)
+
+
+def flashpatch_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
+                    mask_function=masking_utils.causal_mask_function, attention_mask=None, **kwargs):
+    """AttentionMaskInterface entry: a 2D key mask (or None) for plain causal or bidirectional masks.
 
     Anything else (packed sequences, sliding windows, overlays) becomes a dense boolean mask,
     which the attention function hands to the original implementation.
     """
-    mask_function = kwargs.get("mask_function", masking_utils.causal_mask_function)
-    if mask_function in (masking_utils.causal_mask_function, masking_utils.bidirectional_mask_function):
-        return masking_utils.flash_attention_mask(*args, **kwargs)
+    args = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask)
+    if mask_function is masking_utils.bidirectional_mask_function:
+        return masking_utils.flash_attention_mask(**args, **kwargs)
+    if mask_function is masking_utils.causal_mask_function:
+        preallocated = isinstance(q_offset, torch.Tensor) or q_offset + q_length != kv_length
+        if not preallocated and (attention_mask is None or q_length == kv_length):
+            return masking_utils.flash_attention_mask(**args, **kwargs)
+        device = kwargs.get("device") or (attention_mask.device if attention_mask is not None else q_offset.device)
+        return _key_mask(batch_size, q_length, kv_length, q_offset, attention_mask, device)
     kwargs["allow_is_causal_skip"] = False
-    return masking_utils.sdpa_mask(*args, **kwargs)
+    return masking_utils.sdpa_mask(**args, **kwargs)
 
 
 def register() -> None:

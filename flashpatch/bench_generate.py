@@ -5,6 +5,9 @@ Implementations run side by side in one process: the baselines as transformers s
 - cold: every repeat uses prompt (and so KV) lengths this process has not seen, as a user's new
   prompts do (SDPA's cuDNN backend builds a plan per new length);
 - warm: one warm-up call, then the same call repeated.
+Two caches: `dynamic` (transformers' default DynamicCache) and `static` (StaticCache sized
+context + new tokens, which transformers' generate compiles with torch.compile on a GPU; the
+compile happens in a per-context warm-up whose time is reported as setup_s).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ class GenRow:
     e2e_tok_s: float | None = None
     peak_mib: float | None = None
     error: str | None = None
+    cache: str = "dynamic"
+    setup_s: float | None = None  # static cache: the per-context warm-up (compile) time
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,7 +52,7 @@ class _StepClock(LogitsProcessor):
         return scores
 
 
-def _generate_once(model, prompt, new_tokens: int) -> tuple[float, float, float]:
+def _generate_once(model, prompt, new_tokens: int, cache_kwargs=None) -> tuple[float, float, float]:
     """(ttft s, decode s for new_tokens - 1 tokens, total s) of one greedy generate call."""
     sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
     clock = _StepClock(sync)
@@ -56,7 +61,7 @@ def _generate_once(model, prompt, new_tokens: int) -> tuple[float, float, float]
     with torch.no_grad():
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                             logits_processor=LogitsProcessorList([clock]))
+                             logits_processor=LogitsProcessorList([clock]), **(cache_kwargs or {}))
     sync()
     end = time.perf_counter()
     assert out.shape[1] == prompt.shape[1] + new_tokens
@@ -80,8 +85,16 @@ class _LengthSource:
         self.seen.append((length, length + self.span - 1))
 
 
-def _cell(model, impl, context, regime, lengths, new_tokens, batch, repeats, vocab, device) -> GenRow:
+def _cache_kwargs(cache: str, context: int, new_tokens: int) -> dict:
+    if cache == "static":
+        return {"cache_implementation": "static", "max_cache_len": context + new_tokens}
+    return {}
+
+
+def _cell(model, impl, context, regime, lengths, new_tokens, batch, repeats, vocab, device,
+          cache="dynamic", setup_s=None) -> GenRow:
     results, used = [], []
+    cache_kwargs = _cache_kwargs(cache, context, new_tokens)
     base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -90,32 +103,40 @@ def _cell(model, impl, context, regime, lengths, new_tokens, batch, repeats, voc
             length = context
             lengths.mark(length)
             prompt = torch.randint(0, vocab, (batch, length), device=device)
-            _generate_once(model, prompt, new_tokens)  # warm-up
+            _generate_once(model, prompt, new_tokens, cache_kwargs)  # warm-up
             for _ in range(repeats):
-                results.append(_generate_once(model, prompt, new_tokens))
+                results.append(_generate_once(model, prompt, new_tokens, cache_kwargs))
                 used.append(length)
         else:
             for _ in range(repeats):
                 length = lengths.fresh(context)
                 prompt = torch.randint(0, vocab, (batch, length), device=device)
-                results.append(_generate_once(model, prompt, new_tokens))
+                results.append(_generate_once(model, prompt, new_tokens, cache_kwargs))
                 used.append(length)
     except Exception as exc:  # OOM or any failure of one cell: record it, go on
         if device.type == "cuda":
             torch.cuda.empty_cache()
         reason = "OOM" if isinstance(exc, torch.OutOfMemoryError) else f"{type(exc).__name__}: {exc}".splitlines()[0]
-        return GenRow(impl, context, regime, used, error=reason[:160])
+        return GenRow(impl, context, regime, used, error=reason[:160], cache=cache, setup_s=setup_s)
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else None
     ttft = statistics.median(r[0] for r in results)
     decode = statistics.median(r[1] for r in results)
     total = statistics.median(r[2] for r in results)
     return GenRow(impl, context, regime, used, ttft_ms=ttft * 1e3,
                   decode_tok_s=batch * (new_tokens - 1) / decode if decode > 0 else None,
-                  e2e_tok_s=batch * new_tokens / total, peak_mib=peak)
+                  e2e_tok_s=batch * new_tokens / total, peak_mib=peak, cache=cache, setup_s=setup_s)
+
+
+def _static_warmup(model, context, new_tokens, batch, vocab, device) -> float:
+    """Compile the decode step for this context's cache size with a prompt length no cell uses."""
+    start = time.perf_counter()
+    _generate_once(model, torch.randint(0, vocab, (batch, 5), device=device), min(new_tokens, 8),
+                   _cache_kwargs("static", context, new_tokens))
+    return time.perf_counter() - start
 
 
 def bench_generation(model, *, contexts, new_tokens=128, batch=1, baselines=("eager", "sdpa"), repeats=2,
-                     regimes=("cold", "warm"), progress=None) -> list[GenRow]:
+                     regimes=("cold", "warm"), cache="dynamic", progress=None) -> list[GenRow]:
     """All cells for one model. The model's own attention is restored at the end."""
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
@@ -137,8 +158,15 @@ def bench_generation(model, *, contexts, new_tokens=128, batch=1, baselines=("ea
         lengths = _LengthSource(new_tokens)
         _generate_once(model, torch.randint(0, vocab, (batch, 17), device=device), 8)
         for context in contexts:
+            setup_s = None
+            if cache == "static":
+                try:
+                    setup_s = _static_warmup(model, context, new_tokens, batch, vocab, device)
+                except Exception:  # the cells below fail the same way and record why
+                    setup_s = None
             for regime in regimes:  # cold first: a warm call would make its lengths seen
-                rows.append(_cell(model, impl, context, regime, lengths, new_tokens, batch, repeats, vocab, device))
+                rows.append(_cell(model, impl, context, regime, lengths, new_tokens, batch, repeats, vocab, device,
+                                  cache, setup_s))
                 if progress:
                     progress()
         if impl == "flashpatch":
@@ -206,6 +234,9 @@ def table_rows(rows: list[GenRow], baselines) -> tuple[list[str], list[list[str]
     impls = (*baselines, "flashpatch")
     header = (["context", "regime"] + [f"{i} tok/s" for i in impls] + [f"x {b}" for b in baselines]
               + [f"{i} TTFT ms" for i in impls] + ["flashpatch decode tok/s"] + [f"{i} peak MiB" for i in impls])
+    static = any(r.setup_s is not None for r in rows)
+    if static:
+        header += [f"{i} compile s" for i in impls]
     cells = []
     for rec in speedup_table(rows, baselines):
         get = [rec.get(i) for i in impls]
@@ -215,6 +246,8 @@ def table_rows(rows: list[GenRow], baselines) -> tuple[list[str], list[list[str]
         cell += [_fmt(r.ttft_ms if r else None, ".0f") for r in get]
         cell += [_fmt(rec["flashpatch"].decode_tok_s)]
         cell += [_fmt(r.peak_mib if r else None, ".0f") for r in get]
+        if static:
+            cell += [_fmt(r.setup_s if r else None) for r in get]
         cells.append(cell)
     return header, cells
 

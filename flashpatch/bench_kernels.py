@@ -190,3 +190,98 @@ def bench_forward_backward(impls=("flashpatch", "sdpa-flash", "sdpa-cudnn"), len
                                               f"{type(exc).__name__}: {exc}".splitlines()[0][:120]))
                 del q, k, v, grad
     return rows
+
+
+DECODE_CACHES = (1024, 4096, 16384, 65536, 131072)
+
+
+@dataclass
+class DecodeRow:
+    impl: str
+    batch: int
+    cache: int
+    us: float | None
+    tb_s: float | None  # bytes of K and V read / time
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def kv_bytes(batch, heads_k, cache, head_dim, element_size=2) -> float:
+    return 2.0 * batch * heads_k * cache * head_dim * element_size
+
+
+def bench_decode(impls, caches=DECODE_CACHES, batches=(1, 8, 32), heads=32, head_dim=128, dtype=torch.bfloat16,
+                 max_kv_gib=24.0, progress=None) -> list[DecodeRow]:
+    """One query token against a KV cache of N: time and TB/s of K/V read (caches over max_kv_gib are skipped)."""
+    import triton
+
+    rows = []
+    for batch in batches:
+        for n in caches:
+            nbytes = kv_bytes(batch, heads, n, head_dim)
+            if nbytes / 2**30 > max_kv_gib:
+                rows += [DecodeRow(i, batch, n, None, None, f"skipped: K/V {nbytes / 2**30:.0f} GiB") for i in impls]
+                continue
+            q = torch.randn(batch, heads, 1, head_dim, device="cuda", dtype=dtype)
+            k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", dtype=dtype) for _ in range(2))
+            for impl in impls:
+                try:
+                    fn = make_fn(impl, q, k, v, False)  # one query at the end of the cache: causal = full
+                    fn()
+                    ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+                    rows.append(DecodeRow(impl, batch, n, ms * 1e3, nbytes / (ms * 1e-3) / 1e12))
+                except Exception as exc:
+                    reason = "OOM" if isinstance(exc, torch.OutOfMemoryError) else f"{type(exc).__name__}: {exc}"
+                    rows.append(DecodeRow(impl, batch, n, None, None, reason.splitlines()[0][:120]))
+                if progress is not None:
+                    progress()
+            del q, k, v
+            torch.cuda.empty_cache()
+    return rows
+
+
+def decode_markdown(rows: list[DecodeRow], impls) -> str:
+    others = [i for i in impls if i != "flashpatch"]
+    lines = ["| batch | cache | " + " | ".join(f"{i} TB/s" for i in impls) + " | "
+             + " | ".join(f"vs {i}" for i in others) + " | flashpatch us |",
+             "|" + "---|" * (3 + len(impls) + len(others))]
+    keyed = {(r.impl, r.batch, r.cache): r for r in rows}
+    for batch, n in sorted({(r.batch, r.cache) for r in rows}):
+        cells = [keyed.get((i, batch, n)) for i in impls]
+        fmt = [f"{r.tb_s:.2f}" if r and r.tb_s else (r.error.split(':')[0] if r and r.error else "-") for r in cells]
+        ours = keyed.get(("flashpatch", batch, n))
+        ratios = [f"{keyed[(i, batch, n)].us / ours.us:.2f}x" if ours and ours.us and keyed.get((i, batch, n))
+                  and keyed[(i, batch, n)].us else "-" for i in others]
+        us = f"{ours.us:.1f}" if ours and ours.us else "-"
+        lines.append(f"| {batch} | {n} | " + " | ".join(fmt) + " | " + " | ".join(ratios) + f" | {us} |")
+    return "\n".join(lines)
+
+
+def decode_sweep(candidates, cases=((1, 4096), (1, 131072), (8, 16384), (32, 4096)), heads=32, head_dim=128,
+                 dtype=torch.bfloat16):
+    """TB/s of each candidate (decode TileConfig, waves per SM for the split count): evidence for DECODE_TABLE."""
+    import triton
+
+    from flashpatch.kernels import decode_splits, flash_decode_forward
+
+    sm_count = torch.cuda.get_device_properties(0).multi_processor_count
+    results = []
+    for batch, n in cases:
+        q = torch.randn(batch, heads, 1, head_dim, device="cuda", dtype=dtype)
+        k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", dtype=dtype) for _ in range(2))
+        for cfg, waves in candidates:
+            splits = decode_splits(batch * heads, 1, n, cfg.block_n, sm_count, waves)
+
+            def fn(cfg=cfg, splits=splits):
+                return flash_decode_forward(q, k, v, causal=True, scale=head_dim ** -0.5, key_padding_mask=None,
+                                            seqused_k=None, config=cfg, num_splits=splits)
+            try:
+                fn()
+                ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+                results.append((batch, n, cfg, waves, splits, kv_bytes(batch, heads, n, head_dim) / (ms * 1e-3) / 1e12))
+            except Exception as exc:
+                results.append((batch, n, cfg, waves, splits, f"{type(exc).__name__}"))
+        del q, k, v
+    return results

@@ -76,5 +76,12 @@ def path_for_device(device: torch.device) -> KernelPath:
     return path_for_capability(capability, triton_error=triton_import_error(), interpreter=interpreter_active())
 
 
+@torch.compiler.assume_constant_result  # traced models ask at compile time, not in the graph
+def unusable_reason(device: torch.device) -> str | None:
+    """Why the kernels cannot serve `device`, or None when they can."""
+    path = path_for_device(device)
+    return None if path.usable else path.reason
+
+
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

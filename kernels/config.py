@@ -97,9 +97,11 @@ def uses_decode_kernel(seq_q: int, group_size: int, dropout_p: float) -> bool:
 # Pretend SM count under the interpreter, so that CPU tests exercise the split-KV path.
 INTERPRETER_SM_COUNT = 8
 MAX_SPLITS = 64
+DECODE_WAVES = 2  # aim for this many programs per SM when splitting
 
 
-def decode_splits(batch_heads: int, seq_q: int, seq_k: int, block_n: int, sm_count: int) -> int:
+def decode_splits(batch_heads: int, seq_q: int, seq_k: int, block_n: int, sm_count: int,
+                  waves: int = DECODE_WAVES) -> int:
     """How many programs share one (batch, head)'s keys: flash-decoding when few query rows would leave
     most SMs idle. Each split keeps at least 4 key blocks so the combine stays cheap. A function of
     shapes only (seq_k is the buffer's length), so a CUDA graph can capture the launch."""
@@ -108,7 +110,7 @@ def decode_splits(batch_heads: int, seq_q: int, seq_k: int, block_n: int, sm_cou
     if batch_heads >= sm_count:
         return 1
     by_length = seq_k // (4 * block_n)
-    return max(1, min(-(-2 * sm_count // batch_heads), by_length, MAX_SPLITS))
+    return max(1, min(-(-waves * sm_count // batch_heads), by_length, MAX_SPLITS))
 
 
 # Backward tiles: five [tile, head_dim] operands live at once (q, dO, k, v and an fp32 accumulator pair),

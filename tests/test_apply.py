@@ -230,19 +230,3 @@ def test_report_prints_and_serialises():
     text = str(report)
     assert "gptj" in text and "kernel path" in text
     assert json.loads(json.dumps(report.to_dict()))["entry"] == "gptj"
-
-
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "gptj", "gpt_neox-80"])
-def test_static_cache_generation_equals_dynamic(arch):
-    """StaticCache hands max-length K/V buffers; only the mask's prefix is valid (left padding included)."""
-    model = tiny_model(arch)
-    prompt = token_ids(2, 9)
-    mask = torch.ones_like(prompt)
-    mask[1, :3] = 0
-    gen = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, attention_mask=mask)
-    with torch.no_grad():
-        expected = model.generate(prompt, **gen)
-        flashpatch.apply(model, fallback="error")
-        dynamic = model.generate(prompt, **gen)
-        static = model.generate(prompt, cache_implementation="static", **gen)
-    assert torch.equal(dynamic, expected) and torch.equal(static, expected)

@@ -32,10 +32,10 @@ def test_smoke_json_and_plot(tmp_path):
 def test_a_failing_cell_is_recorded_and_the_run_completes(tmp_path, monkeypatch):
     real = bench_generate._generate_once
 
-    def oom_on_long_prompts(model, prompt, new_tokens):
+    def oom_on_long_prompts(model, prompt, new_tokens, cache_kwargs=None):
         if prompt.shape[1] >= 40 and model.config._attn_implementation == "eager":
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return real(model, prompt, new_tokens)
+        return real(model, prompt, new_tokens, cache_kwargs)
 
     monkeypatch.setattr(bench_generate, "_generate_once", oom_on_long_prompts)
     out = tmp_path / "bench.json"
@@ -64,3 +64,15 @@ def test_kernels_bench_needs_a_gpu():
         return
     result = runner.invoke(app, ["bench", "kernels"])
     assert result.exit_code == 2 and "CUDA" in result.output
+
+
+def test_static_cache_run(tmp_path):
+    """--cache static: every cell generates with a StaticCache sized context + new tokens, compile time reported."""
+    out = tmp_path / "bench.json"
+    result = runner.invoke(app, [*ARGS, "--cache", "static", "--regimes", "cold", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["cache"] == "static"
+    for r in data["rows"]:
+        assert r["error"] is None and r["cache"] == "static" and r["setup_s"] > 0
+    assert "compile s" in data["markdown"]

@@ -57,3 +57,38 @@ def test_backward_real_sizes(dtype, head_dim, monkeypatch):
     same = grads(reference_attention, q, k, v)
     for g, r, s in zip(ours, ref, same):
         assert (g - r).abs().max() <= 2 * (s - r).abs().max() + 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads_q,heads_k,head_dim", [(32, 32, 128), (9, 3, 64), (32, 8, 128), (16, 16, 256)])
+@pytest.mark.parametrize("seq_q", [1, 4, 16])
+def test_decode_kernel_real_sizes(dtype, heads_q, heads_k, head_dim, seq_q, poison_empty):
+    seq_k = int(torch.randint(1000, 20000, ()))
+    q, k, v = random_qkv(2, heads_q, heads_k, seq_q, seq_k, head_dim, dtype, "cuda")
+    out = flashpatch.attention(q, k, v, causal=True)
+    assert_fa2_rule(out, q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("seq_q", [1, 8, 300])
+def test_static_cache_lengths_on_device(dtype, seq_q, poison_empty):
+    buffer = 4096
+    q, k, v = random_qkv(3, 32, 8, seq_q, buffer, 128, dtype, "cuda")
+    seqused = torch.randint(seq_q, buffer, (3,), device="cuda", dtype=torch.int32)
+    k[:, :, -1] = 100.0  # what an unused slot holds must not matter
+    out = flashpatch.attention(q, k, v, causal=True, seqused_k=seqused)
+    assert_fa2_rule(out, q, k, v, causal=True, seqused_k=seqused)
+
+
+def test_decode_step_replays_in_a_cuda_graph():
+    """The used length lives on the device: one captured launch serves every later length."""
+    q, k, v = random_qkv(1, 32, 8, 1, 2048, 128, torch.bfloat16, "cuda")
+    seqused = torch.tensor([100], device="cuda", dtype=torch.int32)
+    flashpatch.attention(q, k, v, causal=True, seqused_k=seqused)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = flashpatch.attention(q, k, v, causal=True, seqused_k=seqused)
+    for used in (100, 1500, 2048):
+        seqused.fill_(used)
+        graph.replay()
+        assert_fa2_rule(out.clone(), q, k[:, :, :used], v[:, :, :used], causal=True)

@@ -1,0 +1,43 @@
+"""One GPU call for issue 7's kernel half: decode tile sweep, then decode bandwidth vs SDPA's backends. Writes under $OUT."""
+
+import json
+import os
+import sys
+import time
+
+import torch
+import triton
+import transformers
+
+from flashpatch.bench_kernels import bench_decode, decode_markdown, decode_sweep
+from flashpatch.kernels import TileConfig
+
+out_dir = os.environ.get("OUT", "out")
+os.makedirs(out_dir, exist_ok=True)
+env = {"gpu": torch.cuda.get_device_properties(0).name, "torch": torch.__version__, "triton": triton.__version__,
+       "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
+print(env, flush=True)
+
+if "--sweep" in sys.argv:
+    t = time.time()
+    candidates = [(TileConfig(16, n, w, s), waves) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)
+                  for waves in (2, 4)]
+    with open(f"{out_dir}/decode-sweep.txt", "w") as f:
+        for row in decode_sweep(candidates):
+            print(*row, file=f)
+    for line in open(f"{out_dir}/decode-sweep.txt"):
+        print(line.rstrip())
+    print(f"sweep {time.time() - t:.0f}s", flush=True)
+
+if "--no-bench" in sys.argv:
+    sys.exit(0)
+impls = ["flashpatch", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math"]
+t = time.time()
+rows = bench_decode(impls)
+print(f"bench {time.time() - t:.0f}s", flush=True)
+with open(f"{out_dir}/decode.json", "w") as f:
+    json.dump({"env": env, "rows": [r.to_dict() for r in rows]}, f, indent=1)
+table = decode_markdown(rows, impls)
+with open(f"{out_dir}/decode.md", "w") as f:
+    f.write(table + "\n")
+print(table)

@@ -1,0 +1,82 @@
+"""Static KV cache and transformers' compiled generation through the patched path (issue 7)."""
+
+import warnings
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from transformers import CompileConfig
+
+import flashpatch
+import flashpatch.kernels
+from models import tiny_model, token_ids
+
+ARCHS = ["llama", "gpt2", "gptj", "gpt_neox-80"]
+
+
+def _prompt(padded: bool):
+    prompt = token_ids(2, 20)  # 20 tokens: the prefill kernel; each decode step: the decode kernel
+    mask = torch.ones_like(prompt)
+    if padded:
+        mask[1, :int(torch.randint(1, 15, ()))] = 0
+    return prompt, mask
+
+
+def _generate(model, prompt, mask, **kwargs):
+    kwargs.setdefault("disable_compile", "compile_config" not in kwargs)  # on a GPU, generate would compile
+    with torch.no_grad():
+        return model.generate(prompt, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                              cache_implementation="static", output_logits=True, return_dict_in_generate=True,
+                              **kwargs)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("padded", [False, True])
+def test_static_cache_logits_match_unpatched(arch, padded, monkeypatch):
+    """Max-length buffers where only a prefix holds tokens; the used length reaches the kernels on the device."""
+    model = tiny_model(arch)
+    prompt, mask = _prompt(padded)
+    expected = _generate(model, prompt, mask)
+    decode_calls = []
+    real_decode = flashpatch.kernels.flash_decode_forward
+
+    def spy(*args, **kwargs):
+        decode_calls.append(kwargs["seqused_k"])
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(flashpatch.kernels, "flash_decode_forward", spy)
+    flashpatch.apply(model, fallback="error")
+    got = _generate(model, prompt, mask)
+    assert torch.equal(got.sequences, expected.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), rtol=1e-4, atol=1e-4)
+    assert decode_calls and all(used is not None for used in decode_calls)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_static_cache_fallback_masks_align_to_the_used_length(arch):
+    """A call that falls back (attention weights requested) gets a dense mask aligned to the used length."""
+    model = tiny_model(arch)
+    prompt, mask = _prompt(padded=True)
+    expected = _generate(model, prompt, mask, output_attentions=True)
+    flashpatch.apply(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = _generate(model, prompt, mask, output_attentions=True)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_compiled_static_generation_one_graph_no_breaks(arch):
+    """transformers' own compiled decode (static cache): fullgraph, one graph for every token, same tokens."""
+    model = tiny_model(arch)
+    prompt, mask = _prompt(padded=True)
+    expected = _generate(model, prompt, mask)
+    flashpatch.apply(model, fallback="error")
+    config = CompileConfig(backend="eager", fullgraph=True, mode=None)  # dynamo's view; no C++ build on CPU
+    config._compile_all_devices = True  # transformers compiles on CUDA only unless told
+    torch._dynamo.reset()
+    counters.clear()
+    got = _generate(model, prompt, mask, compile_config=config)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert not counters["graph_break"] and not counters["recompiles"]
