@@ -11,6 +11,7 @@ import triton.language as tl
 
 from .config import TileConfig
 from .forward import LOG2E, dropout_keep
+from .launch import cdiv, next_power_of_2
 
 
 @triton.jit
@@ -169,17 +170,17 @@ def flash_attn_backward(
         stride_mb, stride_mn = kpm.stride()
     else:
         kpm, stride_mb, stride_mn = delta, 0, 0  # never read when HAS_KPM is False
-    common = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+    common = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=max(16, next_power_of_2(head_dim)),
                   CAUSAL=causal, HAS_KPM=key_padding_mask is not None,
                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", DROPOUT=dropout_p > 0,
                   num_warps=config.num_warps, num_stages=config.num_stages)
     lse = lse.contiguous()
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    _flash_bwd_dkdv_kernel[(triton.cdiv(seq_k, config.block_n), batch * heads_k)](
+    _flash_bwd_dkdv_kernel[(cdiv(seq_k, config.block_n), batch * heads_k)](
         q, k, v, grad_out, lse, delta, dk, dv, kpm, scale * LOG2E, scale,
         *strides, *dk.stride(), *dv.stride(), stride_mb, stride_mn,
         heads_q, heads_k, heads_q // heads_k, seq_q, seq_k, head_dim, dropout_p, seed, **common)
-    _flash_bwd_dq_kernel[(triton.cdiv(seq_q, config.block_m), batch * heads_q)](
+    _flash_bwd_dq_kernel[(cdiv(seq_q, config.block_m), batch * heads_q)](
         q, k, v, grad_out, lse, delta, dq, kpm, scale * LOG2E, scale,
         *strides, *dq.stride(), stride_mb, stride_mn,
         heads_q, heads_q // heads_k, seq_q, seq_k, head_dim, dropout_p, seed, **common)

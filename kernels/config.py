@@ -98,18 +98,20 @@ def uses_decode_kernel(seq_q: int, group_size: int, dropout_p: float) -> bool:
 INTERPRETER_SM_COUNT = 8
 MAX_SPLITS = 64
 DECODE_WAVES = 2  # aim for this many programs per SM when splitting
+MIN_SPLIT_BLOCKS = 8
 
 
 def decode_splits(batch_heads: int, seq_q: int, seq_k: int, block_n: int, sm_count: int,
                   waves: int = DECODE_WAVES) -> int:
     """How many programs share one (batch, head)'s keys: flash-decoding when few query rows would leave
-    most SMs idle. Each split keeps at least 4 key blocks so the combine stays cheap. A function of
-    shapes only (seq_k is the buffer's length), so a CUDA graph can capture the launch."""
+    most SMs idle. Each split keeps at least MIN_SPLIT_BLOCKS key blocks: below that the second launch
+    (the combine) costs more host time than the split saves on the GPU. A function of shapes only
+    (seq_k is the buffer's length), so a CUDA graph can capture the launch."""
     if seq_q > SHORT_Q_BLOCK_M:
         return 1
     if batch_heads >= sm_count:
         return 1
-    by_length = seq_k // (4 * block_n)
+    by_length = seq_k // (MIN_SPLIT_BLOCKS * block_n)
     return max(1, min(-(-waves * sm_count // batch_heads), by_length, MAX_SPLITS))
 
 

@@ -2,7 +2,8 @@
 
 One program per (key split, batch x KV head). It holds every query row of its GQA group (group
 size x query tokens, up to 16 tokens) as one tile, so each K/V byte is read from memory once,
-and writes a float32 partial result that `_combine_splits_kernel` merges by log-sum-exp.
+and writes a float32 partial result that `_combine_splits_kernel` merges by log-sum-exp (with a
+single split it writes the result itself: one launch).
 The valid key count may come from a device tensor (`seqused_k`): a static cache's step then
 needs no host sync, and the launch (grid from the buffer's length) can be captured in a CUDA graph.
 """
@@ -12,7 +13,8 @@ import triton
 import triton.language as tl
 
 from .config import TileConfig
-from .forward import LOG2E, _combine_splits_kernel
+from .forward import LOG2E, combine_splits
+from .launch import CachedLauncher, cdiv, next_power_of_2
 
 
 @triton.jit
@@ -92,7 +94,10 @@ def _flash_decode_kernel(
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
     tl.store(LSE_PART + pid_s * stride_ls + (b * num_heads_k * group_size + head) * seq_q + tok, lse, mask=row_ok)
     tl.store(O_PART + pid_s * stride_ps + b.to(tl.int64) * stride_pb + tok[:, None] * stride_pm
-             + head[:, None] * stride_ph + offs_d[None, :], out, mask=q_mask)
+             + head[:, None] * stride_ph + offs_d[None, :], out.to(O_PART.dtype.element_ty), mask=q_mask)
+
+
+_launch_decode = CachedLauncher(_flash_decode_kernel)
 
 
 def flash_decode_forward(
@@ -115,12 +120,19 @@ def flash_decode_forward(
     heads_k, seq_k = k.shape[1], k.shape[2]
     group = heads_q // heads_k
     out = torch.empty((batch, seq_q, heads_q, head_dim), device=q.device, dtype=q.dtype).transpose(1, 2)
-    lse = torch.empty((batch, heads_q, seq_q), device=q.device, dtype=torch.float32)
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    split_len = triton.cdiv(triton.cdiv(seq_k, num_splits), config.block_n) * config.block_n
-    num_splits = triton.cdiv(seq_k, split_len)
-    o_part = torch.empty((num_splits, batch, seq_q, heads_q, head_dim), device=q.device, dtype=torch.float32)
-    lse_part = torch.empty((num_splits, batch, heads_q, seq_q), device=q.device, dtype=torch.float32)
+    block_d = max(16, next_power_of_2(head_dim))
+    split_len = cdiv(cdiv(seq_k, num_splits), config.block_n) * config.block_n
+    num_splits = cdiv(seq_k, split_len)
+    rows = batch * heads_q * seq_q
+    if num_splits == 1:  # one program per KV head sees every key: write the result, no combine launch
+        lse = torch.empty((batch, heads_q, seq_q), device=q.device, dtype=torch.float32)
+        o_part, lse_part = out.transpose(1, 2)[None], lse[None]
+    else:  # one float32 allocation for the partials, their log-sum-exps and the final lse (host time counts here)
+        work = torch.empty(rows * (num_splits * (head_dim + 1) + 1), device=q.device, dtype=torch.float32)
+        o_part = work[:num_splits * rows * head_dim].view(num_splits, batch, seq_q, heads_q, head_dim)
+        lse_part = work[num_splits * rows * head_dim:num_splits * rows * (head_dim + 1)].view(
+            num_splits, batch, heads_q, seq_q)
+        lse = work[num_splits * rows * (head_dim + 1):].view(batch, heads_q, seq_q)
     if key_padding_mask is not None:
         kpm = key_padding_mask.view(torch.uint8)
         stride_mb, stride_mn = kpm.stride()
@@ -128,23 +140,19 @@ def flash_decode_forward(
         kpm, stride_mb, stride_mn = lse, 0, 0  # never read
     seqused = seqused_k if seqused_k is not None else lse  # never read without HAS_SEQUSED
 
-    _flash_decode_kernel[(num_splits, batch * heads_k)](
+    _launch_decode(
+        (num_splits, batch * heads_k, 1),
         q, k, v, o_part, lse_part, kpm, seqused,
         scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(),
-        o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
+            o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
         lse_part.stride(0), stride_mb, stride_mn,
         heads_k, group, seq_q, seq_k, head_dim, split_len,
-        BLOCK_R=max(16, triton.next_power_of_2(group * seq_q)), BLOCK_N=config.block_n, BLOCK_D=block_d,
+        BLOCK_R=max(16, next_power_of_2(group * seq_q)), BLOCK_N=config.block_n, BLOCK_D=block_d,
         CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_SEQUSED=seqused_k is not None,
         EVEN_D=block_d == head_dim, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    _combine_splits_kernel[(batch * heads_q * seq_q,)](
-        o_part, lse_part, out, lse,
-        num_splits, seq_q, heads_q, head_dim,
-        o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
-        *out.stride(), lse_part.stride(0),
-        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=block_d,
-    )
+    if num_splits > 1:
+        combine_splits(o_part, lse_part, out, lse, block_d)
     return out, lse

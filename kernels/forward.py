@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from .config import TileConfig
+from .launch import CachedLauncher, cdiv, next_power_of_2
 
 LOG2E = 1.4426950408889634
 
@@ -185,6 +186,23 @@ def _combine_splits_kernel(
     tl.store(LSE + row, tl.where(total == 0.0, float("-inf"), top + tl.math.log(tl.where(total == 0.0, 1.0, total))))
 
 
+_launch_forward = CachedLauncher(_flash_fwd_kernel)
+_launch_combine = CachedLauncher(_combine_splits_kernel)
+
+
+def combine_splits(o_part, lse_part, out, lse, block_d: int) -> None:
+    """Merge float32 partials o_part [S, B, Sq, H, D] / lse_part [S, B, H, Sq] into out and lse."""
+    num_splits, batch, seq_q, heads, head_dim = o_part.shape
+    _launch_combine(
+        (batch * heads * seq_q, 1, 1),
+        o_part, lse_part, out, lse,
+        num_splits, seq_q, heads, head_dim,
+        o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
+        *out.stride(), lse_part.stride(0),
+        BLOCK_S=max(2, next_power_of_2(num_splits)), BLOCK_D=block_d,
+    )
+
+
 def flash_attn_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -219,9 +237,9 @@ def flash_attn_forward(
     else:
         kpm, stride_mb, stride_mn = lse, 0, 0  # any pointer: never read when HAS_KPM is False
 
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    split_len = triton.cdiv(triton.cdiv(seq_k, num_splits), config.block_n) * config.block_n
-    num_splits = triton.cdiv(seq_k, split_len)
+    block_d = max(16, next_power_of_2(head_dim))
+    split_len = cdiv(cdiv(seq_k, num_splits), config.block_n) * config.block_n
+    num_splits = cdiv(seq_k, split_len)
     if num_splits > 1:
         o_part = torch.empty((num_splits, batch, seq_q, heads_q, head_dim), device=q.device, dtype=torch.float32)
         o_dst, lse_dst = o_part.permute(0, 1, 3, 2, 4)[0], torch.empty((num_splits, batch, heads_q, seq_q),
@@ -229,8 +247,9 @@ def flash_attn_forward(
         stride_os, stride_ls = o_part.stride(0), lse_dst.stride(0)
     else:
         o_dst, lse_dst, stride_os, stride_ls = out, lse, 0, 0
-    grid = (triton.cdiv(seq_q, config.block_m), batch * heads_q, num_splits)
-    _flash_fwd_kernel[grid](
+    grid = (cdiv(seq_q, config.block_m), batch * heads_q, num_splits)
+    _launch_forward(
+        grid,
         q, k, v, o_dst, lse_dst, kpm, seqused_k if seqused_k is not None else lse,
         scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *o_dst.stride(),
@@ -244,11 +263,5 @@ def flash_attn_forward(
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if num_splits > 1:
-        _combine_splits_kernel[(batch * heads_q * seq_q,)](
-            o_part, lse_dst, out, lse,
-            num_splits, seq_q, heads_q, head_dim,
-            o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
-            *out.stride(), stride_ls,
-            BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=block_d,
-        )
+        combine_splits(o_part, lse_dst, out, lse, block_d)
     return out, lse

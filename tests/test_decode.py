@@ -25,12 +25,15 @@ def test_decode_query_counts(seq_q, heads_q, heads_k, dtype, device, poison_empt
 def test_decode_splits_that_do_not_divide(num_splits, head_dim, device, poison_empty):
     q, k, v = random_qkv(2, 6, 2, 3, 203, head_dim, torch.float16, device)
     config = TileConfig(16, 16, 4, 1) if device.type == "cpu" else TileConfig(16, 64, 4, 2)
-    out, lse = flash_decode_forward(q, k, v, causal=True, scale=head_dim ** -0.5, key_padding_mask=None,
-                                    seqused_k=None, config=config, num_splits=num_splits)
+    run = dict(causal=True, scale=head_dim ** -0.5, key_padding_mask=None, config=config, num_splits=num_splits)
+    out, lse = flash_decode_forward(q, k, v, seqused_k=None, **run)
     assert_fa2_rule(out, q, k, v, causal=True)
     scores = (q.double() @ k.double().repeat_interleave(3, 1).transpose(-1, -2)) * head_dim ** -0.5
     scores = scores.masked_fill(torch.ones(3, 203, dtype=torch.bool, device=device).tril(200).logical_not(), -torch.inf)
     assert torch.allclose(lse.double(), torch.logsumexp(scores, -1), atol=1e-3)
+    seqused = torch.randint(3, 204, (2,), dtype=torch.int32, device=device)  # splits past the used length
+    out, _ = flash_decode_forward(q, k, v, seqused_k=seqused, **run)
+    assert_fa2_rule(out, q, k, v, causal=True, seqused_k=seqused)
 
 
 @pytest.mark.parametrize("causal", [False, True])

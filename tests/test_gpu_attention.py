@@ -92,3 +92,15 @@ def test_decode_step_replays_in_a_cuda_graph():
         seqused.fill_(used)
         graph.replay()
         assert_fa2_rule(out.clone(), q, k[:, :, :used], v[:, :, :used], causal=True)
+
+
+def test_cached_launches_respect_alignment_and_stride_classes(poison_empty):
+    """After the first launch the compiled kernel is reused directly; a misaligned view or a stride of another
+    divisibility class must get its own specialization, not the cached one."""
+    q, k, v = random_qkv(1, 8, 8, 1, 3000, 64, torch.bfloat16, "cuda")
+    flat = torch.randn(q.numel() + 1, device="cuda", dtype=torch.bfloat16)
+    shifted = flat[1:].view(q.shape)  # 2-byte offset: not 16-byte aligned
+    odd_k = torch.randn(1, 8, 3000, 72, device="cuda", dtype=torch.bfloat16)[..., :64]  # row stride 72
+    for query, key in ((q, k), (q, k), (shifted, k), (q, odd_k), (shifted, odd_k), (q, k)):
+        out = flashpatch.attention(query, key, v, causal=True)
+        assert_fa2_rule(out, query, key, v, causal=True)

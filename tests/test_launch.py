@@ -1,0 +1,30 @@
+"""The launch cache's key: whatever Triton specializes a kernel on must change it."""
+
+import pytest
+import torch
+
+from flashpatch.kernels.forward import _combine_splits_kernel
+from flashpatch.kernels.launch import CachedLauncher
+
+KEY = CachedLauncher(_combine_splits_kernel).key
+
+
+def test_integer_classes_change_the_key():
+    t = torch.zeros(8)
+    def k(*ints):
+        return KEY((t, *ints), {"BLOCK": 16})
+    assert k(32, 7) == k(48, 23)  # same classes: multiple of 16; 7 mod 16
+    assert k(32, 7) != k(33, 7) != k(1, 7)
+    assert k(16, 7) != k(16, 2**31 + 7)
+    assert k(16, 7) != KEY((t, 16, 7), {"BLOCK": 32})
+
+
+def test_tensor_dtype_alignment_and_plain_values_change_the_key():
+    flat = torch.zeros(64, dtype=torch.float16)
+    assert KEY((flat[0:], 3), {}) == KEY((flat[8:], 3), {})  # 16 bytes apart
+    assert KEY((flat[0:], 3), {}) != KEY((flat[1:], 3), {})
+    assert KEY((flat, 3), {}) != KEY((flat.float(), 3), {})
+    assert KEY((flat, True), {}) != KEY((flat, False), {}) != KEY((flat, None), {})
+    assert KEY((flat, 1.5), {}) == KEY((flat, 2.5), {})
+    with pytest.raises(TypeError, match="unexpected argument type"):
+        KEY((flat, "x"), {})
