@@ -17,7 +17,9 @@ from .forward import LOG2E, combine_splits
 from .launch import CachedLauncher, cdiv, next_power_of_2
 
 
-@triton.jit
+# Lengths change every decode step: specialising on them (== 1, multiple of 16) would compile new variants
+# mid-generation whenever a step meets an unseen combination.
+@triton.jit(do_not_specialize=["seq_q", "seq_k", "split_len"])
 def _flash_decode_kernel(
     Q, K, V, O_PART, LSE_PART, KPM, SEQUSED,
     qk_scale,

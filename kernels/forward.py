@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import TileConfig
+from .config import MAX_SPLITS, TileConfig
 from .launch import CachedLauncher, cdiv, next_power_of_2
 
 LOG2E = 1.4426950408889634
@@ -76,7 +76,7 @@ def _attend_block(
     return acc, l_i, m_new
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seq_q", "seq_k", "split_len", "seed"])  # see decode.py: no variants per length
 def _flash_fwd_kernel(
     Q, K, V, O, LSE, KPM, SEQUSED,
     qk_scale,
@@ -156,7 +156,7 @@ def _flash_fwd_kernel(
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=q_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "seq_q"])
 def _combine_splits_kernel(
     O_PART, LSE_PART, O, LSE,
     num_splits, seq_q, num_heads, head_dim,
@@ -199,7 +199,7 @@ def combine_splits(o_part, lse_part, out, lse, block_d: int) -> None:
         num_splits, seq_q, heads, head_dim,
         o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
         *out.stride(), lse_part.stride(0),
-        BLOCK_S=max(2, next_power_of_2(num_splits)), BLOCK_D=block_d,
+        BLOCK_S=MAX_SPLITS, BLOCK_D=block_d,  # one variant for every split count
     )
 
 

@@ -18,7 +18,7 @@ class CachedLauncher:
     order and ahead of its constexprs, which come as keywords together with num_warps / num_stages.
 
     The per-call key is built per argument type with positions worked out once per type pattern, so it costs a
-    few microseconds: tensors by dtype and address mod 16, integers by (value mod 16, == 1, 32-bit range).
+    few microseconds: tensors by dtype and address mod 16, integers by (multiple of 16, == 1, 32-bit range).
     """
 
     def __init__(self, kernel):
@@ -44,7 +44,7 @@ class CachedLauncher:
         tensors, ints, values = self._layout(types)
         return (types, tuple(constexprs.items()),
                 tuple((args[i].dtype, args[i].data_ptr() & 15, args[i].device) for i in tensors),
-                tuple((args[i] & 15, args[i] == 1, args[i] >> 31) for i in ints),
+                tuple((args[i] % 16 == 0, args[i] == 1, args[i] >> 31) for i in ints),
                 tuple(args[i] for i in values))
 
     def __call__(self, grid, *args, stream=None, **constexprs):

@@ -13,7 +13,7 @@ def test_integer_classes_change_the_key():
     t = torch.zeros(8)
     def k(*ints):
         return KEY((t, *ints), {"BLOCK": 16})
-    assert k(32, 7) == k(48, 23)  # same classes: multiple of 16; 7 mod 16
+    assert k(32, 7) == k(48, 23)  # same classes: a multiple of 16; another number
     assert k(32, 7) != k(33, 7) != k(1, 7)
     assert k(16, 7) != k(16, 2**31 + 7)
     assert k(16, 7) != KEY((t, 16, 7), {"BLOCK": 32})
