@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import MAX_SPLITS, TileConfig
+from .config import TileConfig
 from .launch import CachedLauncher, cdiv, next_power_of_2
 
 LOG2E = 1.4426950408889634
@@ -163,24 +163,28 @@ def _combine_splits_kernel(
     stride_ps, stride_pb, stride_pm, stride_ph,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_ls,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    """out = sum_s exp(lse_s - lse) * out_s, lse = logsumexp_s lse_s, for one (batch, head, query row)."""
+    """out = sum_s exp(lse_s - lse) * out_s, lse = logsumexp_s lse_s, for one (batch, head, query row).
+    Loops over the splits, so one compiled variant serves every split count."""
     row = tl.program_id(0)
     bh = row // seq_q
     m = row % seq_q
     b = bh // num_heads
     h = bh % num_heads
-    offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    lse_s = tl.load(LSE_PART + offs_s * stride_ls + row, mask=offs_s < num_splits, other=float("-inf"))
-    top = tl.max(lse_s, 0)
+    top = tl.full([], float("-inf"), tl.float32)
+    for s in range(0, num_splits):
+        top = tl.maximum(top, tl.load(LSE_PART + s * stride_ls + row))
     top = tl.where(top == float("-inf"), 0.0, top)
-    w = tl.math.exp(lse_s - top)
-    total = tl.sum(w, 0)
-    part = tl.load(O_PART + offs_s[:, None] * stride_ps + b * stride_pb + m * stride_pm + h * stride_ph
-                   + offs_d[None, :], mask=(offs_s[:, None] < num_splits) & (offs_d[None, :] < head_dim), other=0.0)
-    out = tl.sum(part * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    total = tl.zeros([], tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    part_base = O_PART + b * stride_pb + m * stride_pm + h * stride_ph
+    for s in range(0, num_splits):
+        w = tl.math.exp(tl.load(LSE_PART + s * stride_ls + row) - top)
+        total += w
+        acc += w * tl.load(part_base + s * stride_ps + offs_d, mask=offs_d < head_dim, other=0.0)
+    out = acc / tl.where(total == 0.0, 1.0, total)
     tl.store(O + b * stride_ob + h * stride_oh + m * stride_om + offs_d * stride_od,
              out.to(O.dtype.element_ty), mask=offs_d < head_dim)
     tl.store(LSE + row, tl.where(total == 0.0, float("-inf"), top + tl.math.log(tl.where(total == 0.0, 1.0, total))))
@@ -199,7 +203,7 @@ def combine_splits(o_part, lse_part, out, lse, block_d: int) -> None:
         num_splits, seq_q, heads, head_dim,
         o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
         *out.stride(), lse_part.stride(0),
-        BLOCK_S=MAX_SPLITS, BLOCK_D=block_d,  # one variant for every split count
+        BLOCK_D=block_d,
     )
 
 
