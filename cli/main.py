@@ -32,8 +32,9 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print JSON instead 
     path = data["kernel_path"]
     table.add_row("kernel path", f"[bold]{path['name']}[/bold]")
     table.add_row("why", path["reason"])
-    for bucket, cfg in data["tiles"].items():
-        table.add_row(f"tiles {bucket}", "  ".join(f"{k}={v}" for k, v in cfg.items()))
+    for kind in ("tiles", "decode_tiles"):
+        for bucket, cfg in data[kind].items():
+            table.add_row(f"{kind.replace('_', ' ')} {bucket}", "  ".join(f"{k}={v}" for k, v in cfg.items()))
     console.print(table)
 
 

@@ -25,6 +25,7 @@ def gather_info() -> dict:
         "gpu": None,
         "kernel_path": path_for_device(device).to_dict(),
         "tiles": {},
+        "decode_tiles": {},
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -37,7 +38,8 @@ def gather_info() -> dict:
         }
     family = info["kernel_path"]["family"]
     if family is not None:
-        from flashpatch.kernels import TILE_TABLE
+        from flashpatch.kernels import DECODE_TABLE, TILE_TABLE
 
         info["tiles"] = {f"head_dim<={d}": asdict(cfg) for d, cfg in TILE_TABLE[family].items()}
+        info["decode_tiles"] = {f"head_dim<={d}": asdict(cfg) for d, cfg in DECODE_TABLE[family].items()}
     return info

@@ -74,7 +74,7 @@ def _forward(q, k, v, causal, scale, key_padding_mask, dropout_p=0.0, seed=0, se
     heads_k, seq_k = k.shape[1], k.shape[2]
     guard = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
     with guard:
-        if uses_decode_kernel(seq_q, heads_q // heads_k, dropout_p):
+        if uses_decode_kernel(seq_q, heads_q // heads_k, head_dim, dropout_p):
             config = select_decode_config(path.family, head_dim)
             splits = decode_splits(batch * heads_k, seq_q, seq_k, config.block_n, _sm_count(q.device))
             return flash_decode_forward(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,

@@ -80,8 +80,10 @@ DECODE_TABLE: dict[str, dict[int, TileConfig]] = {
     "sm86": {64: TileConfig(16, 64, 4, 2), 128: TileConfig(16, 64, 4, 2), 256: TileConfig(16, 32, 4, 2)},
 }
 INTERPRETER_DECODE_CONFIG = TileConfig(16, 16, 4, 1)
-# The decode kernel holds up to this many rows (query tokens x GQA group) per program.
-DECODE_MAX_ROWS = 128
+# The decode kernel holds every row (query tokens x GQA group) of a KV head in one tile: at most this many
+# rows x padded head dim elements, which keeps the tile plus pipelined K/V blocks within every family's
+# shared memory (tests/test_dispatch.py checks it).
+DECODE_MAX_TILE = 128 * 128
 
 
 def select_decode_config(family: str | None, head_dim: int) -> TileConfig:
@@ -90,8 +92,15 @@ def select_decode_config(family: str | None, head_dim: int) -> TileConfig:
     return DECODE_TABLE[family][head_dim_bucket(head_dim)]
 
 
-def uses_decode_kernel(seq_q: int, group_size: int, dropout_p: float) -> bool:
-    return seq_q <= SHORT_Q_BLOCK_M and seq_q * group_size <= DECODE_MAX_ROWS and dropout_p == 0.0
+def decode_rows(seq_q: int, group_size: int) -> int:
+    """The decode tile's row count (a power of two, at least 16 for tl.dot)."""
+    rows = seq_q * group_size
+    return max(16, 1 << (rows - 1).bit_length())
+
+
+def uses_decode_kernel(seq_q: int, group_size: int, head_dim: int, dropout_p: float) -> bool:
+    return (seq_q <= SHORT_Q_BLOCK_M and dropout_p == 0.0
+            and decode_rows(seq_q, group_size) * head_dim_bucket(head_dim) <= DECODE_MAX_TILE)
 
 
 # Pretend SM count under the interpreter, so that CPU tests exercise the split-KV path.

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import TileConfig
+from .config import TileConfig, decode_rows
 from .forward import LOG2E, combine_splits
 from .launch import CachedLauncher, cdiv, next_power_of_2
 
@@ -114,7 +114,7 @@ def flash_decode_forward(
     config: TileConfig,
     num_splits: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as `flash_attn_forward`, for seq_q * group <= 128 rows per KV head.
+    """Same contract as `flash_attn_forward`, for the shapes `uses_decode_kernel` accepts.
 
     The split count and grid depend only on shapes (the buffer length), never on `seqused_k`'s values.
     """
@@ -150,7 +150,7 @@ def flash_decode_forward(
             o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
         lse_part.stride(0), stride_mb, stride_mn,
         heads_k, group, seq_q, seq_k, head_dim, split_len,
-        BLOCK_R=max(16, next_power_of_2(group * seq_q)), BLOCK_N=config.block_n, BLOCK_D=block_d,
+        BLOCK_R=decode_rows(seq_q, group), BLOCK_N=config.block_n, BLOCK_D=block_d,
         CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_SEQUSED=seqused_k is not None,
         EVEN_D=block_d == head_dim, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,

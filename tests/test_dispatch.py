@@ -7,8 +7,8 @@ from typer.testing import CliRunner
 
 from flashpatch.cli.main import app
 from flashpatch.dispatch import path_for_capability
-from flashpatch.kernels.config import (BACKWARD_TABLE, TILE_TABLE, decode_splits, gpu_family, head_dim_bucket,
-                                       select_config)
+from flashpatch.kernels.config import (BACKWARD_TABLE, DECODE_TABLE, TILE_TABLE, decode_splits, gpu_family,
+                                       head_dim_bucket, select_config, uses_decode_kernel)
 
 # Shared memory per block each family may use (bytes): H100 227 KB, A100 163 KB, sm86/89 99 KB.
 SMEM = {"sm90": 227 * 1024, "sm80": 163 * 1024, "sm86": 99 * 1024}
@@ -37,6 +37,15 @@ def test_forward_tiles_fit_shared_memory(family):
         # q tile once, k and v tiles per pipeline stage, 2 bytes per element
         smem = (cfg.block_m + 2 * cfg.num_stages * cfg.block_n) * head_dim * 2
         assert smem <= SMEM[family], (family, head_dim, cfg, smem)
+
+
+@pytest.mark.parametrize("family", list(DECODE_TABLE))
+def test_decode_tiles_fit_shared_memory(family):
+    for head_dim, cfg in DECODE_TABLE[family].items():
+        rows = max(r for r in (16, 32, 64, 128) if uses_decode_kernel(1, r, head_dim, 0.0))  # the largest tile served
+        smem = (rows + 2 * cfg.num_stages * cfg.block_n) * head_dim * 2
+        assert smem <= SMEM[family], (family, head_dim, cfg, rows, smem)
+    assert not uses_decode_kernel(17, 1, 64, 0.0) and not uses_decode_kernel(1, 1, 64, 0.1)
 
 
 def test_backward_tiles_fit_the_smallest_gpu():
