@@ -19,7 +19,7 @@ class AttentionInputError(ValueError):
     """Input the kernels cannot serve; the message names the problem and what to do."""
 
 
-def _check_inputs(q, k, v, key_padding_mask, seqused_k=None) -> None:
+def _check_inputs(q, k, v, key_padding_mask, seqused_k=None, segment_ids=None) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise AttentionInputError(f"{name} must be a 4-D tensor [batch, heads, seq, head_dim], got "
@@ -50,6 +50,15 @@ def _check_inputs(q, k, v, key_padding_mask, seqused_k=None) -> None:
         if seqused_k.dtype != torch.int32 or tuple(seqused_k.shape) != (b,) or seqused_k.device != q.device:
             raise AttentionInputError(f"seqused_k must be an int32 tensor [batch] = [{b}] on {q.device}, got "
                                       f"{seqused_k.dtype} {tuple(seqused_k.shape)} on {seqused_k.device}")
+    if segment_ids is not None:
+        sq = q.shape[2]
+        if (segment_ids.dtype not in (torch.int32, torch.int64) or tuple(segment_ids.shape) != (b, sq) or sq != sk
+                or segment_ids.device != q.device):
+            raise AttentionInputError(f"segment_ids must be an integer tensor [batch, S] = [{b}, {sq}] on {q.device} "
+                                      f"with Sq == Sk (packed sequences), got {segment_ids.dtype} "
+                                      f"{tuple(segment_ids.shape)} on {segment_ids.device} for Sk = {sk}")
+        if seqused_k is not None:
+            raise AttentionInputError("segment_ids (packed training batches) and seqused_k (KV caches) don't combine")
 
 
 @functools.lru_cache(maxsize=16)
@@ -61,7 +70,7 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _forward(q, k, v, causal, scale, key_padding_mask, dropout_p=0.0, seed=0, seqused_k=None):
+def _forward(q, k, v, causal, scale, key_padding_mask, dropout_p=0.0, seed=0, seqused_k=None, segment_ids=None):
     from flashpatch.kernels import (decode_splits, flash_attn_forward, flash_decode_forward, select_config,
                                     select_decode_config, uses_decode_kernel)
 
@@ -74,7 +83,7 @@ def _forward(q, k, v, causal, scale, key_padding_mask, dropout_p=0.0, seed=0, se
     heads_k, seq_k = k.shape[1], k.shape[2]
     guard = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
     with guard:
-        if uses_decode_kernel(seq_q, heads_q // heads_k, head_dim, dropout_p):
+        if segment_ids is None and uses_decode_kernel(seq_q, heads_q // heads_k, head_dim, dropout_p):
             config = select_decode_config(path.family, head_dim)
             splits = decode_splits(batch * heads_k, seq_q, seq_k, config.block_n, _sm_count(q.device))
             return flash_decode_forward(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
@@ -82,25 +91,27 @@ def _forward(q, k, v, causal, scale, key_padding_mask, dropout_p=0.0, seed=0, se
         config = select_config(path.family, head_dim, seq_q)
         splits = decode_splits(batch * heads_q, seq_q, seq_k, config.block_n, _sm_count(q.device))
         return flash_attn_forward(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
-                                  config=config, seqused_k=seqused_k, num_splits=splits, dropout_p=dropout_p,
-                                  seed=seed)
+                                  config=config, seqused_k=seqused_k, segment_ids=segment_ids, num_splits=splits,
+                                  dropout_p=dropout_p, seed=seed)
 
 
-def _backward(grad_out, q, k, v, out, lse, causal, scale, key_padding_mask, dropout_p, seed):
+def _backward(grad_out, q, k, v, out, lse, causal, scale, key_padding_mask, dropout_p, seed, segment_ids=None):
     from flashpatch.kernels import flash_attn_backward, select_backward_config
 
     config = select_backward_config(path_for_device(q.device).family, q.shape[-1])
     guard = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
     with guard:
         return flash_attn_backward(grad_out, q, k, v, out, lse, causal=causal, scale=scale,
-                                   key_padding_mask=key_padding_mask, config=config, dropout_p=dropout_p, seed=seed)
+                                   key_padding_mask=key_padding_mask, config=config, dropout_p=dropout_p, seed=seed,
+                                   segment_ids=segment_ids)
 
 
-def _reference_backward(grad_out, q, k, v, causal, scale, key_padding_mask):
+def _reference_backward(grad_out, q, k, v, causal, scale, key_padding_mask, segment_ids=None):
     """PyTorch recomputation in float32 (O(Sq * Sk) memory): the named fallback of the Triton backward."""
     with torch.enable_grad():
         leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
-        out = reference_attention(*leaves, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
+        out = reference_attention(*leaves, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+                                  segment_ids=segment_ids)
         grads = torch.autograd.grad(out, leaves, grad_out.float())
     return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
 
@@ -110,12 +121,13 @@ def _reference_backward(grad_out, q, k, v, causal, scale, key_padding_mask):
 @torch.library.custom_op("flashpatch::attention_fwd", mutates_args=())
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
                    key_padding_mask: torch.Tensor | None, dropout_p: float, seed: int,
-                   seqused_k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, causal, scale, key_padding_mask, dropout_p, seed, seqused_k)
+                   seqused_k: torch.Tensor | None = None,
+                   segment_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, causal, scale, key_padding_mask, dropout_p, seed, seqused_k, segment_ids)
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, causal, scale, key_padding_mask, dropout_p, seed, seqused_k=None):
+def _(q, k, v, causal, scale, key_padding_mask, dropout_p, seed, seqused_k=None, segment_ids=None):
     batch, heads, seq_q, head_dim = q.shape
     out = q.new_empty((batch, seq_q, heads, head_dim)).transpose(1, 2)
     return out, q.new_empty((batch, heads, seq_q), dtype=torch.float32)
@@ -124,35 +136,36 @@ def _(q, k, v, causal, scale, key_padding_mask, dropout_p, seed, seqused_k=None)
 @torch.library.custom_op("flashpatch::attention_bwd", mutates_args=())
 def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    lse: torch.Tensor, causal: bool, scale: float, key_padding_mask: torch.Tensor | None,
-                   dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   dropout_p: float, seed: int,
+                   segment_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (causal, scale, key_padding_mask)
     try:
-        return _backward(grad_out, q, k, v, out, lse, *args, dropout_p, seed)
+        return _backward(grad_out, q, k, v, out, lse, *args, dropout_p, seed, segment_ids)
     except Exception as exc:  # a GPU whose resources the tiles exceed: compile errors, not wrong numbers
         resources = "OutOfResources" in type(exc).__name__ or "CompilationError" in type(exc).__name__
         if not resources or dropout_p > 0:  # PyTorch cannot regenerate the kernels' dropout mask
             raise
         warnings.warn(f"flashpatch: Triton backward unavailable here ({type(exc).__name__}); "
                       "recomputing the gradient with PyTorch ops (O(Sq*Sk) memory)", stacklevel=2)
-        return _reference_backward(grad_out, q, k, v, *args)
+        return _reference_backward(grad_out, q, k, v, *args, segment_ids)
 
 
 @_attention_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, causal, scale, key_padding_mask, dropout_p, seed):
+def _(grad_out, q, k, v, out, lse, causal, scale, key_padding_mask, dropout_p, seed, segment_ids=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, scale, key_padding_mask, dropout_p, seed, _seqused_k = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], key_padding_mask)
+    q, k, v, causal, scale, key_padding_mask, dropout_p, seed, _seqused_k, segment_ids = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], key_padding_mask, segment_ids)
     ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed = causal, scale, dropout_p, seed
 
 
 def _autograd_backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+    q, k, v, out, lse, key_padding_mask, segment_ids = ctx.saved_tensors
     dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale, key_padding_mask,
-                                ctx.dropout_p, ctx.seed)
-    return dq, dk, dv, None, None, None, None, None, None
+                                ctx.dropout_p, ctx.seed, segment_ids)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 _attention_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -160,7 +173,8 @@ _attention_fwd.register_autograd(_autograd_backward, setup_context=_setup_contex
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, scale: float | None = None,
               key_padding_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
-              seed: int | None = None, seqused_k: torch.Tensor | None = None) -> torch.Tensor:
+              seed: int | None = None, seqused_k: torch.Tensor | None = None,
+              segment_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Flash attention in `F.scaled_dot_product_attention`'s layout.
 
     q: [batch, Hq, Sq, D]; k, v: [batch, Hkv, Sk, D] with Hq a multiple of Hkv (GQA/MQA, no copy).
@@ -173,11 +187,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     seqused_k: int32 [batch] on the device, for a preallocated (static) KV cache: keys at index >= seqused_k[b]
     are ignored and causal alignment is to seqused_k[b] instead of Sk. Read on the device: no host sync, so a
     decode step can be captured in a CUDA graph. Inference only (no backward).
+    segment_ids: integer [batch, S] with Sq == Sk: a padding-free packed batch; a query attends only to keys
+    with its own segment id (with causal, causally within its sequence). Forward and backward.
     Few query tokens (<= 16) go to a flash-decoding kernel that splits the cache across programs and reads
     each K/V byte once per GQA group.
     Returns [batch, Hq, Sq, D] (memory laid out as [batch, Sq, Hq, D]).
     """
-    _check_inputs(q, k, v, key_padding_mask, seqused_k)
+    _check_inputs(q, k, v, key_padding_mask, seqused_k, segment_ids)
+    if segment_ids is not None:
+        segment_ids = segment_ids.to(torch.int32).contiguous()
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     dropout_p = float(dropout_p)
     if not 0.0 <= dropout_p < 1.0:
@@ -192,6 +210,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if q.shape[2] == 0 or k.shape[2] == 0:
         return torch.zeros_like(q)
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
-        return _attention_fwd(q, k, v, causal, scale, key_padding_mask, dropout_p, seed, seqused_k)[0]
+        return _attention_fwd(q, k, v, causal, scale, key_padding_mask, dropout_p, seed, seqused_k, segment_ids)[0]
     # Inference outside torch.compile: skip the dispatcher's per-call cost (decode is launch-bound).
-    return _forward(q, k, v, causal, scale, key_padding_mask, dropout_p, seed, seqused_k)[0]
+    return _forward(q, k, v, causal, scale, key_padding_mask, dropout_p, seed, seqused_k, segment_ids)[0]

@@ -7,9 +7,11 @@ import torch
 
 
 def visibility_mask(seq_q: int, seq_k: int, *, causal: bool, key_padding_mask: torch.Tensor | None,
-                    device: torch.device, seqused_k: torch.Tensor | None = None) -> torch.Tensor | None:
+                    device: torch.device, seqused_k: torch.Tensor | None = None,
+                    segment_ids: torch.Tensor | None = None) -> torch.Tensor | None:
     """Bool [B or 1, 1, Sq, Sk]: True where query i may attend key j (bottom-right causal, aligned to
-    seqused_k[b] instead of Sk when given; keys at or past seqused_k[b] are invisible)."""
+    seqused_k[b] instead of Sk when given; keys at or past seqused_k[b] are invisible; with segment_ids [B, S],
+    only keys of the query's own segment)."""
     mask = None
     rows = torch.arange(seq_q, device=device)[:, None]
     cols = torch.arange(seq_k, device=device)[None, :]
@@ -20,6 +22,9 @@ def visibility_mask(seq_q: int, seq_k: int, *, causal: bool, key_padding_mask: t
             mask = mask & (cols <= rows + used - seq_q)
     elif causal:
         mask = (cols <= rows + (seq_k - seq_q))[None, None]
+    if segment_ids is not None:
+        same = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None].to(device)
+        mask = same if mask is None else mask & same
     if key_padding_mask is not None:
         pad = key_padding_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
         mask = pad if mask is None else mask & pad
@@ -27,7 +32,7 @@ def visibility_mask(seq_q: int, seq_k: int, *, causal: bool, key_padding_mask: t
 
 
 def reference_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None, compute_dtype=None,
-                        seqused_k=None):
+                        seqused_k=None, segment_ids=None):
     """Attention in `compute_dtype` (default: the input dtype); rows that see no key give zeros."""
     compute_dtype = compute_dtype or q.dtype
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -37,7 +42,7 @@ def reference_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=N
     vc = vc.repeat_interleave(group, dim=1)
     scores = (qc @ kc.transpose(-1, -2)) * scale
     mask = visibility_mask(q.shape[2], k.shape[2], causal=causal, key_padding_mask=key_padding_mask,
-                           device=q.device, seqused_k=seqused_k)
+                           device=q.device, seqused_k=seqused_k, segment_ids=segment_ids)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)

@@ -10,13 +10,13 @@ import triton
 import triton.language as tl
 
 from .config import TileConfig
-from .forward import LOG2E, dropout_keep
+from .forward import LOG2E, dropout_keep, same_segment
 from .launch import cdiv, next_power_of_2
 
 
 @triton.jit
-def _probabilities(q, k, lse_log2, rows, cols, kpm_base, stride_mn, qk_scale, seq_q, seq_k, causal_offset,
-                   CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _probabilities(q, k, lse_log2, rows, cols, kpm_base, stride_mn, seg_base, qk_scale, seq_q, seq_k, causal_offset,
+                   CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """P[rows, cols] of the forward softmax, from q [M, D], k^T [D, N] and the rows' log2-sum-exp2."""
     s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
     visible = (rows[:, None] < seq_q) & (cols[None, :] < seq_k)
@@ -25,6 +25,8 @@ def _probabilities(q, k, lse_log2, rows, cols, kpm_base, stride_mn, qk_scale, se
     if HAS_KPM:
         keep = tl.load(kpm_base + cols * stride_mn, mask=cols < seq_k, other=0) != 0
         visible = visible & keep[None, :]
+    if HAS_SEG:
+        visible = visible & same_segment(seg_base, rows, cols, seq_k)
     # Rows that saw no key have lse = -inf and no gradient.
     lse_safe = tl.where(lse_log2 == float("-inf"), 0.0, lse_log2)
     return tl.where(visible, tl.math.exp2(s - lse_safe[:, None]), 0.0)
@@ -32,7 +34,7 @@ def _probabilities(q, k, lse_log2, rows, cols, kpm_base, stride_mn, qk_scale, se
 
 @triton.jit
 def _flash_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, KPM,
+    Q, K, V, DO, LSE, DELTA, DK, DV, KPM, SEG,
     qk_scale, sm_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -40,10 +42,11 @@ def _flash_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    stride_mb, stride_mn,
+    stride_mb, stride_mn, stride_sb,
     num_heads_q, num_heads_k, group_size, seq_q, seq_k, head_dim, dropout_p, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -59,6 +62,7 @@ def _flash_bwd_dkdv_kernel(
     v = tl.load(V + b.to(tl.int64) * stride_vb + kv_h * stride_vh + cols[:, None] * stride_vn
                 + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
     kpm_base = KPM + b * stride_mb
+    seg_base = SEG + b * stride_sb
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -79,8 +83,8 @@ def _flash_bwd_dkdv_kernel(
                          other=0.0)
             lse = tl.load(LSE + row_base + rows, mask=rows < seq_q, other=float("-inf")) * 1.4426950408889634
             delta = tl.load(DELTA + row_base + rows, mask=rows < seq_q, other=0.0)
-            p = _probabilities(q, tl.trans(k), lse, rows, cols, kpm_base, stride_mn, qk_scale, seq_q, seq_k,
-                               causal_offset, CAUSAL, HAS_KPM, DOT_PRECISION)
+            p = _probabilities(q, tl.trans(k), lse, rows, cols, kpm_base, stride_mn, seg_base, qk_scale, seq_q,
+                               seq_k, causal_offset, CAUSAL, HAS_KPM, HAS_SEG, DOT_PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             p_used = p
             if DROPOUT:  # same mask as the forward: P was dropped before it met V
@@ -99,17 +103,18 @@ def _flash_bwd_dkdv_kernel(
 
 @triton.jit
 def _flash_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, KPM,
+    Q, K, V, DO, LSE, DELTA, DQ, KPM, SEG,
     qk_scale, sm_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    stride_mb, stride_mn,
+    stride_mb, stride_mn, stride_sb,
     num_heads_q, group_size, seq_q, seq_k, head_dim, dropout_p, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -130,6 +135,7 @@ def _flash_bwd_dq_kernel(
     k_base = K + b.to(tl.int64) * stride_kb + kv_h * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + kv_h * stride_vh
     kpm_base = KPM + b * stride_mb
+    seg_base = SEG + b * stride_sb
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     causal_offset = seq_k - seq_q
@@ -141,8 +147,8 @@ def _flash_bwd_dq_kernel(
         kv_mask = (cols[:, None] < seq_k) & (offs_d[None, :] < head_dim)
         k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        p = _probabilities(q, tl.trans(k), lse, rows, cols, kpm_base, stride_mn, qk_scale, seq_q, seq_k,
-                           causal_offset, CAUSAL, HAS_KPM, DOT_PRECISION)
+        p = _probabilities(q, tl.trans(k), lse, rows, cols, kpm_base, stride_mn, seg_base, qk_scale, seq_q, seq_k,
+                           causal_offset, CAUSAL, HAS_KPM, HAS_SEG, DOT_PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
             keep = dropout_keep(seed, pid_bh, rows, cols, seq_k, dropout_p)
@@ -157,7 +163,7 @@ def _flash_bwd_dq_kernel(
 def flash_attn_backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, *, causal: bool, scale: float, key_padding_mask: torch.Tensor | None, config: TileConfig,
-    dropout_p: float = 0.0, seed: int = 0,
+    dropout_p: float = 0.0, seed: int = 0, segment_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) for flash_attn_forward's (out, lse); dk/dv have k's (fewer, for GQA) heads."""
     batch, heads_q, seq_q, head_dim = q.shape
@@ -171,17 +177,18 @@ def flash_attn_backward(
     else:
         kpm, stride_mb, stride_mn = delta, 0, 0  # never read when HAS_KPM is False
     common = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=max(16, next_power_of_2(head_dim)),
-                  CAUSAL=causal, HAS_KPM=key_padding_mask is not None,
+                  CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_SEG=segment_ids is not None,
                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", DROPOUT=dropout_p > 0,
                   num_warps=config.num_warps, num_stages=config.num_stages)
     lse = lse.contiguous()
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+    seg, stride_sb = (delta, 0) if segment_ids is None else (segment_ids, segment_ids.stride(0))
     _flash_bwd_dkdv_kernel[(cdiv(seq_k, config.block_n), batch * heads_k)](
-        q, k, v, grad_out, lse, delta, dk, dv, kpm, scale * LOG2E, scale,
-        *strides, *dk.stride(), *dv.stride(), stride_mb, stride_mn,
+        q, k, v, grad_out, lse, delta, dk, dv, kpm, seg, scale * LOG2E, scale,
+        *strides, *dk.stride(), *dv.stride(), stride_mb, stride_mn, stride_sb,
         heads_q, heads_k, heads_q // heads_k, seq_q, seq_k, head_dim, dropout_p, seed, **common)
     _flash_bwd_dq_kernel[(cdiv(seq_q, config.block_m), batch * heads_q)](
-        q, k, v, grad_out, lse, delta, dq, kpm, scale * LOG2E, scale,
-        *strides, *dq.stride(), stride_mb, stride_mn,
+        q, k, v, grad_out, lse, delta, dq, kpm, seg, scale * LOG2E, scale,
+        *strides, *dq.stride(), stride_mb, stride_mn, stride_sb,
         heads_q, heads_q // heads_k, seq_q, seq_k, head_dim, dropout_p, seed, **common)
     return dq, dk, dv

@@ -23,13 +23,21 @@ def dropout_keep(seed, row_head, rows, cols, seq_k, dropout_p):
 
 
 @triton.jit
+def same_segment(seg_base, rows, cols, seq_len):
+    """[rows, cols]: query and key belong to the same packed sequence (segment ids, Sq == Sk)."""
+    seg_q = tl.load(seg_base + rows, mask=rows < seq_len, other=-2)
+    seg_k = tl.load(seg_base + cols, mask=cols < seq_len, other=-1)
+    return seg_q[:, None] == seg_k[None, :]
+
+
+@triton.jit
 def _attend_block(
     acc, l_i, m_i, q,
-    k_base, v_base, kpm_base,
+    k_base, v_base, kpm_base, seg_base,
     start_n, offs_m, offs_n, offs_d,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
     qk_scale, seq_k, head_dim, causal_offset, seed, row_head, dropout_p,
-    BOUNDARY: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    BOUNDARY: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr,
     EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """Online-softmax update of (acc, l_i, m_i) with keys [start_n, start_n + BLOCK_N)."""
@@ -46,7 +54,7 @@ def _attend_block(
 
     # Masked scores become -inf; a row can then be -inf throughout this block (or all blocks),
     # so exponents are taken against 0 where the running max is still -inf (exp2(-inf - -inf) is NaN).
-    MAY_MASK: tl.constexpr = BOUNDARY or HAS_KPM
+    MAY_MASK: tl.constexpr = BOUNDARY or HAS_KPM or HAS_SEG
     if BOUNDARY:
         visible = cols[None, :] < seq_k
         if CAUSAL:
@@ -55,6 +63,8 @@ def _attend_block(
     if HAS_KPM:
         keep = tl.load(kpm_base + cols * stride_mn, mask=cols < seq_k, other=0) != 0
         qk = tl.where(keep[None, :], qk, float("-inf"))
+    if HAS_SEG:
+        qk = tl.where(same_segment(seg_base, offs_m, cols, seq_k), qk, float("-inf"))
 
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     m_ref = m_new
@@ -78,18 +88,18 @@ def _attend_block(
 
 @triton.jit(do_not_specialize=["seq_q", "seq_k", "split_len", "seed"])  # see decode.py: no variants per length
 def _flash_fwd_kernel(
-    Q, K, V, O, LSE, KPM, SEQUSED,
+    Q, K, V, O, LSE, KPM, SEQUSED, SEG,
     qk_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    stride_mb, stride_mn,
+    stride_mb, stride_mn, stride_sb,
     num_heads, group_size, seq_q, seq_k, head_dim,
     split_len, stride_os, stride_ls, dropout_p, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQUSED: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQUSED: tl.constexpr, HAS_SEG: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -111,6 +121,7 @@ def _flash_fwd_kernel(
     k_base = K + b.to(tl.int64) * stride_kb + kv_h * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + kv_h * stride_vh
     kpm_base = KPM + b * stride_mb
+    seg_base = SEG + b * stride_sb
     if HAS_SEQUSED:  # a static cache: only the first seqused_k[b] keys of the buffer hold tokens
         seq_k = tl.minimum(tl.load(SEQUSED + b), seq_k)
 
@@ -134,17 +145,17 @@ def _flash_fwd_kernel(
 
     for start_n in range(lo, unmasked_hi, BLOCK_N):
         acc, l_i, m_i = _attend_block(
-            acc, l_i, m_i, q, k_base, v_base, kpm_base, start_n, offs_m, offs_n, offs_d,
+            acc, l_i, m_i, q, k_base, v_base, kpm_base, seg_base, start_n, offs_m, offs_n, offs_d,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
             qk_scale, seq_k, head_dim, causal_offset, seed, pid_bh, dropout_p,
-            False, CAUSAL, HAS_KPM, EVEN_D, DOT_PRECISION, DROPOUT,
+            False, CAUSAL, HAS_KPM, HAS_SEG, EVEN_D, DOT_PRECISION, DROPOUT,
         )
     for start_n in range(unmasked_hi, hi, BLOCK_N):
         acc, l_i, m_i = _attend_block(
-            acc, l_i, m_i, q, k_base, v_base, kpm_base, start_n, offs_m, offs_n, offs_d,
+            acc, l_i, m_i, q, k_base, v_base, kpm_base, seg_base, start_n, offs_m, offs_n, offs_d,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
             qk_scale, seq_k, head_dim, causal_offset, seed, pid_bh, dropout_p,
-            True, CAUSAL, HAS_KPM, EVEN_D, DOT_PRECISION, DROPOUT,
+            True, CAUSAL, HAS_KPM, HAS_SEG, EVEN_D, DOT_PRECISION, DROPOUT,
         )
 
     # A row that saw no key (all padding, or causal with seq_q > seq_k) returns zeros, as FA2's varlen does.
@@ -217,6 +228,7 @@ def flash_attn_forward(
     key_padding_mask: torch.Tensor | None,
     config: TileConfig,
     seqused_k: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
     num_splits: int = 1,
     dropout_p: float = 0.0,
     seed: int = 0,
@@ -230,6 +242,7 @@ def flash_attn_forward(
     caches) and combines the float32 partial results by their log-sum-exp. dropout_p > 0 drops
     attention weights with a Philox mask drawn from `seed` (lse stays the undropped one).
     seqused_k (int32 [B], on the device): only keys below seqused_k[b] exist, and causal alignment is to it.
+    segment_ids (contiguous int32 [B, S], Sq == Sk == S): packed sequences; a query sees keys of its own segment only.
     """
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
@@ -255,14 +268,15 @@ def flash_attn_forward(
     _launch_forward(
         grid,
         q, k, v, o_dst, lse_dst, kpm, seqused_k if seqused_k is not None else lse,
+        segment_ids if segment_ids is not None else lse,
         scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *o_dst.stride(),
-        stride_mb, stride_mn,
+        stride_mb, stride_mn, 0 if segment_ids is None else segment_ids.stride(0),
         heads_q, heads_q // heads_k, seq_q, seq_k, head_dim,
         split_len, stride_os, stride_ls, dropout_p, seed,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
         CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_SEQUSED=seqused_k is not None,
-        EVEN_D=block_d == head_dim,
+        HAS_SEG=segment_ids is not None, EVEN_D=block_d == head_dim,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", DROPOUT=dropout_p > 0,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

@@ -1,0 +1,58 @@
+"""Padding-free packed batches (segment ids): forward and backward against float64 references."""
+
+import pytest
+import torch
+
+import flashpatch
+from flashpatch import AttentionInputError
+from flashpatch.reference import reference_attention
+from helpers import assert_fa2_rule, random_qkv
+from test_backward import check, no_reference_fallback  # noqa: F401  (the fixture refuses the PyTorch fallback)
+
+
+def packed_segments(batch, seq, device):
+    """Random sequence lengths laid end to end in each row, ids 0, 1, 2, ... (what position_ids restarts give)."""
+    rows = []
+    for _ in range(batch):
+        cuts = torch.randperm(seq - 1)[: int(torch.randint(0, 5, ()))] + 1
+        starts = torch.zeros(seq, dtype=torch.long)
+        starts[cuts] = 1
+        rows.append(starts.cumsum(0))
+    return torch.stack(rows).to(device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seq", [1, 37, 96])
+def test_forward(seq, causal, dtype, device, poison_empty):
+    q, k, v = random_qkv(2, 6, 2, seq, seq, 64, dtype, device)
+    segments = packed_segments(2, seq, device)
+    out = flashpatch.attention(q, k, v, causal=causal, segment_ids=segments)
+    assert_fa2_rule(out, q, k, v, causal=causal, segment_ids=segments)
+
+
+def test_forward_equals_each_sequence_alone(device):
+    q, k, v = random_qkv(1, 4, 4, 50, 50, 32, torch.float32, device)
+    segments = torch.tensor([0] * 20 + [1] * 13 + [2] * 17, device=device)[None]
+    out = flashpatch.attention(q, k, v, causal=True, segment_ids=segments)
+    for lo, hi in ((0, 20), (20, 33), (33, 50)):
+        alone = reference_attention(q[:, :, lo:hi].double(), k[:, :, lo:hi].double(), v[:, :, lo:hi].double(),
+                                    causal=True)
+        torch.testing.assert_close(out[:, :, lo:hi].double(), alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("heads_q,heads_k,seq", [(4, 2, 45), (3, 3, 70), (8, 1, 33)])
+def test_backward(heads_q, heads_k, seq, causal, dtype, device, poison_empty):
+    q, k, v = random_qkv(2, heads_q, heads_k, seq, seq, 64, dtype, device)
+    check(q, k, v, causal=causal, segment_ids=packed_segments(2, seq, device))
+
+
+def test_errors(device):
+    q, k, v = random_qkv(2, 4, 2, 10, 12, 64, torch.float32, device)
+    with pytest.raises(AttentionInputError, match="Sq == Sk"):
+        flashpatch.attention(q, k, v, segment_ids=torch.zeros(2, 10, dtype=torch.int32, device=device))
+    q, k, v = random_qkv(2, 4, 2, 10, 10, 64, torch.float32, device)
+    with pytest.raises(AttentionInputError, match="integer tensor"):
+        flashpatch.attention(q, k, v, segment_ids=torch.zeros(2, 10, device=device))
