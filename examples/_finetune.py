@@ -18,8 +18,8 @@ def common_args(description: str) -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=50)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--packed", action="store_true",
-                   help="Padding-free packing (DataCollatorWithFlattening); served by the model's own attention "
-                        "until flashpatch's varlen kernels land (the report counts those calls).")
+                   help="Padding-free packing (DataCollatorWithFlattening): sequences end to end, position_ids "
+                        "restarting; flashpatch's kernels keep them apart with segment ids.")
     p.add_argument("--max-tokens", type=int, default=None, help="Use only the first N tokens of the text.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", default=None, help="Write the loss curve as PNG.")

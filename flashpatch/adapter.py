@@ -66,7 +66,7 @@ def _why_not_served(module, query, key, value, attention_mask, dropout, kwargs) 
     if _attention_weights_requested(kwargs):
         return "output_attentions=True needs the attention weights"
     if attention_mask is not None and attention_mask.dim() != 2:
-        return "a dense 4D attention mask (custom mask, packed sequences or a mask overlay)"
+        return "a dense 4D attention mask (a custom mask or a mask overlay)"
     for name, what in (("softcap", "logit softcapping"), ("sliding_window", "sliding-window attention"),
                        ("s_aux", "attention sinks"), ("position_bias", "an additive position bias")):
         if kwargs.get(name) is not None:
@@ -94,14 +94,21 @@ def _fallback_impl(original: str, attention_mask, module) -> str:
         # Legacy modules (no module-level eager function) fall back to sdpa, which matches eager's math.
         return original if hasattr(sys.modules[type(module).__module__], "eager_attention_forward") else "sdpa"
     if original.startswith("flash_attention"):
-        return original if attention_mask is None or attention_mask.dim() == 2 else "sdpa"
+        return original if attention_mask is None or _is_key_mask(attention_mask) else "sdpa"
     if original == "flex_attention" or original not in ALL_ATTENTION_FUNCTIONS:  # flex wants a BlockMask
         return "sdpa"
     return original
 
 
+def _is_key_mask(attention_mask) -> bool:
+    return attention_mask.dim() == 2 and attention_mask.dtype == torch.bool
+
+
 def _mask_for(impl: str, attention_mask, query, key, causal: bool):
-    """Turn our 2D-or-None mask into what the original implementation expects."""
+    """Turn our 2D-or-None mask (or packed segment ids) into what the original implementation expects."""
+    if attention_mask is not None and attention_mask.dim() == 2 and not _is_key_mask(attention_mask):
+        return visibility_mask(query.shape[2], key.shape[2], causal=causal, key_padding_mask=None,
+                               device=query.device, segment_ids=attention_mask)
     seqused_k = _seqused_k(attention_mask, query, key)
     if impl.startswith("flash_attention") and seqused_k is None and (attention_mask is None or attention_mask.dim() == 2):
         return attention_mask
@@ -168,10 +175,14 @@ def flashpatch_attention_forward(module, query, key, value, attention_mask, drop
         return _fallback(state, reason, module, query, key, value, attention_mask, causal,
                          dropout=dropout, scaling=scaling, **kwargs)
 
-    key_padding_mask = None if attention_mask is None else attention_mask.bool()
-    seqused_k = _seqused_k(key_padding_mask, query, key) if causal else None
+    key_padding_mask = segment_ids = seqused_k = None
+    if attention_mask is not None and not _is_key_mask(attention_mask):
+        segment_ids = attention_mask  # from `flashpatch_mask`: a padding-free packed batch
+    elif attention_mask is not None:
+        key_padding_mask = attention_mask
+        seqused_k = _seqused_k(key_padding_mask, query, key) if causal else None
     out = attention(query, key, value, causal=causal, scale=scaling, key_padding_mask=key_padding_mask,
-                    dropout_p=dropout if module.training else 0.0, seqused_k=seqused_k)
+                    dropout_p=dropout if module.training else 0.0, seqused_k=seqused_k, segment_ids=segment_ids)
     return out.transpose(1, 2), None  # memory is already [B, Sq, H, D]: no copy
 
 
@@ -190,11 +201,38 @@ def _key_mask(batch_size: int, q_length: int, kv_length: int, q_offset, attentio
     return (keys | (positions == end - 1)).expand(batch_size, kv_length)
 
 
+def _closure(fn, name: str, qualname: str):
+    """The closure variable `name` of a transformers mask-function factory's inner function, else None."""
+    if getattr(fn, "__qualname__", "") != qualname:
+        return None
+    cells = dict(zip(fn.__code__.co_freevars, fn.__closure__ or ()))
+    return cells[name].cell_contents if name in cells else None
+
+
+def _packed_segment_ids(mask_function, attention_mask, q_length: int, kv_length: int):
+    """transformers describes a padding-free packed batch (position_ids restarting, no attention mask) as
+    and_masks(causal, packed_sequence_mask_function(ids)), the causal part remapped to per-sequence positions
+    in newer releases; recognise exactly that and return the ids (causal within a segment is then the same
+    as causal overall, positions rising by one inside each segment)."""
+    if attention_mask is not None or q_length != kv_length:
+        return None
+    parts = _closure(mask_function, "mask_functions", "and_masks.<locals>.and_mask") or ()
+    if len(parts) != 2:
+        return None
+    causal = parts[0]
+    remapped = _closure(causal, "mask_function", "remap_positions_for_packed_sequence.<locals>.inner_mask")
+    if causal is not masking_utils.causal_mask_function and remapped is not masking_utils.causal_mask_function:
+        return None
+    ids = _closure(parts[1], "packed_sequence_mask", "packed_sequence_mask_function.<locals>.inner_mask")
+    return ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[-1] == q_length else None
+
+
 def flashpatch_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
                     mask_function=masking_utils.causal_mask_function, attention_mask=None, **kwargs):
-    """AttentionMaskInterface entry: a 2D key mask (or None) for plain causal or bidirectional masks.
+    """AttentionMaskInterface entry: a 2D bool key mask (or None) for plain causal or bidirectional masks,
+    int32 segment ids [batch, S] for transformers' padding-free packed batches.
 
-    Anything else (packed sequences, sliding windows, overlays) becomes a dense boolean mask,
+    Anything else (sliding windows, overlays, custom mask functions) becomes a dense boolean mask,
     which the attention function hands to the original implementation.
     """
     args = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
@@ -207,6 +245,9 @@ def flashpatch_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, 
             return masking_utils.flash_attention_mask(**args, **kwargs)
         device = kwargs.get("device") or (attention_mask.device if attention_mask is not None else q_offset.device)
         return _key_mask(batch_size, q_length, kv_length, q_offset, attention_mask, device)
+    segment_ids = _packed_segment_ids(mask_function, attention_mask, q_length, kv_length)
+    if segment_ids is not None:
+        return segment_ids.to(torch.int32)
     kwargs["allow_is_causal_skip"] = False
     return masking_utils.sdpa_mask(**args, **kwargs)
 
