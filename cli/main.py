@@ -32,6 +32,9 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print JSON instead 
     path = data["kernel_path"]
     table.add_row("kernel path", f"[bold]{path['name']}[/bold]")
     table.add_row("why", path["reason"])
+    if "autotune" in data:
+        tune = data["autotune"]
+        table.add_row("autotune", f"{'on' if tune['enabled'] else 'off'} ({tune['switch']}); cache {tune['cache']}")
     for kind in ("tiles", "decode_tiles"):
         for bucket, cfg in data[kind].items():
             table.add_row(f"{kind.replace('_', ' ')} {bucket}", "  ".join(f"{k}={v}" for k, v in cfg.items()))

@@ -42,4 +42,8 @@ def gather_info() -> dict:
 
         info["tiles"] = {f"head_dim<={d}": asdict(cfg) for d, cfg in TILE_TABLE[family].items()}
         info["decode_tiles"] = {f"head_dim<={d}": asdict(cfg) for d, cfg in DECODE_TABLE[family].items()}
+        from flashpatch.kernels.autotune import cache_file, enabled
+
+        info["autotune"] = {"enabled": enabled(), "cache": cache_file(family),
+                            "switch": "FLASHPATCH_AUTOTUNE=0 uses the table rows only"}
     return info

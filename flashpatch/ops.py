@@ -71,8 +71,8 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _forward(q, k, v, causal, scale, key_padding_mask, dropout_p=0.0, seed=0, seqused_k=None, segment_ids=None):
-    from flashpatch.kernels import (decode_splits, flash_attn_forward, flash_decode_forward, select_config,
-                                    select_decode_config, uses_decode_kernel)
+    from flashpatch.kernels import (decode_splits, flash_attn_forward, flash_decode_forward, select_decode_config,
+                                    uses_decode_kernel)
 
     path = path_for_device(q.device)
     if not path.usable:
@@ -88,11 +88,41 @@ def _forward(q, k, v, causal, scale, key_padding_mask, dropout_p=0.0, seed=0, se
             splits = decode_splits(batch * heads_k, seq_q, seq_k, config.block_n, _sm_count(q.device))
             return flash_decode_forward(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
                                         seqused_k=seqused_k, config=config, num_splits=splits)
-        config = select_config(path.family, head_dim, seq_q)
-        splits = decode_splits(batch * heads_q, seq_q, seq_k, config.block_n, _sm_count(q.device))
-        return flash_attn_forward(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
-                                  config=config, seqused_k=seqused_k, segment_ids=segment_ids, num_splits=splits,
-                                  dropout_p=dropout_p, seed=seed)
+
+        def launch(config):
+            splits = decode_splits(batch * heads_q, seq_q, seq_k, config.block_n, _sm_count(q.device))
+            return flash_attn_forward(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+                                      config=config, seqused_k=seqused_k, segment_ids=segment_ids,
+                                      num_splits=splits, dropout_p=dropout_p, seed=seed)
+
+        return launch(_prefill_config(path.family, q, seq_k, causal, launch))
+
+
+def _time_ms(launch, config) -> float:
+    """Median of three CUDA-event timings of one launch, after a warm-up (which also compiles)."""
+    launch(config)
+    times = []
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        launch(config)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[1]
+
+
+def _prefill_config(family, q, seq_k, causal, launch):
+    """The tile table's row, or on a GPU the autotuned choice among its candidates (kernels/autotune.py)."""
+    from flashpatch.kernels import select_config
+    from flashpatch.kernels.autotune import AUTOTUNER, tune_key
+    from flashpatch.kernels.config import SHORT_Q_BLOCK_M, head_dim_bucket, tune_candidates
+
+    head_dim, seq_q = q.shape[-1], q.shape[2]
+    if family is None or seq_q <= SHORT_Q_BLOCK_M or not q.is_cuda or torch.cuda.is_current_stream_capturing():
+        return select_config(family, head_dim, seq_q)
+    key = tune_key(head_dim_bucket(head_dim), str(q.dtype).removeprefix("torch."), causal, seq_q, seq_k)
+    return AUTOTUNER.pick(family, key, tune_candidates(family, head_dim), lambda cfg: _time_ms(launch, cfg))
 
 
 def _backward(grad_out, q, k, v, out, lse, causal, scale, key_padding_mask, dropout_p, seed, segment_ids=None):

@@ -37,6 +37,27 @@ TILE_TABLE: dict[str, dict[int, TileConfig]] = {
     },
 }
 
+# Autotuning (kernels/autotune.py) times these per key on first use; the table's row comes first and is
+# what runs with FLASHPATCH_AUTOTUNE=0. Alternatives are the runners-up of the sm90 sweep and their
+# shared-memory-scaled cousins; tests/test_dispatch.py checks each fits its family's budget.
+TUNE_ALTERNATIVES: dict[str, dict[int, list[TileConfig]]] = {
+    "sm90": {64: [TileConfig(128, 128, 8, 3), TileConfig(128, 64, 4, 3)],
+             128: [TileConfig(128, 128, 8, 2), TileConfig(64, 64, 4, 3)],
+             256: [TileConfig(64, 32, 4, 3)]},
+    "sm80": {64: [TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 3)],
+             128: [TileConfig(64, 64, 4, 3)],
+             256: []},
+    "sm86": {64: [TileConfig(64, 64, 4, 2)],
+             128: [TileConfig(128, 32, 4, 2)],
+             256: []},
+}
+
+
+def tune_candidates(family: str, head_dim: int) -> list[TileConfig]:
+    bucket = head_dim_bucket(head_dim)
+    return [TILE_TABLE[family][bucket], *TUNE_ALTERNATIVES[family][bucket]]
+
+
 # Triton's CPU interpreter: small tiles so that short test sequences still cross several
 # blocks, the causal diagonal and the ragged tail.
 INTERPRETER_CONFIG = TileConfig(32, 16, 4, 1)

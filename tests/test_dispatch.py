@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from flashpatch.cli.main import app
 from flashpatch.dispatch import path_for_capability
 from flashpatch.kernels.config import (BACKWARD_TABLE, DECODE_TABLE, TILE_TABLE, decode_splits, gpu_family,
-                                       head_dim_bucket, select_config, uses_decode_kernel)
+                                       head_dim_bucket, select_config, tune_candidates, uses_decode_kernel)
 
 # Shared memory per block each family may use (bytes): H100 227 KB, A100 163 KB, sm86/89 99 KB.
 SMEM = {"sm90": 227 * 1024, "sm80": 163 * 1024, "sm86": 99 * 1024}
@@ -46,6 +46,15 @@ def test_decode_tiles_fit_shared_memory(family):
         smem = (rows + 2 * cfg.num_stages * cfg.block_n) * head_dim * 2
         assert smem <= SMEM[family], (family, head_dim, cfg, rows, smem)
     assert not uses_decode_kernel(17, 1, 64, 0.0) and not uses_decode_kernel(1, 1, 64, 0.1)
+
+
+@pytest.mark.parametrize("family", list(TILE_TABLE))
+def test_tune_candidates_fit_shared_memory_and_start_with_the_table_row(family):
+    for head_dim, row in TILE_TABLE[family].items():
+        candidates = tune_candidates(family, head_dim)
+        assert candidates[0] == row and len(set(candidates)) == len(candidates)
+        for cfg in candidates:
+            assert (cfg.block_m + 2 * cfg.num_stages * cfg.block_n) * head_dim * 2 <= SMEM[family], (family, cfg)
 
 
 def test_backward_tiles_fit_the_smallest_gpu():

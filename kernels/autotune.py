@@ -1,0 +1,90 @@
+"""Choosing among a few tile candidates by timing them once, remembered on disk across processes.
+
+Keyed by GPU family, head-dim bucket, dtype, causal and power-of-two length buckets; the first call
+with a new key times every candidate on the caller's own tensors, later calls (and later processes)
+read the answer. FLASHPATCH_AUTOTUNE=0 turns it off (the tile table's row is used). The decode path
+never tunes: its launches must stay cheap and graph-capturable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import asdict
+
+from .config import TileConfig
+
+ENV_SWITCH = "FLASHPATCH_AUTOTUNE"
+ENV_CACHE_DIR = "FLASHPATCH_CACHE_DIR"
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_SWITCH, "1") not in ("0", "false", "off")
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+def tune_key(head_dim_bucket: int, dtype: str, causal: bool, seq_q: int, seq_k: int) -> str:
+    return f"d{head_dim_bucket}-{dtype}-{'causal' if causal else 'full'}-q{_bucket(seq_q)}-k{_bucket(seq_k)}"
+
+
+def cache_file(family: str) -> str:
+    import triton
+
+    folder = os.environ.get(ENV_CACHE_DIR) or os.path.join(os.path.expanduser("~"), ".cache", "flashpatch")
+    return os.path.join(folder, f"autotune-{family}-triton{triton.__version__}.json")
+
+
+class Autotuner:
+    def __init__(self):
+        self.choices: dict[str, dict[str, TileConfig]] = {}  # family -> key -> config
+
+    def _load(self, family: str) -> dict[str, TileConfig]:
+        if family not in self.choices:
+            try:
+                with open(cache_file(family)) as f:
+                    self.choices[family] = {key: TileConfig(**row) for key, row in json.load(f).items()}
+            except (OSError, ValueError, TypeError):  # no file yet, or one we can't read: tune again
+                self.choices[family] = {}
+        return self.choices[family]
+
+    def _save(self, family: str) -> None:
+        path = cache_file(family)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            rows = {key: asdict(cfg) for key, cfg in self._load(family).items()}
+            with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), delete=False, suffix=".tmp") as f:
+                json.dump(rows, f, indent=1, sort_keys=True)
+            os.replace(f.name, path)  # atomic: concurrent processes never read half a file
+        except OSError as exc:
+            warnings.warn(f"flashpatch: could not write the autotune cache {path}: {exc}", stacklevel=3)
+
+    def pick(self, family: str, key: str, candidates: list[TileConfig], time_ms) -> TileConfig:
+        """The fastest candidate for `key` (timing each with `time_ms(cfg)` the first time), or the first
+        candidate, the table's row, when tuning is off."""
+        if not enabled() or len(candidates) == 1:
+            return candidates[0]
+        known = self._load(family)
+        if key in known:
+            return known[key]
+        timings = []
+        for cfg in candidates:
+            try:
+                timings.append((time_ms(cfg), cfg))
+            except Exception as exc:  # a candidate this GPU can't run (resources): never chosen
+                timings.append((math.inf, cfg))
+                warnings.warn(f"flashpatch: tile candidate {cfg} failed to run ({type(exc).__name__})", stacklevel=3)
+        best_ms, best = min(timings, key=lambda t: t[0])
+        if math.isinf(best_ms):
+            return candidates[0]
+        known[key] = best
+        self._save(family)
+        return best
+
+
+AUTOTUNER = Autotuner()
