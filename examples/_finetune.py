@@ -8,6 +8,17 @@ import os
 import time
 
 
+def device() -> str:
+    """This process's GPU: under `accelerate launch` each process gets its own (LOCAL_RANK), never GPU 0 for all."""
+    import torch
+
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+
+
+def main_process() -> bool:
+    return int(os.environ.get("RANK", 0)) == 0
+
+
 def common_args(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--text", required=True, help="Plain-text training file (e.g. WikiText-2 raw).")
@@ -76,13 +87,16 @@ def train(model, encode, args, name: str):
     summary = {
         "model": name, "flashpatch": args.flashpatch, "packed": args.packed, "context": args.context,
         "batch_size": args.batch_size, "steps": result.global_step, "seconds": seconds,
-        "samples_per_second": result.global_step * args.batch_size / seconds,
+        "processes": training_args.world_size,
+        "samples_per_second": result.global_step * args.batch_size * training_args.world_size / seconds,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None,
         "losses": losses, "fallbacks": dict(report.fallbacks) if report is not None else {},
     }
     print(f"final loss {losses[-1]:.4f} | {summary['samples_per_second']:.2f} samples/s"
           + (f" | peak {summary['peak_gib']:.2f} GiB" if on_gpu else "")
           + (f" | fallbacks {summary['fallbacks']}" if summary["fallbacks"] else ""))
+    if not main_process():
+        return summary
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=1)

@@ -37,8 +37,7 @@ def main():
                             **({} if args.attn_dropout is None else {"attn_pdrop": args.attn_dropout}))
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
         encode = lambda text: list(text.encode("utf-8"))  # noqa: E731
-    if torch.cuda.is_available():
-        model = model.cuda()
+    model = model.to(_finetune.device())
     _finetune.train(model, encode, args, "gpt2")
 
 

@@ -20,7 +20,7 @@ def main():
     from flashpatch.loading import load_model
 
     torch.manual_seed(args.seed)
-    loaded = load_model(args.model, dtype=torch.float32, device="cuda" if torch.cuda.is_available() else "cpu")
+    loaded = load_model(args.model, dtype=torch.float32, device=_finetune.device())
     loaded.model.train()
     _finetune.train(loaded.model, loaded.encode, args, "llama")
 

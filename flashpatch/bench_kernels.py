@@ -274,7 +274,7 @@ def decode_sweep(candidates, cases=((1, 4096), (1, 131072), (8, 16384), (32, 409
         for cfg, waves in candidates:
             splits = decode_splits(batch * heads, 1, n, cfg.block_n, sm_count, waves)
 
-            def fn(cfg=cfg, splits=splits):
+            def fn(cfg=cfg, splits=splits, q=q, k=k, v=v):
                 return flash_decode_forward(q, k, v, causal=True, scale=head_dim ** -0.5, key_padding_mask=None,
                                             seqused_k=None, config=cfg, num_splits=splits)
             try:
