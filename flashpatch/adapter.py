@@ -147,7 +147,7 @@ def _fallback(state: PatchState | None, reason: str, module, query, key, value, 
     if mode == "error":
         raise FallbackError(f"flashpatch cannot serve this attention call: {reason} (fallback='error')")
     impl = _fallback_impl(state.original_impl if state else "sdpa", attention_mask, module)
-    if state is not None:
+    if state is not None and not torch.compiler.is_compiling():  # dynamo can't trace warnings.warn (fullgraph)
         if not state.fallbacks[reason]:
             warnings.warn(f"flashpatch: {reason}; this call and others like it run {impl!r} attention instead",
                           stacklevel=3)

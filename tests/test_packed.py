@@ -80,3 +80,19 @@ def test_packed_batch_through_apply(arch):
     model(ids, position_ids=positions, labels=ids).loss.backward()
     assert not report.fallbacks
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_packed_batch_under_torch_compile_falls_back_correctly():
+    """Under dynamo the packed mask function can't be inspected: those calls run the model's own attention,
+    with fullgraph=True and the same logits."""
+    from models import tiny_model, token_ids
+
+    model = tiny_model("llama")
+    ids = token_ids(1, 40)
+    positions = torch.cat([torch.arange(n) for n in (15, 12, 13)])[None].to(ids.device)
+    with torch.no_grad():
+        expected = model(ids, position_ids=positions, use_cache=False).logits
+        flashpatch.apply(model)
+        torch._dynamo.reset()
+        got = torch.compile(model, backend="eager", fullgraph=True)(ids, position_ids=positions, use_cache=False).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
