@@ -70,10 +70,21 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _forward(q, k, v, causal, scale, key_padding_mask, dropout_p=0.0, seed=0, seqused_k=None, segment_ids=None):
-    from flashpatch.kernels import (decode_splits, flash_attn_forward, flash_decode_forward, select_decode_config,
-                                    uses_decode_kernel)
+_KERNELS = None
 
+
+def _kernels():
+    """flashpatch.kernels, imported on first use (TRITON_INTERPRET must be set before it is imported)."""
+    global _KERNELS
+    if _KERNELS is None:
+        import flashpatch.kernels
+
+        _KERNELS = flashpatch.kernels
+    return _KERNELS
+
+
+def _forward(q, k, v, causal, scale, key_padding_mask, dropout_p=0.0, seed=0, seqused_k=None, segment_ids=None):
+    kernels = _kernels()
     path = path_for_device(q.device)
     if not path.usable:
         raise AttentionInputError(f"flashpatch kernels cannot run here: {path.reason}. Use "
@@ -83,17 +94,17 @@ def _forward(q, k, v, causal, scale, key_padding_mask, dropout_p=0.0, seed=0, se
     heads_k, seq_k = k.shape[1], k.shape[2]
     guard = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
     with guard:
-        if segment_ids is None and uses_decode_kernel(seq_q, heads_q // heads_k, head_dim, dropout_p):
-            config = select_decode_config(path.family, head_dim)
-            splits = decode_splits(batch * heads_k, seq_q, seq_k, config.block_n, _sm_count(q.device))
-            return flash_decode_forward(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
-                                        seqused_k=seqused_k, config=config, num_splits=splits)
+        if segment_ids is None and kernels.uses_decode_kernel(seq_q, heads_q // heads_k, head_dim, dropout_p):
+            config = kernels.select_decode_config(path.family, head_dim)
+            splits = kernels.decode_splits(batch * heads_k, seq_q, seq_k, config.block_n, _sm_count(q.device))
+            return kernels.flash_decode_forward(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+                                                seqused_k=seqused_k, config=config, num_splits=splits)
 
         def launch(config):
-            splits = decode_splits(batch * heads_q, seq_q, seq_k, config.block_n, _sm_count(q.device))
-            return flash_attn_forward(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
-                                      config=config, seqused_k=seqused_k, segment_ids=segment_ids,
-                                      num_splits=splits, dropout_p=dropout_p, seed=seed)
+            splits = kernels.decode_splits(batch * heads_q, seq_q, seq_k, config.block_n, _sm_count(q.device))
+            return kernels.flash_attn_forward(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+                                              config=config, seqused_k=seqused_k, segment_ids=segment_ids,
+                                              num_splits=splits, dropout_p=dropout_p, seed=seed)
 
         return launch(_prefill_config(path.family, q, seq_k, causal, launch))
 

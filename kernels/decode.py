@@ -128,7 +128,7 @@ def flash_decode_forward(
     rows = batch * heads_q * seq_q
     if num_splits == 1:  # one program per KV head sees every key: write the result, no combine launch
         lse = torch.empty((batch, heads_q, seq_q), device=q.device, dtype=torch.float32)
-        o_part, lse_part = out.transpose(1, 2)[None], lse[None]
+        o_part, lse_part = out, lse  # out's memory is [B, Sq, H, D]: the partials' layout with one split
     else:  # one float32 allocation for the partials, their log-sum-exps and the final lse (host time counts here)
         work = torch.empty(rows * (num_splits * (head_dim + 1) + 1), device=q.device, dtype=torch.float32)
         o_part = work[:num_splits * rows * head_dim].view(num_splits, batch, seq_q, heads_q, head_dim)
@@ -147,8 +147,8 @@ def flash_decode_forward(
         q, k, v, o_part, lse_part, kpm, seqused,
         scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(),
-            o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
-        lse_part.stride(0), stride_mb, stride_mn,
+        rows * head_dim, seq_q * heads_q * head_dim, heads_q * head_dim, head_dim,  # partials: [S, B, Sq, H, D]
+        rows, stride_mb, stride_mn,  # lse partials: [S, B, H, Sq]
         heads_k, group, seq_q, seq_k, head_dim, split_len,
         BLOCK_R=decode_rows(seq_q, group), BLOCK_N=config.block_n, BLOCK_D=block_d,
         CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_SEQUSED=seqused_k is not None,
