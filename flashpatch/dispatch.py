@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import asdict, dataclass
 
 import torch
@@ -23,11 +24,27 @@ class KernelPath:
         return asdict(self)
 
 
+# The oldest Triton these kernels have run on (the GPU image's); an older one gets the named fallback rather
+# than launches nobody has tried (launcher API, do_not_specialize, dot precisions).
+MIN_TRITON = (3, 6)
+
+
+def triton_too_old(version: str) -> str | None:
+    found = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if found < MIN_TRITON:
+        return (f"Triton {version} is older than {MIN_TRITON[0]}.{MIN_TRITON[1]}, the oldest release the kernels are "
+                "tested on (pip install -U triton)")
+    return None
+
+
 @functools.lru_cache(maxsize=1)
 def triton_import_error() -> str | None:
     try:
-        import triton  # noqa: F401
+        import triton
 
+        too_old = triton_too_old(triton.__version__)
+        if too_old is not None:
+            return too_old
         from flashpatch import kernels  # noqa: F401
     except Exception as exc:  # ImportError, or a broken Triton install
         return f"{type(exc).__name__}: {exc}"

@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flashpatch.cli.main import app
-from flashpatch.dispatch import path_for_capability
+from flashpatch.dispatch import path_for_capability, triton_too_old
 from flashpatch.kernels.config import (BACKWARD_TABLE, DECODE_TABLE, TILE_TABLE, decode_splits, gpu_family,
                                        head_dim_bucket, select_config, tune_candidates, uses_decode_kernel)
 
@@ -22,6 +22,12 @@ def test_family_by_capability(capability, family):
     assert path.usable == (family is not None)
     if family is None:
         assert "older than sm80" in path.reason
+
+
+def test_triton_too_old_is_a_named_fallback():
+    assert "older than 3.6" in triton_too_old("3.5.1")
+    assert "older than 3.6" in triton_too_old("2.3.0")
+    assert triton_too_old("3.6.0") is None and triton_too_old("3.10.0+git1234") is None
 
 
 def test_fallback_reasons_are_named():
