@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from .patch import apply, unapply
+from .patch import each_implementation
 
 
 @dataclass
@@ -140,19 +140,11 @@ def bench_generation(model, *, contexts, new_tokens=128, batch=1, baselines=("ea
     """All cells for one model. The model's own attention is restored at the end."""
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
-    original = model.config._attn_implementation
     rows = []
-    for impl in (*baselines, "flashpatch"):
-        if impl == "flashpatch":
-            model.set_attn_implementation(original)
-            report = apply(model, fallback="error")
-        else:
-            try:
-                model.set_attn_implementation(impl)
-            except (ValueError, ImportError) as exc:
-                rows += [GenRow(impl, c, r, [], error=f"unavailable: {exc}".splitlines()[0][:160])
-                         for c in contexts for r in regimes]
-                continue
+    for impl, unavailable in each_implementation(model, baselines):
+        if unavailable:
+            rows += [GenRow(impl, c, r, [], error=unavailable) for c in contexts for r in regimes]
+            continue
         # Same lengths for every implementation; each one's process-level history starts with a short
         # warm-up (Triton compiles, cuBLAS/cuDNN handles) that leaves the measured lengths unseen.
         lengths = _LengthSource(new_tokens)
@@ -169,10 +161,6 @@ def bench_generation(model, *, contexts, new_tokens=128, batch=1, baselines=("ea
                                   cache, setup_s))
                 if progress:
                     progress()
-        if impl == "flashpatch":
-            unapply(model)
-            assert not report.fallbacks, f"flashpatch fell back during the benchmark: {dict(report.fallbacks)}"
-    model.set_attn_implementation(original)
     return rows
 
 

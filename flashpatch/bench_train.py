@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .patch import apply, unapply
+from .patch import each_implementation
 
 
 @dataclass
@@ -71,23 +71,14 @@ def _cell(model, impl, batch, context, steps, device) -> TrainRow:
 def bench_training(model, shapes, *, baselines=("eager", "sdpa"), steps=3, progress=None) -> list[TrainRow]:
     """One row per (implementation, (batch, context)); the model's attention is restored at the end."""
     device = next(model.parameters()).device
-    original = model.config._attn_implementation
     model.train()
     rows = []
-    for impl in (*baselines, "flashpatch"):
-        if impl == "flashpatch":
-            model.set_attn_implementation(original)
-            report = apply(model, fallback="error")
-        else:
-            model.set_attn_implementation(impl)
+    for impl, unavailable in each_implementation(model, baselines):
         for batch, context in shapes:
-            rows.append(_cell(model, impl, batch, context, steps, device))
+            rows.append(TrainRow(impl, batch, context, error=unavailable) if unavailable
+                        else _cell(model, impl, batch, context, steps, device))
             if progress:
                 progress()
-        if impl == "flashpatch":
-            unapply(model)
-            assert not report.fallbacks, f"flashpatch fell back during the benchmark: {dict(report.fallbacks)}"
-    model.set_attn_implementation(original)
     return rows
 
 
