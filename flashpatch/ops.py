@@ -125,15 +125,13 @@ def _time_ms(launch, config) -> float:
 
 def _prefill_config(family, q, seq_k, causal, launch):
     """The tile table's row, or on a GPU the autotuned choice among its candidates (kernels/autotune.py)."""
-    from flashpatch.kernels import select_config
-    from flashpatch.kernels.autotune import AUTOTUNER, tune_key
-    from flashpatch.kernels.config import SHORT_Q_BLOCK_M, head_dim_bucket, tune_candidates
-
+    kernels = _kernels()
     head_dim, seq_q = q.shape[-1], q.shape[2]
-    if family is None or seq_q <= SHORT_Q_BLOCK_M or not q.is_cuda or torch.cuda.is_current_stream_capturing():
-        return select_config(family, head_dim, seq_q)
-    key = tune_key(head_dim_bucket(head_dim), str(q.dtype).removeprefix("torch."), causal, seq_q, seq_k)
-    return AUTOTUNER.pick(family, key, tune_candidates(family, head_dim), lambda cfg: _time_ms(launch, cfg))
+    if family is None or seq_q <= kernels.SHORT_Q_BLOCK_M or not q.is_cuda or torch.cuda.is_current_stream_capturing():
+        return kernels.select_config(family, head_dim, seq_q)
+    key = kernels.tune_key(kernels.head_dim_bucket(head_dim), str(q.dtype).removeprefix("torch."), causal, seq_q, seq_k)
+    return kernels.AUTOTUNER.pick(family, key, kernels.tune_candidates(family, head_dim),
+                                  lambda cfg: _time_ms(launch, cfg))
 
 
 def _backward(grad_out, q, k, v, out, lse, causal, scale, key_padding_mask, dropout_p, seed, segment_ids=None):

@@ -47,7 +47,7 @@ class CachedLauncher:
                 tuple((args[i] % 16 == 0, args[i] == 1, args[i] >> 31) for i in ints),
                 tuple(args[i] for i in values))
 
-    def __call__(self, grid, *args, stream=None, **constexprs):
+    def __call__(self, grid, *args, **constexprs):
         if not self.direct:
             return self.kernel[grid](*args, **constexprs)
         key = self.key(args, constexprs)
@@ -58,7 +58,7 @@ class CachedLauncher:
             self.compiled[key] = (compiled, tuple(constexprs[name] for name in names))
             return
         compiled, constexpr_values = entry
-        compiled[grid](*args, *constexpr_values, stream=stream)
+        compiled[grid](*args, *constexpr_values)
 
 
 def _is_interpreted(kernel) -> bool:

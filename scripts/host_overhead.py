@@ -44,11 +44,3 @@ for _ in range(2000):
 prof.disable()
 torch.cuda.synchronize()
 pstats.Stats(prof).sort_stats("tottime").print_stats(25)
-
-if "--source" in __import__("sys").argv:
-    import inspect
-
-    from triton.compiler.compiler import CompiledKernel
-    print(inspect.getsource(CompiledKernel.__getitem__))
-    print(inspect.getsource(CompiledKernel.launch_metadata))
-    print(inspect.getsource(CompiledKernel._init_handles))
