@@ -247,24 +247,34 @@ def _bench_kernels(lengths: str | None, head_dims: str, json_path: str | None):
         _fail_usage("bench kernels needs a CUDA GPU (the CPU interpreter's speed means nothing)")
     from rich.progress import Progress
 
-    from flashpatch.bench_kernels import (DECODE_CACHES, SDPA_BACKENDS, SEED_LENGTHS, bench_decode, bench_forward,
-                                          decode_markdown, markdown_table)
+    from flashpatch.bench_kernels import (BACKWARD_IMPLS, DECODE_CACHES, SDPA_BACKENDS, SEED_LENGTHS, bench_backward,
+                                          bench_decode, bench_forward, decode_markdown, markdown_table)
 
     impls = ["flashpatch"] + [f"sdpa-{b}" for b in SDPA_BACKENDS] + ["flex"]
     decode_impls = impls[:-1]  # FlexAttention would compile per cache length
     length_list = [int(n) for n in lengths.split(",")] if lengths else list(SEED_LENGTHS)
     dims = [int(d) for d in head_dims.split(",")]
     batches = (1, 8, 32)
-    total = len(length_list) * len(dims) * 2 * len(impls) + len(DECODE_CACHES) * len(batches) * len(decode_impls)
+    cells = len(length_list) * len(dims) * 2
+    total = cells * (len(impls) + 2 * len(BACKWARD_IMPLS)) + len(DECODE_CACHES) * len(batches) * len(decode_impls)
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("forward and decode kernels", total=total)
-        rows = bench_forward(impls, lengths=length_list, head_dims=dims, progress=lambda: progress.advance(task))
-        decode_rows = bench_decode(decode_impls, batches=batches, progress=lambda: progress.advance(task))
+        task = progress.add_task("forward, backward and decode kernels", total=total)
+        step = lambda: progress.advance(task)  # noqa: E731
+        rows = bench_forward(impls, lengths=length_list, head_dims=dims, progress=step)
+        train_rows = bench_backward(lengths=length_list, head_dims=dims, progress=step)
+        bwd_rows = bench_backward(lengths=length_list, head_dims=dims, backward_only=True, progress=step)
+        decode_rows = bench_decode(decode_impls, batches=batches, progress=step)
     console.print("Forward, batch 8, 32 heads, bf16 (TFLOPS):")
     console.print(markdown_table(rows, impls))
+    console.print("Forward + backward (TFLOPS count 3.5x the forward's FLOPs):")
+    console.print(markdown_table(train_rows, BACKWARD_IMPLS))
+    console.print("Backward alone (2.5x the forward's FLOPs):")
+    console.print(markdown_table(bwd_rows, BACKWARD_IMPLS))
     console.print("Decode, one query token, 32 heads, head dim 128, bf16 (TB/s of K/V read):")
     console.print(decode_markdown(decode_rows, decode_impls))
-    _write_json({"rows": [r.to_dict() for r in rows], "decode_rows": [r.to_dict() for r in decode_rows]}, json_path)
+    _write_json({"rows": [r.to_dict() for r in rows], "forward_backward_rows": [r.to_dict() for r in train_rows],
+                 "backward_rows": [r.to_dict() for r in bwd_rows], "decode_rows": [r.to_dict() for r in decode_rows]},
+                json_path)
 
 if __name__ == "__main__":
     app()

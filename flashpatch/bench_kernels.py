@@ -163,11 +163,13 @@ def tile_sweep(candidates, lengths=(2048, 8192), head_dims=(64, 128), batch=8, h
     return results
 
 
-def bench_forward_backward(impls=("flashpatch", "sdpa-flash", "sdpa-cudnn"), lengths=(2048, 8192), head_dims=(64, 128),
-                           causals=(False, True), batch=8, heads=32, dtype=torch.bfloat16) -> list[KernelRow]:
-    """Forward + backward time; TFLOPS count 3.5x the forward's FLOPs (backward = 2.5x forward, FA's convention)."""
-    import triton
+BACKWARD_IMPLS = ("flashpatch", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex")
 
+
+def bench_backward(impls=BACKWARD_IMPLS, lengths=(2048, 8192), head_dims=(64, 128), causals=(False, True), batch=8,
+                   heads=32, dtype=torch.bfloat16, backward_only=False, progress=None) -> list[KernelRow]:
+    """Forward + backward (or, backward_only, the backward of a retained graph). TFLOPS count 3.5x (2.5x) the
+    forward's FLOPs, FA's convention."""
     rows = []
     for head_dim in head_dims:
         for causal in causals:
@@ -175,19 +177,25 @@ def bench_forward_backward(impls=("flashpatch", "sdpa-flash", "sdpa-cudnn"), len
                 q, k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", dtype=dtype, requires_grad=True)
                            for _ in range(3))
                 grad = torch.randn(batch, heads, n, head_dim, device="cuda", dtype=dtype)
-                flops = 3.5 * attention_flops(batch, heads, n, n, head_dim, causal)
+                flops = (2.5 if backward_only else 3.5) * attention_flops(batch, heads, n, n, head_dim, causal)
                 for impl in impls:
-                    forward = make_fn(impl, q, k, v, causal)
-
-                    def step(forward=forward, inputs=(q, k, v), grad=grad):
-                        torch.autograd.grad(forward(), inputs, grad)
                     try:
-                        step()
-                        ms = triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
-                        rows.append(KernelRow(impl, head_dim, n, causal, ms, flops / (ms * 1e-3) / 1e12, None))
+                        forward = make_fn(impl, q, k, v, causal)
+                        if backward_only:
+                            out = forward()
+                            step = lambda out=out: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True)
+                        else:
+                            step = lambda forward=forward: torch.autograd.grad(forward(), (q, k, v), grad)
+                        ms, tflops, peak = time_cell(step, flops)
+                        rows.append(KernelRow(impl, head_dim, n, causal, ms, tflops, peak))
                     except Exception as exc:
-                        rows.append(KernelRow(impl, head_dim, n, causal, None, None, None,
-                                              f"{type(exc).__name__}: {exc}".splitlines()[0][:120]))
+                        reason = "OOM" if isinstance(exc, torch.OutOfMemoryError) else f"{type(exc).__name__}: {exc}"
+                        rows.append(KernelRow(impl, head_dim, n, causal, None, None, None, reason.splitlines()[0][:120]))
+                    out = step = None
+                    with contextlib.suppress(Exception):
+                        torch.cuda.empty_cache()
+                    if progress is not None:
+                        progress()
                 del q, k, v, grad
     return rows
 

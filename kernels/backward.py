@@ -1,35 +1,86 @@
 """Flash-attention backward: dQ, dK, dV recomputed from the forward's log-sum-exp, no O(Sq * Sk) memory.
 
-Two kernels, no atomics: one program per key block computes dK and dV, summing over every query head
-of its GQA group; one program per query block computes dQ. Masking matches the forward exactly
-(bottom-right causal, key padding, ragged tails, padded head dims).
+Two kernels, no atomics, laid out like Triton's fused-attention tutorial: one program per key block computes
+dK and dV (summing over every query head of its GQA group) working on transposed tiles (P^T, dS^T), so no
+register tile is transposed; one program per query block computes dQ. Each walks its blocks in two loops:
+blocks on the causal diagonal apply the causal mask, the rest skip it.
+
+Ragged tails need no mask: out-of-range rows load lse = +inf (so P = 0) and out-of-range keys load K = V = 0
+(so they add nothing to dQ); their own dK/dV/dQ rows are never stored. Rows that saw no key at all (lse = -inf)
+are given +inf the same way: they have no gradient.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .config import TileConfig
-from .forward import LOG2E, dropout_keep, same_segment
+from .config import BackwardConfig
 from .launch import cdiv, next_power_of_2
 
 
 @triton.jit
-def _probabilities(q, k, lse_log2, rows, cols, kpm_base, stride_mn, seg_base, qk_scale, seq_q, seq_k, causal_offset,
-                   CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """P[rows, cols] of the forward softmax, from q [M, D], k^T [D, N] and the rows' log2-sum-exp2."""
-    s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
-    visible = (rows[:, None] < seq_q) & (cols[None, :] < seq_k)
-    if CAUSAL:
-        visible = visible & (cols[None, :] <= rows[:, None] + causal_offset)
-    if HAS_KPM:
-        keep = tl.load(kpm_base + cols * stride_mn, mask=cols < seq_k, other=0) != 0
-        visible = visible & keep[None, :]
-    if HAS_SEG:
-        visible = visible & same_segment(seg_base, rows, cols, seq_k)
-    # Rows that saw no key have lse = -inf and no gradient.
-    lse_safe = tl.where(lse_log2 == float("-inf"), 0.0, lse_log2)
-    return tl.where(visible, tl.math.exp2(s - lse_safe[:, None]), 0.0)
+def _bwd_delta_kernel(
+    O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_od, stride_dob, stride_doh, stride_dom, stride_dod,
+    num_heads, seq_q, head_dim, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d] in fp32, without fp32 copies of O and dO."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < seq_q) & (offs_d[None, :] < head_dim)
+    o = tl.load(O + b.to(tl.int64) * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od,
+                mask=mask, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h * stride_doh + rows[:, None] * stride_dom
+                 + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + pid_bh * seq_q + rows, delta, mask=rows < seq_q)
+
+
+@triton.jit
+def _row_lse_log2(LSE, rows, seq_q):
+    """Per-row log2-sum-exp2 for the exponent; +inf (P = 0) for rows past seq_q or that saw no key."""
+    lse = tl.load(LSE + rows, mask=rows < seq_q, other=float("inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+
+
+@triton.jit
+def _dkdv_steps(
+    dk, dv, k, v, q_base, do_base, LSE, DELTA, seg_base, cols, offs_m, offs_d,
+    stride_qm, stride_qd, stride_dom, stride_dod,
+    qk_scale, seq_q, seq_k, head_dim, causal_offset, seed, row_head, dropout_p, start_m, end_m,
+    BLOCK_M: tl.constexpr, MASK: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr,
+):
+    """Accumulate dK^T-side sums over query blocks [start_m, end_m) of one query head. MASK: causal diagonal."""
+    for m0 in range(start_m, end_m, BLOCK_M):
+        rows = m0 + offs_m
+        ld_mask = rows[None, :] < seq_q
+        q_t = tl.load(q_base + rows[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+                      mask=ld_mask & (offs_d[:, None] < head_dim), other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                     mask=(rows[:, None] < seq_q) & (offs_d[None, :] < head_dim), other=0.0)
+        lse = _row_lse_log2(LSE, rows, seq_q)
+        delta = tl.load(DELTA + rows, mask=rows < seq_q, other=0.0)
+        p_t = tl.math.exp2(tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale - lse[None, :])  # [N, M]
+        if MASK:
+            p_t = tl.where(cols[:, None] <= rows[None, :] + causal_offset, p_t, 0.0)
+        if HAS_SEG:
+            seg_q = tl.load(seg_base + rows, mask=rows < seq_k, other=-2)
+            seg_k = tl.load(seg_base + cols, mask=cols < seq_k, other=-1)
+            p_t = tl.where(seg_k[:, None] == seg_q[None, :], p_t, 0.0)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        p_used = p_t
+        if DROPOUT:  # the forward's mask (same Philox counters, transposed): P was dropped before it met V
+            keep = tl.rand(seed + row_head, rows[None, :] * seq_k + cols[:, None]) >= dropout_p
+            p_used = tl.where(keep, p_t / (1.0 - dropout_p), 0.0)
+            dp_t = tl.where(keep, dp_t / (1.0 - dropout_p), 0.0)
+        dv += tl.dot(p_used.to(do.dtype), do, input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -52,7 +103,8 @@ def _flash_bwd_dkdv_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads_k
     kv_h = pid_bh % num_heads_k
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = pid_n * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = (cols[:, None] < seq_k) & (offs_d[None, :] < head_dim)
@@ -61,44 +113,73 @@ def _flash_bwd_dkdv_kernel(
                 + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
     v = tl.load(V + b.to(tl.int64) * stride_vb + kv_h * stride_vh + cols[:, None] * stride_vn
                 + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-    kpm_base = KPM + b * stride_mb
     seg_base = SEG + b * stride_sb
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
     causal_offset = seq_k - seq_q
-    lo = 0
+    start_m = 0
+    full_m = 0
     if CAUSAL:
-        # Queries before this block's first key (shifted by the offset) never see it.
-        lo = tl.maximum(pid_n * BLOCK_N - causal_offset, 0) // BLOCK_M * BLOCK_M
+        # Query blocks before start_m never see this key block; from full_m on they see all of it.
+        start_m = tl.maximum(n0 - causal_offset, 0) // BLOCK_M * BLOCK_M
+        full_m = tl.minimum(tl.maximum(tl.cdiv(n0 + BLOCK_N - 1 - causal_offset, BLOCK_M) * BLOCK_M, start_m),
+                            tl.cdiv(seq_q, BLOCK_M) * BLOCK_M)
     for h in range(kv_h * group_size, (kv_h + 1) * group_size):  # GQA: sum over the group's query heads
         q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
         do_base = DO + b.to(tl.int64) * stride_dob + h * stride_doh
         row_base = (b * num_heads_q + h) * seq_q
-        for start_m in range(lo, seq_q, BLOCK_M):
-            rows = start_m + offs_m
-            q_mask = (rows[:, None] < seq_q) & (offs_d[None, :] < head_dim)
-            q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
-            do = tl.load(do_base + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=q_mask,
-                         other=0.0)
-            lse = tl.load(LSE + row_base + rows, mask=rows < seq_q, other=float("-inf")) * 1.4426950408889634
-            delta = tl.load(DELTA + row_base + rows, mask=rows < seq_q, other=0.0)
-            p = _probabilities(q, tl.trans(k), lse, rows, cols, kpm_base, stride_mn, seg_base, qk_scale, seq_q,
-                               seq_k, causal_offset, CAUSAL, HAS_KPM, HAS_SEG, DOT_PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            p_used = p
-            if DROPOUT:  # same mask as the forward: P was dropped before it met V
-                keep = dropout_keep(seed, b * num_heads_q + h, rows, cols, seq_k, dropout_p)
-                p_used = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-            dv += tl.dot(tl.trans(p_used.to(do.dtype)), do, input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+        if CAUSAL:
+            dk, dv = _dkdv_steps(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, seg_base, cols,
+                                 offs_m, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, seq_q, seq_k,
+                                 head_dim, causal_offset, seed, b * num_heads_q + h, dropout_p, start_m, full_m,
+                                 BLOCK_M, True, HAS_SEG, DOT_PRECISION, DROPOUT)
+        dk, dv = _dkdv_steps(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, seg_base, cols,
+                             offs_m, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, seq_q, seq_k,
+                             head_dim, causal_offset, seed, b * num_heads_q + h, dropout_p, full_m, seq_q,
+                             BLOCK_M, False, HAS_SEG, DOT_PRECISION, DROPOUT)
+    if HAS_KPM:  # a padded key gets no gradient; nothing else in this program depends on it
+        keep = tl.load(KPM + b * stride_mb + cols * stride_mn, mask=cols < seq_k, other=0) != 0
+        dk = tl.where(keep[:, None], dk, 0.0)
+        dv = tl.where(keep[:, None], dv, 0.0)
 
     tl.store(DK + b.to(tl.int64) * stride_dkb + kv_h * stride_dkh + cols[:, None] * stride_dkn
              + offs_d[None, :] * stride_dkd, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + b.to(tl.int64) * stride_dvb + kv_h * stride_dvh + cols[:, None] * stride_dvn
              + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_steps(
+    dq, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+    qk_scale, seq_k, head_dim, causal_offset, seed, row_head, dropout_p, start_n, end_n,
+    BLOCK_N: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    """Accumulate dQ over key blocks [start_n, end_n). MASK: causal diagonal."""
+    for n0 in range(start_n, end_n, BLOCK_N):
+        cols = n0 + offs_n
+        ld_mask = (cols[None, :] < seq_k) & (offs_d[:, None] < head_dim)
+        k_t = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=ld_mask, other=0.0)
+        v_t = tl.load(v_base + cols[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=ld_mask, other=0.0)
+        p = tl.math.exp2(tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
+        if MASK:
+            p = tl.where(cols[None, :] <= rows[:, None] + causal_offset, p, 0.0)
+        if HAS_KPM:
+            keep_col = tl.load(kpm_base + cols * stride_mn, mask=cols < seq_k, other=0) != 0
+            p = tl.where(keep_col[None, :], p, 0.0)
+        if HAS_SEG:
+            seg_q = tl.load(seg_base + rows, mask=rows < seq_k, other=-2)
+            seg_k = tl.load(seg_base + cols, mask=cols < seq_k, other=-1)
+            p = tl.where(seg_q[:, None] == seg_k[None, :], p, 0.0)
+        dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = tl.rand(seed + row_head, rows[:, None] * seq_k + cols[None, :]) >= dropout_p
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=DOT_PRECISION)
+    return dq
 
 
 @triton.jit
@@ -121,7 +202,8 @@ def _flash_bwd_dq_kernel(
     b = pid_bh // num_heads_q
     h = pid_bh % num_heads_q
     kv_h = h // group_size
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = pid_m * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     q_mask = (rows[:, None] < seq_q) & (offs_d[None, :] < head_dim)
@@ -130,7 +212,7 @@ def _flash_bwd_dq_kernel(
                 + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
     do = tl.load(DO + b.to(tl.int64) * stride_dob + h * stride_doh + rows[:, None] * stride_dom
                  + offs_d[None, :] * stride_dod, mask=q_mask, other=0.0)
-    lse = tl.load(LSE + pid_bh * seq_q + rows, mask=rows < seq_q, other=float("-inf")) * 1.4426950408889634
+    lse = _row_lse_log2(LSE + pid_bh * seq_q, rows, seq_q)
     delta = tl.load(DELTA + pid_bh * seq_q + rows, mask=rows < seq_q, other=0.0)
     k_base = K + b.to(tl.int64) * stride_kb + kv_h * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + kv_h * stride_vh
@@ -139,22 +221,20 @@ def _flash_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     causal_offset = seq_k - seq_q
-    hi = seq_k
+    full_n = tl.cdiv(seq_k, BLOCK_N) * BLOCK_N
+    end_n = full_n
     if CAUSAL:
-        hi = tl.maximum(tl.minimum(seq_k, (pid_m + 1) * BLOCK_M + causal_offset), 0)
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        kv_mask = (cols[:, None] < seq_k) & (offs_d[None, :] < head_dim)
-        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        p = _probabilities(q, tl.trans(k), lse, rows, cols, kpm_base, stride_mn, seg_base, qk_scale, seq_q, seq_k,
-                           causal_offset, CAUSAL, HAS_KPM, HAS_SEG, DOT_PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        if DROPOUT:
-            keep = dropout_keep(seed, pid_bh, rows, cols, seq_k, dropout_p)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        # Key blocks before full_n are visible to every row of this block; [full_n, end_n) straddle the diagonal.
+        end_n = tl.maximum(tl.minimum(seq_k, m0 + BLOCK_M + causal_offset), 0)
+        full_n = tl.minimum(tl.maximum(m0 + 1 + causal_offset, 0) // BLOCK_N * BLOCK_N, end_n)
+        dq = _dq_steps(dq, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
+                       stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, seq_k, head_dim,
+                       causal_offset, seed, pid_bh, dropout_p, full_n, end_n,
+                       BLOCK_N, True, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT)
+    dq = _dq_steps(dq, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
+                   stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, seq_k, head_dim,
+                   causal_offset, seed, pid_bh, dropout_p, 0, full_n,
+                   BLOCK_N, False, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT)
 
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqd, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
@@ -162,33 +242,41 @@ def _flash_bwd_dq_kernel(
 
 def flash_attn_backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-    lse: torch.Tensor, *, causal: bool, scale: float, key_padding_mask: torch.Tensor | None, config: TileConfig,
+    lse: torch.Tensor, *, causal: bool, scale: float, key_padding_mask: torch.Tensor | None, config: BackwardConfig,
     dropout_p: float = 0.0, seed: int = 0, segment_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) for flash_attn_forward's (out, lse); dk/dv have k's (fewer, for GQA) heads."""
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
+    block_d = max(16, next_power_of_2(head_dim))
     # delta_i = sum_d dO_id * O_id: the softmax-gradient correction term per query row.
-    delta = (grad_out.float() * out.float()).sum(-1).contiguous()
+    delta = torch.empty((batch, heads_q, seq_q), device=q.device, dtype=torch.float32)
+    delta_rows = max(1, min(64, 8192 // block_d))
+    _bwd_delta_kernel[(cdiv(seq_q, delta_rows), batch * heads_q)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), heads_q, seq_q, head_dim,
+        BLOCK_M=delta_rows, BLOCK_D=block_d)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if key_padding_mask is not None:
         kpm = key_padding_mask.view(torch.uint8)
         stride_mb, stride_mn = kpm.stride()
     else:
         kpm, stride_mb, stride_mn = delta, 0, 0  # never read when HAS_KPM is False
-    common = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=max(16, next_power_of_2(head_dim)),
-                  CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_SEG=segment_ids is not None,
-                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", DROPOUT=dropout_p > 0,
-                  num_warps=config.num_warps, num_stages=config.num_stages)
+    common = dict(BLOCK_D=block_d, CAUSAL=causal, HAS_KPM=key_padding_mask is not None,
+                  HAS_SEG=segment_ids is not None, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                  DROPOUT=dropout_p > 0)
     lse = lse.contiguous()
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     seg, stride_sb = (delta, 0) if segment_ids is None else (segment_ids, segment_ids.stride(0))
-    _flash_bwd_dkdv_kernel[(cdiv(seq_k, config.block_n), batch * heads_k)](
-        q, k, v, grad_out, lse, delta, dk, dv, kpm, seg, scale * LOG2E, scale,
+    dkdv, dq_tiles = config.dkdv, config.dq
+    _flash_bwd_dkdv_kernel[(cdiv(seq_k, dkdv.block_n), batch * heads_k)](
+        q, k, v, grad_out, lse, delta, dk, dv, kpm, seg, scale * 1.4426950408889634, scale,
         *strides, *dk.stride(), *dv.stride(), stride_mb, stride_mn, stride_sb,
-        heads_q, heads_k, heads_q // heads_k, seq_q, seq_k, head_dim, dropout_p, seed, **common)
-    _flash_bwd_dq_kernel[(cdiv(seq_q, config.block_m), batch * heads_q)](
-        q, k, v, grad_out, lse, delta, dq, kpm, seg, scale * LOG2E, scale,
+        heads_q, heads_k, heads_q // heads_k, seq_q, seq_k, head_dim, dropout_p, seed,
+        BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, num_warps=dkdv.num_warps, num_stages=dkdv.num_stages, **common)
+    _flash_bwd_dq_kernel[(cdiv(seq_q, dq_tiles.block_m), batch * heads_q)](
+        q, k, v, grad_out, lse, delta, dq, kpm, seg, scale * 1.4426950408889634, scale,
         *strides, *dq.stride(), stride_mb, stride_mn, stride_sb,
-        heads_q, heads_q // heads_k, seq_q, seq_k, head_dim, dropout_p, seed, **common)
+        heads_q, heads_q // heads_k, seq_q, seq_k, head_dim, dropout_p, seed,
+        BLOCK_M=dq_tiles.block_m, BLOCK_N=dq_tiles.block_n, num_warps=dq_tiles.num_warps,
+        num_stages=dq_tiles.num_stages, **common)
     return dq, dk, dv

@@ -145,16 +145,44 @@ def decode_splits(batch_heads: int, seq_q: int, seq_k: int, block_n: int, sm_cou
     return max(1, min(-(-waves * sm_count // batch_heads), by_length, MAX_SPLITS))
 
 
-# Backward tiles: five [tile, head_dim] operands live at once (q, dO, k, v and an fp32 accumulator pair),
-# so tiles are smaller than the forward's. Not yet tuned on a GPU (issue 6/8).
-BACKWARD_TABLE: dict[int, TileConfig] = {
-    64: TileConfig(64, 64, 4, 2),
-    128: TileConfig(64, 64, 8, 2),
-    256: TileConfig(32, 32, 4, 1),
+# Backward tiles, one row per kernel: dK/dV (block_n keys held, block_m query rows streamed) and dQ (block_m
+# queries held, block_n keys streamed). Shared memory is about (2 * held + 2 * num_stages * streamed) *
+# padded_head_dim * 2 bytes; tests/test_dispatch.py checks every row against its family's budget.
+@dataclass(frozen=True)
+class BackwardConfig:
+    dkdv: TileConfig
+    dq: TileConfig
+
+
+def backward_smem(cfg: BackwardConfig, head_dim: int) -> int:
+    dkdv = (2 * cfg.dkdv.block_n + 2 * cfg.dkdv.num_stages * cfg.dkdv.block_m) * head_dim * 2
+    dq = (2 * cfg.dq.block_m + 2 * cfg.dq.num_stages * cfg.dq.block_n) * head_dim * 2
+    return max(dkdv, dq)
+
+
+# sm90 rows (d64, d128) won a sweep on an H100 at N = 4096 (docs/gpu-runs/2026-11-24-session3/backward-sweep.txt);
+# the d256 row and the sm80/sm86 rows are the same shapes cut to those budgets (fewer stages, smaller tiles).
+BACKWARD_TABLE: dict[str, dict[int, BackwardConfig]] = {
+    "sm90": {
+        64: BackwardConfig(TileConfig(32, 128, 4, 3), TileConfig(128, 64, 8, 3)),
+        128: BackwardConfig(TileConfig(64, 128, 8, 3), TileConfig(128, 64, 8, 3)),
+        256: BackwardConfig(TileConfig(32, 64, 4, 2), TileConfig(64, 32, 4, 2)),
+    },
+    "sm80": {
+        64: BackwardConfig(TileConfig(32, 128, 4, 3), TileConfig(128, 64, 8, 3)),
+        128: BackwardConfig(TileConfig(64, 128, 8, 2), TileConfig(128, 64, 8, 2)),
+        256: BackwardConfig(TileConfig(32, 64, 4, 2), TileConfig(64, 32, 4, 2)),
+    },
+    "sm86": {
+        64: BackwardConfig(TileConfig(32, 128, 4, 3), TileConfig(128, 64, 8, 2)),
+        128: BackwardConfig(TileConfig(32, 64, 4, 2), TileConfig(64, 32, 4, 2)),
+        256: BackwardConfig(TileConfig(16, 32, 4, 2), TileConfig(32, 16, 4, 2)),
+    },
 }
+INTERPRETER_BACKWARD_CONFIG = BackwardConfig(INTERPRETER_CONFIG, TileConfig(16, 32, 4, 1))
 
 
-def select_backward_config(family: str | None, head_dim: int) -> TileConfig:
+def select_backward_config(family: str | None, head_dim: int) -> BackwardConfig:
     if family is None:
-        return INTERPRETER_CONFIG
-    return BACKWARD_TABLE[head_dim_bucket(head_dim)]
+        return INTERPRETER_BACKWARD_CONFIG
+    return BACKWARD_TABLE[family][head_dim_bucket(head_dim)]

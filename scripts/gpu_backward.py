@@ -1,4 +1,4 @@
-"""One GPU call: forward+backward timing vs SDPA's flash and cuDNN backends. Writes under $OUT."""
+"""One GPU call: forward+backward and backward-alone timing vs SDPA's backends and FlexAttention. Writes under $OUT."""
 
 import json
 import os
@@ -8,15 +8,17 @@ import time
 import torch
 import triton
 
-from flashpatch.bench_kernels import bench_forward_backward, markdown_table
+from flashpatch.bench_kernels import BACKWARD_IMPLS, bench_backward, markdown_table
 
 out_dir = os.environ.get("OUT", "out")
-impls = ["flashpatch", "sdpa-flash", "sdpa-cudnn"]
 env = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
        "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
-rows = bench_forward_backward(impls)
-table = markdown_table(rows, impls)
+print(env, flush=True)
+result = {"env": env}
+for name, backward_only in (("forward+backward", False), ("backward", True)):
+    rows = bench_backward(BACKWARD_IMPLS, backward_only=backward_only)
+    result[name] = [r.to_dict() for r in rows]
+    print(f"{name} (batch 8, 32 heads, bf16):")
+    print(markdown_table(rows, BACKWARD_IMPLS), flush=True)
 with open(f"{out_dir}/fwd-bwd.json", "w") as f:
-    json.dump({"env": env, "rows": [r.to_dict() for r in rows]}, f, indent=1)
-print(env)
-print(table)
+    json.dump(result, f, indent=1)

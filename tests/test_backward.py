@@ -37,7 +37,7 @@ def check(q, k, v, **kw):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("seq_q,seq_k", [(1, 1), (17, 17), (33, 65), (65, 33), (1, 50), (40, 40)])
+@pytest.mark.parametrize("seq_q,seq_k", [(1, 1), (17, 17), (33, 65), (65, 33), (1, 50), (40, 40), (90, 110)])
 def test_lengths(seq_q, seq_k, causal, dtype, device, poison_empty):
     check(*random_qkv(2, 4, 2, seq_q, seq_k, 64, dtype, device), causal=causal)
 

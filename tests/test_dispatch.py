@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from flashpatch.cli.main import app
 from flashpatch.dispatch import path_for_capability, triton_too_old
-from flashpatch.kernels.config import (BACKWARD_TABLE, DECODE_TABLE, TILE_TABLE, decode_splits, gpu_family,
+from flashpatch.kernels.config import (BACKWARD_TABLE, DECODE_TABLE, TILE_TABLE, backward_smem, decode_splits, gpu_family,
                                        head_dim_bucket, select_config, tune_candidates, uses_decode_kernel)
 
 # Shared memory per block each family may use (bytes): H100 227 KB, A100 163 KB, sm86/89 99 KB.
@@ -63,10 +63,11 @@ def test_tune_candidates_fit_shared_memory_and_start_with_the_table_row(family):
             assert (cfg.block_m + 2 * cfg.num_stages * cfg.block_n) * head_dim * 2 <= SMEM[family], (family, cfg)
 
 
-def test_backward_tiles_fit_the_smallest_gpu():
-    for head_dim, cfg in BACKWARD_TABLE.items():
-        smem = (2 * cfg.block_m + 2 * cfg.num_stages * cfg.block_n) * head_dim * 2
-        assert smem <= SMEM["sm86"], (head_dim, cfg, smem)
+@pytest.mark.parametrize("family", list(BACKWARD_TABLE))
+def test_backward_tiles_fit_shared_memory(family):
+    assert set(BACKWARD_TABLE[family]) == {64, 128, 256}
+    for head_dim, cfg in BACKWARD_TABLE[family].items():
+        assert backward_smem(cfg, head_dim) <= SMEM[family], (family, head_dim, cfg)
 
 
 @pytest.mark.parametrize("head_dim,bucket", [(8, 64), (64, 64), (80, 128), (128, 128), (160, 256), (256, 256)])

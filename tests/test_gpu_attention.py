@@ -147,3 +147,40 @@ def test_every_table_row_and_tune_candidate_compiles_fits_and_is_correct(family,
         shared = [compiled.metadata.shared for key, (compiled, _) in _launch_forward.compiled.items()
                   if options.items() <= dict(key[1]).items() and dict(key[1])["BLOCK_D"] == head_dim]
         assert shared and max(shared) <= SMEM[family], (family, cfg, shared)
+
+
+@pytest.mark.parametrize("family", ["sm90", "sm80", "sm86"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_every_backward_row_compiles_fits_and_is_correct(family, head_dim, monkeypatch):
+    """The backward's rows for each family compile here, fit that family's shared memory (compiled metadata)
+    and give gradients within FA2's rule."""
+    from flashpatch.kernels import BACKWARD_TABLE, flash_attn_backward, flash_attn_forward, select_config
+    from flashpatch.kernels import backward as bwd
+    from test_dispatch import SMEM
+
+    shared = []
+    for kernel in (bwd._flash_bwd_dkdv_kernel, bwd._flash_bwd_dq_kernel):
+        def run(*args, _run=kernel.run, **kwargs):
+            compiled = _run(*args, **kwargs)
+            shared.append(compiled.metadata.shared)
+            return compiled
+        monkeypatch.setattr(kernel, "run", run)
+
+    q, k, v = random_qkv(2, 8, 4, 300, 333, head_dim, torch.bfloat16, "cuda")
+    grad_out = torch.randn_like(q)
+    scale = head_dim ** -0.5
+    out, lse = flash_attn_forward(q, k, v, causal=True, scale=scale, key_padding_mask=None,
+                                  config=select_config(family, head_dim, 300))
+    ours = flash_attn_backward(grad_out, q, k, v, out, lse, causal=True, scale=scale, key_padding_mask=None,
+                               config=BACKWARD_TABLE[family][head_dim])
+    assert len(shared) == 2 and max(shared) <= SMEM[family], (family, head_dim, shared)
+
+    def grads(fn, *inputs):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        fn(*leaves, causal=True).backward(grad_out.to(leaves[0].dtype))
+        return [t.grad for t in leaves]
+
+    ref = grads(reference_attention, q.double(), k.double(), v.double())
+    same = grads(reference_attention, q, k, v)
+    for name, g, r, s in zip("qkv", ours, ref, same):
+        assert (g.double() - r).abs().max() <= 2 * (s.double() - r).abs().max() + 1e-2, name
