@@ -137,7 +137,7 @@ def _prefill_config(family, q, seq_k, causal, launch):
 def _backward(grad_out, q, k, v, out, lse, causal, scale, key_padding_mask, dropout_p, seed, segment_ids=None):
     from flashpatch.kernels import flash_attn_backward, select_backward_config
 
-    config = select_backward_config(path_for_device(q.device).family, q.shape[-1])
+    config = select_backward_config(path_for_device(q.device).family, q.shape[-1], q.element_size())
     guard = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
     with guard:
         return flash_attn_backward(grad_out, q, k, v, out, lse, causal=causal, scale=scale,

@@ -182,7 +182,17 @@ BACKWARD_TABLE: dict[str, dict[int, BackwardConfig]] = {
 INTERPRETER_BACKWARD_CONFIG = BackwardConfig(INTERPRETER_CONFIG, TileConfig(16, 32, 4, 1))
 
 
-def select_backward_config(family: str | None, head_dim: int) -> BackwardConfig:
+# float32 inputs (exact IEEE dots, no tensor cores): twice the bytes per element and FMA-built dots whose compile
+# time grows with the tile, so small tiles everywhere.
+FP32_BACKWARD: dict[int, BackwardConfig] = {
+    64: BackwardConfig(TileConfig(32, 64, 4, 1), TileConfig(64, 32, 4, 1)),
+    128: BackwardConfig(TileConfig(32, 64, 4, 1), TileConfig(64, 32, 4, 1)),
+    256: BackwardConfig(TileConfig(16, 32, 4, 1), TileConfig(32, 16, 4, 1)),
+}
+
+
+def select_backward_config(family: str | None, head_dim: int, element_size: int = 2) -> BackwardConfig:
     if family is None:
         return INTERPRETER_BACKWARD_CONFIG
-    return BACKWARD_TABLE[family][head_dim_bucket(head_dim)]
+    table = FP32_BACKWARD if element_size == 4 else BACKWARD_TABLE[family]
+    return table[head_dim_bucket(head_dim)]

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from flashpatch.cli.main import app
 from flashpatch.dispatch import path_for_capability, triton_too_old
 from flashpatch.kernels.config import (BACKWARD_TABLE, DECODE_TABLE, TILE_TABLE, backward_smem, decode_splits, gpu_family,
-                                       head_dim_bucket, select_config, tune_candidates, uses_decode_kernel)
+                                       head_dim_bucket, select_backward_config, select_config, tune_candidates, uses_decode_kernel)
 
 # Shared memory per block each family may use (bytes): H100 227 KB, A100 163 KB, sm86/89 99 KB.
 SMEM = {"sm90": 227 * 1024, "sm80": 163 * 1024, "sm86": 99 * 1024}
@@ -68,6 +68,7 @@ def test_backward_tiles_fit_shared_memory(family):
     assert set(BACKWARD_TABLE[family]) == {64, 128, 256}
     for head_dim, cfg in BACKWARD_TABLE[family].items():
         assert backward_smem(cfg, head_dim) <= SMEM[family], (family, head_dim, cfg)
+        assert 2 * backward_smem(select_backward_config(family, head_dim, 4), head_dim) <= SMEM[family]
 
 
 @pytest.mark.parametrize("head_dim,bucket", [(8, 64), (64, 64), (80, 128), (128, 128), (160, 256), (256, 256)])
