@@ -156,6 +156,7 @@ def test_every_backward_row_compiles_fits_and_is_correct(family, head_dim, monke
     and give gradients within FA2's rule."""
     from flashpatch.kernels import BACKWARD_TABLE, flash_attn_backward, flash_attn_forward, select_config
     from flashpatch.kernels import backward as bwd
+    from flashpatch.reference import reference_attention
     from test_dispatch import SMEM
 
     shared = []
