@@ -56,6 +56,25 @@ class Blocks:
         return {"input_ids": block, "labels": block.clone()}
 
 
+def _step_timer():
+    """A Trainer callback recording when each optimizer step ends (steady-state speed skips the first steps,
+    which include Triton's one-time kernel compiles and autotuning)."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter())
+
+    return StepTimer()
+
+
 def train(model, encode, args, name: str):
     import torch
     from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments, default_data_collator
@@ -77,22 +96,31 @@ def train(model, encode, args, name: str):
         bf16=on_gpu, use_cpu=not on_gpu, seed=args.seed, dataloader_drop_last=True, disable_tqdm=False,
     )
     collator = DataCollatorWithFlattening() if args.packed else default_data_collator
-    trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator)
+    timer = _step_timer()
+    trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
+                      callbacks=[timer])
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - start
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    samples_per_step = args.batch_size * training_args.world_size
+    warm = min(10, len(timer.times) // 5)
+    steady = None
+    if len(timer.times) - 1 > warm:
+        steady = (len(timer.times) - 1 - warm) * samples_per_step / (timer.times[-1] - timer.times[warm])
     summary = {
         "model": name, "flashpatch": args.flashpatch, "packed": args.packed, "context": args.context,
         "batch_size": args.batch_size, "steps": result.global_step, "seconds": seconds,
         "processes": training_args.world_size,
-        "samples_per_second": result.global_step * args.batch_size * training_args.world_size / seconds,
+        "samples_per_second": result.global_step * samples_per_step / seconds,
+        "steady_samples_per_second": steady, "steady_after_steps": warm + 1,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None,
         "losses": losses, "fallbacks": dict(report.fallbacks) if report is not None else {},
     }
     print(f"final loss {losses[-1]:.4f} | {summary['samples_per_second']:.2f} samples/s"
+          + (f" ({steady:.2f} after step {warm + 1})" if steady else "")
           + (f" | peak {summary['peak_gib']:.2f} GiB" if on_gpu else "")
           + (f" | fallbacks {summary['fallbacks']}" if summary["fallbacks"] else ""))
     if not main_process():

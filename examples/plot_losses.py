@@ -23,8 +23,8 @@ def main():
     for path in args.runs:
         with open(path) as f:
             run = json.load(f)
-        label = (f"{run['model']} {'flashpatch' if run['flashpatch'] else 'unpatched'}"
-                 f" ({run['samples_per_second']:.1f} samples/s)")
+        speed = run.get("steady_samples_per_second") or run["samples_per_second"]
+        label = f"{run['model']} {'flashpatch' if run['flashpatch'] else 'unpatched'} ({speed:.1f} samples/s)"
         plt.plot(range(1, len(run["losses"]) + 1), run["losses"], label=label, linewidth=1)
     plt.xlabel("step")
     plt.ylabel("training loss")

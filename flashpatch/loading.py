@@ -65,6 +65,12 @@ def load_model(spec: str, *, dtype: torch.dtype, device: str, layers: int | None
         if not os.path.isfile(path):
             raise UsageError(f"GGUF file not found: {path}")
         source, kwargs["gguf_file"] = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+        try:  # transformers >= 5.17 would keep blocks packed where it has a GGUF matmul kernel: no training then
+            from transformers import GgufConfig
+
+            kwargs["quantization_config"] = GgufConfig(dequantize=True)
+        except ImportError:  # older releases always de-quantize
+            pass
         description = f"{os.path.basename(path)} (GGUF, de-quantized to {dtype})"
     else:
         if spec.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(spec)):
