@@ -230,8 +230,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     with its own segment id (with causal, causally within its sequence). Forward and backward.
     Few query tokens (<= 16) go to a flash-decoding kernel that splits the cache across programs and reads
     each K/V byte once per GQA group.
+    Under autocast, q, k and v are cast to the autocast dtype first, as SDPA does (a Llama under bf16 autocast
+    with float32 weights hands over float32 q and k after RoPE but a bfloat16 v).
     Returns [batch, Hq, Sq, D] (memory laid out as [batch, Sq, Hq, D]).
     """
+    if isinstance(q, torch.Tensor) and torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = (t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in (q, k, v))
     _check_inputs(q, k, v, key_padding_mask, seqused_k, segment_ids)
     if segment_ids is not None:
         segment_ids = segment_ids.to(torch.int32).contiguous()

@@ -196,3 +196,19 @@ def test_decode_takes_the_split_path():
     assert decode_splits(batch_heads=32, seq_q=1024, seq_k=16384, block_n=64, sm_count=132) == 1
     assert decode_splits(batch_heads=4, seq_q=1, seq_k=100, block_n=64, sm_count=132) == 1
     assert decode_splits(batch_heads=1, seq_q=1, seq_k=1 << 20, block_n=64, sm_count=132) == 64
+
+
+def test_autocast_casts_mixed_inputs_like_sdpa(device):
+    """Under autocast (fp32 weights, lower-precision matmuls) RoPE leaves q and k in float32 and v in the autocast
+    dtype: like SDPA, the op runs in the autocast dtype; gradients flow back in each input's own dtype."""
+    dtype = torch.float16  # the interpreter cannot run bf16 dots
+    q, k, v = random_qkv(2, 4, 2, 20, 20, 32, torch.float32, device)
+    q, k, v = q.requires_grad_(), k.requires_grad_(), v.to(dtype).requires_grad_()
+    with torch.autocast(device.type, dtype=dtype):
+        out = flashpatch.attention(q, k, v, causal=True)
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert out.dtype == expected.dtype == dtype
+    ref = reference_attention(q.double(), k.double(), v.double(), causal=True)
+    assert (out.double() - ref).abs().max() <= 2 * (expected.double() - ref).abs().max() + 1e-3
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.float32 and v.grad.dtype == dtype and torch.isfinite(q.grad).all()
