@@ -172,11 +172,8 @@ def _(q, k, v, causal, scale, key_padding_mask, dropout_p, seed, seqused_k=None,
     return out, q.new_empty((batch, heads, seq_q), dtype=torch.float32)
 
 
-@torch.library.custom_op("flashpatch::attention_bwd", mutates_args=())
-def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                   lse: torch.Tensor, causal: bool, scale: float, key_padding_mask: torch.Tensor | None,
-                   dropout_p: float, seed: int,
-                   segment_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_or_fallback(grad_out, q, k, v, out, lse, causal, scale, key_padding_mask, dropout_p, seed,
+                          segment_ids=None):
     args = (causal, scale, key_padding_mask)
     try:
         return _backward(grad_out, q, k, v, out, lse, *args, dropout_p, seed, segment_ids)
@@ -187,6 +184,15 @@ def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         warnings.warn(f"flashpatch: Triton backward unavailable here ({type(exc).__name__}); "
                       "recomputing the gradient with PyTorch ops (O(Sq*Sk) memory)", stacklevel=2)
         return _reference_backward(grad_out, q, k, v, *args, segment_ids)
+
+
+@torch.library.custom_op("flashpatch::attention_bwd", mutates_args=())
+def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   lse: torch.Tensor, causal: bool, scale: float, key_padding_mask: torch.Tensor | None,
+                   dropout_p: float, seed: int,
+                   segment_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward_or_fallback(grad_out, q, k, v, out, lse, causal, scale, key_padding_mask, dropout_p, seed,
+                                 segment_ids)
 
 
 @_attention_bwd.register_fake
@@ -208,6 +214,25 @@ def _autograd_backward(ctx, grad_out, _grad_lse):
 
 
 _attention_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The same forward and backward as the custom ops, for eager training: an autograd.Function skips the
+    dispatcher's per-call work (about as much host time as a small layer's attention takes on the GPU)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, key_padding_mask, dropout_p, seed, segment_ids):
+        out, lse = _forward(q, k, v, causal, scale, key_padding_mask, dropout_p, seed, None, segment_ids)
+        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, segment_ids)
+        ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed = causal, scale, dropout_p, seed
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, key_padding_mask, segment_ids = ctx.saved_tensors
+        dq, dk, dv = _backward_or_fallback(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale, key_padding_mask,
+                                           ctx.dropout_p, ctx.seed, segment_ids)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, scale: float | None = None,
@@ -253,7 +278,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         seed = int(torch.randint(0, 2**30, (1,)).item()) if dropout_p else 0  # + head index stays in int32
     if q.shape[2] == 0 or k.shape[2] == 0:
         return torch.zeros_like(q)
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+    if torch.compiler.is_compiling():
         return _attention_fwd(q, k, v, causal, scale, key_padding_mask, dropout_p, seed, seqused_k, segment_ids)[0]
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _EagerAttention.apply(q, k, v, causal, scale, key_padding_mask, dropout_p, seed, segment_ids)
     # Inference outside torch.compile: skip the dispatcher's per-call cost (decode is launch-bound).
     return _forward(q, k, v, causal, scale, key_padding_mask, dropout_p, seed, seqused_k, segment_ids)[0]

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .config import BackwardConfig
-from .launch import cdiv, next_power_of_2
+from .launch import CachedLauncher, cdiv, next_power_of_2
 
 
 @triton.jit
@@ -240,6 +240,11 @@ def _flash_bwd_dq_kernel(
              + offs_d[None, :] * stride_dqd, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
+_launch_delta = CachedLauncher(_bwd_delta_kernel)
+_launch_dkdv = CachedLauncher(_flash_bwd_dkdv_kernel)
+_launch_dq = CachedLauncher(_flash_bwd_dq_kernel)
+
+
 def flash_attn_backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, *, causal: bool, scale: float, key_padding_mask: torch.Tensor | None, config: BackwardConfig,
@@ -252,7 +257,7 @@ def flash_attn_backward(
     # delta_i = sum_d dO_id * O_id: the softmax-gradient correction term per query row.
     delta = torch.empty((batch, heads_q, seq_q), device=q.device, dtype=torch.float32)
     delta_rows = max(1, min(64, 8192 // block_d))
-    _bwd_delta_kernel[(cdiv(seq_q, delta_rows), batch * heads_q)](
+    _launch_delta((cdiv(seq_q, delta_rows), batch * heads_q),
         out, grad_out, delta, *out.stride(), *grad_out.stride(), heads_q, seq_q, head_dim,
         BLOCK_M=delta_rows, BLOCK_D=block_d)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -268,12 +273,12 @@ def flash_attn_backward(
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     seg, stride_sb = (delta, 0) if segment_ids is None else (segment_ids, segment_ids.stride(0))
     dkdv, dq_tiles = config.dkdv, config.dq
-    _flash_bwd_dkdv_kernel[(cdiv(seq_k, dkdv.block_n), batch * heads_k)](
+    _launch_dkdv((cdiv(seq_k, dkdv.block_n), batch * heads_k),
         q, k, v, grad_out, lse, delta, dk, dv, kpm, seg, scale * 1.4426950408889634, scale,
         *strides, *dk.stride(), *dv.stride(), stride_mb, stride_mn, stride_sb,
         heads_q, heads_k, heads_q // heads_k, seq_q, seq_k, head_dim, dropout_p, seed,
         BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, num_warps=dkdv.num_warps, num_stages=dkdv.num_stages, **common)
-    _flash_bwd_dq_kernel[(cdiv(seq_q, dq_tiles.block_m), batch * heads_q)](
+    _launch_dq((cdiv(seq_q, dq_tiles.block_m), batch * heads_q),
         q, k, v, grad_out, lse, delta, dq, kpm, seg, scale * 1.4426950408889634, scale,
         *strides, *dq.stride(), stride_mb, stride_mn, stride_sb,
         heads_q, heads_q // heads_k, seq_q, seq_k, head_dim, dropout_p, seed,
