@@ -58,7 +58,7 @@ class CachedLauncher:
             self.compiled[key] = (compiled, tuple(constexprs[name] for name in names))
             return
         compiled, constexpr_values = entry
-        compiled[grid](*args, *constexpr_values)
+        compiled[(*grid, 1, 1)[:3]](*args, *constexpr_values)  # a compiled kernel wants all three grid dims
 
 
 def _is_interpreted(kernel) -> bool:
