@@ -28,3 +28,27 @@ def test_tensor_dtype_alignment_and_plain_values_change_the_key():
     assert KEY((flat, 1.5), {}) == KEY((flat, 2.5), {})
     with pytest.raises(TypeError, match="unexpected argument type"):
         KEY((flat, "x"), {})
+
+
+def test_cached_launches_get_three_grid_dims():
+    """A compiled kernel's launch indexes grid[0..2]: the cached path must pad a 2-D grid (the backward's)."""
+    grids = []
+
+    class Compiled:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return lambda *args: grid[2]  # what Triton's runner reads
+
+    class Kernel:
+        arg_names = ["x", "n", "BLOCK"]
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: Compiled()
+
+    launcher = CachedLauncher(_combine_splits_kernel)
+    launcher.kernel, launcher.direct = Kernel(), True
+    t = torch.zeros(4)
+    launcher((3, 5), t, 7, BLOCK=16)  # first call: through the kernel, which compiles
+    launcher((3, 5), t, 7, BLOCK=16)
+    launcher((9,), t, 7, BLOCK=16)
+    assert grids == [(3, 5, 1), (9, 1, 1)]
