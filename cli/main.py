@@ -35,9 +35,17 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print JSON instead 
     if "autotune" in data:
         tune = data["autotune"]
         table.add_row("autotune", f"{'on' if tune['enabled'] else 'off'} ({tune['switch']}); cache {tune['cache']}")
-    for kind in ("tiles", "decode_tiles"):
-        for bucket, cfg in data[kind].items():
-            table.add_row(f"{kind.replace('_', ' ')} {bucket}", "  ".join(f"{k}={v}" for k, v in cfg.items()))
+    def fmt(cfg):
+        return "  ".join(f"{k}={v}" for k, v in cfg.items())
+
+    for bucket, cfg in data["tiles"].items():
+        table.add_row(f"tiles {bucket}", fmt(cfg))
+        for alt in data["tune_candidates"].get(bucket, []):
+            table.add_row("  autotune candidate", fmt(alt))
+    for bucket, cfg in data["backward_tiles"].items():
+        table.add_row(f"backward tiles {bucket}", f"dK/dV: {fmt(cfg['dkdv'])} | dQ: {fmt(cfg['dq'])}")
+    for bucket, cfg in data["decode_tiles"].items():
+        table.add_row(f"decode tiles {bucket}", fmt(cfg))
     console.print(table)
 
 

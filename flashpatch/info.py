@@ -25,6 +25,8 @@ def gather_info() -> dict:
         "gpu": None,
         "kernel_path": path_for_device(device).to_dict(),
         "tiles": {},
+        "tune_candidates": {},
+        "backward_tiles": {},
         "decode_tiles": {},
     }
     if device.type == "cuda":
@@ -38,9 +40,13 @@ def gather_info() -> dict:
         }
     family = info["kernel_path"]["family"]
     if family is not None:
-        from flashpatch.kernels import DECODE_TABLE, TILE_TABLE
+        from flashpatch.kernels import BACKWARD_TABLE, DECODE_TABLE, TILE_TABLE, tune_candidates
 
         info["tiles"] = {f"head_dim<={d}": asdict(cfg) for d, cfg in TILE_TABLE[family].items()}
+        info["tune_candidates"] = {f"head_dim<={d}": [asdict(c) for c in tune_candidates(family, d)[1:]]
+                                   for d in TILE_TABLE[family]}
+        info["backward_tiles"] = {f"head_dim<={d}": {"dkdv": asdict(cfg.dkdv), "dq": asdict(cfg.dq)}
+                                  for d, cfg in BACKWARD_TABLE[family].items()}
         info["decode_tiles"] = {f"head_dim<={d}": asdict(cfg) for d, cfg in DECODE_TABLE[family].items()}
         from flashpatch.kernels.autotune import cache_file, enabled
 

@@ -5,6 +5,7 @@ memory per program is about (block_m + 2 * num_stages * block_n) * padded_head_d
 bytes for 16-bit inputs, which every row keeps under its GPU's per-block limit.
 """
 
+import os
 from dataclasses import dataclass
 
 
@@ -14,6 +15,7 @@ class TileConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    tma: bool = False  # the tensor-descriptor kernel (kernels/forward_tma.py) where a call allows it
 
 
 # Per compute-capability family, per padded head dim (64, 128, 256).
@@ -41,8 +43,9 @@ TILE_TABLE: dict[str, dict[int, TileConfig]] = {
 # what runs with FLASHPATCH_AUTOTUNE=0. Alternatives are the runners-up of the sm90 sweep and their
 # shared-memory-scaled cousins; tests/test_dispatch.py checks each fits its family's budget.
 TUNE_ALTERNATIVES: dict[str, dict[int, list[TileConfig]]] = {
-    "sm90": {64: [TileConfig(128, 128, 8, 3), TileConfig(128, 64, 4, 3)],
-             128: [TileConfig(128, 128, 8, 2), TileConfig(64, 64, 4, 3)],
+    "sm90": {64: [TileConfig(128, 128, 8, 3), TileConfig(128, 64, 4, 3), TileConfig(128, 64, 8, 3, tma=True)],
+             128: [TileConfig(128, 128, 8, 2), TileConfig(64, 64, 4, 3), TileConfig(128, 64, 8, 3, tma=True),
+                   TileConfig(128, 128, 8, 2, tma=True)],
              256: [TileConfig(64, 32, 4, 3)]},
     "sm80": {64: [TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 3)],
              128: [TileConfig(64, 64, 4, 3)],
@@ -53,9 +56,15 @@ TUNE_ALTERNATIVES: dict[str, dict[int, list[TileConfig]]] = {
 }
 
 
+# The TMA candidates join only with FLASHPATCH_TMA=1 until an H100 run has timed them (issue 8): they are
+# proven in the interpreter, and a candidate that fails to compile is skipped, but none has run on a GPU yet.
+TMA_SWITCH = "FLASHPATCH_TMA"
+
+
 def tune_candidates(family: str, head_dim: int) -> list[TileConfig]:
     bucket = head_dim_bucket(head_dim)
-    return [TILE_TABLE[family][bucket], *TUNE_ALTERNATIVES[family][bucket]]
+    tma = os.environ.get(TMA_SWITCH) == "1"
+    return [TILE_TABLE[family][bucket], *(c for c in TUNE_ALTERNATIVES[family][bucket] if tma or not c.tma)]
 
 
 # Triton's CPU interpreter: small tiles so that short test sequences still cross several

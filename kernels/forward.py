@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from .config import TileConfig
+from .forward_tma import flash_attn_forward_tma, tma_eligible
 from .launch import CachedLauncher, cdiv, next_power_of_2
 
 LOG2E = 1.4426950408889634
@@ -244,6 +245,10 @@ def flash_attn_forward(
     seqused_k (int32 [B], on the device): only keys below seqused_k[b] exist, and causal alignment is to it.
     segment_ids (contiguous int32 [B, S], Sq == Sk == S): packed sequences; a query sees keys of its own segment only.
     """
+    plain = (key_padding_mask is None and seqused_k is None and segment_ids is None and dropout_p == 0.0
+             and num_splits == 1)
+    if config.tma and tma_eligible(q, k, v, plain=plain):
+        return flash_attn_forward_tma(q, k, v, causal=causal, scale=scale, config=config)
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
     out = torch.empty((batch, seq_q, heads_q, head_dim), device=q.device, dtype=q.dtype).transpose(1, 2)

@@ -22,7 +22,9 @@ print(env, flush=True)
 
 if "--sweep" in sys.argv:
     candidates = [TileConfig(128, 64, 4, 3), TileConfig(128, 64, 8, 3), TileConfig(128, 128, 8, 3),
-                  TileConfig(64, 64, 4, 3), TileConfig(128, 32, 4, 4), TileConfig(128, 128, 8, 2)]
+                  TileConfig(64, 64, 4, 3), TileConfig(128, 32, 4, 4), TileConfig(128, 128, 8, 2),
+                  TileConfig(128, 64, 8, 3, tma=True), TileConfig(128, 128, 8, 2, tma=True),
+                  TileConfig(128, 128, 8, 3, tma=True)]
     t = time.time()
     sweep = tile_sweep(candidates)
     with open(f"{out_dir}/sweep.txt", "w") as f:

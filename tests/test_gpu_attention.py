@@ -131,21 +131,28 @@ def test_packed_segments_forward_and_backward(dtype):
 
 @pytest.mark.parametrize("family", ["sm90", "sm80", "sm86"])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
-def test_every_table_row_and_tune_candidate_compiles_fits_and_is_correct(family, head_dim):
+def test_every_table_row_and_tune_candidate_compiles_fits_and_is_correct(family, head_dim, monkeypatch):
     """Issue 8's evidence for GPUs we don't have: each family's forward rows and autotune candidates compile
     here, their compiled shared memory fits that family's budget, and they compute the right thing."""
     from flashpatch.kernels import flash_attn_forward
     from flashpatch.kernels.config import tune_candidates
     from flashpatch.kernels.forward import _launch_forward
+    from flashpatch.kernels.forward_tma import COMPILED
     from test_dispatch import SMEM
 
+    monkeypatch.setenv("FLASHPATCH_TMA", "1")
     q, k, v = random_qkv(2, 8, 4, 700, 700, head_dim, torch.bfloat16, "cuda")
     for cfg in tune_candidates(family, head_dim):
         out, _ = flash_attn_forward(q, k, v, causal=True, scale=head_dim ** -0.5, key_padding_mask=None, config=cfg)
         assert_fa2_rule(out, q, k, v, causal=True)
-        options = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        shared = [compiled.metadata.shared for key, (compiled, _) in _launch_forward.compiled.items()
-                  if options.items() <= dict(key[1]).items() and dict(key[1])["BLOCK_D"] == head_dim]
+        if cfg.tma:  # the tensor-descriptor kernel (Hopper only: no other family lists it)
+            compiled = COMPILED[(cfg.block_m, cfg.block_n, head_dim, True, cfg.num_warps, cfg.num_stages)]
+            shared = [compiled.metadata.shared]
+        else:
+            options = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+                           num_stages=cfg.num_stages)
+            shared = [compiled.metadata.shared for key, (compiled, _) in _launch_forward.compiled.items()
+                      if options.items() <= dict(key[1]).items() and dict(key[1])["BLOCK_D"] == head_dim]
         assert shared and max(shared) <= SMEM[family], (family, cfg, shared)
 
 
