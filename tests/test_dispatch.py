@@ -8,8 +8,9 @@ from typer.testing import CliRunner
 
 from flashpatch.cli.main import app
 from flashpatch.dispatch import path_for_capability, triton_too_old
-from flashpatch.kernels.config import (BACKWARD_TABLE, DECODE_TABLE, TILE_TABLE, backward_smem, decode_splits, gpu_family,
-                                       head_dim_bucket, select_backward_config, select_config, tune_candidates, uses_decode_kernel)
+from flashpatch.kernels.config import (BACKWARD_TABLE, DECODE_TABLE, TILE_TABLE, backward_smem, decode_splits,
+                                       gpu_family, head_dim_bucket, select_backward_config, select_config,
+                                       tune_candidates, uses_decode_kernel)
 
 # Shared memory per block each family may use (bytes): H100 227 KB, A100 163 KB, sm86/89 99 KB.
 SMEM = {"sm90": 227 * 1024, "sm80": 163 * 1024, "sm86": 99 * 1024}
