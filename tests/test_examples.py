@@ -30,6 +30,13 @@ def test_gpt2_patched_trains_like_unpatched(tmp_path):
     assert not ours["fallbacks"], ours["fallbacks"]  # every training call went through the kernels
     for a, b in zip(ours["losses"], theirs["losses"]):
         assert a == pytest.approx(b, rel=1e-3)
+    assert ours["steady_samples_per_second"] > 0 and ours["steady_after_steps"] == 1  # 3 steps: nothing to skip
+    png = tmp_path / "losses.png"
+    runs = sorted(str(p) for p in tmp_path.glob("*.json"))
+    res = subprocess.run([sys.executable, os.path.join(EXAMPLES, "plot_losses.py"), *runs, "--out", str(png)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_gpt2_attention_dropout_trains_in_the_kernels(tmp_path):
