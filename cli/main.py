@@ -87,6 +87,8 @@ def verify(
     stride: int = typer.Option(None, "--stride", help="Window stride (default context/2 on GPU, context on CPU)."),
     dtype: str = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (GPU default bf16, CPU fp32)."),
     device: str = typer.Option(None, "--device", help="cuda or cpu (default: cuda if present)."),
+    device_map: str = typer.Option(None, "--device-map", help="'auto': spread the model's layers over every "
+                                                            "visible GPU (accelerate), as for models too big for one."),
     generate_tokens: int = typer.Option(None, "--generate-tokens", help="Greedy tokens compared (GPU 128, CPU 16)."),
     tolerance: float = typer.Option(0.1, "--tolerance", help="Allowed relative perplexity difference, percent."),
     min_top1: float = typer.Option(None, "--min-top1", help="Also require this top-1 agreement of logits (0-1)."),
@@ -116,7 +118,7 @@ def verify(
         text_data, source = load_text(text, dataset)
         with console.status(f"loading {model}"):
             loaded = load_model(model, dtype=DTYPES[dtype], device=device, layers=layers,
-                                trust_remote_code=trust_remote_code)
+                                trust_remote_code=trust_remote_code, device_map=device_map)
     except UsageError as exc:
         _fail_usage(str(exc))
 
@@ -182,6 +184,8 @@ def bench(
                                                          "context + new tokens; generate compiles it on a GPU)."),
     layers: int = typer.Option(None, "--layers", help="Presets: keep only this many layers."),
     device: str = typer.Option(None, "--device", help="cuda or cpu (default: cuda if present)."),
+    device_map: str = typer.Option(None, "--device-map", help="'auto': spread the model's layers over every "
+                                                            "visible GPU (accelerate), as for models too big for one."),
     json_path: str = typer.Option(None, "--json", help="Write rows as JSON to this file."),
     plot_path: str = typer.Option(None, "--plot", help="Write a PNG: tokens/s and peak memory vs context."),
     head_dims: str = typer.Option("64,128", "--head-dims", help="kernels: head dims."),
@@ -221,10 +225,17 @@ def bench(
             if model in PRESET_CONFIGS:
                 from flashpatch.presets import build_model
 
-                loaded_model = build_model(model, layers=layers, dtype=DTYPES[dtype], device=device,
+                if device_map not in (None, "auto"):
+                    raise UsageError(f"--device-map {device_map!r}: only 'auto' is supported")
+                loaded_model = build_model(model, layers=layers, dtype=DTYPES[dtype],
+                                           device="cpu" if device_map else device,
                                            max_positions=max(context_list) + new_tokens + 1)
+                if device_map:
+                    from flashpatch.devices import dispatch_auto
+
+                    loaded_model = dispatch_auto(loaded_model)
             else:
-                loaded_model = load_model(model, dtype=DTYPES[dtype], device=device).model
+                loaded_model = load_model(model, dtype=DTYPES[dtype], device=device, device_map=device_map).model
     except UsageError as exc:
         _fail_usage(str(exc))
     cells = len(context_list) * len(regime_list) * (len(baseline_list) + 1)

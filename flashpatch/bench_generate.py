@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from .devices import max_memory_allocated_all, memory_allocated_all, reset_peak_memory_all, synchronize_all
 from .patch import each_implementation
 
 
@@ -54,7 +55,7 @@ class _StepClock(LogitsProcessor):
 
 def _generate_once(model, prompt, new_tokens: int, cache_kwargs=None) -> tuple[float, float, float]:
     """(ttft s, decode s for new_tokens - 1 tokens, total s) of one greedy generate call."""
-    sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
+    sync = synchronize_all if prompt.is_cuda else (lambda: None)
     clock = _StepClock(sync)
     sync()
     start = time.perf_counter()
@@ -95,9 +96,9 @@ def _cell(model, impl, context, regime, lengths, new_tokens, batch, repeats, voc
           cache="dynamic", setup_s=None) -> GenRow:
     results, used = [], []
     cache_kwargs = _cache_kwargs(cache, context, new_tokens)
-    base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+    base = memory_allocated_all() if device.type == "cuda" else 0  # every GPU: a model may span several
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+        reset_peak_memory_all()
     try:
         if regime == "warm":
             length = context
@@ -118,7 +119,7 @@ def _cell(model, impl, context, regime, lengths, new_tokens, batch, repeats, voc
             torch.cuda.empty_cache()
         reason = "OOM" if isinstance(exc, torch.OutOfMemoryError) else f"{type(exc).__name__}: {exc}".splitlines()[0]
         return GenRow(impl, context, regime, used, error=reason[:160], cache=cache, setup_s=setup_s)
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else None
+    peak = (max_memory_allocated_all() - base) / 2**20 if device.type == "cuda" else None
     ttft = statistics.median(r[0] for r in results)
     decode = statistics.median(r[1] for r in results)
     total = statistics.median(r[2] for r in results)

@@ -46,11 +46,19 @@ def smollm2_gguf() -> str:
 
 
 def load_model(spec: str, *, dtype: torch.dtype, device: str, layers: int | None = None,
-               trust_remote_code: bool = False, attn_implementation: str | None = None) -> LoadedModel:
-    """`spec`: a preset name, 'smollm2', a .gguf path, a local directory or a hub id."""
+               trust_remote_code: bool = False, attn_implementation: str | None = None,
+               device_map: str | None = None) -> LoadedModel:
+    """`spec`: a preset name, 'smollm2', a .gguf path, a local directory or a hub id. device_map="auto" spreads
+    the model's layers over every visible GPU (accelerate) instead of putting it on `device`."""
+    if device_map not in (None, "auto"):
+        raise UsageError(f"device_map {device_map!r}: only 'auto' is supported")
     if spec in PRESET_CONFIGS:
-        model = build_model(spec, layers=layers, dtype=dtype, device=device,
+        model = build_model(spec, layers=layers, dtype=dtype, device="cpu" if device_map else device,
                             attn_implementation=attn_implementation or "sdpa")
+        if device_map:
+            from flashpatch.devices import dispatch_auto
+
+            model = dispatch_auto(model)
         encode, decode = _byte_codec(model.config.vocab_size)
         n_layers = model.config.num_hidden_layers
         return LoadedModel(model, encode, decode, f"preset {spec} (random weights, {n_layers} layers)")
@@ -58,6 +66,8 @@ def load_model(spec: str, *, dtype: torch.dtype, device: str, layers: int | None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    if device_map:
+        kwargs["device_map"] = device_map
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if spec == "smollm2" or spec.endswith(".gguf"):
@@ -77,13 +87,14 @@ def load_model(spec: str, *, dtype: torch.dtype, device: str, layers: int | None
             raise UsageError(f"model directory not found: {spec}")
         source, description = spec, spec
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **{k: v for k, v in kwargs.items() if k != "dtype"
-                                                             and k != "attn_implementation"})
+        tokenizer = AutoTokenizer.from_pretrained(source, **{k: v for k, v in kwargs.items()
+                                                             if k not in ("dtype", "attn_implementation", "device_map",
+                                                                          "quantization_config")})
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"cannot load model {spec!r}: {first}. Presets: {', '.join(PRESET_CONFIGS)}, smollm2") from exc
-    model = model.to(device).eval()
+    model = (model if device_map else model.to(device)).eval()
     return LoadedModel(model, lambda text: tokenizer(text).input_ids, tokenizer.decode, description)
 
 

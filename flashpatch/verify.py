@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from .devices import model_devices, synchronize_all
 from .loading import LoadedModel
 from .patch import apply, patched, unapply
 
@@ -76,7 +77,7 @@ def strided_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int,
 
 
 def _timed_logits(model, input_ids) -> tuple[torch.Tensor, float]:
-    sync = torch.cuda.synchronize if input_ids.is_cuda else (lambda: None)
+    sync = synchronize_all if input_ids.is_cuda else (lambda: None)
     sync()
     start = time.perf_counter()
     with torch.no_grad():
@@ -147,7 +148,7 @@ def run_verify(loaded: LoadedModel, text: str, text_source: str, opts: VerifyOpt
     return VerifyResult(
         model=loaded.description, text_source=text_source, baseline_impl=baseline_impl,
         kernel_path=report.kernel_path["name"], dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-        device=str(device), tokens=len(ids), windows=len(windows), context=opts.context, stride=opts.stride,
+        device=",".join(model_devices(model)), tokens=len(ids), windows=len(windows), context=opts.context, stride=opts.stride,
         ppl_baseline=ppl_base, ppl_patched=ppl_ours, ppl_rel_diff_pct=abs(ppl_ours - ppl_base) / ppl_base * 100,
         max_abs_logit_diff=max_diff, mean_abs_logit_diff=sum_diff / max(n_diff, 1),
         top1_agreement=agree / max(scored, 1), generate_tokens=opts.generate_tokens,

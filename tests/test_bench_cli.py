@@ -76,3 +76,18 @@ def test_static_cache_run(tmp_path):
     for r in data["rows"]:
         assert r["error"] is None and r["cache"] == "static" and r["setup_s"] > 0
     assert "compile s" in data["markdown"]
+
+
+def test_device_map_auto_run(tmp_path, monkeypatch):
+    """--device-map auto builds the preset on the CPU and hands it to accelerate's dispatch (every GPU there is)."""
+    import flashpatch.devices
+
+    dispatched = []
+    real = flashpatch.devices.dispatch_auto
+    monkeypatch.setattr(flashpatch.devices, "dispatch_auto", lambda model: dispatched.append(1) or real(model))
+    out = tmp_path / "bench.json"
+    result = runner.invoke(app, [*ARGS, "--regimes", "warm", "--baselines", "sdpa", "--device-map", "auto",
+                                 "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert dispatched == [1]
+    assert all(r["error"] is None for r in json.loads(out.read_text())["rows"])

