@@ -229,6 +229,9 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if torch.is_grad_enabled():  # create_graph=True: the Triton backward has no derivative of its own
+            raise RuntimeError("flashpatch.attention has no double backward (create_graph=True); for higher-order "
+                               "gradients use torch.nn.functional.scaled_dot_product_attention's math backend")
         q, k, v, out, lse, key_padding_mask, segment_ids = ctx.saved_tensors
         dq, dk, dv = _backward_or_fallback(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale, key_padding_mask,
                                            ctx.dropout_p, ctx.seed, segment_ids)

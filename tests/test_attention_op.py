@@ -212,3 +212,10 @@ def test_autocast_casts_mixed_inputs_like_sdpa(device):
     assert (out.double() - ref).abs().max() <= 2 * (expected.double() - ref).abs().max() + 1e-3
     out.float().sum().backward()
     assert q.grad.dtype == torch.float32 and v.grad.dtype == dtype and torch.isfinite(q.grad).all()
+
+
+def test_double_backward_raises_instead_of_dropping_second_order_terms(device):
+    q, k, v = (t.requires_grad_() for t in random_qkv(1, 2, 2, 9, 9, 32, torch.float32, device))
+    out = flashpatch.attention(q, k, v, causal=True)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(out.sum(), q, create_graph=True)  # else dq would silently not depend on q
