@@ -84,7 +84,7 @@ def _flash_fwd_tma_kernel(
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
     tl.store(LSE + pid_bh * seq_q + offs_m, lse, mask=offs_m < seq_q)
-    desc_o.store([b, h, m0, 0], out.to(desc_o.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))
+    desc_o.store([b, h, m0, 0], out.to(q.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))  # O has q's dtype
 
 
 def _descriptor_legal(t: torch.Tensor) -> bool:
