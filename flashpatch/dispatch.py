@@ -93,11 +93,16 @@ def path_for_device(device: torch.device) -> KernelPath:
     return path_for_capability(capability, triton_error=triton_import_error(), interpreter=interpreter_active())
 
 
-@torch.compiler.assume_constant_result  # traced models ask at compile time, not in the graph
 def unusable_reason(device: torch.device) -> str | None:
     """Why the kernels cannot serve `device`, or None when they can."""
     path = path_for_device(device)
     return None if path.usable else path.reason
+
+
+# Traced models ask at compile time, not in the graph: torch.compiler.assume_constant_result(fn) does exactly
+# this (tests/test_dispatch.py checks it still does), but calling it imports torch._dynamo and with it Triton,
+# and Triton's language must not be imported before the CLI sets TRITON_INTERPRET for a CPU run.
+unusable_reason._dynamo_marked_constant = True
 
 
 def default_device() -> torch.device:

@@ -117,3 +117,26 @@ def test_info_prints_every_table_for_the_gpu_family(monkeypatch):
     result = CliRunner().invoke(app, ["info"], terminal_width=200)
     assert result.exit_code == 0
     assert "backward tiles head_dim<=64" in result.output and "tma=True" in result.output
+
+
+def test_unusable_reason_is_marked_constant_as_assume_constant_result_would():
+    """dispatch.py marks it by hand (the decorator would import torch._dynamo and Triton at import time)."""
+    import torch
+
+    from flashpatch.dispatch import unusable_reason
+
+    marked = torch.compiler.assume_constant_result(lambda: None)
+    assert set(vars(marked)) == {"_dynamo_marked_constant"} and marked._dynamo_marked_constant is True
+    assert unusable_reason._dynamo_marked_constant is True
+
+
+def test_importing_the_cli_leaves_triton_unimported():
+    """The CLI sets TRITON_INTERPRET on a CPU machine after it is imported: Triton's language must not be loaded
+    by then, or the interpreter cannot run the kernels (`make demo` broke this way)."""
+    import subprocess
+    import sys
+
+    code = "import sys, flashpatch.cli.main; print('triton.language' in sys.modules)"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "False", out.stderr

@@ -114,3 +114,17 @@ def test_unknown_hub_model_exits_2(monkeypatch):
 
 def test_wikitext_path_is_the_shared_one():
     assert os.path.exists(WIKITEXT), "tests read ../shared/data/wikitext-2-raw/wiki.test.raw"
+
+
+def test_cli_in_a_fresh_process_runs_the_kernels_on_cpu():
+    """What `make demo` does: a new process, no TRITON_INTERPRET set beforehand; the CLI must set it in time."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    res = subprocess.run([sys.executable, "-m", "flashpatch.cli.main", "verify", "tiny-llama", "--text", WIKITEXT,
+                          *SMALL, "--json", "-"], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    data = json.loads(res.stdout[res.stdout.index("{"):])
+    assert data["verdict"] == "PASS" and data["kernel_path"] == "triton-interpreter"
