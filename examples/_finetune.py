@@ -8,6 +8,15 @@ import os
 import time
 
 
+def interpreter_without_gpu() -> None:
+    """On a machine without a GPU, run flashpatch's kernels in Triton's CPU interpreter (a slow correctness run).
+    Must happen before anything imports Triton's language (transformers may, through torch._dynamo)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def device() -> str:
     """This process's GPU: under `accelerate launch` each process gets its own (LOCAL_RANK), never GPU 0 for all."""
     import torch

@@ -18,6 +18,7 @@ def main():
     p.add_argument("--width", type=int, default=768, help="Hidden size (head dim stays 64).")
     p.add_argument("--attn-dropout", type=float, default=None)
     args = p.parse_args()
+    _finetune.interpreter_without_gpu()
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config

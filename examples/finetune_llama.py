@@ -14,6 +14,7 @@ def main():
     p = _finetune.common_args(__doc__)
     p.add_argument("--model", default="smollm2", help="'smollm2', a .gguf file, a hub id or a local dir.")
     args = p.parse_args()
+    _finetune.interpreter_without_gpu()
 
     import torch
 
