@@ -135,12 +135,11 @@ def _prefill_config(family, q, seq_k, causal, launch):
 
 
 def _backward(grad_out, q, k, v, out, lse, causal, scale, key_padding_mask, dropout_p, seed, segment_ids=None):
-    from flashpatch.kernels import flash_attn_backward, select_backward_config
-
-    config = select_backward_config(path_for_device(q.device).family, q.shape[-1], q.element_size())
+    kernels = _kernels()
+    config = kernels.select_backward_config(path_for_device(q.device).family, q.shape[-1], q.element_size())
     guard = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
     with guard:
-        return flash_attn_backward(grad_out, q, k, v, out, lse, causal=causal, scale=scale,
+        return kernels.flash_attn_backward(grad_out, q, k, v, out, lse, causal=causal, scale=scale,
                                    key_padding_mask=key_padding_mask, config=config, dropout_p=dropout_p, seed=seed,
                                    segment_ids=segment_ids)
 

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .config import BackwardConfig
+from .forward import LOG2E, dropout_keep, same_segment
 from .launch import CachedLauncher, cdiv, next_power_of_2
 
 
@@ -67,10 +68,8 @@ def _dkdv_steps(
         p_t = tl.math.exp2(tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale - lse[None, :])  # [N, M]
         if MASK:
             p_t = tl.where(cols[:, None] <= rows[None, :] + causal_offset, p_t, 0.0)
-        if HAS_SEG:
-            seg_q = tl.load(seg_base + rows, mask=rows < seq_k, other=-2)
-            seg_k = tl.load(seg_base + cols, mask=cols < seq_k, other=-1)
-            p_t = tl.where(seg_k[:, None] == seg_q[None, :], p_t, 0.0)
+        if HAS_SEG:  # [cols, rows]: the same test with the roles swapped
+            p_t = tl.where(same_segment(seg_base, cols, rows, seq_k), p_t, 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         p_used = p_t
         if DROPOUT:  # the forward's mask (same Philox counters, transposed): P was dropped before it met V
@@ -170,12 +169,10 @@ def _dq_steps(
             keep_col = tl.load(kpm_base + cols * stride_mn, mask=cols < seq_k, other=0) != 0
             p = tl.where(keep_col[None, :], p, 0.0)
         if HAS_SEG:
-            seg_q = tl.load(seg_base + rows, mask=rows < seq_k, other=-2)
-            seg_k = tl.load(seg_base + cols, mask=cols < seq_k, other=-1)
-            p = tl.where(seg_q[:, None] == seg_k[None, :], p, 0.0)
+            p = tl.where(same_segment(seg_base, rows, cols, seq_k), p, 0.0)
         dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
         if DROPOUT:
-            keep = tl.rand(seed + row_head, rows[:, None] * seq_k + cols[None, :]) >= dropout_p
+            keep = dropout_keep(seed, row_head, rows, cols, seq_k, dropout_p)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=DOT_PRECISION)
@@ -274,12 +271,12 @@ def flash_attn_backward(
     seg, stride_sb = (delta, 0) if segment_ids is None else (segment_ids, segment_ids.stride(0))
     dkdv, dq_tiles = config.dkdv, config.dq
     _launch_dkdv((cdiv(seq_k, dkdv.block_n), batch * heads_k),
-        q, k, v, grad_out, lse, delta, dk, dv, kpm, seg, scale * 1.4426950408889634, scale,
+        q, k, v, grad_out, lse, delta, dk, dv, kpm, seg, scale * LOG2E, scale,
         *strides, *dk.stride(), *dv.stride(), stride_mb, stride_mn, stride_sb,
         heads_q, heads_k, heads_q // heads_k, seq_q, seq_k, head_dim, dropout_p, seed,
         BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, num_warps=dkdv.num_warps, num_stages=dkdv.num_stages, **common)
     _launch_dq((cdiv(seq_q, dq_tiles.block_m), batch * heads_q),
-        q, k, v, grad_out, lse, delta, dq, kpm, seg, scale * 1.4426950408889634, scale,
+        q, k, v, grad_out, lse, delta, dq, kpm, seg, scale * LOG2E, scale,
         *strides, *dq.stride(), stride_mb, stride_mn, stride_sb,
         heads_q, heads_q // heads_k, seq_q, seq_k, head_dim, dropout_p, seed,
         BLOCK_M=dq_tiles.block_m, BLOCK_N=dq_tiles.block_n, num_warps=dq_tiles.num_warps,

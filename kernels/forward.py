@@ -245,9 +245,8 @@ def flash_attn_forward(
     seqused_k (int32 [B], on the device): only keys below seqused_k[b] exist, and causal alignment is to it.
     segment_ids (contiguous int32 [B, S], Sq == Sk == S): packed sequences; a query sees keys of its own segment only.
     """
-    plain = (key_padding_mask is None and seqused_k is None and segment_ids is None and dropout_p == 0.0
-             and num_splits == 1)
-    if config.tma and tma_eligible(q, k, v, plain=plain):
+    if config.tma and tma_eligible(q, k, v, plain=key_padding_mask is None and seqused_k is None
+                                   and segment_ids is None and dropout_p == 0.0 and num_splits == 1):
         return flash_attn_forward_tma(q, k, v, causal=causal, scale=scale, config=config)
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
