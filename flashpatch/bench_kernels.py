@@ -221,8 +221,12 @@ def kv_bytes(batch, heads_k, cache, head_dim, element_size=2) -> float:
 
 
 def bench_decode(impls, caches=DECODE_CACHES, batches=(1, 8, 32), heads=32, head_dim=128, dtype=torch.bfloat16,
-                 max_kv_gib=24.0, progress=None) -> list[DecodeRow]:
-    """One query token against a KV cache of N: time and TB/s of K/V read (caches over max_kv_gib are skipped)."""
+                 max_kv_gib=24.0, progress=None, cuda_graph=False) -> list[DecodeRow]:
+    """One query token against a KV cache of N: time and TB/s of K/V read (caches over max_kv_gib are skipped).
+
+    cuda_graph=True times replays of a CUDA graph of the call (`do_bench_cudagraph`): GPU time alone, without
+    any backend's host launch cost; False times eager calls back to back, host cost included where it dominates.
+    """
     import triton
 
     rows = []
@@ -238,7 +242,10 @@ def bench_decode(impls, caches=DECODE_CACHES, batches=(1, 8, 32), heads=32, head
                 try:
                     fn = make_fn(impl, q, k, v, False)  # one query at the end of the cache: causal = full
                     fn()
-                    ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+                    if cuda_graph:
+                        ms = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+                    else:
+                        ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
                     rows.append(DecodeRow(impl, batch, n, ms * 1e3, nbytes / (ms * 1e-3) / 1e12))
                 except Exception as exc:
                     reason = "OOM" if isinstance(exc, torch.OutOfMemoryError) else f"{type(exc).__name__}: {exc}"

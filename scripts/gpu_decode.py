@@ -32,12 +32,19 @@ if "--sweep" in sys.argv:
 if "--no-bench" in sys.argv:
     sys.exit(0)
 impls = ["flashpatch", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math"]
-t = time.time()
-rows = bench_decode(impls)
-print(f"bench {time.time() - t:.0f}s", flush=True)
+batches = (1,) if "--batch1" in sys.argv else (1, 8, 32)
+modes = ["eager", "graph"] if "--graph" in sys.argv else ["eager"]
+tables, dump = [], {"env": env}
+for mode in modes:
+    t = time.time()
+    rows = bench_decode(impls, batches=batches, cuda_graph=mode == "graph")
+    print(f"bench ({mode}) {time.time() - t:.0f}s", flush=True)
+    dump[mode] = [r.to_dict() for r in rows]
+    what = ("calls back to back (host launch cost included)" if mode == "eager"
+            else "CUDA-graph replays (GPU time only, every backend alike)")
+    tables.append(f"Timing: {what}\n\n" + decode_markdown(rows, impls))
 with open(f"{out_dir}/decode.json", "w") as f:
-    json.dump({"env": env, "rows": [r.to_dict() for r in rows]}, f, indent=1)
-table = decode_markdown(rows, impls)
+    json.dump(dump, f, indent=1)
 with open(f"{out_dir}/decode.md", "w") as f:
-    f.write(table + "\n")
-print(table)
+    f.write("\n\n".join(tables) + "\n")
+print("\n\n".join(tables))
