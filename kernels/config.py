@@ -19,7 +19,8 @@ class TileConfig:
 
 
 # Per compute-capability family, per padded head dim (64, 128, 256).
-# sm90 rows were chosen from a sweep on an H100 (docs/gpu-runs/2026-11-24-h100-tile-sweep.txt); sm80/sm86 rows follow the
+# sm90 rows were chosen from a sweep on an H100 (docs/gpu-runs/2026-11-24-h100-tile-sweep.txt, confirmed by
+# docs/gpu-runs/2026-11-25-session4/forward-sweep-tma.txt); sm80/sm86 rows follow the
 # same shapes scaled to those GPUs' shared memory (163 KB and 99 KB per block).
 TILE_TABLE: dict[str, dict[int, TileConfig]] = {
     "sm90": {
@@ -43,9 +44,8 @@ TILE_TABLE: dict[str, dict[int, TileConfig]] = {
 # what runs with FLASHPATCH_AUTOTUNE=0. Alternatives are the runners-up of the sm90 sweep and their
 # shared-memory-scaled cousins; tests/test_dispatch.py checks each fits its family's budget.
 TUNE_ALTERNATIVES: dict[str, dict[int, list[TileConfig]]] = {
-    "sm90": {64: [TileConfig(128, 128, 8, 3), TileConfig(128, 64, 4, 3), TileConfig(128, 64, 8, 3, tma=True)],
-             128: [TileConfig(128, 128, 8, 2), TileConfig(64, 64, 4, 3), TileConfig(128, 64, 8, 3, tma=True),
-                   TileConfig(128, 128, 8, 2, tma=True)],
+    "sm90": {64: [TileConfig(128, 64, 4, 3), TileConfig(64, 64, 4, 3)],
+             128: [TileConfig(128, 128, 8, 3), TileConfig(128, 128, 8, 3, tma=True), TileConfig(64, 64, 4, 3)],
              256: [TileConfig(64, 32, 4, 3)]},
     "sm80": {64: [TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 3)],
              128: [TileConfig(64, 64, 4, 3)],
@@ -56,14 +56,15 @@ TUNE_ALTERNATIVES: dict[str, dict[int, list[TileConfig]]] = {
 }
 
 
-# The TMA candidates join only with FLASHPATCH_TMA=1 until an H100 run has timed them (issue 8): they are
-# proven in the interpreter, and a candidate that fails to compile is skipped, but none has run on a GPU yet.
+# The H100 sweep of 2026-11-25 (docs/gpu-runs/2026-11-25-session4/forward-sweep-tma.txt) timed the TMA tiles: at
+# head dim 128, (128, 128, 8, 3) with TMA is level with or up to 3.5 % ahead of the best pointer tile on 3 of 4
+# shapes, so it is a candidate; at head dim 64 every TMA tile lost. FLASHPATCH_TMA=0 leaves TMA tiles out.
 TMA_SWITCH = "FLASHPATCH_TMA"
 
 
 def tune_candidates(family: str, head_dim: int) -> list[TileConfig]:
     bucket = head_dim_bucket(head_dim)
-    tma = os.environ.get(TMA_SWITCH) == "1"
+    tma = os.environ.get(TMA_SWITCH) != "0"
     return [TILE_TABLE[family][bucket], *(c for c in TUNE_ALTERNATIVES[family][bucket] if tma or not c.tma)]
 
 

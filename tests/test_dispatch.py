@@ -56,15 +56,16 @@ def test_decode_tiles_fit_shared_memory(family):
     assert not uses_decode_kernel(17, 1, 64, 0.0) and not uses_decode_kernel(1, 1, 64, 0.1)
 
 
-def test_tma_candidates_join_only_when_switched_on(monkeypatch):
-    assert not any(c.tma for c in tune_candidates("sm90", 64))
-    monkeypatch.setenv("FLASHPATCH_TMA", "1")
-    assert any(c.tma for c in tune_candidates("sm90", 64)) and not any(c.tma for c in tune_candidates("sm80", 64))
+def test_tma_candidates_join_on_hopper_unless_switched_off(monkeypatch):
+    monkeypatch.delenv("FLASHPATCH_TMA", raising=False)
+    assert any(c.tma for c in tune_candidates("sm90", 128)) and not any(c.tma for c in tune_candidates("sm80", 128))
+    monkeypatch.setenv("FLASHPATCH_TMA", "0")
+    assert not any(c.tma for c in tune_candidates("sm90", 128))
 
 
 @pytest.mark.parametrize("family", list(TILE_TABLE))
 def test_tune_candidates_fit_shared_memory_and_start_with_the_table_row(family, monkeypatch):
-    monkeypatch.setenv("FLASHPATCH_TMA", "1")
+    monkeypatch.delenv("FLASHPATCH_TMA", raising=False)
     for head_dim, row in TILE_TABLE[family].items():
         candidates = tune_candidates(family, head_dim)
         assert candidates[0] == row and len(set(candidates)) == len(candidates)
@@ -110,10 +111,10 @@ def test_info_prints_every_table_for_the_gpu_family(monkeypatch):
     import flashpatch.info as info
 
     monkeypatch.setattr(info, "path_for_device", lambda device: path_for_capability((9, 0)))
-    monkeypatch.setenv("FLASHPATCH_TMA", "1")
+    monkeypatch.delenv("FLASHPATCH_TMA", raising=False)
     data = info.gather_info()
     assert data["backward_tiles"]["head_dim<=128"]["dkdv"] == asdict(BACKWARD_TABLE["sm90"][128].dkdv)
-    assert any(c["tma"] for c in data["tune_candidates"]["head_dim<=64"])
+    assert any(c["tma"] for c in data["tune_candidates"]["head_dim<=128"])
     result = CliRunner().invoke(app, ["info"], terminal_width=200)
     assert result.exit_code == 0
     assert "backward tiles head_dim<=64" in result.output and "tma=True" in result.output

@@ -140,7 +140,7 @@ def test_every_table_row_and_tune_candidate_compiles_fits_and_is_correct(family,
     from flashpatch.kernels.forward_tma import COMPILED
     from test_dispatch import SMEM
 
-    monkeypatch.setenv("FLASHPATCH_TMA", "1")
+    monkeypatch.delenv("FLASHPATCH_TMA", raising=False)
     q, k, v = random_qkv(2, 8, 4, 700, 700, head_dim, torch.bfloat16, "cuda")
     for cfg in tune_candidates(family, head_dim):
         out, _ = flash_attn_forward(q, k, v, causal=True, scale=head_dim ** -0.5, key_padding_mask=None, config=cfg)
