@@ -83,30 +83,57 @@ def _kernels():
     return _KERNELS
 
 
-def _forward(q, k, v, causal, scale, key_padding_mask, dropout_p=0.0, seed=0, seqused_k=None, segment_ids=None):
-    kernels = _kernels()
-    path = path_for_device(q.device)
+# CUDA device index -> (kernel path, SM count): every call asks, and building q.device costs more than this lookup.
+_CUDA_DEVICES: dict = {}
+
+
+def _device_info(q: torch.Tensor):
+    if not q.is_cuda:
+        return path_for_device(q.device), _sm_count(q.device), -1
+    index = q.get_device()
+    info = _CUDA_DEVICES.get(index)
+    if info is None:
+        info = _CUDA_DEVICES[index] = (path_for_device(q.device), _sm_count(q.device), index)
+    return info
+
+
+def _forward(q, k, v, causal, scale, key_padding_mask, dropout_p=0.0, seed=0, seqused_k=None, segment_ids=None,
+             need_lse=True):
+    path, sm_count, index = _device_info(q)
     if not path.usable:
         raise AttentionInputError(f"flashpatch kernels cannot run here: {path.reason}. Use "
                                   "torch.nn.functional.scaled_dot_product_attention, or set TRITON_INTERPRET=1 "
                                   "before importing flashpatch to run the kernels on CPU tensors")
+    with _device_guard(index):
+        return _forward_on_device(q, k, v, causal, scale, key_padding_mask, dropout_p, seed, seqused_k, segment_ids,
+                                  need_lse, path.family, sm_count)
+
+
+def _device_guard(index: int):
+    """Kernels launch on the current device: make it q's for the call when it isn't already."""
+    if index >= 0 and index != torch.cuda.current_device():
+        return torch.cuda.device(index)
+    return contextlib.nullcontext()
+
+
+def _forward_on_device(q, k, v, causal, scale, key_padding_mask, dropout_p, seed, seqused_k, segment_ids, need_lse,
+                       family, sm_count):
+    kernels = _kernels()
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
-    guard = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
-    with guard:
-        if segment_ids is None and kernels.uses_decode_kernel(seq_q, heads_q // heads_k, head_dim, dropout_p):
-            config = kernels.select_decode_config(path.family, head_dim)
-            splits = kernels.decode_splits(batch * heads_k, seq_q, seq_k, config.block_n, _sm_count(q.device))
-            return kernels.flash_decode_forward(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
-                                                seqused_k=seqused_k, config=config, num_splits=splits)
+    if segment_ids is None and kernels.uses_decode_kernel(seq_q, heads_q // heads_k, head_dim, dropout_p):
+        config = kernels.select_decode_config(family, head_dim)
+        splits = kernels.decode_splits(batch * heads_k, seq_q, seq_k, config.block_n, sm_count)
+        return kernels.flash_decode_forward(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+                                            seqused_k=seqused_k, config=config, num_splits=splits, need_lse=need_lse)
 
-        def launch(config):
-            splits = kernels.decode_splits(batch * heads_q, seq_q, seq_k, config.block_n, _sm_count(q.device))
-            return kernels.flash_attn_forward(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
-                                              config=config, seqused_k=seqused_k, segment_ids=segment_ids,
-                                              num_splits=splits, dropout_p=dropout_p, seed=seed)
+    def launch(config):
+        splits = kernels.decode_splits(batch * heads_q, seq_q, seq_k, config.block_n, sm_count)
+        return kernels.flash_attn_forward(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+                                          config=config, seqused_k=seqused_k, segment_ids=segment_ids,
+                                          num_splits=splits, dropout_p=dropout_p, seed=seed)
 
-        return launch(_prefill_config(path.family, q, seq_k, causal, launch))
+    return launch(_prefill_config(family, q, seq_k, causal, launch))
 
 
 def _time_ms(launch, config) -> float:
@@ -136,9 +163,9 @@ def _prefill_config(family, q, seq_k, causal, launch):
 
 def _backward(grad_out, q, k, v, out, lse, causal, scale, key_padding_mask, dropout_p, seed, segment_ids=None):
     kernels = _kernels()
-    config = kernels.select_backward_config(path_for_device(q.device).family, q.shape[-1], q.element_size())
-    guard = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
-    with guard:
+    path, _, index = _device_info(q)
+    config = kernels.select_backward_config(path.family, q.shape[-1], q.element_size())
+    with _device_guard(index):
         return kernels.flash_attn_backward(grad_out, q, k, v, out, lse, causal=causal, scale=scale,
                                    key_padding_mask=key_padding_mask, config=config, dropout_p=dropout_p, seed=seed,
                                    segment_ids=segment_ids)
@@ -285,4 +312,4 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _EagerAttention.apply(q, k, v, causal, scale, key_padding_mask, dropout_p, seed, segment_ids)
     # Inference outside torch.compile: skip the dispatcher's per-call cost (decode is launch-bound).
-    return _forward(q, k, v, causal, scale, key_padding_mask, dropout_p, seed, seqused_k, segment_ids)[0]
+    return _forward(q, k, v, causal, scale, key_padding_mask, dropout_p, seed, seqused_k, segment_ids, need_lse=False)[0]

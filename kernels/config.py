@@ -142,16 +142,16 @@ MIN_SPLIT_BLOCKS = 8
 
 
 def decode_splits(batch_heads: int, seq_q: int, seq_k: int, block_n: int, sm_count: int,
-                  waves: int = DECODE_WAVES) -> int:
+                  waves: int = DECODE_WAVES, min_blocks: int = MIN_SPLIT_BLOCKS) -> int:
     """How many programs share one (batch, head)'s keys: flash-decoding when few query rows would leave
-    most SMs idle. Each split keeps at least MIN_SPLIT_BLOCKS key blocks: below that the second launch
-    (the combine) costs more host time than the split saves on the GPU. A function of shapes only
-    (seq_k is the buffer's length), so a CUDA graph can capture the launch."""
+    most SMs idle. Each split keeps at least `min_blocks` key blocks, so that the merge (a float32 partial per
+    split) stays small against the keys read. A function of shapes only (seq_k is the buffer's length), so a
+    CUDA graph can capture the launch."""
     if seq_q > SHORT_Q_BLOCK_M:
         return 1
     if batch_heads >= sm_count:
         return 1
-    by_length = seq_k // (MIN_SPLIT_BLOCKS * block_n)
+    by_length = seq_k // (min_blocks * block_n)
     return max(1, min(-(-waves * sm_count // batch_heads), by_length, MAX_SPLITS))
 
 

@@ -1,9 +1,10 @@
 """Flash-decoding: few query tokens against a long KV cache.
 
 One program per (key split, batch x KV head). It holds every query row of its GQA group (group
-size x query tokens, up to 16 tokens) as one tile, so each K/V byte is read from memory once,
-and writes a float32 partial result that `_combine_splits_kernel` merges by log-sum-exp (with a
-single split it writes the result itself: one launch).
+size x query tokens, up to 16 tokens) as one tile, so each K/V byte is read from memory once.
+With several splits each program writes a float32 partial result, and the last program of a
+(batch, KV head) to finish merges them by log-sum-exp: one launch either way, because on the
+host a second launch costs more than a short cache's attention does on the GPU.
 The valid key count may come from a device tensor (`seqused_k`): a static cache's step then
 needs no host sync, and the launch (grid from the buffer's length) can be captured in a CUDA graph.
 """
@@ -13,25 +14,24 @@ import triton
 import triton.language as tl
 
 from .config import TileConfig, decode_rows
-from .forward import LOG2E, combine_splits
-from .launch import CachedLauncher, cdiv, next_power_of_2
+from .forward import LOG2E
+from .launch import CachedLauncher, _current_stream, cdiv, next_power_of_2
 
 
 # Lengths change every decode step: specialising on them (== 1, multiple of 16) would compile new variants
 # mid-generation whenever a step meets an unseen combination.
 @triton.jit(do_not_specialize=["seq_q", "seq_k", "split_len"])
 def _flash_decode_kernel(
-    Q, K, V, O_PART, LSE_PART, KPM, SEQUSED,
+    Q, K, V, O, LSE, WORK, COUNTERS, KPM, SEQUSED,
     qk_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ps, stride_pb, stride_pm, stride_ph,
-    stride_ls, stride_mb, stride_mn,
+    stride_mb, stride_mn,
     num_heads_k, group_size, seq_q, seq_k, head_dim, split_len,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQUSED: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr, STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -94,12 +94,77 @@ def _flash_decode_kernel(
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
-    tl.store(LSE_PART + pid_s * stride_ls + (b * num_heads_k * group_size + head) * seq_q + tok, lse, mask=row_ok)
-    tl.store(O_PART + pid_s * stride_ps + b.to(tl.int64) * stride_pb + tok[:, None] * stride_pm
-             + head[:, None] * stride_ph + offs_d[None, :], out.to(O_PART.dtype.element_ty), mask=q_mask)
+    # O is [B, Sq, H, D] in memory and LSE [B, H, Sq]; WORK holds the splits' partials in the same layouts,
+    # [S, B, Sq, H, D] then [S, B, H, Sq], all float32.
+    heads_q = num_heads_k * group_size
+    rows_total = tl.num_programs(1) * group_size * seq_q  # batch x Hq x Sq
+    o_offs = (b.to(tl.int64) * seq_q * heads_q + tok[:, None] * heads_q + head[:, None]) * head_dim + offs_d[None, :]
+    lse_offs = (b * heads_q + head) * seq_q + tok
+    if SPLIT:
+        num_splits = tl.num_programs(0)
+        o_part = WORK + o_offs
+        lse_part = WORK + num_splits * rows_total * head_dim + lse_offs
+        tl.store(o_part + pid_s * rows_total * head_dim, out, mask=q_mask)
+        tl.store(lse_part + pid_s * rows_total, lse, mask=row_ok)
+        # The last split of this (batch, KV head) to arrive merges them all. Its acquire of the counter pairs with
+        # the other splits' release after their stores (the barrier first gathers every thread's stores into
+        # the release); the merger puts the counter back to zero for the next launch.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(COUNTERS + pid_bh, 1, sem="acq_rel")
+        if arrived == num_splits - 1:
+            out, lse = _merge_partials(o_part, lse_part, rows_total * head_dim, rows_total, num_splits, q_mask,
+                                       row_ok, BLOCK_R, BLOCK_D)
+            tl.store(O + o_offs, out.to(O.dtype.element_ty), mask=q_mask)
+            if STORE_LSE:
+                tl.store(LSE + lse_offs, lse, mask=row_ok)
+            tl.atomic_xchg(COUNTERS + pid_bh, 0)
+    else:
+        tl.store(O + o_offs, out.to(O.dtype.element_ty), mask=q_mask)
+        if STORE_LSE:
+            tl.store(LSE + lse_offs, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_partials(o_part, lse_part, stride_o, stride_lse, num_splits, q_mask, row_ok,
+                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out = sum_s exp(lse_s - lse) * out_s and lse = logsumexp_s lse_s, row by row, with a running maximum.
+    Loads go to L2 (.cg): other SMs wrote the partials during this launch."""
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for s in range(0, num_splits):
+        lse_s = tl.load(lse_part + s * stride_lse, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+        m_new = tl.maximum(m, lse_s)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp(m - m_ref)
+        w = tl.math.exp(lse_s - m_ref)
+        o_s = tl.load(o_part + s * stride_o, mask=q_mask, other=0.0, cache_modifier=".cg")
+        acc = acc * alpha[:, None] + w[:, None] * o_s
+        total = total * alpha + w
+        m = m_new
+    empty = total == 0.0
+    out = acc / tl.where(empty, 1.0, total)[:, None]
+    return out, tl.where(empty, float("-inf"), m + tl.math.log(tl.where(empty, 1.0, total)))
 
 
 _launch_decode = CachedLauncher(_flash_decode_kernel)
+
+# (device, stream) -> int32 counters, one per (batch, KV head), zero between launches (the kernel leaves them so).
+_COUNTERS: dict = {}
+
+
+def split_counters(device: torch.device, count: int) -> torch.Tensor:
+    """The zeroed counters the split kernel's last-arrival merge needs. Cached per device and stream, since
+    launches on one stream never overlap; while a CUDA graph is being captured a new buffer is not cached:
+    the graph then holds its own zeroing."""
+    key = (device.index, _current_stream(device.index)) if device.type == "cuda" else device
+    counters = _COUNTERS.get(key)
+    if counters is None or counters.numel() < count:
+        counters = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return counters
+        _COUNTERS[key] = counters
+    return counters
 
 
 def flash_decode_forward(
@@ -113,8 +178,10 @@ def flash_decode_forward(
     seqused_k: torch.Tensor | None,
     config: TileConfig,
     num_splits: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as `flash_attn_forward`, for the shapes `uses_decode_kernel` accepts.
+    need_lse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Same contract as `flash_attn_forward`, for the shapes `uses_decode_kernel` accepts; with need_lse=False
+    (inference) the lse is neither written nor returned.
 
     The split count and grid depend only on shapes (the buffer length), never on `seqused_k`'s values.
     """
@@ -122,39 +189,33 @@ def flash_decode_forward(
     heads_k, seq_k = k.shape[1], k.shape[2]
     group = heads_q // heads_k
     out = torch.empty((batch, seq_q, heads_q, head_dim), device=q.device, dtype=q.dtype).transpose(1, 2)
+    lse = torch.empty((batch, heads_q, seq_q), device=q.device, dtype=torch.float32) if need_lse else None
     block_d = max(16, next_power_of_2(head_dim))
     split_len = cdiv(cdiv(seq_k, num_splits), config.block_n) * config.block_n
     num_splits = cdiv(seq_k, split_len)
-    rows = batch * heads_q * seq_q
-    if num_splits == 1:  # one program per KV head sees every key: write the result, no combine launch
-        lse = torch.empty((batch, heads_q, seq_q), device=q.device, dtype=torch.float32)
-        o_part, lse_part = out, lse  # out's memory is [B, Sq, H, D]: the partials' layout with one split
-    else:  # one float32 allocation for the partials, their log-sum-exps and the final lse (host time counts here)
-        work = torch.empty(rows * (num_splits * (head_dim + 1) + 1), device=q.device, dtype=torch.float32)
-        o_part = work[:num_splits * rows * head_dim].view(num_splits, batch, seq_q, heads_q, head_dim)
-        lse_part = work[num_splits * rows * head_dim:num_splits * rows * (head_dim + 1)].view(
-            num_splits, batch, heads_q, seq_q)
-        lse = work[num_splits * rows * (head_dim + 1):].view(batch, heads_q, seq_q)
+    if num_splits > 1:  # partials and their log-sum-exps in one float32 allocation (host time counts here)
+        work = torch.empty(batch * heads_q * seq_q * num_splits * (head_dim + 1), device=q.device, dtype=torch.float32)
+        counters = split_counters(q.device, batch * heads_k)
+    else:
+        work = counters = out  # never read
     if key_padding_mask is not None:
         kpm = key_padding_mask.view(torch.uint8)
         stride_mb, stride_mn = kpm.stride()
     else:
-        kpm, stride_mb, stride_mn = lse, 0, 0  # never read
-    seqused = seqused_k if seqused_k is not None else lse  # never read without HAS_SEQUSED
+        kpm, stride_mb, stride_mn = out, 0, 0  # never read
+    seqused = seqused_k if seqused_k is not None else out  # never read without HAS_SEQUSED
 
     _launch_decode(
         (num_splits, batch * heads_k, 1),
-        q, k, v, o_part, lse_part, kpm, seqused,
+        q, k, v, out, out if lse is None else lse, work, counters, kpm, seqused,
         scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(),
-        rows * head_dim, seq_q * heads_q * head_dim, heads_q * head_dim, head_dim,  # partials: [S, B, Sq, H, D]
-        rows, stride_mb, stride_mn,  # lse partials: [S, B, H, Sq]
+        stride_mb, stride_mn,
         heads_k, group, seq_q, seq_k, head_dim, split_len,
         BLOCK_R=decode_rows(seq_q, group), BLOCK_N=config.block_n, BLOCK_D=block_d,
         CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_SEQUSED=seqused_k is not None,
-        EVEN_D=block_d == head_dim, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        EVEN_D=block_d == head_dim, SPLIT=num_splits > 1, STORE_LSE=need_lse,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    if num_splits > 1:
-        combine_splits(o_part, lse_part, out, lse, block_d)
     return out, lse

@@ -3,19 +3,25 @@
 `kernel[grid](...)` binds every argument and recomputes its specialization on each call: about 80 us
 of host time for our kernels' ~45 arguments on an H100 host, more than a decode step's attention
 takes on the GPU. `CachedLauncher` goes through Triton once per specialization and afterwards calls
-the compiled kernel's launcher directly. Its cache key is at least as fine as Triton's own: each
-tensor's dtype and 16-byte alignment, the device, each integer's value class (== 1, multiple of 16, 32-bit range),
-booleans and None by value, and every constexpr and launch option.
+the compiled kernel's C launcher itself. Its cache key is at least as fine as Triton's own: each
+tensor's dtype and 16-byte alignment, the current device, each integer's value class (== 1, multiple of 16,
+32-bit range), booleans and None by value, and every constexpr and launch option.
 """
 
 from __future__ import annotations
 
 import torch
 
+try:
+    from triton import knobs as _knobs
+except ImportError:  # no Triton: nothing is launched directly
+    _knobs = None
+
 
 class CachedLauncher:
     """`launcher(grid, *args, **constexprs_and_options)`: runtime arguments positionally, in the kernel's
     order and ahead of its constexprs, which come as keywords together with num_warps / num_stages.
+    Tensors must be on the current CUDA device (as for Triton's own launch).
 
     The per-call key is built per argument type with positions worked out once per type pattern, so it costs a
     few microseconds: tensors by dtype and address mod 16, integers by (multiple of 16, == 1, 32-bit range).
@@ -39,18 +45,19 @@ class CachedLauncher:
             layout = self.layouts[types] = (tensors, ints, values)
         return layout
 
-    def key(self, args, constexprs) -> tuple:
+    def key(self, args, constexprs, device: int = -1) -> tuple:
         types = tuple(map(type, args))
         tensors, ints, values = self._layout(types)
-        return (types, tuple(constexprs.items()),
-                tuple((args[i].dtype, args[i].data_ptr() & 15, args[i].device) for i in tensors),
+        return (device, types, tuple(constexprs.items()),
+                tuple((args[i].dtype, args[i].data_ptr() & 15) for i in tensors),
                 tuple((args[i] % 16 == 0, args[i] == 1, args[i] >> 31) for i in ints),
                 tuple(args[i] for i in values))
 
     def __call__(self, grid, *args, **constexprs):
         if not self.direct:
             return self.kernel[grid](*args, **constexprs)
-        key = self.key(args, constexprs)
+        device = _current_device()
+        key = self.key(args, constexprs, device)
         entry = self.compiled.get(key)
         if entry is None:
             compiled = self.kernel[grid](*args, **constexprs)
@@ -58,7 +65,27 @@ class CachedLauncher:
             self.compiled[key] = (compiled, tuple(constexprs[name] for name in names))
             return
         compiled, constexpr_values = entry
-        compiled[(*grid, 1, 1)[:3]](*args, *constexpr_values)  # a compiled kernel wants all three grid dims
+        grid = (*grid, 1, 1)[:3]  # a compiled kernel wants all three grid dims
+        if _launch_hooks_set():  # a profiler is listening: Triton's own runner calls its hooks
+            compiled[grid](*args, *constexpr_values)
+            return
+        # What `compiled[grid](...)` does, minus its per-call closure, device query and stream object.
+        compiled.run(*grid, _current_stream(device), compiled.function, compiled.packed_metadata,
+                     None, None, None, *args, *constexpr_values)
+
+
+# torch's own C entry points (what Triton's driver calls), without torch.cuda's Python wrappers around them.
+def _current_device() -> int:
+    return torch._C._cuda_getDevice()
+
+
+def _current_stream(device: int) -> int:
+    return torch._C._cuda_getCurrentRawStream(device)
+
+
+def _launch_hooks_set() -> bool:
+    runtime = _knobs.runtime
+    return runtime.launch_enter_hook is not None or runtime.launch_exit_hook is not None
 
 
 def _is_interpreted(kernel) -> bool:

@@ -20,8 +20,8 @@ print(env, flush=True)
 
 if "--sweep" in sys.argv:
     t = time.time()
-    candidates = [(TileConfig(16, n, w, s), waves) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)
-                  for waves in (2, 4)]
+    candidates = [(TileConfig(16, n, 4, s), waves, min_blocks) for n in (64, 128) for s in (3, 4)
+                  for waves in (2, 4) for min_blocks in (2, 4, 8)]
     with open(f"{out_dir}/decode-sweep.txt", "w") as f:
         for row in decode_sweep(candidates):
             print(*row, file=f)

@@ -12,7 +12,6 @@ import torch
 
 import flashpatch
 from flashpatch.kernels import decode as decode_module
-from flashpatch.kernels import forward as forward_module
 from flashpatch.kernels import TileConfig, flash_decode_forward
 from flashpatch.ops import _check_inputs, _forward
 
@@ -52,9 +51,9 @@ k, v = (torch.randn(1, 32, 4096, 128, device="cuda", dtype=torch.bfloat16) for _
 cfg = TileConfig(16, 64, 4, 3)
 
 
-def decode(splits):
+def decode(splits, need_lse=True):
     return lambda: flash_decode_forward(q, k, v, causal=True, scale=0.088, key_padding_mask=None, seqused_k=None,
-                                        config=cfg, num_splits=splits)
+                                        config=cfg, num_splits=splits, need_lse=need_lse)
 
 
 launcher = decode_module._launch_decode
@@ -62,7 +61,6 @@ grid, args, constexprs = recorded_call(launcher, decode(4))
 key = launcher.key(args, constexprs)
 compiled, constexpr_values = launcher.compiled[key]
 full_grid = (*grid, 1, 1)[:3]
-cgrid, cargs, cconst = recorded_call(forward_module._launch_combine, decode(4))
 stream = torch.cuda.current_stream().cuda_stream
 guard = torch.cuda.device(q.device)
 
@@ -71,19 +69,21 @@ cases = {
     "flashpatch.attention": lambda: flashpatch.attention(q, k, v, causal=True),
     "ops._forward": lambda: _forward(q, k, v, True, 0.088, None),
     "flash_decode_forward, 4 splits": decode(4),
+    "flash_decode_forward, 4 splits, no lse": decode(4, need_lse=False),
     "flash_decode_forward, 1 split": decode(1),
+    "flash_decode_forward, 1 split, no lse": decode(1, need_lse=False),
     "_check_inputs": lambda: _check_inputs(q, k, v, None),
     "CachedLauncher call (decode)": lambda: launcher(grid, *args, **constexprs),
     "CachedLauncher.key": lambda: launcher.key(args, constexprs),
     "compiled[grid](...)": lambda: compiled[full_grid](*args, *constexpr_values),
     "compiled.run(...) direct": lambda: compiled.run(*full_grid, stream, compiled.function, compiled.packed_metadata,
                                                      None, None, None, *args, *constexpr_values),
-    "CachedLauncher call (combine)": lambda: forward_module._launch_combine(cgrid, *cargs, **cconst),
     "torch.empty (cuda)": lambda: torch.empty((4, 1, 1, 32, 128), device="cuda"),
     "torch.cuda.device guard": lambda: (guard.__enter__(), guard.__exit__(None, None, None)),
+    "torch.cuda.current_device()": torch.cuda.current_device,
     "current_stream().cuda_stream": lambda: torch.cuda.current_stream().cuda_stream,
 }
-print(f"decode kernel: {len(args)} runtime args, combine: {len(cargs)}")
+print(f"decode kernel: {len(args)} runtime args")
 for name, fn in cases.items():
     try:
         print(f"{name:34s} {host_us(fn):8.1f} us/call (host)", flush=True)

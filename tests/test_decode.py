@@ -79,3 +79,23 @@ def test_seqused_k_errors(device):
         flashpatch.attention(q, k, v, seqused_k=torch.tensor([3], dtype=torch.int32, device=device))
     with pytest.raises(AttentionInputError, match="inference"):
         flashpatch.attention(q.requires_grad_(), k, v, seqused_k=torch.tensor([3, 4], dtype=torch.int32, device=device))
+
+
+@pytest.mark.parametrize("num_splits", [2, 5])
+def test_split_merge_leaves_counters_zeroed_and_repeats_exactly(num_splits, device, poison_empty):
+    """The last split to arrive merges and resets its counter: a second launch must give the same bits,
+    and one with a different split count (same counters) must still be right."""
+    from flashpatch.kernels.decode import split_counters
+
+    q, k, v = random_qkv(3, 8, 2, 2, 190, 64, torch.float16, device)
+    config = TileConfig(16, 16, 4, 1) if device.type == "cpu" else TileConfig(16, 64, 4, 2)
+    run = dict(causal=True, scale=0.125, key_padding_mask=None, seqused_k=None, config=config)
+    first, lse = flash_decode_forward(q, k, v, num_splits=num_splits, **run)
+    assert int(split_counters(q.device, 6)[:6].abs().sum()) == 0
+    again, no_lse = flash_decode_forward(q, k, v, num_splits=num_splits, need_lse=False, **run)
+    assert no_lse is None and torch.equal(first, again)
+    other, _ = flash_decode_forward(q, k, v, num_splits=num_splits + 1, **run)
+    assert_fa2_rule(first, q, k, v, causal=True)
+    assert_fa2_rule(other, q, k, v, causal=True)
+    one, lse_one = flash_decode_forward(q, k, v, num_splits=1, **run)
+    assert torch.allclose(lse, lse_one, atol=1e-4)

@@ -17,6 +17,7 @@ def test_integer_classes_change_the_key():
     assert k(32, 7) != k(33, 7) != k(1, 7)
     assert k(16, 7) != k(16, 2**31 + 7)
     assert k(16, 7) != KEY((t, 16, 7), {"BLOCK": 32})
+    assert KEY((t, 16, 7), {"BLOCK": 16}, 0) != KEY((t, 16, 7), {"BLOCK": 16}, 1)  # compiled per device
 
 
 def test_tensor_dtype_alignment_and_plain_values_change_the_key():
@@ -30,14 +31,18 @@ def test_tensor_dtype_alignment_and_plain_values_change_the_key():
         KEY((flat, "x"), {})
 
 
-def test_cached_launches_get_three_grid_dims():
-    """A compiled kernel's launch indexes grid[0..2]: the cached path must pad a 2-D grid (the backward's)."""
-    grids = []
+def test_cached_launches_get_three_grid_dims(monkeypatch):
+    """A compiled kernel's launch reads grid[0..2]: the cached path must pad a 2-D grid (the backward's), and
+    hand the C launcher the current device's stream and the compiled kernel's handles."""
+    import flashpatch.kernels.launch as launch
+
+    runs = []
 
     class Compiled:
-        def __getitem__(self, grid):
-            grids.append(grid)
-            return lambda *args: grid[2]  # what Triton's runner reads
+        function, packed_metadata = "fn", "meta"
+
+        def run(self, *call):
+            runs.append(call)
 
     class Kernel:
         arg_names = ["x", "n", "BLOCK"]
@@ -45,10 +50,14 @@ def test_cached_launches_get_three_grid_dims():
         def __getitem__(self, grid):
             return lambda *args, **kw: Compiled()
 
+    monkeypatch.setattr(launch, "_current_device", lambda: 0)
+    monkeypatch.setattr(launch, "_current_stream", lambda device: 1234)
+    monkeypatch.setattr(launch, "_launch_hooks_set", lambda: False)
     launcher = CachedLauncher(_combine_splits_kernel)
     launcher.kernel, launcher.direct = Kernel(), True
     t = torch.zeros(4)
     launcher((3, 5), t, 7, BLOCK=16)  # first call: through the kernel, which compiles
     launcher((3, 5), t, 7, BLOCK=16)
     launcher((9,), t, 7, BLOCK=16)
-    assert grids == [(3, 5, 1), (9, 1, 1)]
+    assert runs == [(3, 5, 1, 1234, "fn", "meta", None, None, None, t, 7, 16),
+                    (9, 1, 1, 1234, "fn", "meta", None, None, None, t, 7, 16)]

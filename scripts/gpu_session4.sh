@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# H100 runs after the single-launch decode and the direct launcher (issues 5, 7). Usage:
+#   scripts/gpu_session4.sh check OUT_DIR   the GPU suite (kernel tests), host time per call, decode tile sweep
+#   scripts/gpu_session4.sh bench OUT_DIR   decode bandwidth (eager and CUDA graph), generation tokens/s
+set -u
+out=$2
+export PYTHONUNBUFFERED=1
+if [ "$1" = check ]; then
+  timeout 300 python3 -m pytest -q -n 8 -ra --timeout 120 --ignore tests/test_gpu_models.py tests/ 2>&1 \
+    | tee "$out/pytest-parallel.log" | tail -6
+  timeout 90 python3 scripts/host_overhead.py 2>&1 | tee "$out/host-overhead.txt"
+  OUT=$out timeout 240 python3 scripts/gpu_decode.py --sweep --no-bench > "$out/decode-sweep-run.txt" 2>&1
+  tail -1 "$out/decode-sweep-run.txt"
+  python3 - "$out/decode-sweep.txt" <<'PY'
+import collections, sys
+best = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    *head, tbs = line.split()
+    best[tuple(head[:2])].append((float(tbs) if tbs[0].isdigit() else 0.0, " ".join(head[2:])))
+for case, rows in best.items():
+    rows.sort(reverse=True)
+    print(case, [f"{t:.2f} {c}" for t, c in rows[:3]], "worst", f"{rows[-1][0]:.2f}")
+PY
+else
+  OUT=$out timeout 240 python3 scripts/gpu_decode.py --graph 2>&1 | tail -40
+  flashpatch bench gpt2 --contexts 512,2048,8192 --new-tokens 128 --repeats 1 --json "$out/gen-gpt2-dynamic.json" | tail -9
+  flashpatch bench llama2-7b --contexts 512,4096 --new-tokens 128 --repeats 1 --json "$out/gen-llama-dynamic.json" | tail -7
+fi
