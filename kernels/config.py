@@ -106,7 +106,7 @@ def select_config(family: str | None, head_dim: int, seq_q: int) -> TileConfig:
 # Flash-decoding (kernels/decode.py): block_m is unused (the tile holds a GQA group's query rows).
 # Memory-bound, so the knobs are key-block length, warps and pipelining depth. Keyed by padded head dim.
 DECODE_TABLE: dict[str, dict[int, TileConfig]] = {
-    "sm90": {64: TileConfig(16, 64, 4, 3), 128: TileConfig(16, 64, 4, 3), 256: TileConfig(16, 32, 4, 3)},
+    "sm90": {64: TileConfig(16, 128, 4, 3), 128: TileConfig(16, 128, 4, 3), 256: TileConfig(16, 32, 4, 3)},
     "sm80": {64: TileConfig(16, 64, 4, 3), 128: TileConfig(16, 64, 4, 3), 256: TileConfig(16, 32, 4, 2)},
     "sm86": {64: TileConfig(16, 64, 4, 2), 128: TileConfig(16, 64, 4, 2), 256: TileConfig(16, 32, 4, 2)},
 }
@@ -137,22 +137,26 @@ def uses_decode_kernel(seq_q: int, group_size: int, head_dim: int, dropout_p: fl
 # Pretend SM count under the interpreter, so that CPU tests exercise the split-KV path.
 INTERPRETER_SM_COUNT = 8
 MAX_SPLITS = 64
-DECODE_WAVES = 2  # aim for this many programs per SM when splitting
-MIN_SPLIT_BLOCKS = 8
+# Splits per (batch, KV head) fill the SMs this many times over: once for short caches, where a split's fixed
+# cost (loading Q, filling the pipeline, the merge) weighs most; DECODE_WAVES times from LONG_CACHE keys up, where
+# more programs per SM keep more loads in flight (H100 sweep, docs/gpu-runs/2026-11-25-session4/decode-sweep*.txt).
+DECODE_WAVES = 4
+LONG_CACHE = 16384
+MIN_SPLIT_BLOCKS = 2
 
 
 def decode_splits(batch_heads: int, seq_q: int, seq_k: int, block_n: int, sm_count: int,
-                  waves: int = DECODE_WAVES, min_blocks: int = MIN_SPLIT_BLOCKS) -> int:
+                  waves: int | None = None, min_blocks: int = MIN_SPLIT_BLOCKS) -> int:
     """How many programs share one (batch, head)'s keys: flash-decoding when few query rows would leave
-    most SMs idle. Each split keeps at least `min_blocks` key blocks, so that the merge (a float32 partial per
-    split) stays small against the keys read. A function of shapes only (seq_k is the buffer's length), so a
-    CUDA graph can capture the launch."""
-    if seq_q > SHORT_Q_BLOCK_M:
+    most SMs idle. A whole number of waves (a partial last wave leaves SMs idle while it runs), each split
+    at least `min_blocks` key blocks. A function of shapes only (seq_k is the buffer's length), so a CUDA
+    graph can capture the launch."""
+    if seq_q > SHORT_Q_BLOCK_M or batch_heads >= sm_count:
         return 1
-    if batch_heads >= sm_count:
-        return 1
+    if waves is None:
+        waves = DECODE_WAVES if seq_k >= LONG_CACHE else 1
     by_length = seq_k // (min_blocks * block_n)
-    return max(1, min(-(-waves * sm_count // batch_heads), by_length, MAX_SPLITS))
+    return max(1, min(sm_count // batch_heads * waves, by_length, MAX_SPLITS))
 
 
 # Backward tiles, one row per kernel: dK/dV (block_n keys held, block_m query rows streamed) and dQ (block_m

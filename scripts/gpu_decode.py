@@ -20,10 +20,10 @@ print(env, flush=True)
 
 if "--sweep" in sys.argv:
     t = time.time()
-    candidates = [(TileConfig(16, n, 4, s), waves, min_blocks) for n in (64, 128) for s in (3, 4)
-                  for waves in (2, 4) for min_blocks in (2, 4, 8)]
+    candidates = [(TileConfig(16, n, 4, 3), waves, 2) for n in (64, 128) for waves in (1, 2, 4)]
+    cases = ((1, 1024), (1, 4096), (1, 16384), (1, 32768), (1, 131072), (2, 8192), (4, 65536), (8, 16384))
     with open(f"{out_dir}/decode-sweep.txt", "w") as f:
-        for row in decode_sweep(candidates):
+        for row in decode_sweep(candidates, cases):
             print(*row, file=f)
     for line in open(f"{out_dir}/decode-sweep.txt"):
         print(line.rstrip())

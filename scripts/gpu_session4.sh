@@ -6,10 +6,13 @@ set -u
 out=$2
 export PYTHONUNBUFFERED=1
 if [ "$1" = check ]; then
-  timeout 300 python3 -m pytest -q -n 8 -ra --timeout 120 --ignore tests/test_gpu_models.py tests/ 2>&1 \
-    | tee "$out/pytest-parallel.log" | tail -6
-  timeout 90 python3 scripts/host_overhead.py 2>&1 | tee "$out/host-overhead.txt"
-  OUT=$out timeout 240 python3 scripts/gpu_decode.py --sweep --no-bench > "$out/decode-sweep-run.txt" 2>&1
+  timeout 300 python3 -m pytest -v -n 8 -ra --timeout 100 tests/test_decode.py tests/test_launch.py \
+    tests/test_gpu_attention.py tests/test_static_cache.py tests/test_forward_tma.py tests/test_attention_op.py \
+    > "$out/pytest-parallel.log" 2>&1
+  grep -E "FAILED|ERROR" "$out/pytest-parallel.log" | sed 's/^.*\(FAILED\|ERROR\)/\1/' | sort -u | head -30
+  tail -2 "$out/pytest-parallel.log"
+  timeout 60 python3 scripts/host_overhead.py 2>&1 | tee "$out/host-overhead.txt"
+  OUT=$out timeout 150 python3 scripts/gpu_decode.py --sweep --no-bench > "$out/decode-sweep-run.txt" 2>&1
   tail -1 "$out/decode-sweep-run.txt"
   python3 - "$out/decode-sweep.txt" <<'PY'
 import collections, sys

@@ -12,6 +12,7 @@ import torch
 
 import flashpatch
 from flashpatch.kernels import decode as decode_module
+from flashpatch.kernels import launch
 from flashpatch.kernels import TileConfig, flash_decode_forward
 from flashpatch.ops import _check_inputs, _forward
 
@@ -58,7 +59,7 @@ def decode(splits, need_lse=True):
 
 launcher = decode_module._launch_decode
 grid, args, constexprs = recorded_call(launcher, decode(4))
-key = launcher.key(args, constexprs)
+key = launcher.key(args, constexprs, launch._current_device())
 compiled, constexpr_values = launcher.compiled[key]
 full_grid = (*grid, 1, 1)[:3]
 stream = torch.cuda.current_stream().cuda_stream
