@@ -151,8 +151,7 @@ def test_every_table_row_and_tune_candidate_compiles_fits_and_is_correct(family,
         else:
             options = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
                            num_stages=cfg.num_stages)
-            shared = [compiled.metadata.shared for key, (compiled, _) in _launch_forward.compiled.items()
-                      if options.items() <= dict(key[1]).items() and dict(key[1])["BLOCK_D"] == head_dim]
+            shared = [compiled.metadata.shared for compiled in _launch_forward.variants(**options, BLOCK_D=head_dim)]
         assert shared and max(shared) <= SMEM[family], (family, cfg, shared)
 
 

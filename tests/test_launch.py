@@ -61,3 +61,21 @@ def test_cached_launches_get_three_grid_dims(monkeypatch):
     launcher((9,), t, 7, BLOCK=16)
     assert runs == [(3, 5, 1, 1234, "fn", "meta", None, None, None, t, 7, 16),
                     (9, 1, 1, 1234, "fn", "meta", None, None, None, t, 7, 16)]
+
+
+def test_variants_finds_compiled_kernels_by_constexpr(monkeypatch):
+    import flashpatch.kernels.launch as launch
+
+    class Kernel:
+        arg_names = ["x", "n", "BLOCK"]
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: f"compiled BLOCK={kw['BLOCK']}"
+
+    monkeypatch.setattr(launch, "_current_device", lambda: 0)
+    launcher = CachedLauncher(_combine_splits_kernel)
+    launcher.kernel, launcher.direct = Kernel(), True
+    for block in (16, 32):
+        launcher((1,), torch.zeros(4), 7, BLOCK=block)
+    assert launcher.variants(BLOCK=32) == ["compiled BLOCK=32"]
+    assert len(launcher.variants()) == 2 and launcher.variants(BLOCK=64) == []
