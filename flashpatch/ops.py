@@ -121,8 +121,9 @@ def _forward_on_device(q, k, v, causal, scale, key_padding_mask, dropout_p, seed
     kernels = _kernels()
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
-    if segment_ids is None and kernels.uses_decode_kernel(seq_q, heads_q // heads_k, head_dim, dropout_p):
-        config = kernels.select_decode_config(family, head_dim)
+    element_size = q.element_size()
+    if segment_ids is None and kernels.uses_decode_kernel(seq_q, heads_q // heads_k, head_dim, dropout_p, element_size):
+        config = kernels.select_decode_config(family, head_dim, element_size)
         splits = kernels.decode_splits(batch * heads_k, seq_q, seq_k, config.block_n, sm_count)
         return kernels.flash_decode_forward(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
                                             seqused_k=seqused_k, config=config, num_splits=splits, need_lse=need_lse)
@@ -154,8 +155,9 @@ def _prefill_config(family, q, seq_k, causal, launch):
     """The tile table's row, or on a GPU the autotuned choice among its candidates (kernels/autotune.py)."""
     kernels = _kernels()
     head_dim, seq_q = q.shape[-1], q.shape[2]
-    if family is None or seq_q <= kernels.SHORT_Q_BLOCK_M or not q.is_cuda or torch.cuda.is_current_stream_capturing():
-        return kernels.select_config(family, head_dim, seq_q)
+    if (family is None or seq_q <= kernels.SHORT_Q_BLOCK_M or not q.is_cuda or q.element_size() == 4
+            or torch.cuda.is_current_stream_capturing()):
+        return kernels.select_config(family, head_dim, seq_q, q.element_size())
     key = kernels.tune_key(kernels.head_dim_bucket(head_dim), str(q.dtype).removeprefix("torch."), causal, seq_q, seq_k)
     return kernels.AUTOTUNER.pick(family, key, kernels.tune_candidates(family, head_dim),
                                   lambda cfg: _time_ms(launch, cfg))

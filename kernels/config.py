@@ -93,11 +93,20 @@ def head_dim_bucket(head_dim: int) -> int:
     raise ValueError(f"head_dim {head_dim} > 256 is not supported")
 
 
-def select_config(family: str | None, head_dim: int, seq_q: int) -> TileConfig:
+# float32 inputs (exact IEEE dots on FMA units, no tensor cores): twice the bytes of a 16-bit tile, so rows that
+# fit every family's shared memory at 4 bytes per element (tests/test_dispatch.py); never autotuned.
+FP32_FORWARD: dict[int, TileConfig] = {64: TileConfig(64, 64, 4, 2), 128: TileConfig(64, 32, 4, 2),
+                                       256: TileConfig(32, 32, 4, 1)}
+FP32_DECODE: dict[int, TileConfig] = {64: TileConfig(16, 32, 4, 2), 128: TileConfig(16, 32, 4, 2),
+                                      256: TileConfig(16, 16, 4, 2)}
+
+
+def select_config(family: str | None, head_dim: int, seq_q: int, element_size: int = 2) -> TileConfig:
     """Tiles for a launch. family None means the interpreter."""
     if family is None:
         return INTERPRETER_CONFIG
-    row = TILE_TABLE[family][head_dim_bucket(head_dim)]
+    table = FP32_FORWARD if element_size == 4 else TILE_TABLE[family]
+    row = table[head_dim_bucket(head_dim)]
     if seq_q <= SHORT_Q_BLOCK_M:
         return TileConfig(SHORT_Q_BLOCK_M, row.block_n, 4, row.num_stages)
     return row
@@ -112,15 +121,15 @@ DECODE_TABLE: dict[str, dict[int, TileConfig]] = {
 }
 INTERPRETER_DECODE_CONFIG = TileConfig(16, 16, 4, 1)
 # The decode kernel holds every row (query tokens x GQA group) of a KV head in one tile: at most this many
-# rows x padded head dim elements, which keeps the tile plus pipelined K/V blocks within every family's
+# rows x padded head dim 16-bit elements (half as many at float32), which keeps the tile plus pipelined K/V blocks within every family's
 # shared memory (tests/test_dispatch.py checks it).
 DECODE_MAX_TILE = 128 * 128
 
 
-def select_decode_config(family: str | None, head_dim: int) -> TileConfig:
+def select_decode_config(family: str | None, head_dim: int, element_size: int = 2) -> TileConfig:
     if family is None:
         return INTERPRETER_DECODE_CONFIG
-    return DECODE_TABLE[family][head_dim_bucket(head_dim)]
+    return (FP32_DECODE if element_size == 4 else DECODE_TABLE[family])[head_dim_bucket(head_dim)]
 
 
 def decode_rows(seq_q: int, group_size: int) -> int:
@@ -129,9 +138,9 @@ def decode_rows(seq_q: int, group_size: int) -> int:
     return max(16, 1 << (rows - 1).bit_length())
 
 
-def uses_decode_kernel(seq_q: int, group_size: int, head_dim: int, dropout_p: float) -> bool:
+def uses_decode_kernel(seq_q: int, group_size: int, head_dim: int, dropout_p: float, element_size: int = 2) -> bool:
     return (seq_q <= SHORT_Q_BLOCK_M and dropout_p == 0.0
-            and decode_rows(seq_q, group_size) * head_dim_bucket(head_dim) <= DECODE_MAX_TILE)
+            and decode_rows(seq_q, group_size) * head_dim_bucket(head_dim) * element_size <= 2 * DECODE_MAX_TILE)
 
 
 # Pretend SM count under the interpreter, so that CPU tests exercise the split-KV path.

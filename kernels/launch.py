@@ -53,10 +53,11 @@ class CachedLauncher:
                 tuple((args[i] % 16 == 0, args[i] == 1, args[i] >> 31) for i in ints),
                 tuple(args[i] for i in values))
 
-    def variants(self, **constexprs):
-        """The compiled kernels whose constexprs and launch options include these (for inspection)."""
+    def variants(self, dtype=None, **constexprs):
+        """The compiled kernels whose constexprs and launch options include these, and whose first tensor
+        argument has `dtype` when given (for inspection)."""
         return [compiled for key, (compiled, _) in self.compiled.items()
-                if constexprs.items() <= dict(key[2]).items()]
+                if constexprs.items() <= dict(key[2]).items() and dtype in (None, key[3][0][0])]
 
     def __call__(self, grid, *args, **constexprs):
         if not self.direct:

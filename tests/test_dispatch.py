@@ -8,9 +8,9 @@ from typer.testing import CliRunner
 
 from flashpatch.cli.main import app
 from flashpatch.dispatch import path_for_capability, triton_too_old
-from flashpatch.kernels.config import (BACKWARD_TABLE, DECODE_TABLE, TILE_TABLE, backward_smem, decode_splits,
-                                       gpu_family, head_dim_bucket, select_backward_config, select_config,
-                                       tune_candidates, uses_decode_kernel)
+from flashpatch.kernels.config import (BACKWARD_TABLE, DECODE_TABLE, FP32_FORWARD, TILE_TABLE, backward_smem,
+                                       decode_splits, gpu_family, head_dim_bucket, select_backward_config,
+                                       select_config, select_decode_config, tune_candidates, uses_decode_kernel)
 
 # Shared memory per block each family may use (bytes): H100 227 KB, A100 163 KB, sm86/89 99 KB.
 SMEM = {"sm90": 227 * 1024, "sm80": 163 * 1024, "sm86": 99 * 1024}
@@ -54,6 +54,18 @@ def test_decode_tiles_fit_shared_memory(family):
         smem = (rows + 2 * cfg.num_stages * cfg.block_n) * head_dim * 2
         assert smem <= SMEM[family], (family, head_dim, cfg, rows, smem)
     assert not uses_decode_kernel(17, 1, 64, 0.0) and not uses_decode_kernel(1, 1, 64, 0.1)
+
+
+@pytest.mark.parametrize("family", list(TILE_TABLE))
+def test_float32_rows_fit_every_family_at_four_bytes(family):
+    for head_dim in (64, 128, 256):
+        cfg = select_config(family, head_dim, 4096, element_size=4)
+        assert cfg == FP32_FORWARD[head_dim]
+        assert (cfg.block_m + 2 * cfg.num_stages * cfg.block_n) * head_dim * 4 <= SMEM[family], (family, cfg)
+        dcfg = select_decode_config(family, head_dim, element_size=4)
+        rows = max(r for r in (16, 32, 64, 128) if uses_decode_kernel(1, r, head_dim, 0.0, element_size=4))
+        assert (rows + 2 * dcfg.num_stages * dcfg.block_n) * head_dim * 4 <= SMEM[family], (family, dcfg, rows)
+    assert select_config(family, 64, 4096, element_size=2) == TILE_TABLE[family][64]
 
 
 def test_tma_candidates_join_on_hopper_unless_switched_off(monkeypatch):

@@ -151,7 +151,8 @@ def test_every_table_row_and_tune_candidate_compiles_fits_and_is_correct(family,
         else:
             options = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
                            num_stages=cfg.num_stages)
-            shared = [compiled.metadata.shared for compiled in _launch_forward.variants(**options, BLOCK_D=head_dim)]
+            shared = [compiled.metadata.shared
+                      for compiled in _launch_forward.variants(torch.bfloat16, **options, BLOCK_D=head_dim)]
         assert shared and max(shared) <= SMEM[family], (family, cfg, shared)
 
 
@@ -205,3 +206,29 @@ def test_split_merge_sees_every_split_on_the_gpu(poison_empty):
         assert_fa2_rule(first, *qkv, causal=True)
     outs = [flash_decode_forward(*inputs[i % 2], num_splits=64, need_lse=False, **run)[0] for i in range(400)]
     assert all(torch.equal(out, firsts[i % 2]) for i, out in enumerate(outs))
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_float32_rows_compile_fit_every_family_and_are_correct(head_dim, poison_empty):
+    """float32 has its own forward and decode rows for every family: they compile here, their compiled shared
+    memory fits the smallest family's budget (sm86), and the results are right."""
+    from flashpatch.kernels import flash_attn_forward, flash_decode_forward, select_config, select_decode_config
+    from flashpatch.kernels.decode import _launch_decode
+    from flashpatch.kernels.forward import _launch_forward
+    from test_dispatch import SMEM
+
+    q, k, v = random_qkv(2, 8, 4, 300, 333, head_dim, torch.float32, "cuda")
+    cfg = select_config("sm90", head_dim, 300, element_size=4)
+    out, _ = flash_attn_forward(q, k, v, causal=True, scale=head_dim ** -0.5, key_padding_mask=None, config=cfg)
+    assert_fa2_rule(out, q, k, v, causal=True)
+    group = 128 * 128 * 2 // (head_dim * 4)  # the largest GQA group the decode kernel takes at float32
+    q1, k1, v1 = random_qkv(1, 2 * group, 2, 1, 3000, head_dim, torch.float32, "cuda")
+    dcfg = select_decode_config("sm90", head_dim, element_size=4)
+    out1, _ = flash_decode_forward(q1, k1, v1, causal=True, scale=head_dim ** -0.5, key_padding_mask=None,
+                                   seqused_k=None, config=dcfg, num_splits=3)
+    assert_fa2_rule(out1, q1, k1, v1, causal=True)
+    shared = [c.metadata.shared for c in _launch_forward.variants(torch.float32, BLOCK_M=cfg.block_m,
+                                                                   BLOCK_N=cfg.block_n, BLOCK_D=head_dim)]
+    shared += [c.metadata.shared for c in _launch_decode.variants(torch.float32, BLOCK_N=dcfg.block_n,
+                                                                   BLOCK_D=head_dim, BLOCK_R=group)]
+    assert len(shared) >= 2 and max(shared) <= SMEM["sm86"], shared

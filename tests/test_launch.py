@@ -79,3 +79,4 @@ def test_variants_finds_compiled_kernels_by_constexpr(monkeypatch):
         launcher((1,), torch.zeros(4), 7, BLOCK=block)
     assert launcher.variants(BLOCK=32) == ["compiled BLOCK=32"]
     assert len(launcher.variants()) == 2 and launcher.variants(BLOCK=64) == []
+    assert len(launcher.variants(dtype=torch.float32)) == 2 and launcher.variants(dtype=torch.float16) == []
