@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # H100 runs after the single-launch decode and the direct launcher (issues 5, 7). Usage:
 #   scripts/gpu_session4.sh check OUT_DIR   the GPU suite (kernel tests), host time per call, decode tile sweep
-#   scripts/gpu_session4.sh bench OUT_DIR   decode bandwidth (eager and CUDA graph), generation tokens/s
+#   scripts/gpu_session4.sh tests OUT_DIR   the GPU tests these changes touch, then decode bandwidth (eager and graph)
+#   scripts/gpu_session4.sh gen OUT_DIR     generation tokens/s, dynamic cache and Llama's static cache
 set -u
 out=$2
 export PYTHONUNBUFFERED=1
@@ -24,8 +25,15 @@ for case, rows in best.items():
     rows.sort(reverse=True)
     print(case, [f"{t:.2f} {c}" for t, c in rows[:3]], "worst", f"{rows[-1][0]:.2f}")
 PY
+elif [ "$1" = tests ]; then
+  timeout 330 python3 -m pytest -q -n 8 -ra --timeout 150 --tb=short tests/test_decode.py tests/test_launch.py \
+    tests/test_gpu_attention.py tests/test_static_cache.py tests/test_forward_tma.py tests/test_attention_op.py \
+    > "$out/pytest-gpu.log" 2>&1
+  grep -E "^E  |^FAILED|passed|failed" "$out/pytest-gpu.log" | head -30
+  OUT=$out timeout 200 python3 scripts/gpu_decode.py --graph 2>&1 | tail -32
 else
-  OUT=$out timeout 240 python3 scripts/gpu_decode.py --graph 2>&1 | tail -40
   flashpatch bench gpt2 --contexts 512,2048,8192 --new-tokens 128 --repeats 1 --json "$out/gen-gpt2-dynamic.json" | tail -9
   flashpatch bench llama2-7b --contexts 512,4096 --new-tokens 128 --repeats 1 --json "$out/gen-llama-dynamic.json" | tail -7
+  flashpatch bench llama2-7b --cache static --baselines sdpa --contexts 512 --new-tokens 128 --repeats 1 \
+    --json "$out/gen-llama-static.json" | tail -5
 fi
