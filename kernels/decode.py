@@ -15,14 +15,14 @@ import triton.language as tl
 
 from .config import TileConfig, decode_rows
 from .forward import LOG2E
-from .launch import CachedLauncher, _current_stream, cdiv, next_power_of_2
+from .launch import CachedLauncher, cdiv, next_power_of_2
 
 
 # Lengths change every decode step: specialising on them (== 1, multiple of 16) would compile new variants
 # mid-generation whenever a step meets an unseen combination.
 @triton.jit(do_not_specialize=["seq_q", "seq_k", "split_len"])
 def _flash_decode_kernel(
-    Q, K, V, O, LSE, WORK, COUNTERS, KPM, SEQUSED,
+    Q, K, V, O, LSE, WORK, KPM, SEQUSED,
     qk_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -94,8 +94,8 @@ def _flash_decode_kernel(
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
-    # O is [B, Sq, H, D] in memory and LSE [B, H, Sq]; WORK holds the splits' partials in the same layouts,
-    # [S, B, Sq, H, D] then [S, B, H, Sq], all float32.
+    # O is [B, Sq, H, D] in memory and LSE [B, H, Sq]; WORK (float32, zeroed by the host) holds the splits'
+    # partials in the same layouts, [S, B, Sq, H, D] then [S, B, H, Sq], then one arrival counter per (batch, KV head).
     heads_q = num_heads_k * group_size
     rows_total = tl.num_programs(1) * group_size * seq_q  # batch x Hq x Sq
     o_offs = (b.to(tl.int64) * seq_q * heads_q + tok[:, None] * heads_q + head[:, None]) * head_dim + offs_d[None, :]
@@ -104,20 +104,20 @@ def _flash_decode_kernel(
         num_splits = tl.num_programs(0)
         o_part = WORK + o_offs
         lse_part = WORK + num_splits * rows_total * head_dim + lse_offs
+        counter = WORK + num_splits * rows_total * (head_dim + 1) + pid_bh
         tl.store(o_part + pid_s * rows_total * head_dim, out, mask=q_mask)
         tl.store(lse_part + pid_s * rows_total, lse, mask=row_ok)
         # The last split of this (batch, KV head) to arrive merges them all. Its acquire of the counter pairs with
         # the other splits' release after their stores (the barrier first gathers every thread's stores into
-        # the release); the merger puts the counter back to zero for the next launch.
+        # the release). Float32 counts are exact this small.
         tl.debug_barrier()
-        arrived = tl.atomic_add(COUNTERS + pid_bh, 1, sem="acq_rel")
+        arrived = tl.atomic_add(counter, 1.0, sem="acq_rel")
         if arrived == num_splits - 1:
             out, lse = _merge_partials(o_part, lse_part, rows_total * head_dim, rows_total, num_splits, q_mask,
                                        row_ok, BLOCK_R, BLOCK_D)
             tl.store(O + o_offs, out.to(O.dtype.element_ty), mask=q_mask)
             if STORE_LSE:
                 tl.store(LSE + lse_offs, lse, mask=row_ok)
-            tl.atomic_xchg(COUNTERS + pid_bh, 0)
     else:
         tl.store(O + o_offs, out.to(O.dtype.element_ty), mask=q_mask)
         if STORE_LSE:
@@ -149,24 +149,6 @@ def _merge_partials(o_part, lse_part, stride_o, stride_lse, num_splits, q_mask, 
 
 _launch_decode = CachedLauncher(_flash_decode_kernel)
 
-# (device, stream) -> int32 counters, one per (batch, KV head), zero between launches (the kernel leaves them so).
-_COUNTERS: dict = {}
-
-
-def split_counters(device: torch.device, count: int) -> torch.Tensor:
-    """The zeroed counters the split kernel's last-arrival merge needs. Cached per device and stream, since
-    launches on one stream never overlap; while a CUDA graph is being captured a new buffer is not cached:
-    the graph then holds its own zeroing."""
-    key = (device.index, _current_stream(device.index)) if device.type == "cuda" else device
-    counters = _COUNTERS.get(key)
-    if counters is None or counters.numel() < count:
-        counters = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return counters
-        _COUNTERS[key] = counters
-    return counters
-
-
 def flash_decode_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -193,11 +175,14 @@ def flash_decode_forward(
     block_d = max(16, next_power_of_2(head_dim))
     split_len = cdiv(cdiv(seq_k, num_splits), config.block_n) * config.block_n
     num_splits = cdiv(seq_k, split_len)
-    if num_splits > 1:  # partials and their log-sum-exps in one float32 allocation (host time counts here)
-        work = torch.empty(batch * heads_q * seq_q * num_splits * (head_dim + 1), device=q.device, dtype=torch.float32)
-        counters = split_counters(q.device, batch * heads_k)
+    if num_splits > 1:
+        # Partials, their log-sum-exps and the arrival counters in one zeroed float32 allocation: per call, so
+        # nothing outlives it (a cached counter buffer would be shared across streams and, made during a CUDA
+        # graph's warm-up, would sit untracked in the graph's memory pool). Host time counts here.
+        work = torch.zeros(batch * heads_q * seq_q * num_splits * (head_dim + 1) + batch * heads_k,
+                           device=q.device, dtype=torch.float32)
     else:
-        work = counters = out  # never read
+        work = out  # never read
     if key_padding_mask is not None:
         kpm = key_padding_mask.view(torch.uint8)
         stride_mb, stride_mn = kpm.stride()
@@ -207,7 +192,7 @@ def flash_decode_forward(
 
     _launch_decode(
         (num_splits, batch * heads_k, 1),
-        q, k, v, out, out if lse is None else lse, work, counters, kpm, seqused,
+        q, k, v, out, out if lse is None else lse, work, kpm, seqused,
         scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(),
         stride_mb, stride_mn,

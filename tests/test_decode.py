@@ -52,9 +52,8 @@ def test_decode_key_padding(causal, device, poison_empty):
 def test_seqused_k_matches_sliced_cache(seq_q, dtype, device, poison_empty):
     batch, buffer = 3, 211
     q, k, v = random_qkv(batch, 6, 3, seq_q, buffer, 64, dtype, device)
-    seqused = torch.randint(seq_q, buffer + 1, (batch,), dtype=torch.int32, device=device)
+    seqused = torch.randint(seq_q, buffer, (batch,), dtype=torch.int32, device=device)  # the last key is unused
     k[:, :, -1] = 1e4  # garbage past the used length would dominate any row that read it
-    seqused[0] = min(int(seqused[0]), buffer - 1)
     out = flashpatch.attention(q, k, v, causal=True, seqused_k=seqused)
     assert_fa2_rule(out, q, k, v, causal=True, seqused_k=seqused)
 
@@ -82,16 +81,13 @@ def test_seqused_k_errors(device):
 
 
 @pytest.mark.parametrize("num_splits", [2, 5])
-def test_split_merge_leaves_counters_zeroed_and_repeats_exactly(num_splits, device, poison_empty):
-    """The last split to arrive merges and resets its counter: a second launch must give the same bits,
-    and one with a different split count (same counters) must still be right."""
-    from flashpatch.kernels.decode import split_counters
-
+def test_split_merge_repeats_exactly_and_matches_one_split(num_splits, device, poison_empty):
+    """The last split to arrive merges: a second launch must give the same bits, one with another split
+    count must still be right, and the merged lse must be the unsplit one."""
     q, k, v = random_qkv(3, 8, 2, 2, 190, 64, torch.float16, device)
     config = TileConfig(16, 16, 4, 1) if device.type == "cpu" else TileConfig(16, 64, 4, 2)
     run = dict(causal=True, scale=0.125, key_padding_mask=None, seqused_k=None, config=config)
     first, lse = flash_decode_forward(q, k, v, num_splits=num_splits, **run)
-    assert int(split_counters(q.device, 6)[:6].abs().sum()) == 0
     again, no_lse = flash_decode_forward(q, k, v, num_splits=num_splits, need_lse=False, **run)
     assert no_lse is None and torch.equal(first, again)
     other, _ = flash_decode_forward(q, k, v, num_splits=num_splits + 1, **run)

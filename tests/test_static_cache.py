@@ -80,3 +80,20 @@ def test_compiled_static_generation_one_graph_no_breaks(arch):
     assert torch.equal(got.sequences, expected.sequences)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert not counters["graph_break"] and not counters["recompiles"]
+
+
+@pytest.mark.gpu
+def test_cuda_graph_compiled_static_generation():
+    """transformers' default compiled decode on a GPU (inductor, CUDA graphs through cudagraph trees): every
+    allocation the op makes during warm-up and capture must belong to the graph's outputs or die with the call,
+    and the tokens must equal the unpatched model's."""
+    model = tiny_model("llama")
+    prompt, mask = _prompt(padded=True)
+    expected = _generate(model, prompt, mask)
+    flashpatch.apply(model, fallback="error")
+    torch._dynamo.reset()
+    config = CompileConfig(fullgraph=True, mode="reduce-overhead")
+    first = _generate(model, prompt, mask, compile_config=config)
+    again = _generate(model, prompt, mask, compile_config=config)  # replays the captured graphs
+    assert torch.equal(first.sequences, again.sequences) and torch.equal(first.sequences, expected.sequences)
+    torch.testing.assert_close(torch.stack(first.logits), torch.stack(expected.logits), rtol=1e-3, atol=1e-3)
