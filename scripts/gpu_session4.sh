@@ -3,6 +3,7 @@
 #   scripts/gpu_session4.sh check OUT_DIR   the GPU suite (kernel tests), host time per call, decode tile sweep
 #   scripts/gpu_session4.sh tests OUT_DIR   the GPU tests these changes touch, then decode bandwidth (eager and graph)
 #   scripts/gpu_session4.sh gen OUT_DIR     generation tokens/s, dynamic cache and Llama's static cache
+#   scripts/gpu_session4.sh recheck OUT_DIR after the per-call counters: tests, host time, batch-1 decode, Llama static
 set -u
 out=$2
 export PYTHONUNBUFFERED=1
@@ -31,6 +32,16 @@ elif [ "$1" = tests ]; then
     > "$out/pytest-gpu.log" 2>&1
   grep -E "^E  |^FAILED|passed|failed" "$out/pytest-gpu.log" | head -30
   OUT=$out timeout 200 python3 scripts/gpu_decode.py --graph 2>&1 | tail -32
+elif [ "$1" = recheck ]; then
+  timeout 240 python3 -m pytest -q -n 8 -ra --timeout 200 --tb=short tests/test_decode.py tests/test_static_cache.py \
+    tests/test_launch.py tests/test_gpu_attention.py -k "split or static or float32 or every_table or seqused or launch" \
+    > "$out/pytest-recheck.log" 2>&1
+  grep -E "^E  |^FAILED|passed|failed" "$out/pytest-recheck.log" | head -20
+  timeout 60 python3 scripts/host_overhead.py 2>&1 | tee "$out/host-overhead.txt" | head -8
+  OUT=$out timeout 90 python3 scripts/gpu_decode.py --graph --batch1 2>&1 | tail -17
+  flashpatch bench llama2-7b --cache static --baselines sdpa --contexts 512 --new-tokens 128 --repeats 1 \
+    --json "$out/gen-llama-static.json" 2>&1 | tail -3
+  python3 -c "import json; print(json.load(open('$out/gen-llama-static.json'))['markdown'])"
 else
   flashpatch bench gpt2 --contexts 512,2048,8192 --new-tokens 128 --repeats 1 --json "$out/gen-gpt2-dynamic.json" | tail -9
   flashpatch bench llama2-7b --contexts 512,4096 --new-tokens 128 --repeats 1 --json "$out/gen-llama-dynamic.json" | tail -7
