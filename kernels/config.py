@@ -151,7 +151,9 @@ MAX_SPLITS = 64
 # more programs per SM keep more loads in flight (H100 sweep, docs/gpu-runs/2026-11-25-session4/decode-sweep*.txt).
 DECODE_WAVES = 4
 LONG_CACHE = 16384
-MIN_SPLIT_BLOCKS = 2
+# A split launch also zeroes its work buffer: ~10-17 us more host time per call on the H100 host
+# (host-overhead-*.txt), more than splitting saves on the GPU below ~1K keys (13 -> 10 us at 1K, batch 1).
+MIN_SPLIT_BLOCKS = 8
 
 
 def decode_splits(batch_heads: int, seq_q: int, seq_k: int, block_n: int, sm_count: int,
