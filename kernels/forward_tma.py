@@ -51,6 +51,7 @@ def _tma_block(acc, l_i, m_i, q, desc_k, desc_v, b, kv_h, start_n, offs_m, offs_
 def _flash_fwd_tma_kernel(
     desc_q, desc_k, desc_v, desc_o, LSE, qk_scale, num_heads, group_size, seq_q, seq_k,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -73,7 +74,9 @@ def _flash_fwd_tma_kernel(
         unmasked_hi = tl.minimum(seq_k, m0 + causal_offset + 1)
     hi = tl.maximum(hi, 0)
     unmasked_hi = tl.minimum(tl.maximum(unmasked_hi, 0) // BLOCK_N * BLOCK_N, hi)
-    for start_n in range(0, unmasked_hi, BLOCK_N):
+    # Warp specialisation (Triton splits the loop into TMA-producer and MMA/softmax-consumer warp groups) where
+    # the installed Triton offers it for this loop; the masked tail below stays a plain loop.
+    for start_n in tl.range(0, unmasked_hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         acc, l_i, m_i = _tma_block(acc, l_i, m_i, q, desc_k, desc_v, b, kv_h, start_n, offs_m, offs_n, qk_scale,
                                    seq_k, causal_offset, BLOCK_N, HEAD_DIM, False, CAUSAL)
     for start_n in range(unmasked_hi, hi, BLOCK_N):
@@ -100,7 +103,7 @@ def tma_eligible(q, k, v, *, plain: bool) -> bool:
             and q.shape[-1] in TMA_HEAD_DIMS and all(_descriptor_legal(t) for t in (q, k, v)))
 
 
-def flash_attn_forward_tma(q, k, v, *, causal: bool, scale: float, config: TileConfig):
+def flash_attn_forward_tma(q, k, v, *, causal: bool, scale: float, config: TileConfig, warp_specialize: bool = False):
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
     out = torch.empty((batch, seq_q, heads_q, head_dim), device=q.device, dtype=q.dtype).transpose(1, 2)
@@ -113,7 +116,7 @@ def flash_attn_forward_tma(q, k, v, *, causal: bool, scale: float, config: TileC
     compiled = _flash_fwd_tma_kernel[(cdiv(seq_q, bm), batch * heads_q)](
         desc(q, bm), desc(k, bn), desc(v, bn), desc(out, bm), lse, scale * 1.4426950408889634,
         heads_q, heads_q // heads_k, seq_q, seq_k,
-        BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=head_dim, CAUSAL=causal,
+        BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=head_dim, CAUSAL=causal, WARP_SPECIALIZE=warp_specialize,
         num_warps=config.num_warps, num_stages=config.num_stages)
     COMPILED[(bm, bn, head_dim, causal, config.num_warps, config.num_stages)] = compiled
     return out, lse
