@@ -149,6 +149,7 @@ def _merge_partials(o_part, lse_part, stride_o, stride_lse, num_splits, q_mask, 
 
 _launch_decode = CachedLauncher(_flash_decode_kernel)
 
+
 def flash_decode_forward(
     q: torch.Tensor,
     k: torch.Tensor,
