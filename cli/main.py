@@ -275,7 +275,7 @@ def _bench_kernels(lengths: str | None, head_dims: str, json_path: str | None):
     dims = [int(d) for d in head_dims.split(",")]
     batches = (1, 8, 32)
     cells = len(length_list) * len(dims) * 2
-    total = cells * (len(impls) + 2 * len(BACKWARD_IMPLS)) + len(DECODE_CACHES) * len(batches) * len(decode_impls)
+    total = cells * (len(impls) + 2 * len(BACKWARD_IMPLS)) + 2 * len(DECODE_CACHES) * len(batches) * len(decode_impls)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("forward, backward and decode kernels", total=total)
         step = lambda: progress.advance(task)  # noqa: E731
@@ -283,17 +283,21 @@ def _bench_kernels(lengths: str | None, head_dims: str, json_path: str | None):
         train_rows = bench_backward(lengths=length_list, head_dims=dims, progress=step)
         bwd_rows = bench_backward(lengths=length_list, head_dims=dims, backward_only=True, progress=step)
         decode_rows = bench_decode(decode_impls, batches=batches, progress=step)
+        decode_graph_rows = bench_decode(decode_impls, batches=batches, progress=step, cuda_graph=True)
     console.print("Forward, batch 8, 32 heads, bf16 (TFLOPS):")
     console.print(markdown_table(rows, impls))
     console.print("Forward + backward (TFLOPS count 3.5x the forward's FLOPs):")
     console.print(markdown_table(train_rows, BACKWARD_IMPLS))
     console.print("Backward alone (2.5x the forward's FLOPs):")
     console.print(markdown_table(bwd_rows, BACKWARD_IMPLS))
-    console.print("Decode, one query token, 32 heads, head dim 128, bf16 (TB/s of K/V read):")
+    console.print("Decode, one query token, 32 heads, head dim 128, bf16 (TB/s of K/V read), calls back to back "
+                  "(host launch cost included):")
     console.print(decode_markdown(decode_rows, decode_impls))
+    console.print("The same, timed as CUDA-graph replays (GPU time alone, every backend alike):")
+    console.print(decode_markdown(decode_graph_rows, decode_impls))
     _write_json({"rows": [r.to_dict() for r in rows], "forward_backward_rows": [r.to_dict() for r in train_rows],
-                 "backward_rows": [r.to_dict() for r in bwd_rows], "decode_rows": [r.to_dict() for r in decode_rows]},
-                json_path)
+                 "backward_rows": [r.to_dict() for r in bwd_rows], "decode_rows": [r.to_dict() for r in decode_rows],
+                 "decode_graph_rows": [r.to_dict() for r in decode_graph_rows]}, json_path)
 
 if __name__ == "__main__":
     app()
