@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# One H100 call (~9 min): the tensor-descriptor (TMA) forward's GPU tests and its sweep against the pointer
-# kernel's tiles (issue 8), then where a decode call's host time goes (issues 5 and 7).
+# The next session's first H100 call (~9 min), what session 4 could not run before its device time ran out:
+# the warp-specialised TMA forward against cuDNN (issue 8), the backward's GPU tests since the direct launcher,
+# and GPT-2's static-cache + compile generation with the one-launch decode (issue 7).
 # Usage: scripts/gpu_next.sh OUT_DIR
 set -u
 out=$1
-export FLASHPATCH_TMA=1
-timeout 150 python3 -m pytest -q -n 4 --timeout 120 -ra tests/test_forward_tma.py tests/test_gpu_attention.py \
-  tests/test_attention_op.py -k "tma or table_row or backward_row or autocast" 2>&1 | tee "$out/pytest-next.log" | tail -4
-OUT=$out timeout 300 python3 scripts/gpu_kernels.py --sweep --no-bench > "$out/sweep-stdout.txt" 2>&1
-tail -1 "$out/sweep-stdout.txt"; cat "$out/sweep.txt"
-timeout 90 python3 scripts/host_overhead.py 2>&1 | tee "$out/host-overhead.txt"
+export PYTHONUNBUFFERED=1
+timeout 200 python3 scripts/gpu_ws_probe.py 2>&1 | tee "$out/ws-probe.txt" | tail -13
+timeout 150 python3 -m pytest -q -n 8 --timeout 120 tests/test_backward.py tests/test_dropout.py tests/test_packed.py tests/test_compile.py 2>&1 \
+  | tee "$out/pytest-backward.log" | tail -2
+timeout 220 flashpatch bench gpt2 --cache static --contexts 512,2048 --new-tokens 128 --repeats 1 \
+  --json "$out/gen-gpt2-static.json" > /dev/null 2>&1
+python3 -c "import json; print(json.load(open('$out/gen-gpt2-static.json'))['markdown'])"
