@@ -1,5 +1,6 @@
 """flashpatch: Triton flash attention for Hugging Face transformers models."""
 
+from .fp8 import attention_fp8
 from .ops import AttentionInputError, attention
 
 
@@ -17,5 +18,5 @@ def __getattr__(name):
 
 
 __all__ = ["AttentionInputError", "FallbackError", "PatchReport", "UnsupportedModelError", "apply", "attention",
-           "patched", "unapply"]
+           "attention_fp8", "patched", "unapply"]
 __version__ = "0.1.0"

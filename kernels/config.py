@@ -16,6 +16,7 @@ class TileConfig:
     num_warps: int
     num_stages: int
     tma: bool = False  # the tensor-descriptor kernel (kernels/forward_tma.py) where a call allows it
+    warp_specialize: bool = False  # TMA kernel only: Triton's producer/consumer warp groups for the unmasked loop
 
 
 # Per compute-capability family, per padded head dim (64, 128, 256).
@@ -45,7 +46,8 @@ TILE_TABLE: dict[str, dict[int, TileConfig]] = {
 # shared-memory-scaled cousins; tests/test_dispatch.py checks each fits its family's budget.
 TUNE_ALTERNATIVES: dict[str, dict[int, list[TileConfig]]] = {
     "sm90": {64: [TileConfig(128, 64, 4, 3), TileConfig(64, 64, 4, 3)],
-             128: [TileConfig(128, 128, 8, 3), TileConfig(128, 128, 8, 3, tma=True), TileConfig(64, 64, 4, 3)],
+             128: [TileConfig(128, 128, 8, 3), TileConfig(128, 128, 8, 3, tma=True),
+                   TileConfig(128, 128, 8, 3, tma=True, warp_specialize=True), TileConfig(64, 64, 4, 3)],
              256: [TileConfig(64, 32, 4, 3)]},
     "sm80": {64: [TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 3)],
              128: [TileConfig(64, 64, 4, 3)],
@@ -58,7 +60,9 @@ TUNE_ALTERNATIVES: dict[str, dict[int, list[TileConfig]]] = {
 
 # The H100 sweep of 2026-11-25 (docs/gpu-runs/2026-11-25-session4/forward-sweep-tma.txt) timed the TMA tiles: at
 # head dim 128, (128, 128, 8, 3) with TMA is level with or up to 3.5 % ahead of the best pointer tile on 3 of 4
-# shapes, so it is a candidate; at head dim 64 every TMA tile lost. FLASHPATCH_TMA=0 leaves TMA tiles out.
+# shapes, so it is a candidate; at head dim 64 every TMA tile lost. Its warp-specialised variant read 524 vs 491
+# TFLOPS non-causal at N = 8192 but lost causal (docs/gpu-runs/2026-11-25-session5/ws-probe.txt), so it is a
+# candidate of its own. FLASHPATCH_TMA=0 leaves TMA tiles out.
 TMA_SWITCH = "FLASHPATCH_TMA"
 
 
@@ -66,6 +70,17 @@ def tune_candidates(family: str, head_dim: int) -> list[TileConfig]:
     bucket = head_dim_bucket(head_dim)
     tma = os.environ.get(TMA_SWITCH) != "0"
     return [TILE_TABLE[family][bucket], *(c for c in TUNE_ALTERNATIVES[family][bucket] if tma or not c.tma)]
+
+
+# FP8 forward (kernels/forward_fp8.py), Hopper only: one-byte K/V tiles take half the shared memory of 16-bit ones,
+# so 128 keys per step fit three stages. Keyed by head dim (64 or 128).
+FP8_TABLE: dict[str, dict[int, TileConfig]] = {
+    "sm90": {64: TileConfig(128, 128, 8, 3), 128: TileConfig(128, 128, 8, 3)},
+}
+
+
+def select_fp8_config(family: str | None, head_dim: int) -> TileConfig:
+    return INTERPRETER_CONFIG if family is None else FP8_TABLE[family][head_dim]
 
 
 # Triton's CPU interpreter: small tiles so that short test sequences still cross several

@@ -247,7 +247,8 @@ def flash_attn_forward(
     """
     if config.tma and tma_eligible(q, k, v, plain=key_padding_mask is None and seqused_k is None
                                    and segment_ids is None and dropout_p == 0.0 and num_splits == 1):
-        return flash_attn_forward_tma(q, k, v, causal=causal, scale=scale, config=config)
+        return flash_attn_forward_tma(q, k, v, causal=causal, scale=scale, config=config,
+                                      warp_specialize=config.warp_specialize)
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
     out = torch.empty((batch, seq_q, heads_q, head_dim), device=q.device, dtype=q.dtype).transpose(1, 2)

@@ -19,7 +19,7 @@ except ImportError:  # a Triton without host-side tensor descriptors: the pointe
     TensorDescriptor = None
 
 TMA_HEAD_DIMS = (64, 128)
-# (BLOCK_M, BLOCK_N, HEAD_DIM, CAUSAL, num_warps, num_stages) -> compiled kernel, for inspection (tests read
+# (BLOCK_M, BLOCK_N, HEAD_DIM, CAUSAL, num_warps, num_stages, warp_specialize) -> compiled kernel, for inspection (tests read
 # shared memory from it).
 COMPILED: dict = {}
 
@@ -118,5 +118,5 @@ def flash_attn_forward_tma(q, k, v, *, causal: bool, scale: float, config: TileC
         heads_q, heads_q // heads_k, seq_q, seq_k,
         BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=head_dim, CAUSAL=causal, WARP_SPECIALIZE=warp_specialize,
         num_warps=config.num_warps, num_stages=config.num_stages)
-    COMPILED[(bm, bn, head_dim, causal, config.num_warps, config.num_stages)] = compiled
+    COMPILED[(bm, bn, head_dim, causal, config.num_warps, config.num_stages, warp_specialize)] = compiled
     return out, lse

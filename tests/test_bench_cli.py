@@ -48,6 +48,38 @@ def test_a_failing_cell_is_recorded_and_the_run_completes(tmp_path, monkeypatch)
     assert all(r["e2e_tok_s"] for r in rows if not r["error"])
 
 
+def test_setup_tunes_each_bucket_and_cold_cells_stay_unseen(tmp_path, monkeypatch):
+    """The per-context warm-up prefills once in the context's power-of-two length bucket (what flashpatch's
+    autotuner keys on), and still no cold cell meets a KV length its implementation has seen."""
+    real, calls = bench_generate._generate_once, []
+
+    def recording(model, prompt, new_tokens, cache_kwargs=None):
+        calls.append((model.config._attn_implementation, prompt.shape[1], new_tokens))
+        return real(model, prompt, new_tokens, cache_kwargs)
+
+    monkeypatch.setattr(bench_generate, "_generate_once", recording)
+    out = tmp_path / "bench.json"
+    contexts = (24, 40, 100)
+    result = runner.invoke(app, [*ARGS[:3], ",".join(map(str, contexts)), *ARGS[4:], "--repeats", "2",
+                                 "--regimes", "cold", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert all(r["setup_s"] > 0 for r in rows)
+    for impl in {c[0] for c in calls}:
+        mine = [c[1:] for c in calls if c[0] == impl]
+        for context in contexts:
+            bucket = 1 << (context - 1).bit_length()
+            assert any(bucket // 2 < length <= bucket and tokens == 1 for length, tokens in mine), (impl, context)
+    cells = [(r["impl"], length) for r in rows for length in r["prompt_lengths"]]
+    assert len(cells) == 2 * len(contexts) * 3
+    for impl, length in cells:
+        impl_name = "fp_triton" if impl == "flashpatch" else impl
+        mine = [c[1:] for c in calls if c[0] == impl_name]
+        first = mine.index((length, 4))
+        for earlier_length, tokens in mine[:first]:
+            assert earlier_length + tokens - 1 < length or earlier_length > length + 3, (impl, length, mine)
+
+
 def test_cold_lengths_never_overlap():
     source = _LengthSource(new_tokens=16)
     spans = []
@@ -75,7 +107,7 @@ def test_static_cache_run(tmp_path):
     assert data["cache"] == "static"
     for r in data["rows"]:
         assert r["error"] is None and r["cache"] == "static" and r["setup_s"] > 0
-    assert "compile s" in data["markdown"]
+    assert "setup s" in data["markdown"]
 
 
 def test_device_map_auto_run(tmp_path, monkeypatch):

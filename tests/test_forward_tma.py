@@ -38,6 +38,19 @@ def test_matches_float64(seq_q, seq_k, causal, layout, device, poison_empty):
     assert (out[..., ~finite[0, 0], :] == 0).all()
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_warp_specialized_loop_matches_the_plain_one(causal, device):
+    """The warp-specialise flag changes how Triton schedules the unmasked loop, never the numbers."""
+    q, k, v = random_qkv(2, 4, 2, 70, 70, 64, torch.float16, device)
+    ws = TileConfig(32, 16, 4, 1, tma=True, warp_specialize=True)
+    out, lse = flash_attn_forward(q, k, v, causal=causal, scale=0.125, key_padding_mask=None, config=ws)
+    assert_fa2_rule(out, q, k, v, causal=causal)
+    plain, plain_lse = flash_attn_forward_tma(q, k, v, causal=causal, scale=0.125, config=TMA_TILES)
+    torch.testing.assert_close(out, plain, atol=1e-3, rtol=0)
+    torch.testing.assert_close(lse, plain_lse, atol=1e-4, rtol=0)
+    assert (TMA_TILES.block_m, TMA_TILES.block_n, 64, causal, 4, 1, True) in forward_tma.COMPILED
+
+
 @pytest.mark.parametrize("heads_q,heads_k,head_dim", [(9, 3, 64), (8, 1, 128), (4, 4, 128)])
 def test_gqa_and_head_dims(heads_q, heads_k, head_dim, device, poison_empty):
     q, k, v = random_qkv(1, heads_q, heads_k, 45, 50, head_dim, torch.float16, device)

@@ -146,7 +146,8 @@ def test_every_table_row_and_tune_candidate_compiles_fits_and_is_correct(family,
         out, _ = flash_attn_forward(q, k, v, causal=True, scale=head_dim ** -0.5, key_padding_mask=None, config=cfg)
         assert_fa2_rule(out, q, k, v, causal=True)
         if cfg.tma:  # the tensor-descriptor kernel (Hopper only: no other family lists it)
-            compiled = COMPILED[(cfg.block_m, cfg.block_n, head_dim, True, cfg.num_warps, cfg.num_stages)]
+            compiled = COMPILED[(cfg.block_m, cfg.block_n, head_dim, True, cfg.num_warps, cfg.num_stages,
+                                 cfg.warp_specialize)]
             shared = [compiled.metadata.shared]
         else:
             options = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,

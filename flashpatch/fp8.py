@@ -1,0 +1,49 @@
+"""`flashpatch.attention_fp8`: an FP8 (e4m3) forward on Hopper with per-tensor scales, inference only.
+
+Quantizes 16-bit q, k, v per tensor (amax -> 448, on the device), runs kernels/forward_fp8.py and returns q's
+dtype. Accuracy against the 16-bit op is in BENCHMARKS.md; it is an opt-in op, never what `apply` routes to.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .ops import AttentionInputError, _check_inputs, _device_guard, _device_info, _kernels
+
+FP8_FAMILIES = ("sm90",)  # the GPUs it has been measured on
+
+
+def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                  scale: float | None = None) -> torch.Tensor:
+    """Like `flashpatch.attention` (SDPA's layout, GQA, bottom-right causal), with both matmuls in FP8.
+
+    q: [batch, Hq, Sq, D]; k, v: [batch, Hkv, Sk, D]; float16 or bfloat16; D 64 or 128. No masks, dropout
+    or gradients. Returns [batch, Hq, Sq, D] in q's dtype.
+    """
+    _check_inputs(q, k, v, None)
+    kernels = _kernels()
+    head_dim = q.shape[-1]
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise AttentionInputError(f"attention_fp8 quantizes 16-bit inputs; got {q.dtype}: cast to bfloat16 first")
+    if head_dim not in kernels.forward_fp8.FP8_HEAD_DIMS:
+        raise AttentionInputError(f"attention_fp8 serves head_dim 64 or 128, got {head_dim}: use flashpatch.attention")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise AttentionInputError("attention_fp8 is inference only (no backward): call it under torch.no_grad(), "
+                                  "or use flashpatch.attention to train")
+    path, _, index = _device_info(q)
+    if not path.usable:
+        raise AttentionInputError(f"flashpatch kernels cannot run here: {path.reason}")
+    if q.is_cuda and path.family not in FP8_FAMILIES:
+        raise AttentionInputError(f"attention_fp8 runs on Hopper (sm90) GPUs; this is {path.family or path.name}: "
+                                  "use flashpatch.attention")
+    scale = head_dim ** -0.5 if scale is None else float(scale)
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        return torch.zeros_like(q)
+    with _device_guard(index):
+        q8, q_descale = kernels.quantize_per_tensor(q)
+        k8, k_descale = kernels.quantize_per_tensor(k)
+        vt8, v_descale = kernels.quantize_per_tensor(v, transpose=True)
+        descale = torch.cat([q_descale, k_descale, v_descale])
+        return kernels.flash_attn_forward_fp8(q8, k8, vt8, descale, causal=causal, scale=scale,
+                                              config=kernels.select_fp8_config(path.family, head_dim),
+                                              out_dtype=q.dtype)

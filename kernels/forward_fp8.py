@@ -1,0 +1,132 @@
+"""FP8 (e4m3) forward for Hopper, FA3-style: Q, K and V quantized per tensor, both matmuls in FP8 with float32
+accumulation, the softmax in float32.
+
+- Each of Q, K, V carries one float32 descale (its amax / 448, `quantize_per_tensor`), read on the device: no
+  host sync. QKᵀ is rescaled by q_descale * k_descale inside the softmax scale, the output by v_descale.
+- The probabilities P (in [0, 1]) are multiplied by 2^8 before their cast to e4m3, whose smallest subnormal is
+  2^-9: unscaled, every weight below ~0.002 would round to zero while still counting in the row sum. The factor
+  is exact and divided out at the end.
+- Hopper's FP8 tensor-core instructions read both operands K-major, so V comes transposed ([B, H, D, Sk]);
+  `quantize_per_tensor(v, transpose=True)` writes it that way as part of the cast.
+Inference only (no backward); plain attention only (causal or not, GQA; no masks or dropout).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .config import TileConfig
+from .launch import cdiv
+
+E4M3_MAX = 448.0
+P_SCALE = 256.0
+FP8_HEAD_DIMS = (64, 128)
+
+
+@triton.jit
+def _fp8_block(acc, l_i, m_i, q, k_base, vt_base, stride_kn, stride_vn, start_n, offs_m, offs_n, offs_d,
+               qk_scale, seq_k, causal_offset, MASK: tl.constexpr, CAUSAL: tl.constexpr):
+    cols = start_n + offs_n
+    k_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]  # [D, N], D contiguous (K-major)
+    vt_ptrs = vt_base + offs_d[:, None] * stride_vn + cols[None, :]  # [D, N], N contiguous (K-major for P @ V)
+    if MASK:
+        k = tl.load(k_ptrs, mask=cols[None, :] < seq_k, other=0.0)
+        vt = tl.load(vt_ptrs, mask=cols[None, :] < seq_k, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        vt = tl.load(vt_ptrs)
+    qk = tl.dot(q, k) * qk_scale
+    if MASK:  # the causal diagonal and the ragged last block
+        visible = cols[None, :] < seq_k
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= offs_m[:, None] + causal_offset)
+        qk = tl.where(visible, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_ref = m_new
+    if MASK:  # a row may have seen nothing yet: exponents against 0, not -inf
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk - m_ref[:, None])
+    alpha = tl.math.exp2(m_i - m_ref)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot((p * 256.0).to(tl.float8e4nv), tl.trans(vt))
+    return acc, l_i, m_new
+
+
+@triton.jit(do_not_specialize=["seq_q", "seq_k"])
+def _flash_fwd_fp8_kernel(
+    Q, K, VT, O, DESCALE, qk_scale,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    num_heads, group_size, seq_q, seq_k,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    kv_h = h // group_size
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    q_descale = tl.load(DESCALE)
+    k_descale = tl.load(DESCALE + 1)
+    v_descale = tl.load(DESCALE + 2)
+    qk_scale = qk_scale * q_descale * k_descale
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=offs_m[:, None] < seq_q, other=0.0)
+    k_base = K + b.to(tl.int64) * stride_kb + kv_h * stride_kh
+    vt_base = VT + b.to(tl.int64) * stride_vb + kv_h * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    causal_offset = seq_k - seq_q  # bottom-right: query i sees keys j <= i + offset
+    hi = seq_k
+    unmasked_hi = seq_k
+    if CAUSAL:
+        hi = tl.minimum(seq_k, m0 + BLOCK_M + causal_offset)
+        unmasked_hi = tl.minimum(seq_k, m0 + causal_offset + 1)
+    hi = tl.maximum(hi, 0)
+    unmasked_hi = tl.minimum(tl.maximum(unmasked_hi, 0) // BLOCK_N * BLOCK_N, hi)
+    for start_n in range(0, unmasked_hi, BLOCK_N):
+        acc, l_i, m_i = _fp8_block(acc, l_i, m_i, q, k_base, vt_base, stride_kn, stride_vn, start_n, offs_m, offs_n,
+                                   offs_d, qk_scale, seq_k, causal_offset, False, CAUSAL)
+    for start_n in range(unmasked_hi, hi, BLOCK_N):
+        acc, l_i, m_i = _fp8_block(acc, l_i, m_i, q, k_base, vt_base, stride_kn, stride_vn, start_n, offs_m, offs_n,
+                                   offs_d, qk_scale, seq_k, causal_offset, True, CAUSAL)
+
+    empty = l_i == 0.0  # a row that saw no key returns zeros
+    out = acc * (v_descale / 256.0) / tl.where(empty, 1.0, l_i)[:, None]
+    tl.store(O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=offs_m[:, None] < seq_q)
+
+
+def quantize_per_tensor(t: torch.Tensor, transpose: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 copy of t scaled so that its amax maps to 448, float32 descale [1]) on t's device, no host sync.
+    transpose=True stores the last two dims swapped ([B, H, D, S] for V)."""
+    descale = (t.detach().abs().amax().float() / E4M3_MAX).clamp_min(1e-12).reshape(1)
+    scaled = (t.float() / descale).clamp(-E4M3_MAX, E4M3_MAX)
+    if transpose:
+        scaled = scaled.transpose(-1, -2)
+    return scaled.contiguous().to(torch.float8_e4m3fn), descale
+
+
+def flash_attn_forward_fp8(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, descale: torch.Tensor, *,
+                           causal: bool, scale: float, config: TileConfig, out_dtype=torch.bfloat16) -> torch.Tensor:
+    """q8 [B, Hq, Sq, D], k8 [B, Hk, Sk, D], vt8 [B, Hk, D, Sk]: float8_e4m3fn with a unit innermost stride;
+    descale: float32 [3] (q, k, v). Returns [B, Hq, Sq, D] in out_dtype, stored as [B, Sq, Hq, D]."""
+    batch, heads_q, seq_q, head_dim = q8.shape
+    heads_k, seq_k = k8.shape[1], k8.shape[2]
+    out = torch.empty((batch, seq_q, heads_q, head_dim), device=q8.device, dtype=out_dtype).transpose(1, 2)
+    grid = (cdiv(seq_q, config.block_m), batch * heads_q)
+    _flash_fwd_fp8_kernel[grid](
+        q8, k8, vt8, out, descale, scale * 1.4426950408889634,
+        *q8.stride()[:3], *k8.stride()[:3], *vt8.stride()[:3], *out.stride()[:3],
+        heads_q, heads_q // heads_k, seq_q, seq_k,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, HEAD_DIM=head_dim, CAUSAL=causal,
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    return out
