@@ -46,6 +46,8 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print JSON instead 
         table.add_row(f"backward tiles {bucket}", f"dK/dV: {fmt(cfg['dkdv'])} | dQ: {fmt(cfg['dq'])}")
     for bucket, cfg in data["decode_tiles"].items():
         table.add_row(f"decode tiles {bucket}", fmt(cfg))
+    for head_dim, candidates in data.get("fp8_tiles", {}).items():
+        table.add_row(f"fp8 tiles {head_dim}", "\n".join(fmt(c) for c in candidates))
     console.print(table)
 
 
@@ -271,6 +273,8 @@ def _bench_kernels(lengths: str | None, head_dims: str, json_path: str | None):
 
     impls = ["flashpatch"] + [f"sdpa-{b}" for b in SDPA_BACKENDS] + ["flex"]
     decode_impls = impls[:-1]  # FlexAttention would compile per cache length
+    if torch.cuda.get_device_capability() >= (9, 0):
+        impls.append("flashpatch-fp8")  # the FP8 forward, quantization included (Hopper)
     length_list = [int(n) for n in lengths.split(",")] if lengths else list(SEED_LENGTHS)
     dims = [int(d) for d in head_dims.split(",")]
     batches = (1, 8, 32)

@@ -72,6 +72,8 @@ def make_fn(impl: str, q, k, v, causal):
 
     if impl == "flashpatch":
         return lambda: flashpatch.attention(q, k, v, causal=causal)
+    if impl == "flashpatch-fp8":  # per-tensor e4m3 quantization of q, k, v included
+        return lambda: flashpatch.attention_fp8(q, k, v, causal=causal)
     if impl == "flex":
         return _flex_fn(q, k, v, causal)
     if impl.startswith("sdpa-"):

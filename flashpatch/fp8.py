@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops import AttentionInputError, _check_inputs, _device_guard, _device_info, _kernels
+from .ops import AttentionInputError, _check_inputs, _device_guard, _device_info, _kernels, _time_ms
 
 FP8_FAMILIES = ("sm90",)  # the GPUs it has been measured on
 
@@ -44,6 +44,13 @@ def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
         k8, k_descale = kernels.quantize_per_tensor(k)
         vt8, v_descale = kernels.quantize_per_tensor(v, transpose=True)
         descale = torch.cat([q_descale, k_descale, v_descale])
-        return kernels.flash_attn_forward_fp8(q8, k8, vt8, descale, causal=causal, scale=scale,
-                                              config=kernels.select_fp8_config(path.family, head_dim),
-                                              out_dtype=q.dtype)
+
+        def launch(config):
+            return kernels.flash_attn_forward_fp8(q8, k8, vt8, descale, causal=causal, scale=scale, config=config,
+                                                  out_dtype=q.dtype)
+
+        candidates = kernels.fp8_candidates(path.family, head_dim)
+        if len(candidates) > 1 and not torch.cuda.is_current_stream_capturing():
+            key = kernels.tune_key(head_dim, "float8_e4m3fn", causal, q.shape[2], k.shape[2])
+            return launch(kernels.AUTOTUNER.pick(path.family, key, candidates, lambda cfg: _time_ms(launch, cfg)))
+        return launch(candidates[0])

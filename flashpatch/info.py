@@ -48,6 +48,10 @@ def gather_info() -> dict:
         info["backward_tiles"] = {f"head_dim<={d}": {"dkdv": asdict(cfg.dkdv), "dq": asdict(cfg.dq)}
                                   for d, cfg in BACKWARD_TABLE[family].items()}
         info["decode_tiles"] = {f"head_dim<={d}": asdict(cfg) for d, cfg in DECODE_TABLE[family].items()}
+        from flashpatch.kernels import FP8_TABLE
+
+        if family in FP8_TABLE:  # flashpatch.attention_fp8's row and alternative
+            info["fp8_tiles"] = {f"head_dim={d}": [asdict(c) for c in cands] for d, cands in FP8_TABLE[family].items()}
         from flashpatch.kernels.autotune import cache_file, enabled
 
         info["autotune"] = {"enabled": enabled(), "cache": cache_file(family),

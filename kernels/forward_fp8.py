@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .config import TileConfig
-from .launch import cdiv
+from .launch import _is_interpreted, cdiv
 
 E4M3_MAX = 448.0
 P_SCALE = 256.0
@@ -24,8 +24,20 @@ FP8_HEAD_DIMS = (64, 128)
 
 
 @triton.jit
+def _to_e4m3(x, ROUND_FIRST: tl.constexpr):
+    """float32 -> e4m3 (round to nearest; inputs already within +-448)."""
+    if ROUND_FIRST:
+        # Triton's CPU interpreter drops the carry when rounding overflows the mantissa (126.2 -> 64; triton issue
+        # 8322, PR 11897): round onto e4m3's grid in float32 first, so that its cast has nothing left to round.
+        exponent = tl.maximum(((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)  # subnormals: 2^-6's step
+        step = tl.math.exp2((exponent - 3).to(tl.float32))
+        x = tl.math.floor(x / step + 0.5) * step
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
 def _fp8_block(acc, l_i, m_i, q, k_base, vt_base, stride_kn, stride_vn, start_n, offs_m, offs_n, offs_d,
-               qk_scale, seq_k, causal_offset, MASK: tl.constexpr, CAUSAL: tl.constexpr):
+               qk_scale, seq_k, causal_offset, MASK: tl.constexpr, CAUSAL: tl.constexpr, ROUND_FIRST: tl.constexpr):
     cols = start_n + offs_n
     k_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None]  # [D, N], D contiguous (K-major)
     vt_ptrs = vt_base + offs_d[:, None] * stride_vn + cols[None, :]  # [D, N], N contiguous (K-major for P @ V)
@@ -48,7 +60,7 @@ def _fp8_block(acc, l_i, m_i, q, k_base, vt_base, stride_kn, stride_vn, start_n,
     p = tl.math.exp2(qk - m_ref[:, None])
     alpha = tl.math.exp2(m_i - m_ref)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot((p * 256.0).to(tl.float8e4nv), tl.trans(vt))
+    acc = acc * alpha[:, None] + tl.dot(_to_e4m3(p * 256.0, ROUND_FIRST), tl.trans(vt))
     return acc, l_i, m_new
 
 
@@ -61,6 +73,7 @@ def _flash_fwd_fp8_kernel(
     stride_ob, stride_oh, stride_om,
     num_heads, group_size, seq_q, seq_k,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+    ROUND_FIRST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -94,10 +107,10 @@ def _flash_fwd_fp8_kernel(
     unmasked_hi = tl.minimum(tl.maximum(unmasked_hi, 0) // BLOCK_N * BLOCK_N, hi)
     for start_n in range(0, unmasked_hi, BLOCK_N):
         acc, l_i, m_i = _fp8_block(acc, l_i, m_i, q, k_base, vt_base, stride_kn, stride_vn, start_n, offs_m, offs_n,
-                                   offs_d, qk_scale, seq_k, causal_offset, False, CAUSAL)
+                                   offs_d, qk_scale, seq_k, causal_offset, False, CAUSAL, ROUND_FIRST)
     for start_n in range(unmasked_hi, hi, BLOCK_N):
         acc, l_i, m_i = _fp8_block(acc, l_i, m_i, q, k_base, vt_base, stride_kn, stride_vn, start_n, offs_m, offs_n,
-                                   offs_d, qk_scale, seq_k, causal_offset, True, CAUSAL)
+                                   offs_d, qk_scale, seq_k, causal_offset, True, CAUSAL, ROUND_FIRST)
 
     empty = l_i == 0.0  # a row that saw no key returns zeros
     out = acc * (v_descale / 256.0) / tl.where(empty, 1.0, l_i)[:, None]
@@ -105,14 +118,49 @@ def _flash_fwd_fp8_kernel(
              out.to(O.dtype.element_ty), mask=offs_m[:, None] < seq_q)
 
 
+@triton.jit
+def _quantize_kernel(X, Y, DESCALE,
+                     stride_xb, stride_xh, stride_xs, stride_xd,
+                     stride_yb, stride_yh, stride_ys, stride_yd,
+                     num_heads, seq, head_dim, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                     ROUND_FIRST: tl.constexpr):
+    """Y = saturate(X / descale) in e4m3, one [BLOCK_S, D] tile of one (batch, head); any strides on both sides,
+    so the transposed V is written in the same pass."""
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = pid_bh % num_heads
+    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_s[:, None] < seq) & (offs_d[None, :] < head_dim)
+    x = tl.load(X + b * stride_xb + h * stride_xh + offs_s[:, None] * stride_xs + offs_d[None, :] * stride_xd,
+                mask=mask, other=0.0).to(tl.float32)
+    y = tl.clamp(x * (1.0 / tl.load(DESCALE)), -448.0, 448.0)
+    tl.store(Y + b * stride_yb + h * stride_yh + offs_s[:, None] * stride_ys + offs_d[None, :] * stride_yd,
+             _to_e4m3(y, ROUND_FIRST), mask=mask)
+
+
 def quantize_per_tensor(t: torch.Tensor, transpose: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(e4m3 copy of t scaled so that its amax maps to 448, float32 descale [1]) on t's device, no host sync.
-    transpose=True stores the last two dims swapped ([B, H, D, S] for V)."""
-    descale = (t.detach().abs().amax().float() / E4M3_MAX).clamp_min(1e-12).reshape(1)
-    scaled = (t.float() / descale).clamp(-E4M3_MAX, E4M3_MAX)
+    """(e4m3 copy of a [B, H, S, D] tensor scaled so that its amax maps to 448, float32 descale [1]) on t's
+    device, no host sync: one reading pass for the amax, one for the cast. transpose=True stores [B, H, D, S]
+    (V's layout for the FP8 kernel)."""
+    low, high = torch.aminmax(t.detach())
+    descale = (torch.maximum(-low, high).float() / E4M3_MAX).clamp_min(1e-12).reshape(1)
+    batch, heads, seq, head_dim = t.shape
     if transpose:
-        scaled = scaled.transpose(-1, -2)
-    return scaled.contiguous().to(torch.float8_e4m3fn), descale
+        out = torch.empty((batch, heads, head_dim, seq), device=t.device, dtype=torch.float8_e4m3fn)
+        out_strides = (out.stride(0), out.stride(1), out.stride(3), out.stride(2))
+    else:
+        out = torch.empty((batch, heads, seq, head_dim), device=t.device, dtype=torch.float8_e4m3fn)
+        out_strides = out.stride()
+    if t.numel() == 0:
+        return out, descale
+    block_s = 64
+    _quantize_kernel[(cdiv(seq, block_s), batch * heads)](
+        t, out, descale, *t.stride(), *out_strides, heads, seq, head_dim,
+        BLOCK_S=block_s, BLOCK_D=max(16, 1 << (head_dim - 1).bit_length()),
+        ROUND_FIRST=_is_interpreted(_quantize_kernel))
+    return out, descale
 
 
 def flash_attn_forward_fp8(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, descale: torch.Tensor, *,
@@ -128,5 +176,5 @@ def flash_attn_forward_fp8(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor
         *q8.stride()[:3], *k8.stride()[:3], *vt8.stride()[:3], *out.stride()[:3],
         heads_q, heads_q // heads_k, seq_q, seq_k,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, HEAD_DIM=head_dim, CAUSAL=causal,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        ROUND_FIRST=_is_interpreted(_flash_fwd_fp8_kernel), num_warps=config.num_warps, num_stages=config.num_stages)
     return out

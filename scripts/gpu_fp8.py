@@ -14,7 +14,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flashpatch
-from flashpatch.kernels import TileConfig, flash_attn_forward_fp8, quantize_per_tensor, select_fp8_config
+from flashpatch.kernels import TileConfig, flash_attn_forward_fp8, fp8_candidates, quantize_per_tensor
 from flashpatch.reference import reference_attention
 
 SWEEP = [TileConfig(128, 128, 8, 3), TileConfig(128, 64, 8, 3), TileConfig(128, 128, 8, 4), TileConfig(128, 128, 8, 2),
@@ -40,7 +40,7 @@ for d in (64, 128):
             vt8, vs = quantize_per_tensor(v, transpose=True)
             descale = torch.cat([qs, ks, vs])
             cell = {"d": d, "causal": causal, "n": n}
-            configs = SWEEP if "--sweep" in sys.argv else [select_fp8_config("sm90", d)]
+            configs = SWEEP if "--sweep" in sys.argv else fp8_candidates("sm90", d)
             for cfg in configs:
                 try:
                     ms = bench(lambda: flash_attn_forward_fp8(q8, k8, vt8, descale, causal=causal, scale=d ** -0.5,

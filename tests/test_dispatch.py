@@ -85,6 +85,14 @@ def test_tune_candidates_fit_shared_memory_and_start_with_the_table_row(family, 
             assert (cfg.block_m + 2 * cfg.num_stages * cfg.block_n) * head_dim * 2 <= SMEM[family], (family, cfg)
 
 
+def test_fp8_tiles_fit_hopper_shared_memory():
+    from flashpatch.kernels import FP8_TABLE
+
+    for head_dim, candidates in FP8_TABLE["sm90"].items():
+        for cfg in candidates:  # Q tile plus pipelined K and V tiles, one byte per element
+            assert (cfg.block_m + 2 * cfg.num_stages * cfg.block_n) * head_dim <= SMEM["sm90"], (head_dim, cfg)
+
+
 @pytest.mark.parametrize("family", list(BACKWARD_TABLE))
 def test_backward_tiles_fit_shared_memory(family):
     assert set(BACKWARD_TABLE[family]) == {64, 128, 256}
@@ -131,6 +139,7 @@ def test_info_prints_every_table_for_the_gpu_family(monkeypatch):
     result = CliRunner().invoke(app, ["info"], terminal_width=200)
     assert result.exit_code == 0
     assert "backward tiles head_dim<=64" in result.output and "tma=True" in result.output
+    assert "fp8 tiles head_dim=128" in result.output and data["fp8_tiles"]["head_dim=64"]
 
 
 def test_unusable_reason_is_marked_constant_as_assume_constant_result_would():

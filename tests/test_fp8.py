@@ -1,9 +1,10 @@
 """The FP8 (e4m3) forward against float64: within FP8's precision, exact structure (masks, GQA, empty rows).
 
-e4m3 keeps 3 mantissa bits, so outputs carry a few percent of relative error by design; the bounds below are
-far below what a structural bug (a missed mask, a wrong head, a missing descale) produces. Triton's CPU
-interpreter rounds float32 -> e4m3 less accurately than the GPU (up to half a step off, measured), so the CPU
-bound is looser than the GPU's.
+Per-tensor e4m3 inputs alone put outputs ~5 % (rms) from exact attention on unit-normal data (emulated in float64
+and measured on the H100: docs/gpu-runs/2026-11-25-session5/fp8.txt). So the kernel is held tightly to the attention
+of its own dequantized inputs, where only the rounding of P to e4m3 remains (~2 % rms), and loosely to exact
+attention. In Triton's CPU interpreter the kernels round onto e4m3's grid before casting (its own cast drops
+carries), ties away from zero instead of to even: the same bounds hold on both.
 """
 
 import pytest
@@ -15,23 +16,31 @@ from flashpatch.kernels import quantize_per_tensor
 from flashpatch.reference import reference_attention
 from helpers import random_qkv
 
-REL_RMS = {"cpu": 0.12, "cuda": 0.04}  # rms error / rms of the float64 output
-SLOPE = {"cpu": 0.03, "cuda": 0.01}  # |least-squares gain of out on ref - 1|: rounding is unbiased, scales are not
-ROW_REL = {"cpu": 0.5, "cuda": 0.15}  # each row's rms error / its own output's rms (at least the overall one)
+TO_DEQUANTIZED = 0.035  # rms error / rms of the output
+TO_EXACT = 0.08
+SLOPE = 0.01  # |least-squares gain of out on the reference - 1|: a scale off by a percent shows here
+ROW_REL = 0.15  # each row's rms error / its own output's rms (at least the overall one): one broken row shows
 
 
-def check_fp8(out, q, k, v, causal):
-    ref = reference_attention(q.double(), k.double(), v.double(), causal=causal)
+def dequantized(t):
+    t8, descale = quantize_per_tensor(t)
+    return t8.double() * descale.double()
+
+
+def check_fp8(out, q, k, v, causal, scale=None):
     assert out.dtype == q.dtype and out.shape == q.shape
     assert torch.isfinite(out).all()
+    exact = reference_attention(q.double(), k.double(), v.double(), causal=causal, scale=scale)
+    ref = reference_attention(dequantized(q), dequantized(k), dequantized(v), causal=causal, scale=scale)
+    rms = ref.pow(2).mean().sqrt()
     err = out.double() - ref
-    scale = ref.pow(2).mean().sqrt()
-    assert err.pow(2).mean().sqrt() <= REL_RMS[q.device.type] * scale
+    assert err.pow(2).mean().sqrt() <= TO_DEQUANTIZED * rms
+    assert (out.double() - exact).pow(2).mean().sqrt() <= TO_EXACT * rms
     gain = (out.double() * ref).sum() / ref.pow(2).sum()
-    assert abs(gain - 1) <= SLOPE[q.device.type]  # a scale or descale off by a few percent shows here
-    row_scale = ref.pow(2).mean(-1).sqrt().clamp_min(scale)
-    assert (err.pow(2).mean(-1).sqrt() <= ROW_REL[q.device.type] * row_scale).all()  # catches one broken row
-    return err.pow(2).mean().sqrt() / scale
+    assert abs(gain - 1) <= SLOPE
+    row_scale = ref.pow(2).mean(-1).sqrt().clamp_min(rms)
+    assert (err.pow(2).mean(-1).sqrt() <= ROW_REL * row_scale).all()  # catches one broken row
+    return (err.pow(2).mean().sqrt() / rms).item()
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -56,11 +65,7 @@ def test_scale_and_large_inputs_use_the_per_tensor_descales(device):
     """Inputs far from unit range (amax ~ 300 and ~ 0.01): the descales carry the range, not the e4m3 bits."""
     q, k, v = random_qkv(1, 2, 2, 48, 48, 64, torch.float16, device)
     q, k, v = q * 40, k * 0.01, v * 300
-    out = flashpatch.attention_fp8(q, k, v, scale=0.3)
-    ref = reference_attention(q.double(), k.double(), v.double(), scale=0.3)
-    err = (out.double() - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()
-    assert err <= REL_RMS[device.type]
-    assert abs((out.double() * ref).sum() / ref.pow(2).sum() - 1) <= SLOPE[device.type]
+    check_fp8(flashpatch.attention_fp8(q, k, v, scale=0.3), q, k, v, False, scale=0.3)
 
 
 def test_quantize_per_tensor_maps_amax_to_448_and_transposes():
@@ -87,17 +92,23 @@ def test_bad_inputs_name_the_problem():
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
-def test_gpu_bf16_accuracy_and_shared_memory(head_dim, causal):
-    """On Hopper: the table's row compiles within sm90's shared memory and stays within FP8's precision, at a
-    length that crosses many blocks and a ragged tail."""
+def test_gpu_every_candidate_fits_and_is_accurate(head_dim, causal):
+    """On Hopper: each FP8 tile candidate compiles within sm90's shared memory and stays within FP8's precision,
+    at a length that crosses many blocks and a ragged tail; and the op (autotuned) does too."""
+    from flashpatch.kernels import flash_attn_forward_fp8, fp8_candidates
     from flashpatch.kernels.forward_fp8 import _flash_fwd_fp8_kernel
     from test_dispatch import SMEM
 
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("FP8 forward is for Hopper")
     q, k, v = random_qkv(2, 8, 2, 1000, 1000, head_dim, torch.bfloat16, "cuda")
+    quantized = [quantize_per_tensor(q), quantize_per_tensor(k), quantize_per_tensor(v, transpose=True)]
+    descale = torch.cat([d for _, d in quantized])
+    for cfg in fp8_candidates("sm90", head_dim):
+        out = flash_attn_forward_fp8(*(t for t, _ in quantized), descale, causal=causal, scale=head_dim ** -0.5,
+                                     config=cfg)
+        check_fp8(out, q, k, v, causal)
     with torch.no_grad():
-        out = flashpatch.attention_fp8(q, k, v, causal=causal)
-    check_fp8(out, q, k, v, causal)
+        check_fp8(flashpatch.attention_fp8(q, k, v, causal=causal), q, k, v, causal)
     shared = [c.metadata.shared for c in _flash_fwd_fp8_kernel.device_caches[0][0].values()]
     assert shared and max(shared) <= SMEM["sm90"]
