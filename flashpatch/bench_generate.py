@@ -150,23 +150,29 @@ def bench_generation(model, *, contexts, new_tokens=128, batch=1, baselines=("ea
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     rows = []
-    for impl, unavailable in each_implementation(model, baselines):
-        if unavailable:
-            rows += [GenRow(impl, c, r, [], error=unavailable) for c in contexts for r in regimes]
-            continue
-        # Same lengths for every implementation; each one's process-level history starts with a short
-        # warm-up (Triton compiles, cuBLAS/cuDNN handles) that leaves the measured lengths unseen.
-        lengths = _LengthSource(new_tokens)
-        lengths.mark(9, span=8)
-        _generate_once(model, torch.randint(0, vocab, (batch, 9), device=device), 8)
-        for context in contexts:
+    lengths: dict[str, _LengthSource] = {}
+    # Context by context, every implementation in turn: a machine whose speed drifts over the run (lent hosts do)
+    # moves all implementations' cells of one context alike.
+    for context in contexts:
+        for impl, unavailable in each_implementation(model, baselines):
+            if unavailable:
+                rows += [GenRow(impl, context, r, [], error=unavailable) for r in regimes]
+                continue
+            if impl not in lengths:
+                # Same lengths for every implementation; each one's history starts with a short warm-up (Triton
+                # compiles, cuBLAS/cuDNN handles) that leaves the measured lengths unseen.
+                lengths[impl] = _LengthSource(new_tokens)
+                lengths[impl].mark(9, span=8)
+                _generate_once(model, torch.randint(0, vocab, (batch, 9), device=device), 8)
+            if cache == "static":  # each (context, implementation) compiles afresh in its setup, never hitting
+                torch._dynamo.reset()  # dynamo's recompile limit (which would silently run the rest uncompiled)
             try:
-                setup_s = _context_warmup(model, context, new_tokens, batch, vocab, device, cache, lengths)
+                setup_s = _context_warmup(model, context, new_tokens, batch, vocab, device, cache, lengths[impl])
             except Exception:  # the cells below fail the same way and record why
                 setup_s = None
             for regime in regimes:  # cold first: a warm call would make its lengths seen
-                rows.append(_cell(model, impl, context, regime, lengths, new_tokens, batch, repeats, vocab, device,
-                                  cache, setup_s))
+                rows.append(_cell(model, impl, context, regime, lengths[impl], new_tokens, batch, repeats, vocab,
+                                  device, cache, setup_s))
                 if progress:
                     progress()
     return rows

@@ -9,20 +9,22 @@ The valid key count may come from a device tensor (`seqused_k`): a static cache'
 needs no host sync, and the launch (grid from the buffer's length) can be captured in a CUDA graph.
 """
 
+import threading
+
 import torch
 import triton
 import triton.language as tl
 
 from .config import TileConfig, decode_rows
 from .forward import LOG2E
-from .launch import CachedLauncher, cdiv, next_power_of_2
+from .launch import CachedLauncher, _current_stream, cdiv, next_power_of_2
 
 
 # Lengths change every decode step: specialising on them (== 1, multiple of 16) would compile new variants
 # mid-generation whenever a step meets an unseen combination.
 @triton.jit(do_not_specialize=["seq_q", "seq_k", "split_len"])
 def _flash_decode_kernel(
-    Q, K, V, O, LSE, WORK, KPM, SEQUSED,
+    Q, K, V, O, LSE, WORK, COUNTERS, KPM, SEQUSED,
     qk_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -94,8 +96,9 @@ def _flash_decode_kernel(
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
-    # O is [B, Sq, H, D] in memory and LSE [B, H, Sq]; WORK (float32, zeroed by the host) holds the splits'
-    # partials in the same layouts, [S, B, Sq, H, D] then [S, B, H, Sq], then one arrival counter per (batch, KV head).
+    # O is [B, Sq, H, D] in memory and LSE [B, H, Sq]; WORK (float32) holds the splits' partials in the same
+    # layouts, [S, B, Sq, H, D] then [S, B, H, Sq]. COUNTERS: one float32 arrival count per (batch, KV head), zero
+    # at launch; the merging program puts its own back to zero, so a cached buffer stays ready for the next launch.
     heads_q = num_heads_k * group_size
     rows_total = tl.num_programs(1) * group_size * seq_q  # batch x Hq x Sq
     o_offs = (b.to(tl.int64) * seq_q * heads_q + tok[:, None] * heads_q + head[:, None]) * head_dim + offs_d[None, :]
@@ -104,7 +107,7 @@ def _flash_decode_kernel(
         num_splits = tl.num_programs(0)
         o_part = WORK + o_offs
         lse_part = WORK + num_splits * rows_total * head_dim + lse_offs
-        counter = WORK + num_splits * rows_total * (head_dim + 1) + pid_bh
+        counter = COUNTERS + pid_bh
         tl.store(o_part + pid_s * rows_total * head_dim, out, mask=q_mask)
         tl.store(lse_part + pid_s * rows_total, lse, mask=row_ok)
         # The last split of this (batch, KV head) to arrive merges them all. Its acquire of the counter pairs with
@@ -118,6 +121,7 @@ def _flash_decode_kernel(
             tl.store(O + o_offs, out.to(O.dtype.element_ty), mask=q_mask)
             if STORE_LSE:
                 tl.store(LSE + lse_offs, lse, mask=row_ok)
+            tl.store(counter, 0.0)  # every split has arrived: nothing else touches it in this launch
     else:
         tl.store(O + o_offs, out.to(O.dtype.element_ty), mask=q_mask)
         if STORE_LSE:
@@ -149,6 +153,54 @@ def _merge_partials(o_part, lse_part, stride_o, stride_lse, num_splits, q_mask, 
 
 _launch_decode = CachedLauncher(_flash_decode_kernel)
 
+# (device, stream) -> float32 arrival counters, zero between launches (the kernel leaves them so). Per stream, so
+# that launches running concurrently on different streams never share one. Split launches have fewer than
+# sm_count (batch, KV head) pairs (decode_splits); a direct call with more uses a per-call zeroed buffer.
+MAX_COUNTERS = 4096
+_COUNTERS: dict = {}
+
+
+def _zeros_outside_graph_pools(device: torch.device, count: int) -> torch.Tensor:
+    """torch.zeros made on a helper thread. While cudagraph trees warm up a compiled function, every allocation of
+    the calling thread goes to the graph's private memory pool, where a buffer that outlives the call is flagged
+    ("tensor in cudagraph pool not tracked") and may be overwritten; another thread's allocations are not routed."""
+    made: list = []
+
+    def make():
+        try:
+            with torch.cuda.device(device):
+                made.append(torch.zeros(count, device=device, dtype=torch.float32))
+                torch.cuda.current_stream(device).synchronize()
+        except Exception as exc:  # surfaced in the caller's thread
+            made.append(exc)
+
+    thread = threading.Thread(target=make, name="flashpatch-counters")
+    thread.start()
+    thread.join()
+    if isinstance(made[0], Exception):
+        raise made[0]
+    return made[0]
+
+
+def cached_counters(device: torch.device, count: int) -> torch.Tensor | None:
+    """The zero-between-launches counter buffer for this device and stream, or None where one can't be made now
+    (more counters than it holds, or the stream is capturing a CUDA graph before any was made)."""
+    if count > MAX_COUNTERS:
+        return None
+    if device.type != "cuda":  # the interpreter: one stream
+        key = (device.type, 0)
+        if key not in _COUNTERS:
+            _COUNTERS[key] = torch.zeros(MAX_COUNTERS, device=device, dtype=torch.float32)
+        return _COUNTERS[key]
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (index, _current_stream(index))
+    counters = _COUNTERS.get(key)
+    if counters is None:
+        if torch.cuda.is_current_stream_capturing():  # no allocation, fill or sync may happen mid-capture
+            return None
+        counters = _COUNTERS[key] = _zeros_outside_graph_pools(torch.device("cuda", index), MAX_COUNTERS)
+    return counters
+
 
 def flash_decode_forward(
     q: torch.Tensor,
@@ -176,14 +228,15 @@ def flash_decode_forward(
     block_d = max(16, next_power_of_2(head_dim))
     split_len = cdiv(cdiv(seq_k, num_splits), config.block_n) * config.block_n
     num_splits = cdiv(seq_k, split_len)
+    counters = work = out  # never read without splits
     if num_splits > 1:
-        # Partials, their log-sum-exps and the arrival counters in one zeroed float32 allocation: per call, so
-        # nothing outlives it (a cached counter buffer would be shared across streams and, made during a CUDA
-        # graph's warm-up, would sit untracked in the graph's memory pool). Host time counts here.
-        work = torch.zeros(batch * heads_q * seq_q * num_splits * (head_dim + 1) + batch * heads_k,
-                           device=q.device, dtype=torch.float32)
-    else:
-        work = out  # never read
+        partials = batch * heads_q * seq_q * num_splits * (head_dim + 1)
+        counters = cached_counters(q.device, batch * heads_k)
+        if counters is None:  # counters at the tail of one zeroed allocation, made for this call alone
+            work = torch.zeros(partials + batch * heads_k, device=q.device, dtype=torch.float32)
+            counters = work[partials:]
+        else:  # every partial is written before it is read: no zeroing
+            work = torch.empty(partials, device=q.device, dtype=torch.float32)
     if key_padding_mask is not None:
         kpm = key_padding_mask.view(torch.uint8)
         stride_mb, stride_mn = kpm.stride()
@@ -193,7 +246,7 @@ def flash_decode_forward(
 
     _launch_decode(
         (num_splits, batch * heads_k, 1),
-        q, k, v, out, out if lse is None else lse, work, kpm, seqused,
+        q, k, v, out, out if lse is None else lse, work, counters, kpm, seqused,
         scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(),
         stride_mb, stride_mn,

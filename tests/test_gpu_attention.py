@@ -209,6 +209,36 @@ def test_split_merge_sees_every_split_on_the_gpu(poison_empty):
     assert all(torch.equal(out, firsts[i % 2]) for i, out in enumerate(outs))
 
 
+@pytest.mark.parametrize("warm_first", [False, True])
+def test_split_decode_in_a_captured_cuda_graph(warm_first, monkeypatch):
+    """A split decode captured by torch.cuda.graph: with no counter buffer yet for the stream, the capture uses a
+    per-call zeroed one (nothing may be allocated outside the graph mid-capture); after an eager warm-up it uses
+    the cached one, which every replay leaves at zero. Replays on new inputs match eager launches bit for bit."""
+    from flashpatch.kernels import TileConfig, decode, flash_decode_forward
+
+    monkeypatch.setattr(decode, "_COUNTERS", {})
+    q, k, v = random_qkv(1, 32, 8, 1, 8192, 128, torch.bfloat16, "cuda")
+    run = dict(causal=True, scale=128 ** -0.5, key_padding_mask=None, seqused_k=None, config=TileConfig(16, 64, 4, 3),
+               num_splits=16, need_lse=False)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        if warm_first:
+            flash_decode_forward(q, k, v, **run)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            out, _ = flash_decode_forward(q, k, v, **run)
+    assert bool(decode._COUNTERS) == warm_first
+    for _ in range(3):
+        fresh = random_qkv(1, 32, 8, 1, 8192, 128, torch.bfloat16, "cuda")
+        for static, new in zip((q, k, v), fresh):
+            static.copy_(new)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, flash_decode_forward(*fresh, **run)[0])
+    assert all(not c.any() for c in decode._COUNTERS.values())
+
+
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_float32_rows_compile_fit_every_family_and_are_correct(head_dim, poison_empty):
     """float32 has its own forward and decode rows for every family: they compile here, their compiled shared

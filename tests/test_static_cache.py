@@ -83,17 +83,26 @@ def test_compiled_static_generation_one_graph_no_breaks(arch):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_compiled_static_generation():
+@pytest.mark.parametrize("max_cache_len", [None, 1024])
+def test_cuda_graph_compiled_static_generation(max_cache_len, monkeypatch):
     """transformers' default compiled decode on a GPU (inductor, CUDA graphs through cudagraph trees): every
     allocation the op makes during warm-up and capture must belong to the graph's outputs or die with the call,
-    and the tokens must equal the unpatched model's."""
+    and the tokens must equal the unpatched model's. A 1024-slot cache splits the keys, so the decode kernel's
+    cached arrival counters are first made during cudagraph trees' warm-up (the case that must stay out of the
+    graph's memory pool)."""
+    from flashpatch.kernels import decode
+
+    monkeypatch.setattr(decode, "_COUNTERS", {})
     model = tiny_model("llama")
     prompt, mask = _prompt(padded=True)
-    expected = _generate(model, prompt, mask)
+    extra = {} if max_cache_len is None else {"max_cache_len": max_cache_len}
+    expected = _generate(model, prompt, mask, **extra)
     flashpatch.apply(model, fallback="error")
     torch._dynamo.reset()
     config = CompileConfig(fullgraph=True, mode="reduce-overhead")
-    first = _generate(model, prompt, mask, compile_config=config)
-    again = _generate(model, prompt, mask, compile_config=config)  # replays the captured graphs
+    first = _generate(model, prompt, mask, compile_config=config, **extra)
+    again = _generate(model, prompt, mask, compile_config=config, **extra)  # replays the captured graphs
+    if max_cache_len:
+        assert decode._COUNTERS and all(not c.any() for c in decode._COUNTERS.values())  # made, and left at zero
     assert torch.equal(first.sequences, again.sequences) and torch.equal(first.sequences, expected.sequences)
     torch.testing.assert_close(torch.stack(first.logits), torch.stack(expected.logits), rtol=1e-3, atol=1e-3)
