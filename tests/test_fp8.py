@@ -68,8 +68,8 @@ def test_scale_and_large_inputs_use_the_per_tensor_descales(device):
     check_fp8(flashpatch.attention_fp8(q, k, v, scale=0.3), q, k, v, False, scale=0.3)
 
 
-def test_quantize_per_tensor_maps_amax_to_448_and_transposes():
-    t = torch.randn(2, 3, 20, 64) * torch.rand(()) * 10
+def test_quantize_per_tensor_maps_amax_to_448_and_transposes(device):
+    t = torch.randn(2, 3, 20, 64, device=device) * torch.rand((), device=device) * 10
     t8, descale = quantize_per_tensor(t)
     assert t8.dtype == torch.float8_e4m3fn and descale.shape == (1,) and descale.dtype == torch.float32
     assert t8.float().abs().max() == 448
