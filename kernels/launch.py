@@ -91,7 +91,15 @@ def _current_stream(device: int) -> int:
 
 def _launch_hooks_set() -> bool:
     runtime = _knobs.runtime
-    return runtime.launch_enter_hook is not None or runtime.launch_exit_hook is not None
+    return _hook_active(runtime.launch_enter_hook) or _hook_active(runtime.launch_exit_hook)
+
+
+def _hook_active(hook) -> bool:
+    """Older Triton leaves an unset hook None; newer Triton always holds a HookChain, active when it has calls."""
+    if hook is None:
+        return False
+    calls = getattr(hook, "calls", None)
+    return calls is None or bool(calls)
 
 
 def _is_interpreted(kernel) -> bool:

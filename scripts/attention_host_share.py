@@ -5,7 +5,10 @@ Times single-token forwards over a DynamicCache (greedy, no host sync inside a r
 implementation's attention function to sum the host time its calls take (launches included, no sync).
 """
 
+import cProfile
+import gc
 import os
+import pstats
 import statistics
 import sys
 import time
@@ -78,13 +81,33 @@ for _ in range(rounds):
     for impl in impls:
         use(impl)
         results[impl].append(decode_round())
+gc_runs = {}
+for impl in impls:  # Python's cyclic GC: collections per step (each generation), with the op's allocations
+    use(impl)
+    before = [g["collections"] for g in gc.get_stats()]
+    decode_round()
+    gc_runs[impl] = [(g["collections"] - b) / steps for g, b in zip(gc.get_stats(), before)]
+profiles = {}
+if "--profile" in sys.argv:
+    for impl in impls:
+        use(impl)
+        profiler = cProfile.Profile()
+        profiler.enable()
+        decode_round()
+        profiler.disable()
+        profiles[impl] = profiler
 AttentionInterface.register("sdpa", sdpa_attention_forward)
+for impl, profiler in profiles.items():
+    print(f"\n{impl}: top functions by own time, one round of {steps} steps")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
 
 print(f"{name}, {model.config.num_hidden_layers} layers, context {context}, bf16, batch 1, {steps} single-token "
       f"forwards per round, {rounds} rounds interleaved (medians)")
 print("| impl | ms per step | attention host us per call | calls per step | attention host ms per step | "
       "rest of the step ms |")
 print("|---|---|---|---|---|---|")
+for impl in impls:
+    print(f"gc collections per step ({impl}, generations 0/1/2):", " ".join(f"{c:.2f}" for c in gc_runs[impl]))
 for impl in impls:
     step = statistics.median(r[0] for r in results[impl])
     per_call = statistics.median(r[1] for r in results[impl])

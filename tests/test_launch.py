@@ -63,6 +63,29 @@ def test_cached_launches_get_three_grid_dims(monkeypatch):
                     (9, 1, 1, 1234, "fn", "meta", None, None, None, t, 7, 16)]
 
 
+def test_launch_hooks_are_seen_only_when_someone_set_one():
+    """Triton 3.5+ keeps an empty HookChain where older releases kept None: neither is a hook, and the direct
+    launch path must be taken; a registered hook (a profiler's) sends launches through Triton's own runner."""
+    import triton
+
+    import flashpatch.kernels.launch as launch
+
+    assert not launch._launch_hooks_set()
+    assert not launch._hook_active(None)
+    hook = triton.knobs.runtime.launch_enter_hook
+    if hasattr(hook, "add"):
+        def listener(*args):
+            return None
+
+        hook.add(listener)
+        try:
+            assert launch._launch_hooks_set()
+        finally:
+            hook.remove(listener)
+        assert not launch._launch_hooks_set()
+    assert launch._hook_active(lambda *args: None)
+
+
 def test_variants_finds_compiled_kernels_by_constexpr(monkeypatch):
     import flashpatch.kernels.launch as launch
 
