@@ -23,7 +23,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from .devices import max_memory_allocated_all, memory_allocated_all, reset_peak_memory_all, synchronize_all
-from .patch import each_implementation
+from .patch import implementation_switcher
 
 
 @dataclass
@@ -95,40 +95,64 @@ def _cache_kwargs(cache: str, context: int, new_tokens: int) -> dict:
     return {}
 
 
-def _cell(model, impl, context, regime, lengths, new_tokens, batch, repeats, vocab, device,
-          cache="dynamic", setup_s=None) -> GenRow:
-    results, used = [], []
-    cache_kwargs = _cache_kwargs(cache, context, new_tokens)
-    base = memory_allocated_all() if device.type == "cuda" else 0  # every GPU: a model may span several
-    if device.type == "cuda":
-        reset_peak_memory_all()
-    try:
-        if regime == "warm":
-            length = context
-            lengths.mark(length)
-            prompt = torch.randint(0, vocab, (batch, length), device=device)
-            _generate_once(model, prompt, new_tokens, cache_kwargs)  # warm-up
-            for _ in range(repeats):
-                results.append(_generate_once(model, prompt, new_tokens, cache_kwargs))
-                used.append(length)
-        else:
-            for _ in range(repeats):
-                length = lengths.fresh(context)
-                prompt = torch.randint(0, vocab, (batch, length), device=device)
-                results.append(_generate_once(model, prompt, new_tokens, cache_kwargs))
-                used.append(length)
-    except Exception as exc:  # OOM or any failure of one cell: record it, go on
+class _Cell:
+    """One (implementation, context, regime): its timed generations, added one at a time, and its failure if any."""
+
+    def __init__(self, impl, context, regime, cache, setup_s):
+        self.impl, self.context, self.regime, self.cache, self.setup_s = impl, context, regime, cache, setup_s
+        self.results, self.used, self.peak, self.error = [], [], None, None
+
+    def generate(self, model, prompt, new_tokens, cache_kwargs, device, timed=True):
+        """One generation (a warm-up when not timed); an OOM or any other failure ends the cell, recorded."""
+        if self.error is not None:
+            return
+        base = memory_allocated_all() if device.type == "cuda" else 0  # every GPU: a model may span several
         if device.type == "cuda":
-            torch.cuda.empty_cache()
-        reason = "OOM" if isinstance(exc, torch.OutOfMemoryError) else f"{type(exc).__name__}: {exc}".splitlines()[0]
-        return GenRow(impl, context, regime, used, error=reason[:160], cache=cache, setup_s=setup_s)
-    peak = (max_memory_allocated_all() - base) / 2**20 if device.type == "cuda" else None
-    ttft = statistics.median(r[0] for r in results)
-    decode = statistics.median(r[1] for r in results)
-    total = statistics.median(r[2] for r in results)
-    return GenRow(impl, context, regime, used, ttft_ms=ttft * 1e3,
-                  decode_tok_s=batch * (new_tokens - 1) / decode if decode > 0 else None,
-                  e2e_tok_s=batch * new_tokens / total, peak_mib=peak, cache=cache, setup_s=setup_s)
+            reset_peak_memory_all()
+        try:
+            result = _generate_once(model, prompt, new_tokens, cache_kwargs)
+        except Exception as exc:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            reason = "OOM" if isinstance(exc, torch.OutOfMemoryError) else f"{type(exc).__name__}: {exc}"
+            self.error = reason.splitlines()[0][:160]
+            return
+        if device.type == "cuda":
+            self.peak = max(self.peak or 0.0, (max_memory_allocated_all() - base) / 2**20)
+        if timed:
+            self.results.append(result)
+            self.used.append(prompt.shape[1])
+
+    def row(self, batch, new_tokens) -> GenRow:
+        common = dict(cache=self.cache, setup_s=self.setup_s)
+        if self.error is not None or not self.results:
+            return GenRow(self.impl, self.context, self.regime, self.used, error=self.error or "no run", **common)
+        ttft, decode, total = (statistics.median(r[i] for r in self.results) for i in range(3))
+        return GenRow(self.impl, self.context, self.regime, self.used, ttft_ms=ttft * 1e3,
+                      decode_tok_s=batch * (new_tokens - 1) / decode if decode > 0 else None,
+                      e2e_tok_s=batch * new_tokens / total, peak_mib=self.peak, **common)
+
+
+def _regime_cells(model, switch, impls, context, regime, lengths, setup, new_tokens, batch, repeats, vocab,
+                  device, cache) -> list[_Cell]:
+    """A regime's cells for these implementations, repeat by repeat in turn, so that a host whose speed drifts
+    (lent machines do) moves every implementation alike. Warm: one untimed call each, then the same prompt
+    again; cold: each repeat a prompt length its implementation has not seen."""
+    cache_kwargs = _cache_kwargs(cache, context, new_tokens)
+    cells = {impl: _Cell(impl, context, regime, cache, setup[impl]) for impl in impls}
+    prompt = torch.randint(0, vocab, (batch, context), device=device)
+    if regime == "warm":
+        for impl in impls:
+            switch(impl)
+            lengths[impl].mark(context)
+            cells[impl].generate(model, prompt, new_tokens, cache_kwargs, device, timed=False)
+    for _ in range(repeats):
+        for impl in impls:
+            switch(impl)
+            if regime == "cold":
+                prompt = torch.randint(0, vocab, (batch, lengths[impl].fresh(context)), device=device)
+            cells[impl].generate(model, prompt, new_tokens, cache_kwargs, device)
+    return list(cells.values())
 
 
 def _context_warmup(model, context, new_tokens, batch, vocab, device, cache, lengths) -> float:
@@ -151,31 +175,39 @@ def bench_generation(model, *, contexts, new_tokens=128, batch=1, baselines=("ea
     vocab = model.config.vocab_size
     rows = []
     lengths: dict[str, _LengthSource] = {}
-    # Context by context, every implementation in turn: a machine whose speed drifts over the run (lent hosts do)
-    # moves all implementations' cells of one context alike.
-    for context in contexts:
-        for impl, unavailable in each_implementation(model, baselines):
-            if unavailable:
-                rows += [GenRow(impl, context, r, [], error=unavailable) for r in regimes]
-                continue
-            if impl not in lengths:
-                # Same lengths for every implementation; each one's history starts with a short warm-up (Triton
-                # compiles, cuBLAS/cuDNN handles) that leaves the measured lengths unseen.
-                lengths[impl] = _LengthSource(new_tokens)
-                lengths[impl].mark(9, span=8)
-                _generate_once(model, torch.randint(0, vocab, (batch, 9), device=device), 8)
-            if cache == "static":  # each (context, implementation) compiles afresh in its setup, never hitting
-                torch._dynamo.reset()  # dynamo's recompile limit (which would silently run the rest uncompiled)
-            try:
-                setup_s = _context_warmup(model, context, new_tokens, batch, vocab, device, cache, lengths[impl])
-            except Exception:  # the cells below fail the same way and record why
-                setup_s = None
-            for regime in regimes:  # cold first: a warm call would make its lengths seen
-                rows.append(_cell(model, impl, context, regime, lengths[impl], new_tokens, batch, repeats, vocab,
-                                  device, cache, setup_s))
-                if progress:
-                    progress()
-    return rows
+    with implementation_switcher(model, baselines) as (switch, impls, unavailable):
+        for context in contexts:
+            rows += [GenRow(impl, context, r, [], error=reason) for impl, reason in unavailable.items()
+                     for r in regimes]
+            # Dynamic cache: all implementations in turn, repeat by repeat. Static cache: one implementation at a
+            # time, each compiling afresh in its setup (switching back and forth would recompile, or hit dynamo's
+            # recompile limit and silently run uncompiled).
+            for group in ([[impl] for impl in impls] if cache == "static" else [impls]):
+                setup = {}
+                for impl in group:
+                    switch(impl)
+                    if impl not in lengths:
+                        # Same lengths for every implementation; each one's history starts with a short warm-up
+                        # (Triton compiles, cuBLAS/cuDNN handles) that leaves the measured lengths unseen.
+                        lengths[impl] = _LengthSource(new_tokens)
+                        lengths[impl].mark(9, span=8)
+                        _generate_once(model, torch.randint(0, vocab, (batch, 9), device=device), 8)
+                    if cache == "static":
+                        torch._dynamo.reset()
+                    try:
+                        setup[impl] = _context_warmup(model, context, new_tokens, batch, vocab, device, cache,
+                                                      lengths[impl])
+                    except Exception:  # the cells below fail the same way and record why
+                        setup[impl] = None
+                for regime in regimes:  # cold first: a warm call would make its lengths seen
+                    cells = _regime_cells(model, switch, group, context, regime, lengths, setup, new_tokens, batch,
+                                          repeats, vocab, device, cache)
+                    rows += [cell.row(batch, new_tokens) for cell in cells]
+                    if progress:
+                        for _ in cells:
+                            progress()
+    order = {impl: i for i, impl in enumerate((*baselines, "flashpatch"))}
+    return sorted(rows, key=lambda r: (order.get(r.impl, len(order)), r.context))
 
 
 def speedup_table(rows: list[GenRow], baselines) -> list[dict]:

@@ -80,6 +80,26 @@ def test_setup_tunes_each_bucket_and_cold_cells_stay_unseen(tmp_path, monkeypatc
             assert earlier_length + tokens - 1 < length or earlier_length > length + 3, (impl, length, mine)
 
 
+def test_implementations_alternate_repeat_by_repeat(tmp_path, monkeypatch):
+    """Dynamic cache: within a context and regime, each repeat runs every implementation in turn (a drifting host
+    moves them alike); the rows still come out grouped by implementation."""
+    real, order = bench_generate._generate_once, []
+
+    def recording(model, prompt, new_tokens, cache_kwargs=None):
+        if new_tokens == 4:  # the cells' calls (warm-ups generate 8 or 1 tokens)
+            order.append(model.config._attn_implementation)
+        return real(model, prompt, new_tokens, cache_kwargs)
+
+    monkeypatch.setattr(bench_generate, "_generate_once", recording)
+    out = tmp_path / "bench.json"
+    result = runner.invoke(app, [*ARGS[:3], "24", *ARGS[4:], "--repeats", "2", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    turn = ["eager", "sdpa", "fp_triton"]
+    assert order == turn * 2 + turn * 3  # cold: 2 repeats; warm: an untimed call each, then 2 repeats
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["eager"] * 2 + ["sdpa"] * 2 + ["flashpatch"] * 2
+
+
 def test_cold_lengths_never_overlap():
     source = _LengthSource(new_tokens=16)
     spans = []
