@@ -32,10 +32,11 @@ def test_picks_the_fastest_and_remembers_it_across_processes():
     assert Autotuner().pick("sm90", key, CANDIDATES, timer(times, calls)) == fastest
     assert calls == CANDIDATES
     on_disk = json.load(open(cache_file("sm90")))
-    assert on_disk[key] == {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "tma": False}
+    assert on_disk[key] == {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "tma": False,
+                            "warp_specialize": False}
     again = []  # a new process: read from disk, nothing timed
     assert Autotuner().pick("sm90", key, CANDIDATES, timer(times, again)) == fastest and again == []
-    del on_disk[key]["tma"]  # a cache written before the TMA candidates existed still reads
+    del on_disk[key]["tma"], on_disk[key]["warp_specialize"]  # a cache written before those fields still reads
     json.dump(on_disk, open(cache_file("sm90"), "w"))
     assert Autotuner().pick("sm90", key, CANDIDATES, timer(times, again)) == fastest and again == []
 
