@@ -1,7 +1,9 @@
 """Generation benchmark: time to first token, decode and end-to-end tokens/sec, peak memory, by context.
 
 Implementations run side by side in one process: the baselines as transformers ships them
-(`eager`, `sdpa`), then flashpatch. Greedy, exactly N new tokens. Two regimes:
+(`eager`, `sdpa`) and flashpatch, taking turns repeat by repeat within each context and regime (a
+dynamic cache; a static cache's compile keeps one implementation at a time). Greedy, exactly N new
+tokens. Two regimes:
 - cold: every repeat uses prompt (and so KV) lengths this process has not seen, as a user's new
   prompts do (SDPA's cuDNN backend builds a plan per new length);
 - warm: one warm-up call, then the same call repeated.

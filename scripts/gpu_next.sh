@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The next session's first H100 call (~9 min), what session 4 could not run before its device time ran out:
+# Session 5's first H100 call (~4 min; written by session 4, whose device time ran out before it):
 # the warp-specialised TMA forward against cuDNN (issue 8), the backward's GPU tests since the direct launcher,
 # and GPT-2's static-cache + compile generation with the one-launch decode (issue 7).
 # Usage: scripts/gpu_next.sh OUT_DIR
