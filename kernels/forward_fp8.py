@@ -17,6 +17,7 @@ import triton.language as tl
 
 from .config import TileConfig
 from .launch import _is_interpreted, cdiv
+from .online_softmax import key_range, softmax_step
 
 E4M3_MAX = 448.0
 P_SCALE = 256.0
@@ -48,18 +49,7 @@ def _fp8_block(acc, l_i, m_i, q, k_base, vt_base, stride_kn, stride_vn, start_n,
         k = tl.load(k_ptrs)
         vt = tl.load(vt_ptrs)
     qk = tl.dot(q, k) * qk_scale
-    if MASK:  # the causal diagonal and the ragged last block
-        visible = cols[None, :] < seq_k
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= offs_m[:, None] + causal_offset)
-        qk = tl.where(visible, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    m_ref = m_new
-    if MASK:  # a row may have seen nothing yet: exponents against 0, not -inf
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(qk - m_ref[:, None])
-    alpha = tl.math.exp2(m_i - m_ref)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, alpha, l_i, m_new = softmax_step(qk, m_i, l_i, cols, offs_m, seq_k, causal_offset, MASK, CAUSAL)
     acc = acc * alpha[:, None] + tl.dot(_to_e4m3(p * 256.0, ROUND_FIRST), tl.trans(vt))
     return acc, l_i, m_new
 
@@ -98,13 +88,7 @@ def _flash_fwd_fp8_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     causal_offset = seq_k - seq_q  # bottom-right: query i sees keys j <= i + offset
-    hi = seq_k
-    unmasked_hi = seq_k
-    if CAUSAL:
-        hi = tl.minimum(seq_k, m0 + BLOCK_M + causal_offset)
-        unmasked_hi = tl.minimum(seq_k, m0 + causal_offset + 1)
-    hi = tl.maximum(hi, 0)
-    unmasked_hi = tl.minimum(tl.maximum(unmasked_hi, 0) // BLOCK_N * BLOCK_N, hi)
+    unmasked_hi, hi = key_range(m0, causal_offset, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
     for start_n in range(0, unmasked_hi, BLOCK_N):
         acc, l_i, m_i = _fp8_block(acc, l_i, m_i, q, k_base, vt_base, stride_kn, stride_vn, start_n, offs_m, offs_n,
                                    offs_d, qk_scale, seq_k, causal_offset, False, CAUSAL, ROUND_FIRST)

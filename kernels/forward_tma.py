@@ -12,6 +12,7 @@ import triton.language as tl
 
 from .config import TileConfig
 from .launch import cdiv
+from .online_softmax import key_range, softmax_step
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -27,21 +28,9 @@ COMPILED: dict = {}
 @triton.jit
 def _tma_block(acc, l_i, m_i, q, desc_k, desc_v, b, kv_h, start_n, offs_m, offs_n, qk_scale, seq_k, causal_offset,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr):
-    k = desc_k.load([b, kv_h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+    k = desc_k.load([b, kv_h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)  # missing keys read as zeros: masked below
     qk = tl.dot(q, tl.trans(k)) * qk_scale
-    if MASK:  # the causal diagonal and the ragged last block (whose missing keys read as zeros, not -inf)
-        cols = start_n + offs_n
-        visible = cols[None, :] < seq_k
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= offs_m[:, None] + causal_offset)
-        qk = tl.where(visible, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    m_ref = m_new
-    if MASK:  # a row may have seen nothing yet: exponents against 0, not -inf
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(qk - m_ref[:, None])
-    alpha = tl.math.exp2(m_i - m_ref)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, alpha, l_i, m_new = softmax_step(qk, m_i, l_i, start_n + offs_n, offs_m, seq_k, causal_offset, MASK, CAUSAL)
     v = desc_v.load([b, kv_h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, l_i, m_new
@@ -67,13 +56,7 @@ def _flash_fwd_tma_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     causal_offset = seq_k - seq_q  # bottom-right: query i sees keys j <= i + offset
-    hi = seq_k
-    unmasked_hi = seq_k
-    if CAUSAL:
-        hi = tl.minimum(seq_k, m0 + BLOCK_M + causal_offset)
-        unmasked_hi = tl.minimum(seq_k, m0 + causal_offset + 1)
-    hi = tl.maximum(hi, 0)
-    unmasked_hi = tl.minimum(tl.maximum(unmasked_hi, 0) // BLOCK_N * BLOCK_N, hi)
+    unmasked_hi, hi = key_range(m0, causal_offset, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
     # Warp specialisation (Triton splits the loop into TMA-producer and MMA/softmax-consumer warp groups) where
     # the installed Triton offers it for this loop; the masked tail below stays a plain loop.
     for start_n in tl.range(0, unmasked_hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
