@@ -241,22 +241,11 @@ def implementation_switcher(model, baselines):
 def each_implementation(model, baselines):
     """For benchmarks: yield (name, None) with the model switched to each baseline in turn, then
     ("flashpatch", None) with it patched (fallback="error"); a baseline transformers refuses is yielded as
-    (name, reason) and skipped. The model's own attention is restored at the end, and a flashpatch run that
-    fell back anyway fails loudly."""
-    original = model.config._attn_implementation
-    try:
-        for name in baselines:
-            try:
-                model.set_attn_implementation(name)
-            except (ValueError, ImportError) as exc:
-                yield name, f"unavailable: {exc}".splitlines()[0][:160]
+    (name, reason) and skipped. Restores and checks as `implementation_switcher` does."""
+    with implementation_switcher(model, baselines) as (switch, _, unavailable):
+        for name in (*baselines, "flashpatch"):
+            if name in unavailable:
+                yield name, unavailable[name]
                 continue
+            switch(name)
             yield name, None
-        model.set_attn_implementation(original)
-        report = apply(model, fallback="error")
-        yield "flashpatch", None
-        unapply(model)
-        assert not report.fallbacks, f"flashpatch fell back during the benchmark: {dict(report.fallbacks)}"
-    finally:
-        unapply(model)
-        model.set_attn_implementation(original)

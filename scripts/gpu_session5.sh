@@ -9,5 +9,6 @@ timeout 240 python3 -m pytest -q -n 8 --timeout 200 tests/test_fp8.py tests/test
   "tests/test_gpu_attention.py::test_every_table_row_and_tune_candidate_compiles_fits_and_is_correct" 2>&1 \
   | tee "$out/pytest.log" | grep -E "^E |FAILED|passed|failed" | tail -8
 timeout 200 python3 scripts/gpu_fp8.py --sweep 2>&1 | tee "$out/fp8.txt" | tail -28
-timeout 150 python3 scripts/decode_host_profile.py 8 512 > "$out/decode-host-profile.txt" 2>&1
+# decode-host-profile.txt came from scripts/decode_host_profile.py (commit 35336fc), since folded into:
+timeout 150 python3 scripts/attention_host_share.py llama2-7b 8 512 --profile > "$out/decode-host-profile.txt" 2>&1
 tail -6 "$out/decode-host-profile.txt"

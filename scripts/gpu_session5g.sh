@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Session 5: generation with dynamic cache, implementations alternating repeat by repeat (~8 min).
+# Session 5: generation with dynamic cache, implementations alternating repeat by repeat (~8 min). An earlier
+# version (GPT-2 under a 150 s limit, which it overran; Llama with --repeats 2) wrote gen-llama-dynamic-direct-launch.json.
 # Usage: scripts/gpu_session5g.sh OUT_DIR
 set -u
 out=$1
