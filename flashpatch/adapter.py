@@ -18,7 +18,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 
 from .archs.base import ArchSpec
 from .dispatch import unusable_reason
-from .ops import MAX_HEAD_DIM, SUPPORTED_DTYPES, attention
+from .ops import MAX_HEAD_DIM, SUPPORTED_DTYPES, planned_decode, attention
 from .reference import visibility_mask
 
 # The attn_implementation name. It must not contain "flash": transformers treats any such name as a
@@ -62,7 +62,8 @@ def _attention_weights_requested(kwargs) -> bool:
     return collected is not None and "attentions" in collected
 
 
-def _why_not_served(module, query, key, value, attention_mask, dropout, kwargs) -> str | None:
+def _unsupported_feature(attention_mask, kwargs) -> str | None:
+    """What of this call's semantics the kernels don't implement, or None."""
     if _attention_weights_requested(kwargs):
         return "output_attentions=True needs the attention weights"
     if attention_mask is not None and attention_mask.dim() != 2:
@@ -71,6 +72,11 @@ def _why_not_served(module, query, key, value, attention_mask, dropout, kwargs) 
                        ("s_aux", "attention sinks"), ("position_bias", "an additive position bias")):
         if kwargs.get(name) is not None:
             return what
+    return None
+
+
+def _unsupported_inputs(query, key, value) -> str | None:
+    """What of these tensors the kernels can't take (head dims, dtype, device), or None."""
     if key.shape[-1] != value.shape[-1] or query.shape[-1] != key.shape[-1]:
         return "q/k and v head dims differ"
     head_dim = query.shape[-1]
@@ -170,19 +176,25 @@ def flashpatch_attention_forward(module, query, key, value, attention_mask, drop
     if scaling is None and state is not None:
         scaling = state.arch.scaling(module)
 
-    reason = _why_not_served(module, query, key, value, attention_mask, dropout, kwargs)
+    dropout = dropout if module.training else 0.0
+    reason = _unsupported_feature(attention_mask, kwargs)
+    key_padding_mask = segment_ids = seqused_k = None
+    if reason is None:
+        if attention_mask is not None and not _is_key_mask(attention_mask):
+            segment_ids = attention_mask  # from `flashpatch_mask`: a padding-free packed batch
+        elif attention_mask is not None:
+            key_padding_mask = attention_mask
+            seqused_k = _seqused_k(key_padding_mask, query, key) if causal else None
+        if segment_ids is None and not dropout:  # a decode step like earlier ones: validated then, planned since
+            out = planned_decode(query, key, value, causal, scaling, key_padding_mask, seqused_k, bshd=True)
+            if out is not None:
+                return out, None
+        reason = _unsupported_inputs(query, key, value)
     if reason is not None:
         return _fallback(state, reason, module, query, key, value, attention_mask, causal,
                          dropout=dropout, scaling=scaling, **kwargs)
-
-    key_padding_mask = segment_ids = seqused_k = None
-    if attention_mask is not None and not _is_key_mask(attention_mask):
-        segment_ids = attention_mask  # from `flashpatch_mask`: a padding-free packed batch
-    elif attention_mask is not None:
-        key_padding_mask = attention_mask
-        seqused_k = _seqused_k(key_padding_mask, query, key) if causal else None
     out = attention(query, key, value, causal=causal, scale=scaling, key_padding_mask=key_padding_mask,
-                    dropout_p=dropout if module.training else 0.0, seqused_k=seqused_k, segment_ids=segment_ids)
+                    dropout_p=dropout, seqused_k=seqused_k, segment_ids=segment_ids)
     return out.transpose(1, 2), None  # memory is already [B, Sq, H, D]: no copy
 
 

@@ -279,7 +279,8 @@ def decode_markdown(rows: list[DecodeRow], impls) -> str:
 def decode_sweep(candidates, cases=((1, 1024), (1, 4096), (1, 131072), (8, 16384), (32, 4096)), heads=32,
                  head_dim=128, dtype=torch.bfloat16, cuda_graph=True):
     """TB/s of each candidate (decode TileConfig, waves per SM and minimum key blocks per split, which set the
-    split count): evidence for DECODE_TABLE. cuda_graph=True times GPU work alone (see `bench_decode`)."""
+    split count, and optionally the merge's unroll factor): evidence for DECODE_TABLE. cuda_graph=True times GPU
+    work alone (see `bench_decode`)."""
     import triton
 
     from flashpatch.kernels import decode_splits, flash_decode_forward
@@ -289,21 +290,22 @@ def decode_sweep(candidates, cases=((1, 1024), (1, 4096), (1, 131072), (8, 16384
     for batch, n in cases:
         q = torch.randn(batch, heads, 1, head_dim, device="cuda", dtype=dtype)
         k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", dtype=dtype) for _ in range(2))
-        for cfg, waves, min_blocks in candidates:
+        for cfg, waves, min_blocks, *unroll in candidates:
             splits = decode_splits(batch * heads, 1, n, cfg.block_n, sm_count, waves, min_blocks)
 
-            def fn(cfg=cfg, splits=splits, q=q, k=k, v=v):
+            def fn(cfg=cfg, splits=splits, q=q, k=k, v=v, unroll=unroll[0] if unroll else None):
                 return flash_decode_forward(q, k, v, causal=True, scale=head_dim ** -0.5, key_padding_mask=None,
-                                            seqused_k=None, config=cfg, num_splits=splits, need_lse=False)
+                                            seqused_k=None, config=cfg, num_splits=splits, need_lse=False,
+                                            merge_unroll=unroll)
             try:
                 fn()
                 if cuda_graph:
                     ms = triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
                 else:
                     ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-                results.append((batch, n, cfg, waves, min_blocks, splits,
+                results.append((batch, n, cfg, waves, min_blocks, *unroll, splits,
                                 kv_bytes(batch, heads, n, head_dim) / (ms * 1e-3) / 1e12))
             except Exception as exc:
-                results.append((batch, n, cfg, waves, min_blocks, splits, f"{type(exc).__name__}"))
+                results.append((batch, n, cfg, waves, min_blocks, *unroll, splits, f"{type(exc).__name__}"))
         del q, k, v
     return results

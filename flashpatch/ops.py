@@ -116,6 +116,47 @@ def _device_guard(index: int):
     return contextlib.nullcontext()
 
 
+# Decode calls repeat, every layer of every step, one kind: the same shapes but for a key length that grows.
+# The first call of a kind (validated, tiles chosen) leaves a DecodePlan, keyed by everything the plan fixes;
+# later inference calls of that kind go straight to it (`planned_decode`), because decode is launch-bound.
+_DECODE_PLANS: dict = {}
+MAX_DECODE_PLANS = 256
+
+
+def _plan_key(q, k, v, causal, scale, key_padding_mask, seqused_k, need_lse) -> tuple:
+    """What a DecodePlan fixes: everything `_check_inputs` validates but the key length (and the strides that grow
+    with it), which `planned_decode` checks itself."""
+    kb, kh, kn, kd = k.shape
+    vb, vh, vn, vd = v.shape
+    mask = None if key_padding_mask is None else (key_padding_mask.dtype, key_padding_mask.shape[0],
+                                                  key_padding_mask.dim(), key_padding_mask.get_device())
+    used = None if seqused_k is None else (seqused_k.dtype, seqused_k.shape, seqused_k.get_device())
+    return (q.shape, q.stride(), q.dtype, k.dtype, v.dtype, q.get_device(), k.get_device(), v.get_device(),
+            kb, kh, kd, vb, vh, vd, k.dim(), v.dim(), causal, scale, need_lse, mask, used)
+
+
+def planned_decode(q, k, v, causal, scale, key_padding_mask, seqused_k, bshd: bool = False):
+    """An inference call outside torch.compile whose kind has a DecodePlan, run by it; None for any other call,
+    which then takes the general path (and gets its errors). bshd: return [B, Sq, Hq, D] (transformers' layout)."""
+    if (not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor)
+            or torch.compiler.is_compiling() or torch.is_autocast_enabled("cuda" if q.is_cuda else "cpu")
+            or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
+        return None
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    try:
+        plan = _DECODE_PLANS.get(_plan_key(q, k, v, causal, float(scale), key_padding_mask, seqused_k, False))
+    except (AttributeError, TypeError, ValueError):  # not tensors of 4 dims: the general path says what is wrong
+        return None
+    seq_k = k.shape[2]
+    if (plan is None or v.shape[2] != seq_k or seq_k == 0
+            or (key_padding_mask is not None and key_padding_mask.shape[1] != seq_k)
+            or (q.is_cuda and q.get_device() != torch._C._cuda_getDevice())):
+        return None
+    out = plan.run(q, k, v, key_padding_mask, seqused_k)[0]
+    return out if bshd else out.transpose(1, 2)
+
+
 def _forward_on_device(q, k, v, causal, scale, key_padding_mask, dropout_p, seed, seqused_k, segment_ids, need_lse,
                        family, sm_count):
     kernels = _kernels()
@@ -123,10 +164,18 @@ def _forward_on_device(q, k, v, causal, scale, key_padding_mask, dropout_p, seed
     heads_k, seq_k = k.shape[1], k.shape[2]
     element_size = q.element_size()
     if segment_ids is None and kernels.uses_decode_kernel(seq_q, heads_q // heads_k, head_dim, dropout_p, element_size):
-        config = kernels.select_decode_config(family, head_dim, element_size)
-        splits = kernels.decode_splits(batch * heads_k, seq_q, seq_k, config.block_n, sm_count)
-        return kernels.flash_decode_forward(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
-                                            seqused_k=seqused_k, config=config, num_splits=splits, need_lse=need_lse)
+        key = _plan_key(q, k, v, causal, scale, key_padding_mask, seqused_k, need_lse)
+        plan = _DECODE_PLANS.get(key)
+        if plan is None:
+            if len(_DECODE_PLANS) >= MAX_DECODE_PLANS:
+                _DECODE_PLANS.clear()
+            plan = _DECODE_PLANS[key] = kernels.DecodePlan(
+                q.shape, q.stride(), heads_k, q.dtype, causal=causal, scale=scale,
+                has_kpm=key_padding_mask is not None, has_seqused=seqused_k is not None,
+                config=kernels.select_decode_config(family, head_dim, element_size), sm_count=sm_count,
+                need_lse=need_lse)
+        out, lse = plan.run(q, k, v, key_padding_mask, seqused_k)
+        return out.transpose(1, 2), lse
 
     def launch(config):
         splits = kernels.decode_splits(batch * heads_q, seq_q, seq_k, config.block_n, sm_count)
@@ -290,6 +339,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     with float32 weights hands over float32 q and k after RoPE but a bfloat16 v).
     Returns [batch, Hq, Sq, D] (memory laid out as [batch, Sq, Hq, D]).
     """
+    if not dropout_p and segment_ids is None:
+        out = planned_decode(q, k, v, causal, scale, key_padding_mask, seqused_k)
+        if out is not None:
+            return out
     if isinstance(q, torch.Tensor) and torch.is_autocast_enabled(q.device.type):
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = (t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in (q, k, v))

@@ -131,8 +131,10 @@ def select_config(family: str | None, head_dim: int, seq_q: int, element_size: i
 
 # Flash-decoding (kernels/decode.py): block_m is unused (the tile holds a GQA group's query rows).
 # Memory-bound, so the knobs are key-block length, warps and pipelining depth. Keyed by padded head dim.
+# sm90 head dim 128: 64-key blocks four deep won batch 1 at 1K and 4K (1.40 and 2.41 TB/s against 1.30 and 2.31
+# for 128-key blocks) and lost 1 % at 128K (docs/gpu-runs/2026-11-25-session6/a/decode-sweep.txt).
 DECODE_TABLE: dict[str, dict[int, TileConfig]] = {
-    "sm90": {64: TileConfig(16, 128, 4, 3), 128: TileConfig(16, 128, 4, 3), 256: TileConfig(16, 32, 4, 3)},
+    "sm90": {64: TileConfig(16, 128, 4, 3), 128: TileConfig(16, 64, 4, 4), 256: TileConfig(16, 32, 4, 3)},
     "sm80": {64: TileConfig(16, 64, 4, 3), 128: TileConfig(16, 64, 4, 3), 256: TileConfig(16, 32, 4, 2)},
     "sm86": {64: TileConfig(16, 64, 4, 2), 128: TileConfig(16, 64, 4, 2), 256: TileConfig(16, 32, 4, 2)},
 }
@@ -163,13 +165,12 @@ def uses_decode_kernel(seq_q: int, group_size: int, head_dim: int, dropout_p: fl
 # Pretend SM count under the interpreter, so that CPU tests exercise the split-KV path.
 INTERPRETER_SM_COUNT = 8
 MAX_SPLITS = 64
-# Splits per (batch, KV head) fill the SMs this many times over: once for short caches, where a split's fixed
-# cost (loading Q, filling the pipeline, the merge) weighs most; DECODE_WAVES times from LONG_CACHE keys up, where
-# more programs per SM keep more loads in flight (H100 sweep, docs/gpu-runs/2026-11-25-session4/decode-sweep*.txt).
-DECODE_WAVES = 4
-LONG_CACHE = 16384
-# A split launch also zeroes its work buffer: ~10-17 us more host time per call on the H100 host
-# (host-overhead-*.txt), more than splitting saves on the GPU below ~1K keys (13 -> 10 us at 1K, batch 1).
+# Splits per (batch, KV head) fill the SMs once: session 4 chose four waves from 16K keys up, but with the merge
+# unrolled one wave reads more at every batch-1 length swept (2.91 vs 2.65 TB/s at 16K, 3.11 vs 3.03 at 128K;
+# docs/gpu-runs/2026-11-25-session6/a/decode-sweep.txt), as it did in session 4's own sweep at 16K.
+DECODE_WAVES = 1
+# Each split keeps at least this many key blocks: a split's fixed cost (loading Q, filling the pipeline, its share
+# of the merge) outweighs what splitting shorter caches further saves (decode-sweep-min-blocks.txt, session 4).
 MIN_SPLIT_BLOCKS = 8
 
 
@@ -182,7 +183,7 @@ def decode_splits(batch_heads: int, seq_q: int, seq_k: int, block_n: int, sm_cou
     if seq_q > SHORT_Q_BLOCK_M or batch_heads >= sm_count:
         return 1
     if waves is None:
-        waves = DECODE_WAVES if seq_k >= LONG_CACHE else 1
+        waves = DECODE_WAVES
     by_length = seq_k // (min_blocks * block_n)
     return max(1, min(sm_count // batch_heads * waves, by_length, MAX_SPLITS))
 

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import TileConfig, decode_rows
+from .config import TileConfig, decode_rows, decode_splits
 from .forward import LOG2E
 from .launch import CachedLauncher, _current_stream, cdiv, next_power_of_2
 
@@ -33,7 +33,7 @@ def _flash_decode_kernel(
     num_heads_k, group_size, seq_q, seq_k, head_dim, split_len,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQUSED: tl.constexpr, EVEN_D: tl.constexpr,
-    SPLIT: tl.constexpr, STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr, STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, MERGE_UNROLL: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -117,7 +117,7 @@ def _flash_decode_kernel(
         arrived = tl.atomic_add(counter, 1.0, sem="acq_rel")
         if arrived == num_splits - 1:
             out, lse = _merge_partials(o_part, lse_part, rows_total * head_dim, rows_total, num_splits, q_mask,
-                                       row_ok, BLOCK_R, BLOCK_D)
+                                       row_ok, BLOCK_R, BLOCK_D, MERGE_UNROLL)
             tl.store(O + o_offs, out.to(O.dtype.element_ty), mask=q_mask)
             if STORE_LSE:
                 tl.store(LSE + lse_offs, lse, mask=row_ok)
@@ -130,13 +130,14 @@ def _flash_decode_kernel(
 
 @triton.jit
 def _merge_partials(o_part, lse_part, stride_o, stride_lse, num_splits, q_mask, row_ok,
-                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr):
     """out = sum_s exp(lse_s - lse) * out_s and lse = logsumexp_s lse_s, row by row, with a running maximum.
-    Loads go to L2 (.cg): other SMs wrote the partials during this launch."""
+    Loads go to L2 (.cg): other SMs wrote the partials during this launch. Unrolled, so that several splits'
+    loads are in flight at once: this runs after the last split's keys, while the memory system idles."""
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-    for s in range(0, num_splits):
+    for s in tl.range(0, num_splits, loop_unroll_factor=UNROLL):
         lse_s = tl.load(lse_part + s * stride_lse, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
         m_new = tl.maximum(m, lse_s)
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -152,6 +153,7 @@ def _merge_partials(o_part, lse_part, stride_o, stride_lse, num_splits, q_mask, 
 
 
 _launch_decode = CachedLauncher(_flash_decode_kernel)
+MERGE_UNROLL = 4  # splits merged per loop step
 
 # (device, stream) -> float32 arrival counters, zero between launches (the kernel leaves them so). Per stream, so
 # that launches running concurrently on different streams never share one. Split launches have fewer than
@@ -202,6 +204,81 @@ def cached_counters(device: torch.device, count: int) -> torch.Tensor | None:
     return counters
 
 
+class DecodePlan:
+    """A decode launch worked out once for what stays fixed while a cache grows: batch, heads, query tokens, head
+    dim, dtype, q's strides, flags and tiles. `run` adds what one call's key length decides (split, grid) and binds
+    its tensors, so a decode step's launch costs little host time (decode is launch-bound at short caches).
+
+    `num_splits` None: the split count follows the key length (`decode_splits` for `sm_count` SMs); an int: that
+    count (capped so that every split holds keys). The split count and grid depend only on shapes (the buffer's
+    length), never on `seqused_k`'s values, so a CUDA graph can capture the launch.
+    """
+
+    MAX_LENGTHS = 4096  # key lengths remembered (a dynamic cache meets a new one every step)
+
+    def __init__(self, q_shape, q_stride, heads_k: int, dtype: torch.dtype, *, causal: bool, scale: float,
+                 has_kpm: bool, has_seqused: bool, config: TileConfig, num_splits: int | None = None,
+                 sm_count: int = 0, need_lse: bool = True, merge_unroll: int = MERGE_UNROLL):
+        batch, heads_q, seq_q, head_dim = q_shape
+        self.batch, self.heads_q, self.seq_q, self.head_dim, self.heads_k = batch, heads_q, seq_q, head_dim, heads_k
+        self.dtype, self.need_lse, self.config = dtype, need_lse, config
+        self.num_splits, self.sm_count = num_splits, sm_count
+        self.out_shape, self.lse_shape = (batch, seq_q, heads_q, head_dim), (batch, heads_q, seq_q)
+        self.q_scalars = (scale * LOG2E, *q_stride)
+        self.head_scalars = (heads_k, heads_q // heads_k, seq_q)
+        block_d = max(16, next_power_of_2(head_dim))
+        constexprs = dict(
+            BLOCK_R=decode_rows(seq_q, heads_q // heads_k), BLOCK_N=config.block_n, BLOCK_D=block_d, CAUSAL=causal,
+            HAS_KPM=has_kpm, HAS_SEQUSED=has_seqused, EVEN_D=block_d == head_dim, STORE_LSE=need_lse,
+            DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", MERGE_UNROLL=merge_unroll,
+            num_warps=config.num_warps, num_stages=config.num_stages)
+        self.constexprs = {split: {**constexprs, "SPLIT": split} for split in (False, True)}
+        self.lengths: dict = {}  # key length -> (grid, split_len, float32 partials)
+        self.variants: dict = {}  # compiled kernels (CachedLauncher.launch_planned)
+
+    def _layout(self, seq_k: int):
+        block_n, pairs = self.config.block_n, self.batch * self.heads_k
+        splits = self.num_splits
+        if splits is None:
+            splits = decode_splits(pairs, self.seq_q, seq_k, block_n, self.sm_count)
+        split_len = cdiv(cdiv(seq_k, splits), block_n) * block_n
+        splits = cdiv(seq_k, split_len)
+        partials = self.batch * self.heads_q * self.seq_q * splits * (self.head_dim + 1) if splits > 1 else 0
+        if len(self.lengths) >= self.MAX_LENGTHS:
+            self.lengths.clear()
+        layout = self.lengths[seq_k] = ((splits, pairs, 1), split_len, partials)
+        return layout
+
+    def run(self, q, k, v, key_padding_mask=None, seqused_k=None):
+        """(out [B, Sq, Hq, D] (transformers' layout; `.transpose(1, 2)` is SDPA's), lse [B, Hq, Sq] or None)."""
+        seq_k = k.shape[2]
+        layout = self.lengths.get(seq_k)
+        grid, split_len, partials = layout if layout is not None else self._layout(seq_k)
+        device = q.device
+        out = torch.empty(self.out_shape, device=device, dtype=self.dtype)
+        lse = torch.empty(self.lse_shape, device=device, dtype=torch.float32) if self.need_lse else out
+        counters = work = out  # never read without splits
+        if partials:
+            counters = cached_counters(device, self.batch * self.heads_k)
+            if counters is None:  # counters at the tail of one zeroed allocation, made for this call alone
+                work = torch.zeros(partials + self.batch * self.heads_k, device=device, dtype=torch.float32)
+                counters = work[partials:]
+            else:  # every partial is written before it is read: no zeroing
+                work = torch.empty(partials, device=device, dtype=torch.float32)
+        if key_padding_mask is not None:
+            kpm = key_padding_mask.view(torch.uint8)
+            stride_mb, stride_mn = kpm.stride()
+        else:
+            kpm, stride_mb, stride_mn = out, 0, 0  # never read
+        seqused = seqused_k if seqused_k is not None else out  # never read without HAS_SEQUSED
+        cache_strides = (*k.stride(), *v.stride(), stride_mb, stride_mn)
+        _launch_decode.launch_planned(
+            self.variants, grid, (q, k, v, out, lse, work, counters, kpm, seqused),
+            (*self.q_scalars, *cache_strides, *self.head_scalars, seq_k, self.head_dim, split_len),
+            self.constexprs[partials > 0], (*cache_strides, seq_k, split_len), tag=partials > 0)
+        return out, (lse if self.need_lse else None)
+
+
 def flash_decode_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -214,47 +291,12 @@ def flash_decode_forward(
     config: TileConfig,
     num_splits: int,
     need_lse: bool = True,
+    merge_unroll: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Same contract as `flash_attn_forward`, for the shapes `uses_decode_kernel` accepts; with need_lse=False
-    (inference) the lse is neither written nor returned.
-
-    The split count and grid depend only on shapes (the buffer length), never on `seqused_k`'s values.
-    """
-    batch, heads_q, seq_q, head_dim = q.shape
-    heads_k, seq_k = k.shape[1], k.shape[2]
-    group = heads_q // heads_k
-    out = torch.empty((batch, seq_q, heads_q, head_dim), device=q.device, dtype=q.dtype).transpose(1, 2)
-    lse = torch.empty((batch, heads_q, seq_q), device=q.device, dtype=torch.float32) if need_lse else None
-    block_d = max(16, next_power_of_2(head_dim))
-    split_len = cdiv(cdiv(seq_k, num_splits), config.block_n) * config.block_n
-    num_splits = cdiv(seq_k, split_len)
-    counters = work = out  # never read without splits
-    if num_splits > 1:
-        partials = batch * heads_q * seq_q * num_splits * (head_dim + 1)
-        counters = cached_counters(q.device, batch * heads_k)
-        if counters is None:  # counters at the tail of one zeroed allocation, made for this call alone
-            work = torch.zeros(partials + batch * heads_k, device=q.device, dtype=torch.float32)
-            counters = work[partials:]
-        else:  # every partial is written before it is read: no zeroing
-            work = torch.empty(partials, device=q.device, dtype=torch.float32)
-    if key_padding_mask is not None:
-        kpm = key_padding_mask.view(torch.uint8)
-        stride_mb, stride_mn = kpm.stride()
-    else:
-        kpm, stride_mb, stride_mn = out, 0, 0  # never read
-    seqused = seqused_k if seqused_k is not None else out  # never read without HAS_SEQUSED
-
-    _launch_decode(
-        (num_splits, batch * heads_k, 1),
-        q, k, v, out, out if lse is None else lse, work, counters, kpm, seqused,
-        scale * LOG2E,
-        *q.stride(), *k.stride(), *v.stride(),
-        stride_mb, stride_mn,
-        heads_k, group, seq_q, seq_k, head_dim, split_len,
-        BLOCK_R=decode_rows(seq_q, group), BLOCK_N=config.block_n, BLOCK_D=block_d,
-        CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_SEQUSED=seqused_k is not None,
-        EVEN_D=block_d == head_dim, SPLIT=num_splits > 1, STORE_LSE=need_lse,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
-    return out, lse
+    (inference) the lse is neither written nor returned. One call's `DecodePlan`."""
+    plan = DecodePlan(q.shape, q.stride(), k.shape[1], q.dtype, causal=causal, scale=scale,
+                      has_kpm=key_padding_mask is not None, has_seqused=seqused_k is not None, config=config,
+                      num_splits=num_splits, need_lse=need_lse, merge_unroll=merge_unroll or MERGE_UNROLL)
+    out, lse = plan.run(q, k, v, key_padding_mask, seqused_k)
+    return out.transpose(1, 2), lse

@@ -66,10 +66,40 @@ class CachedLauncher:
         key = self.key(args, constexprs, device)
         entry = self.compiled.get(key)
         if entry is None:
-            compiled = self.kernel[grid](*args, **constexprs)
-            names = self.kernel.arg_names[len(args):]  # the signature's constexprs, in order
-            self.compiled[key] = (compiled, tuple(constexprs[name] for name in names))
+            self._compile_and_launch(key, grid, args, constexprs)
             return
+        self._run(entry, grid, device, args)
+
+    def launch_planned(self, variants: dict, grid, tensors: tuple, scalars: tuple, constexprs: dict,
+                       varying_ints: tuple, tag=None):
+        """`self(grid, *tensors, *scalars, **constexprs)` for a caller (a plan) that fixes the argument types, the
+        constexprs and every integer's class except those of `varying_ints` (integers among `scalars`). Compiled
+        kernels are then found in the caller's `variants` by device, `tag`, the tensors' alignment and those
+        integers' classes: a fraction of `key`'s cost."""
+        if not self.direct:
+            return self.kernel[grid](*tensors, *scalars, **constexprs)
+        device = _current_device()
+        key = (device, tag, *[t.data_ptr() & 15 for t in tensors],
+               *[(i % 16 == 0, i == 1, i >> 31) for i in varying_ints])
+        entry = variants.get(key)
+        args = (*tensors, *scalars)
+        if entry is None:
+            full_key = self.key(args, constexprs, device)
+            entry = self.compiled.get(full_key)
+            if entry is None:
+                variants[key] = self._compile_and_launch(full_key, grid, args, constexprs)
+                return
+            variants[key] = entry
+        self._run(entry, grid, device, args)
+
+    def _compile_and_launch(self, key, grid, args, constexprs):
+        compiled = self.kernel[grid](*args, **constexprs)
+        names = self.kernel.arg_names[len(args):]  # the signature's constexprs, in order
+        entry = self.compiled[key] = (compiled, tuple(constexprs[name] for name in names))
+        return entry
+
+    @staticmethod
+    def _run(entry, grid, device: int, args):
         compiled, constexpr_values = entry
         grid = (*grid, 1, 1)[:3]  # a compiled kernel wants all three grid dims
         if _launch_hooks_set():  # a profiler is listening: Triton's own runner calls its hooks

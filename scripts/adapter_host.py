@@ -45,7 +45,7 @@ flashpatch.apply(model, fallback="error")
 cases.update({
     "flashpatch adapter": lambda: adapter.flashpatch_attention_forward(module, q, k, v, None),
     "flashpatch.attention": lambda: flashpatch.attention(q, k, v, causal=True, scale=0.125),
-    "adapter._why_not_served": lambda: adapter._why_not_served(module, q, k, v, None, 0.0, {}),
+    "adapter._unsupported_feature": lambda: adapter._unsupported_feature(None, {}),
     "torch.empty (cuda)": lambda: torch.empty((1, 1, 12, 64), device="cuda", dtype=torch.bfloat16),
 })
 with torch.no_grad():

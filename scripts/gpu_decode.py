@@ -18,10 +18,15 @@ env = {"gpu": torch.cuda.get_device_properties(0).name, "torch": torch.__version
        "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
 print(env, flush=True)
 
-if "--sweep" in sys.argv:
+if "--sweep" in sys.argv or "--sweep-merge" in sys.argv:
     t = time.time()
     candidates = [(TileConfig(16, n, 4, 3), waves, 2) for n in (64, 128) for waves in (1, 2, 4)]
     cases = ((1, 1024), (1, 4096), (1, 16384), (1, 32768), (1, 131072), (2, 8192), (4, 65536), (8, 16384))
+    if "--sweep-merge" in sys.argv:  # session 6: the merge's unroll, warps and stages at batch 1
+        candidates = [(TileConfig(16, n, warps, stages), waves, 8, unroll) for n, warps, stages in
+                      ((128, 4, 3), (128, 8, 3), (128, 4, 4), (64, 4, 4), (64, 8, 4))
+                      for waves in (1, 4) for unroll in (1, 4)]
+        cases = ((1, 1024), (1, 4096), (1, 16384), (1, 131072))
     with open(f"{out_dir}/decode-sweep.txt", "w") as f:
         for row in decode_sweep(candidates, cases):
             print(*row, file=f)

@@ -30,20 +30,20 @@ def host_us(fn, n=2000):
 
 
 def recorded_call(launcher, run):
-    """The (grid, args, constexprs) of the launcher's next call made by `run`."""
+    """The (grid, args, constexprs) of the launcher's next planned call made by `run`."""
     seen = []
-    original = type(launcher).__call__
+    original = type(launcher).launch_planned
 
-    def spy(self, grid, *args, **constexprs):
+    def spy(self, variants, grid, tensors, scalars, constexprs, *rest, **kw):
         if self is launcher:
-            seen.append((grid, args, constexprs))
-        return original(self, grid, *args, **constexprs)
+            seen.append((grid, (*tensors, *scalars), constexprs))
+        return original(self, variants, grid, tensors, scalars, constexprs, *rest, **kw)
 
-    type(launcher).__call__ = spy
+    type(launcher).launch_planned = spy
     try:
         run()
     finally:
-        type(launcher).__call__ = original
+        type(launcher).launch_planned = original
     return seen[-1]
 
 

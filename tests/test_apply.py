@@ -72,20 +72,22 @@ def test_greedy_generation_identical_and_decode_is_patched(arch, monkeypatch):
     gen = dict(max_new_tokens=20, do_sample=False, min_new_tokens=20)
     with torch.no_grad():
         expected = model.generate(prompt, **gen)
+    from flashpatch.kernels.decode import DecodePlan
+
     query_lengths = []
-    real = adapter.attention
+    real = DecodePlan.run
 
-    def counting(q, *a, **kw):
+    def counting(plan, q, *a, **kw):
         query_lengths.append(q.shape[2])
-        return real(q, *a, **kw)
+        return real(plan, q, *a, **kw)
 
-    monkeypatch.setattr(adapter, "attention", counting)
+    monkeypatch.setattr(DecodePlan, "run", counting)
     flashpatch.apply(model, fallback="error")
     with torch.no_grad():
         got = model.generate(prompt, **gen)
     assert torch.equal(got, expected)
     layers = model.config.num_hidden_layers
-    assert query_lengths.count(1) == 19 * layers  # every decode step of every layer went through the kernel
+    assert query_lengths.count(1) == 19 * layers  # every decode step of every layer went through the decode kernel
 
 
 def test_unapply_is_bit_identical_and_apply_twice_is_harmless():

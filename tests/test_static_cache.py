@@ -38,13 +38,13 @@ def test_static_cache_logits_match_unpatched(arch, padded, monkeypatch):
     prompt, mask = _prompt(padded)
     expected = _generate(model, prompt, mask)
     decode_calls = []
-    real_decode = flashpatch.kernels.flash_decode_forward
+    real_decode = flashpatch.kernels.DecodePlan.run
 
-    def spy(*args, **kwargs):
-        decode_calls.append(kwargs["seqused_k"])
-        return real_decode(*args, **kwargs)
+    def spy(plan, q, k, v, key_padding_mask=None, seqused_k=None):
+        decode_calls.append(seqused_k)
+        return real_decode(plan, q, k, v, key_padding_mask, seqused_k)
 
-    monkeypatch.setattr(flashpatch.kernels, "flash_decode_forward", spy)
+    monkeypatch.setattr(flashpatch.kernels.DecodePlan, "run", spy)
     flashpatch.apply(model, fallback="error")
     got = _generate(model, prompt, mask)
     assert torch.equal(got.sequences, expected.sequences)
