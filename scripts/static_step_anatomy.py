@@ -13,6 +13,7 @@ Usage: python3 scripts/static_step_anatomy.py [--layers N] [--context 512] [--ne
 """
 
 import argparse
+import functools
 import statistics
 import time
 from collections import defaultdict
@@ -40,8 +41,9 @@ step_inputs: dict = {}
 real_prepare = model.prepare_inputs_for_generation
 
 
-def remembering_prepare(*a, **kw):
-    inputs = real_prepare(*a, **kw)
+@functools.wraps(real_prepare)  # generate validates its kwargs against this signature
+def remembering_prepare(*args, **kwargs):
+    inputs = real_prepare(*args, **kwargs)
     if inputs["input_ids"].shape[1] == 1:  # a decode step's inputs
         step_inputs.clear()
         step_inputs.update(inputs)
