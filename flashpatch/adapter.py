@@ -255,6 +255,12 @@ def flashpatch_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, 
         preallocated = isinstance(q_offset, torch.Tensor) or q_offset + q_length != kv_length
         if not preallocated and (attention_mask is None or q_length == kv_length):
             return masking_utils.flash_attention_mask(**args, **kwargs)
+        if not preallocated and not torch.compiler.is_compiling():
+            padding = attention_mask[:, -kv_length:]
+            if padding.shape[-1] == kv_length and padding.all():
+                # No padding (a DynamicCache decode step's usual case): causal alone, no mask for the kernel to read.
+                # One host sync per forward, as transformers' flash-attention mask has; generate syncs every step.
+                return None
         device = kwargs.get("device") or (attention_mask.device if attention_mask is not None else q_offset.device)
         return _key_mask(batch_size, q_length, kv_length, q_offset, attention_mask, device)
     segment_ids = _packed_segment_ids(mask_function, attention_mask, q_length, kv_length)

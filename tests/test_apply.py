@@ -90,6 +90,39 @@ def test_greedy_generation_identical_and_decode_is_patched(arch, monkeypatch):
     assert query_lengths.count(1) == 19 * layers  # every decode step of every layer went through the decode kernel
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_dynamic_cache_decode_reads_a_mask_only_with_padding(padded, monkeypatch):
+    """An unpadded decode step over a DynamicCache is causal alone (the mask function returns None after one host
+    check, as transformers' flash-attention mask does); a padded batch's steps get the bool key mask."""
+    from flashpatch.kernels.decode import DecodePlan
+
+    model = tiny_model("llama")
+    ids = token_ids(2, 11)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :int(torch.randint(1, 8, ()))] = 0
+    gen = dict(attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = model.generate(ids, **gen)
+    masks = []
+    real = DecodePlan.run
+
+    def spy(plan, q, k, v, key_padding_mask=None, seqused_k=None):
+        masks.append(key_padding_mask)
+        return real(plan, q, k, v, key_padding_mask, seqused_k)
+
+    monkeypatch.setattr(DecodePlan, "run", spy)
+    flashpatch.apply(model, fallback="error")
+    with torch.no_grad():
+        got = model.generate(ids, **gen)
+    assert torch.equal(got, expected)
+    assert len(masks) == 5 * model.config.num_hidden_layers  # an 11-token prefill also takes the decode kernel
+    if padded:
+        assert all(m is not None and m.dtype == torch.bool and m[:, -1].all() and not m[1].all() for m in masks)
+    else:
+        assert all(m is None for m in masks)
+
+
 def test_unapply_is_bit_identical_and_apply_twice_is_harmless():
     model = tiny_model("llama", attn="sdpa")
     ids = token_ids(2, 17)
