@@ -18,7 +18,7 @@ env = {"gpu": torch.cuda.get_device_properties(0).name, "torch": torch.__version
        "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
 print(env, flush=True)
 
-if "--sweep" in sys.argv or "--sweep-merge" in sys.argv:
+if any(flag in sys.argv for flag in ("--sweep", "--sweep-merge", "--sweep-min-blocks")):
     t = time.time()
     candidates = [(TileConfig(16, n, 4, 3), waves, 2) for n in (64, 128) for waves in (1, 2, 4)]
     cases = ((1, 1024), (1, 4096), (1, 16384), (1, 32768), (1, 131072), (2, 8192), (4, 65536), (8, 16384))
@@ -27,6 +27,9 @@ if "--sweep" in sys.argv or "--sweep-merge" in sys.argv:
                       ((128, 4, 3), (128, 8, 3), (128, 4, 4), (64, 4, 4), (64, 8, 4))
                       for waves in (1, 4) for unroll in (1, 4)]
         cases = ((1, 1024), (1, 4096), (1, 16384), (1, 131072))
+    if "--sweep-min-blocks" in sys.argv:  # session 6: short caches (a 512-token prompt's static cache is 640 keys)
+        candidates = [(TileConfig(16, 64, 4, 4), 1, min_blocks) for min_blocks in (1, 2, 4, 8)]
+        cases = ((1, 640), (1, 1024), (1, 2048), (1, 4096), (4, 1024), (8, 640))
     with open(f"{out_dir}/decode-sweep.txt", "w") as f:
         for row in decode_sweep(candidates, cases):
             print(*row, file=f)
