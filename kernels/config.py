@@ -169,9 +169,11 @@ MAX_SPLITS = 64
 # unrolled one wave reads more at every batch-1 length swept (2.91 vs 2.65 TB/s at 16K, 3.11 vs 3.03 at 128K;
 # docs/gpu-runs/2026-11-25-session6/a/decode-sweep.txt), as it did in session 4's own sweep at 16K.
 DECODE_WAVES = 1
-# Each split keeps at least this many key blocks: a split's fixed cost (loading Q, filling the pipeline, its share
-# of the merge) outweighs what splitting shorter caches further saves (decode-sweep-min-blocks.txt, session 4).
-MIN_SPLIT_BLOCKS = 8
+# Each split keeps at least this many key blocks (its fixed cost: loading Q, filling the pipeline, its share of the
+# merge). Batch 1 on the H100 with 64-key blocks: 2 blocks let a 1K cache take 4 splits (1.77 TB/s against 1.36
+# for 8 blocks, 2 splits) and a 512-token prompt's 640-key static cache 4 (1.22 against 0.93, one split);
+# docs/gpu-runs/2026-11-25-session6/e/decode-sweep.txt.
+MIN_SPLIT_BLOCKS = 2
 
 
 def decode_splits(batch_heads: int, seq_q: int, seq_k: int, block_n: int, sm_count: int,

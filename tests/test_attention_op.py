@@ -194,8 +194,9 @@ def test_decode_takes_the_split_path():
     assert decode_splits(batch_heads=32, seq_q=1, seq_k=16384, block_n=64, sm_count=132) == 4  # 1 wave
     assert decode_splits(batch_heads=32, seq_q=1, seq_k=4096, block_n=64, sm_count=132) == 4
     assert decode_splits(batch_heads=32, seq_q=1, seq_k=16384, block_n=64, sm_count=132, waves=4) == 16
-    assert decode_splits(batch_heads=32, seq_q=1, seq_k=1024, block_n=64, sm_count=132) == 2  # 8 blocks each
-    assert decode_splits(batch_heads=32, seq_q=1, seq_k=1024, block_n=128, sm_count=132) == 1
+    assert decode_splits(batch_heads=32, seq_q=1, seq_k=640, block_n=64, sm_count=132) == 4
+    assert decode_splits(batch_heads=32, seq_q=1, seq_k=200, block_n=64, sm_count=132) == 1  # 2 blocks each
+    assert decode_splits(batch_heads=32, seq_q=1, seq_k=1024, block_n=128, sm_count=132, min_blocks=8) == 1
     assert decode_splits(batch_heads=512, seq_q=1, seq_k=16384, block_n=64, sm_count=132) == 1
     assert decode_splits(batch_heads=32, seq_q=1024, seq_k=16384, block_n=64, sm_count=132) == 1
     assert decode_splits(batch_heads=4, seq_q=1, seq_k=100, block_n=64, sm_count=132) == 1
