@@ -155,11 +155,16 @@ def _merge_partials(o_part, lse_part, stride_o, stride_lse, num_splits, q_mask, 
 _launch_decode = CachedLauncher(_flash_decode_kernel)
 MERGE_UNROLL = 4  # splits merged per loop step
 
-# (device, stream) -> float32 arrival counters, zero between launches (the kernel leaves them so). Per stream, so
-# that launches running concurrently on different streams never share one. Split launches have fewer than
-# sm_count (batch, KV head) pairs (decode_splits); a direct call with more uses a per-call zeroed buffer.
+# (device, stream) -> (counters, work): views of one float32 allocation made outside any CUDA-graph pool. The
+# arrival counters are zero between launches (the merging programs leave them so); the work part holds the splits'
+# partials, which every launch writes before it reads, so reusing it needs no zeroing and saves an allocation per
+# call. Per stream, so that launches running concurrently on different streams never share one. Split launches have
+# fewer than sm_count (batch, KV head) pairs (decode_splits); a call with more, or one that would need a bigger
+# buffer while a CUDA graph is being captured, uses a per-call zeroed one.
 MAX_COUNTERS = 4096
-_COUNTERS: dict = {}
+MIN_WORK = 1 << 16  # float32 partials held from the start (256 KB): a batch-1 step of any model served
+_SPLIT_BUFFERS: dict = {}
+_OUTGROWN: list = []  # replaced buffers, never freed: a launch on their stream may still be using one
 
 
 def _zeros_outside_graph_pools(device: torch.device, count: int) -> torch.Tensor:
@@ -176,7 +181,7 @@ def _zeros_outside_graph_pools(device: torch.device, count: int) -> torch.Tensor
         except Exception as exc:  # surfaced in the caller's thread
             made.append(exc)
 
-    thread = threading.Thread(target=make, name="flashpatch-counters")
+    thread = threading.Thread(target=make, name="flashpatch-split-buffers")
     thread.start()
     thread.join()
     if isinstance(made[0], Exception):
@@ -184,24 +189,30 @@ def _zeros_outside_graph_pools(device: torch.device, count: int) -> torch.Tensor
     return made[0]
 
 
-def cached_counters(device: torch.device, count: int) -> torch.Tensor | None:
-    """The zero-between-launches counter buffer for this device and stream, or None where one can't be made now
-    (more counters than it holds, or the stream is capturing a CUDA graph before any was made)."""
+def split_buffers(device: torch.device, count: int, partials: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(zero-between-launches counters, scratch for `partials` float32 values) for this device and stream, or None
+    where they can't be had now (more counters than held, or a CUDA graph capturing before a big enough buffer)."""
     if count > MAX_COUNTERS:
         return None
-    if device.type != "cuda":  # the interpreter: one stream
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        key = (index, _current_stream(index))
+    else:  # the interpreter: one stream
         key = (device.type, 0)
-        if key not in _COUNTERS:
-            _COUNTERS[key] = torch.zeros(MAX_COUNTERS, device=device, dtype=torch.float32)
-        return _COUNTERS[key]
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (index, _current_stream(index))
-    counters = _COUNTERS.get(key)
-    if counters is None:
-        if torch.cuda.is_current_stream_capturing():  # no allocation, fill or sync may happen mid-capture
-            return None
-        counters = _COUNTERS[key] = _zeros_outside_graph_pools(torch.device("cuda", index), MAX_COUNTERS)
-    return counters
+    held = _SPLIT_BUFFERS.get(key)
+    if held is not None and held[1].numel() >= partials:
+        return held
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():  # no allocation, fill or sync mid-capture
+        return None
+    size = MAX_COUNTERS + max(partials, MIN_WORK, 2 * held[1].numel() if held is not None else 0)
+    if device.type == "cuda":
+        buffer = _zeros_outside_graph_pools(torch.device("cuda", index), size)
+    else:
+        buffer = torch.zeros(size, device=device, dtype=torch.float32)
+    if held is not None:
+        _OUTGROWN.append(held)
+    held = _SPLIT_BUFFERS[key] = (buffer[:MAX_COUNTERS], buffer[MAX_COUNTERS:])
+    return held
 
 
 class DecodePlan:
@@ -259,12 +270,12 @@ class DecodePlan:
         lse = torch.empty(self.lse_shape, device=device, dtype=torch.float32) if self.need_lse else out
         counters = work = out  # never read without splits
         if partials:
-            counters = cached_counters(device, self.batch * self.heads_k)
-            if counters is None:  # counters at the tail of one zeroed allocation, made for this call alone
+            buffers = split_buffers(device, self.batch * self.heads_k, partials)
+            if buffers is None:  # counters at the tail of one zeroed allocation, made for this call alone
                 work = torch.zeros(partials + self.batch * self.heads_k, device=device, dtype=torch.float32)
                 counters = work[partials:]
-            else:  # every partial is written before it is read: no zeroing
-                work = torch.empty(partials, device=device, dtype=torch.float32)
+            else:
+                counters, work = buffers
         if key_padding_mask is not None:
             kpm = key_padding_mask.view(torch.uint8)
             stride_mb, stride_mn = kpm.stride()

@@ -80,23 +80,31 @@ def test_seqused_k_errors(device):
         flashpatch.attention(q.requires_grad_(), k, v, seqused_k=torch.tensor([3, 4], dtype=torch.int32, device=device))
 
 
-def test_cached_counters_are_left_at_zero_and_match_a_fresh_zeroed_buffer(device, monkeypatch, poison_empty):
+def test_cached_split_buffers_are_left_at_zero_grow_and_match_a_fresh_zeroed_buffer(device, monkeypatch,
+                                                                                    poison_empty):
     """Split launches count arrivals in a buffer cached per device and stream, which the merging programs put back
-    to zero; where none can be used (too many counters, or mid CUDA-graph capture) a per-call zeroed buffer
-    serves. Both give the same bits."""
+    to zero, and keep their partials in its scratch part, which grows (keeping the outgrown buffer alive) when a
+    launch needs more; where none can be used (too many counters, or mid CUDA-graph capture) a per-call zeroed
+    buffer serves. All give the same bits."""
     from flashpatch.kernels import decode
 
     q, k, v = random_qkv(2, 8, 4, 1, 300, 64, torch.float16, device)
     config = TileConfig(16, 16, 4, 1) if device.type == "cpu" else TileConfig(16, 64, 4, 2)
-    run = dict(causal=True, scale=0.125, key_padding_mask=None, seqused_k=None, config=config, num_splits=4)
-    monkeypatch.setattr(decode, "_COUNTERS", {})
-    cached, _ = flash_decode_forward(q, k, v, **run)
-    (counters,) = decode._COUNTERS.values()
-    assert counters.dtype == torch.float32 and not counters.any()
+    run = dict(causal=True, scale=0.125, key_padding_mask=None, seqused_k=None, config=config)
+    monkeypatch.setattr(decode, "_SPLIT_BUFFERS", {})
+    monkeypatch.setattr(decode, "_OUTGROWN", [])
+    monkeypatch.setattr(decode, "MIN_WORK", 2 * 8 * 4 * 65)  # exactly 4 splits' partials: 5 must grow it
+    cached, _ = flash_decode_forward(q, k, v, num_splits=4, **run)
+    ((counters, work),) = decode._SPLIT_BUFFERS.values()
+    assert counters.dtype == work.dtype == torch.float32 and not counters.any()
+    grown, _ = flash_decode_forward(q, k, v, num_splits=5, **run)
+    ((counters, bigger),) = decode._SPLIT_BUFFERS.values()
+    assert bigger.numel() > work.numel() and decode._OUTGROWN[0][1] is work and not counters.any()
     monkeypatch.setattr(decode, "MAX_COUNTERS", 2 * 4 - 1)  # one fewer than this launch's (batch, KV head) pairs
-    fresh, _ = flash_decode_forward(q, k, v, **run)
+    fresh, _ = flash_decode_forward(q, k, v, num_splits=4, **run)
     assert torch.equal(cached, fresh)
     assert_fa2_rule(cached, q, k, v, causal=True)
+    assert_fa2_rule(grown, q, k, v, causal=True)
 
 
 @pytest.mark.parametrize("num_splits", [2, 5])

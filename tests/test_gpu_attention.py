@@ -216,7 +216,7 @@ def test_split_decode_in_a_captured_cuda_graph(warm_first, monkeypatch):
     the cached one, which every replay leaves at zero. Replays on new inputs match eager launches bit for bit."""
     from flashpatch.kernels import TileConfig, decode, flash_decode_forward
 
-    monkeypatch.setattr(decode, "_COUNTERS", {})
+    monkeypatch.setattr(decode, "_SPLIT_BUFFERS", {})
     q, k, v = random_qkv(1, 32, 8, 1, 8192, 128, torch.bfloat16, "cuda")
     run = dict(causal=True, scale=128 ** -0.5, key_padding_mask=None, seqused_k=None, config=TileConfig(16, 64, 4, 3),
                num_splits=16, need_lse=False)
@@ -228,7 +228,7 @@ def test_split_decode_in_a_captured_cuda_graph(warm_first, monkeypatch):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream):
             out, _ = flash_decode_forward(q, k, v, **run)
-    assert bool(decode._COUNTERS) == warm_first
+    assert bool(decode._SPLIT_BUFFERS) == warm_first
     for _ in range(3):
         fresh = random_qkv(1, 32, 8, 1, 8192, 128, torch.bfloat16, "cuda")
         for static, new in zip((q, k, v), fresh):
@@ -236,7 +236,7 @@ def test_split_decode_in_a_captured_cuda_graph(warm_first, monkeypatch):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, flash_decode_forward(*fresh, **run)[0])
-    assert all(not c.any() for c in decode._COUNTERS.values())
+    assert all(not c.any() for c, _ in decode._SPLIT_BUFFERS.values())
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])

@@ -88,11 +88,11 @@ def test_cuda_graph_compiled_static_generation(max_cache_len, monkeypatch):
     """transformers' default compiled decode on a GPU (inductor, CUDA graphs through cudagraph trees): every
     allocation the op makes during warm-up and capture must belong to the graph's outputs or die with the call,
     and the tokens must equal the unpatched model's. A 1024-slot cache splits the keys, so the decode kernel's
-    cached arrival counters are first made during cudagraph trees' warm-up (the case that must stay out of the
+    cached split buffers (arrival counters, partials) are first made during cudagraph trees' warm-up (the case that must stay out of the
     graph's memory pool)."""
     from flashpatch.kernels import decode
 
-    monkeypatch.setattr(decode, "_COUNTERS", {})
+    monkeypatch.setattr(decode, "_SPLIT_BUFFERS", {})
     model = tiny_model("llama")
     prompt, mask = _prompt(padded=True)
     extra = {} if max_cache_len is None else {"max_cache_len": max_cache_len}
@@ -103,6 +103,6 @@ def test_cuda_graph_compiled_static_generation(max_cache_len, monkeypatch):
     first = _generate(model, prompt, mask, compile_config=config, **extra)
     again = _generate(model, prompt, mask, compile_config=config, **extra)  # replays the captured graphs
     if max_cache_len:
-        assert decode._COUNTERS and all(not c.any() for c in decode._COUNTERS.values())  # made, and left at zero
+        assert decode._SPLIT_BUFFERS and all(not c.any() for c, _ in decode._SPLIT_BUFFERS.values())  # made, left 0
     assert torch.equal(first.sequences, again.sequences) and torch.equal(first.sequences, expected.sequences)
     torch.testing.assert_close(torch.stack(first.logits), torch.stack(expected.logits), rtol=1e-3, atol=1e-3)
