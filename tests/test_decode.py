@@ -122,3 +122,29 @@ def test_split_merge_repeats_exactly_and_matches_one_split(num_splits, device, p
     assert_fa2_rule(other, q, k, v, causal=True)
     one, lse_one = flash_decode_forward(q, k, v, num_splits=1, **run)
     assert torch.allclose(lse, lse_one, atol=1e-4)
+
+
+def test_planned_decode_follows_a_growing_cache_and_rechecks_what_the_plan_does_not_fix(device, monkeypatch,
+                                                                                      poison_empty):
+    """Inference decode calls of one kind share a DecodePlan while the key length grows (split counts change with
+    it), validated once; a call whose key length disagrees between k, v or the mask still gets the general path's
+    error."""
+    from flashpatch import ops
+
+    ops._DECODE_PLANS.clear()
+    validated = []
+    real_check = ops._check_inputs
+    monkeypatch.setattr(ops, "_check_inputs", lambda *a: validated.append(a) or real_check(*a))
+    q = torch.randn(1, 8, 1, 64, device=device, dtype=torch.float16)
+    for seq_k in (100, 101, 137, 300):
+        _, k, v = random_qkv(1, 8, 2, 1, seq_k, 64, torch.float16, device)
+        mask = torch.rand(1, seq_k, device=device) > 0.2
+        out = flashpatch.attention(q, k, v, causal=True, key_padding_mask=mask)
+        assert_fa2_rule(out, q, k, v, causal=True, key_padding_mask=mask)
+    assert len(ops._DECODE_PLANS) == 1
+    (plan,) = ops._DECODE_PLANS.values()
+    assert set(plan.lengths) == {100, 101, 137, 300} and len(validated) == 1
+    with pytest.raises(AttentionInputError, match="same shape"):
+        flashpatch.attention(q, k, v[:, :, :-1], causal=True, key_padding_mask=mask)
+    with pytest.raises(AttentionInputError, match="key_padding_mask must be"):
+        flashpatch.attention(q, k, v, causal=True, key_padding_mask=mask[:, :-1])
