@@ -112,12 +112,12 @@ def test_short_queries_get_a_short_tile():
     assert select_config(None, 128, 4096).block_m == 32  # interpreter
 
 
-def test_splits_keep_two_key_blocks_and_whole_waves():
-    for seq_k in (1, 63, 64, 1000, 4096, 16383, 16384, 1 << 17):
+def test_splits_keep_two_key_blocks_and_one_wave():
+    for seq_k in (1, 63, 64, 127, 128, 1000, 4096, 16383, 16384, 1 << 17):
         for batch_heads in (1, 8, 32, 131, 132, 4096):
             s = decode_splits(batch_heads, 1, seq_k, 64, 132)
-            assert 1 <= s <= max(1, seq_k // 512)
-            assert s == 1 or s * batch_heads <= (4 if seq_k >= 16384 else 1) * 132
+            assert 1 <= s <= max(1, seq_k // 128)  # two 64-key blocks per split at least
+            assert s == 1 or s * batch_heads <= 132
 
 
 def test_info_json_names_the_path():
