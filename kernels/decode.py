@@ -162,7 +162,7 @@ MERGE_UNROLL = 4  # splits merged per loop step
 # fewer than sm_count (batch, KV head) pairs (decode_splits); a call with more, or one that would need a bigger
 # buffer while a CUDA graph is being captured, uses a per-call zeroed one.
 MAX_COUNTERS = 4096
-MIN_WORK = 1 << 16  # float32 partials held from the start (256 KB): a batch-1 step of any model served
+MIN_WORK = 1 << 16  # float32 partials held from the start (256 KB); a call that needs more grows it once
 _SPLIT_BUFFERS: dict = {}
 _OUTGROWN: list = []  # replaced buffers, never freed: a launch on their stream may still be using one
 
