@@ -103,3 +103,46 @@ def test_variants_finds_compiled_kernels_by_constexpr(monkeypatch):
     assert launcher.variants(BLOCK=32) == ["compiled BLOCK=32"]
     assert len(launcher.variants()) == 2 and launcher.variants(BLOCK=64) == []
     assert len(launcher.variants(dtype=torch.float32)) == 2 and launcher.variants(dtype=torch.float16) == []
+
+
+def test_planned_launches_find_kernels_by_alignment_and_varying_integer_classes(monkeypatch):
+    """launch_planned compiles through the kernel once per full key, then finds the compiled kernel in the plan's
+    own table by tensor alignment and the classes of the integers the plan lets vary."""
+    import flashpatch.kernels.launch as launch
+
+    runs, compiles = [], []
+
+    class Compiled:
+        function, packed_metadata = "fn", "meta"
+
+        def run(self, *call):
+            runs.append(tuple(id(a) if isinstance(a, torch.Tensor) else a for a in call))
+
+    class Kernel:
+        arg_names = ["x", "n", "m", "BLOCK"]
+
+        def __getitem__(self, grid):
+            compiles.append(grid)
+            return lambda *args, **kw: Compiled()
+
+    monkeypatch.setattr(launch, "_current_device", lambda: 0)
+    monkeypatch.setattr(launch, "_current_stream", lambda device: 99)
+    monkeypatch.setattr(launch, "_launch_hooks_set", lambda: False)
+    launcher = CachedLauncher(_combine_splits_kernel)
+    launcher.kernel, launcher.direct = Kernel(), True
+    flat = torch.zeros(16, dtype=torch.float16)
+    variants = {}
+
+    def planned(t, m):
+        launcher.launch_planned(variants, (3,), (t,), (7, m), {"BLOCK": 16}, (m,))
+
+    shifted = flat[8:]
+    planned(flat, 32)  # compiles
+    planned(flat, 48)  # same classes: the plan's table
+    planned(shifted, 64)  # 16 bytes on: same alignment class
+    assert len(compiles) == 1 and len(variants) == 1
+    assert runs == [(3, 1, 1, 99, "fn", "meta", None, None, None, id(flat), 7, 48, 16),
+                    (3, 1, 1, 99, "fn", "meta", None, None, None, id(shifted), 7, 64, 16)]
+    planned(flat, 33)  # another class of the varying integer: a kernel of its own
+    planned(flat[1:], 32)  # another alignment
+    assert len(compiles) == 3 and len(variants) == 3
