@@ -31,12 +31,11 @@ def test_tensor_dtype_alignment_and_plain_values_change_the_key():
         KEY((flat, "x"), {})
 
 
-def test_cached_launches_get_three_grid_dims(monkeypatch):
-    """A compiled kernel's launch reads grid[0..2]: the cached path must pad a 2-D grid (the backward's), and
-    hand the C launcher the current device's stream and the compiled kernel's handles."""
+def _fake_direct_launcher(monkeypatch, arg_names, stream):
+    """A CachedLauncher on the direct path over a fake kernel: (launcher, C-launcher calls, compiles)."""
     import flashpatch.kernels.launch as launch
 
-    runs = []
+    runs, compiles = [], []
 
     class Compiled:
         function, packed_metadata = "fn", "meta"
@@ -45,16 +44,23 @@ def test_cached_launches_get_three_grid_dims(monkeypatch):
             runs.append(call)
 
     class Kernel:
-        arg_names = ["x", "n", "BLOCK"]
-
         def __getitem__(self, grid):
+            compiles.append(grid)
             return lambda *args, **kw: Compiled()
 
+    Kernel.arg_names = arg_names
     monkeypatch.setattr(launch, "_current_device", lambda: 0)
-    monkeypatch.setattr(launch, "_current_stream", lambda device: 1234)
+    monkeypatch.setattr(launch, "_current_stream", lambda device: stream)
     monkeypatch.setattr(launch, "_launch_hooks_set", lambda: False)
     launcher = CachedLauncher(_combine_splits_kernel)
     launcher.kernel, launcher.direct = Kernel(), True
+    return launcher, runs, compiles
+
+
+def test_cached_launches_get_three_grid_dims(monkeypatch):
+    """A compiled kernel's launch reads grid[0..2]: the cached path must pad a 2-D grid (the backward's), and
+    hand the C launcher the current device's stream and the compiled kernel's handles."""
+    launcher, runs, _ = _fake_direct_launcher(monkeypatch, ["x", "n", "BLOCK"], 1234)
     t = torch.zeros(4)
     launcher((3, 5), t, 7, BLOCK=16)  # first call: through the kernel, which compiles
     launcher((3, 5), t, 7, BLOCK=16)
@@ -108,28 +114,7 @@ def test_variants_finds_compiled_kernels_by_constexpr(monkeypatch):
 def test_planned_launches_find_kernels_by_alignment_and_varying_integer_classes(monkeypatch):
     """launch_planned compiles through the kernel once per full key, then finds the compiled kernel in the plan's
     own table by tensor alignment and the classes of the integers the plan lets vary."""
-    import flashpatch.kernels.launch as launch
-
-    runs, compiles = [], []
-
-    class Compiled:
-        function, packed_metadata = "fn", "meta"
-
-        def run(self, *call):
-            runs.append(tuple(id(a) if isinstance(a, torch.Tensor) else a for a in call))
-
-    class Kernel:
-        arg_names = ["x", "n", "m", "BLOCK"]
-
-        def __getitem__(self, grid):
-            compiles.append(grid)
-            return lambda *args, **kw: Compiled()
-
-    monkeypatch.setattr(launch, "_current_device", lambda: 0)
-    monkeypatch.setattr(launch, "_current_stream", lambda device: 99)
-    monkeypatch.setattr(launch, "_launch_hooks_set", lambda: False)
-    launcher = CachedLauncher(_combine_splits_kernel)
-    launcher.kernel, launcher.direct = Kernel(), True
+    launcher, runs, compiles = _fake_direct_launcher(monkeypatch, ["x", "n", "m", "BLOCK"], 99)
     flat = torch.zeros(16, dtype=torch.float16)
     variants = {}
 
@@ -141,8 +126,8 @@ def test_planned_launches_find_kernels_by_alignment_and_varying_integer_classes(
     planned(flat, 48)  # same classes: the plan's table
     planned(shifted, 64)  # 16 bytes on: same alignment class
     assert len(compiles) == 1 and len(variants) == 1
-    assert runs == [(3, 1, 1, 99, "fn", "meta", None, None, None, id(flat), 7, 48, 16),
-                    (3, 1, 1, 99, "fn", "meta", None, None, None, id(shifted), 7, 64, 16)]
+    assert runs == [(3, 1, 1, 99, "fn", "meta", None, None, None, flat, 7, 48, 16),
+                    (3, 1, 1, 99, "fn", "meta", None, None, None, shifted, 7, 64, 16)]
     planned(flat, 33)  # another class of the varying integer: a kernel of its own
     planned(flat[1:], 32)  # another alignment
     assert len(compiles) == 3 and len(variants) == 3
