@@ -132,13 +132,14 @@ def _plan_key(q, k, v, causal, scale, key_padding_mask, seqused_k, need_lse) -> 
                                                   key_padding_mask.dim(), key_padding_mask.get_device())
     used = None if seqused_k is None else (seqused_k.dtype, seqused_k.shape, seqused_k.get_device())
     return (q.shape, q.stride(), q.dtype, k.dtype, v.dtype, q.get_device(), k.get_device(), v.get_device(),
-            kb, kh, kd, vb, vh, vd, k.dim(), v.dim(), causal, scale, need_lse, mask, used)
+            kb, kh, kd, vb, vh, vd, causal, scale, need_lse, mask, used)
 
 
 def planned_decode(q, k, v, causal, scale, key_padding_mask, seqused_k, bshd: bool = False):
     """An inference call outside torch.compile whose kind has a DecodePlan, run by it; None for any other call,
     which then takes the general path (and gets its errors). bshd: return [B, Sq, Hq, D] (transformers' layout)."""
-    if (not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor)
+    if (not _DECODE_PLANS or not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor)
+            or not isinstance(v, torch.Tensor) or q.dim() != 4 or q.shape[2] > _kernels().SHORT_Q_BLOCK_M
             or torch.compiler.is_compiling() or torch.is_autocast_enabled("cuda" if q.is_cuda else "cpu")
             or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
         return None
@@ -146,7 +147,7 @@ def planned_decode(q, k, v, causal, scale, key_padding_mask, seqused_k, bshd: bo
         scale = q.shape[-1] ** -0.5
     try:
         plan = _DECODE_PLANS.get(_plan_key(q, k, v, causal, float(scale), key_padding_mask, seqused_k, False))
-    except (AttributeError, TypeError, ValueError):  # not tensors of 4 dims: the general path says what is wrong
+    except (AttributeError, TypeError, ValueError):  # malformed input: the general path names the problem
         return None
     seq_k = k.shape[2]
     if (plan is None or v.shape[2] != seq_k or seq_k == 0
