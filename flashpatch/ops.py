@@ -138,9 +138,10 @@ def _plan_key(q, k, v, causal, scale, key_padding_mask, seqused_k, need_lse) -> 
 def planned_decode(q, k, v, causal, scale, key_padding_mask, seqused_k, bshd: bool = False):
     """An inference call outside torch.compile whose kind has a DecodePlan, run by it; None for any other call,
     which then takes the general path (and gets its errors). bshd: return [B, Sq, Hq, D] (transformers' layout)."""
-    if (not _DECODE_PLANS or not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor)
-            or not isinstance(v, torch.Tensor) or q.dim() != 4 or q.shape[2] > _kernels().SHORT_Q_BLOCK_M
-            or torch.compiler.is_compiling() or torch.is_autocast_enabled("cuda" if q.is_cuda else "cpu")
+    # is_compiling first: a traced call must not read _DECODE_PLANS (dynamo would guard on it and recompile)
+    if (torch.compiler.is_compiling() or not _DECODE_PLANS or not isinstance(q, torch.Tensor)
+            or not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor) or q.dim() != 4
+            or q.shape[2] > _kernels().SHORT_Q_BLOCK_M or torch.is_autocast_enabled("cuda" if q.is_cuda else "cpu")
             or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
         return None
     if scale is None:
