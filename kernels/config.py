@@ -132,9 +132,12 @@ def select_config(family: str | None, head_dim: int, seq_q: int, element_size: i
 # Flash-decoding (kernels/decode.py): block_m is unused (the tile holds a GQA group's query rows).
 # Memory-bound, so the knobs are key-block length, warps and pipelining depth. Keyed by padded head dim.
 # sm90 head dim 128: 64-key blocks four deep won batch 1 at 1K and 4K (1.40 and 2.41 TB/s against 1.30 and 2.31
-# for 128-key blocks) and lost 1 % at 128K (docs/gpu-runs/2026-11-25-session6/a/decode-sweep.txt).
+# for 128-key blocks) and lost 1 % at 128K (docs/gpu-runs/2026-11-25-session6/a/decode-sweep.txt); 8 warps
+# beat 4 in rounds on fresh buffers (batch 1: 1K 1.84 vs 1.71, 4K 2.33 vs 2.28, 16K 2.85 vs 2.82 TB/s), while more
+# programs per (batch, head), co-resident on an SM with fewer stages, lost at every length
+# (docs/gpu-runs/2026-11-25-session7/a/).
 DECODE_TABLE: dict[str, dict[int, TileConfig]] = {
-    "sm90": {64: TileConfig(16, 128, 4, 3), 128: TileConfig(16, 64, 4, 4), 256: TileConfig(16, 32, 4, 3)},
+    "sm90": {64: TileConfig(16, 128, 4, 3), 128: TileConfig(16, 64, 8, 4), 256: TileConfig(16, 32, 4, 3)},
     "sm80": {64: TileConfig(16, 64, 4, 3), 128: TileConfig(16, 64, 4, 3), 256: TileConfig(16, 32, 4, 2)},
     "sm86": {64: TileConfig(16, 64, 4, 2), 128: TileConfig(16, 64, 4, 2), 256: TileConfig(16, 32, 4, 2)},
 }

@@ -79,18 +79,21 @@ class CachedLauncher:
         if not self.direct:
             return self.kernel[grid](*tensors, *scalars, **constexprs)
         device = _current_device()
-        key = (device, tag, *[t.data_ptr() & 15 for t in tensors],
-               *[(i % 16 == 0, i == 1, i >> 31) for i in varying_ints])
+        addresses = [t.data_ptr() for t in tensors]
+        key = (device, tag, *[a & 15 for a in addresses], *[(i % 16 == 0, i == 1, i >> 31) for i in varying_ints])
         entry = variants.get(key)
-        args = (*tensors, *scalars)
         if entry is None:
+            args = (*tensors, *scalars)
             full_key = self.key(args, constexprs, device)
             entry = self.compiled.get(full_key)
             if entry is None:
                 variants[key] = self._compile_and_launch(full_key, grid, args, constexprs)
                 return
             variants[key] = entry
-        self._run(entry, grid, device, args)
+        # Addresses as integers: Triton's C launcher then skips a data_ptr() call and a driver query
+        # (cuPointerGetAttribute) per pointer. The plan validated the tensors' devices when it was made.
+        # A profiler's hooks get the tensors.
+        self._run(entry, grid, device, (*tensors, *scalars), (*addresses, *scalars))
 
     def _compile_and_launch(self, key, grid, args, constexprs):
         compiled = self.kernel[grid](*args, **constexprs)
@@ -99,7 +102,8 @@ class CachedLauncher:
         return entry
 
     @staticmethod
-    def _run(entry, grid, device: int, args):
+    def _run(entry, grid, device: int, args, direct_args=None):
+        """direct_args: what the C launcher gets instead of `args` when no launch hook is set."""
         compiled, constexpr_values = entry
         grid = (*grid, 1, 1)[:3]  # a compiled kernel wants all three grid dims
         if _launch_hooks_set():  # a profiler is listening: Triton's own runner calls its hooks
@@ -107,7 +111,7 @@ class CachedLauncher:
             return
         # What `compiled[grid](...)` does, minus its per-call closure, device query and stream object.
         compiled.run(*grid, _current_stream(device), compiled.function, compiled.packed_metadata,
-                     None, None, None, *args, *constexpr_values)
+                     None, None, None, *(args if direct_args is None else direct_args), *constexpr_values)
 
 
 # torch's own C entry points (what Triton's driver calls), without torch.cuda's Python wrappers around them.

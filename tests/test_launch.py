@@ -43,6 +43,9 @@ def _fake_direct_launcher(monkeypatch, arg_names, stream):
         def run(self, *call):
             runs.append(call)
 
+        def __getitem__(self, grid):  # Triton's runner, taken while a launch hook is set
+            return lambda *args: runs.append(("runner", grid, *args))
+
     class Kernel:
         def __getitem__(self, grid):
             compiles.append(grid)
@@ -126,8 +129,22 @@ def test_planned_launches_find_kernels_by_alignment_and_varying_integer_classes(
     planned(flat, 48)  # same classes: the plan's table
     planned(shifted, 64)  # 16 bytes on: same alignment class
     assert len(compiles) == 1 and len(variants) == 1
-    assert runs == [(3, 1, 1, 99, "fn", "meta", None, None, None, flat, 7, 48, 16),
-                    (3, 1, 1, 99, "fn", "meta", None, None, None, shifted, 7, 64, 16)]
+    # The C launcher gets device addresses, not tensors (it would query the driver for each).
+    assert runs == [(3, 1, 1, 99, "fn", "meta", None, None, None, flat.data_ptr(), 7, 48, 16),
+                    (3, 1, 1, 99, "fn", "meta", None, None, None, shifted.data_ptr(), 7, 64, 16)]
     planned(flat, 33)  # another class of the varying integer: a kernel of its own
     planned(flat[1:], 32)  # another alignment
     assert len(compiles) == 3 and len(variants) == 3
+
+
+def test_planned_launches_hand_tensors_to_launch_hooks(monkeypatch):
+    """With a profiler's launch hook set, the launch goes through Triton's runner with the tensors themselves."""
+    import flashpatch.kernels.launch as launch
+
+    launcher, runs, _ = _fake_direct_launcher(monkeypatch, ["x", "n", "BLOCK"], 5)
+    t = torch.zeros(4)
+    variants = {}
+    launcher.launch_planned(variants, (2,), (t,), (3,), {"BLOCK": 16}, ())  # compiles
+    monkeypatch.setattr(launch, "_launch_hooks_set", lambda: True)
+    launcher.launch_planned(variants, (2,), (t,), (3,), {"BLOCK": 16}, ())
+    assert runs == [("runner", (2, 1, 1), t, 3, 16)]
