@@ -175,7 +175,7 @@ def _forward_on_device(q, k, v, causal, scale, key_padding_mask, dropout_p, seed
                 q.shape, q.stride(), heads_k, q.dtype, causal=causal, scale=scale,
                 has_kpm=key_padding_mask is not None, has_seqused=seqused_k is not None,
                 config=kernels.select_decode_config(family, head_dim, element_size), sm_count=sm_count,
-                need_lse=need_lse)
+                need_lse=need_lse, split_warps=kernels.decode_split_warps(family, head_dim, element_size))
         out, lse = plan.run(q, k, v, key_padding_mask, seqused_k)
         return out.transpose(1, 2), lse
 

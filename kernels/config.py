@@ -132,12 +132,9 @@ def select_config(family: str | None, head_dim: int, seq_q: int, element_size: i
 # Flash-decoding (kernels/decode.py): block_m is unused (the tile holds a GQA group's query rows).
 # Memory-bound, so the knobs are key-block length, warps and pipelining depth. Keyed by padded head dim.
 # sm90 head dim 128: 64-key blocks four deep won batch 1 at 1K and 4K (1.40 and 2.41 TB/s against 1.30 and 2.31
-# for 128-key blocks) and lost 1 % at 128K (docs/gpu-runs/2026-11-25-session6/a/decode-sweep.txt); 8 warps
-# beat 4 in rounds on fresh buffers (batch 1: 1K 1.84 vs 1.71, 4K 2.33 vs 2.28, 16K 2.85 vs 2.82 TB/s), while more
-# programs per (batch, head), co-resident on an SM with fewer stages, lost at every length
-# (docs/gpu-runs/2026-11-25-session7/a/).
+# for 128-key blocks) and lost 1 % at 128K (docs/gpu-runs/2026-11-25-session6/a/decode-sweep.txt).
 DECODE_TABLE: dict[str, dict[int, TileConfig]] = {
-    "sm90": {64: TileConfig(16, 128, 4, 3), 128: TileConfig(16, 64, 8, 4), 256: TileConfig(16, 32, 4, 3)},
+    "sm90": {64: TileConfig(16, 128, 4, 3), 128: TileConfig(16, 64, 4, 4), 256: TileConfig(16, 32, 4, 3)},
     "sm80": {64: TileConfig(16, 64, 4, 3), 128: TileConfig(16, 64, 4, 3), 256: TileConfig(16, 32, 4, 2)},
     "sm86": {64: TileConfig(16, 64, 4, 2), 128: TileConfig(16, 64, 4, 2), 256: TileConfig(16, 32, 4, 2)},
 }
@@ -152,6 +149,21 @@ def select_decode_config(family: str | None, head_dim: int, element_size: int = 
     if family is None:
         return INTERPRETER_DECODE_CONFIG
     return (FP32_DECODE if element_size == 4 else DECODE_TABLE[family])[head_dim_bucket(head_dim)]
+
+
+# Warps for split launches, which put one program on each SM (decode_splits), where they differ from the row's.
+# sm90 head dim 128, in rounds on fresh buffers: batch 1 read faster on 8 warps (1K 1.84 vs 1.71, 4K 2.33 vs 2.28,
+# 16K 2.85 vs 2.82 TB/s), batch 8 and 32 (one program per (batch, head), many per SM) 1 % faster on the row's 4; more
+# programs per (batch, head), co-resident with fewer stages, lost at every length
+# (docs/gpu-runs/2026-11-25-session7/a/ and b/).
+DECODE_SPLIT_WARPS: dict[str, dict[int, int]] = {"sm90": {128: 8}}
+
+
+def decode_split_warps(family: str | None, head_dim: int, element_size: int = 2) -> int | None:
+    """num_warps for the decode kernel's split launches, or None for the config's own."""
+    if family is None or element_size != 2:
+        return None
+    return DECODE_SPLIT_WARPS.get(family, {}).get(head_dim_bucket(head_dim))
 
 
 def decode_rows(seq_q: int, group_size: int) -> int:

@@ -222,14 +222,16 @@ class DecodePlan:
 
     `num_splits` None: the split count follows the key length (`decode_splits` for `sm_count` SMs); an int: that
     count (capped so that every split holds keys). The split count and grid depend only on shapes (the buffer's
-    length), never on `seqused_k`'s values, so a CUDA graph can capture the launch.
+    length), never on `seqused_k`'s values, so a CUDA graph can capture the launch. `split_warps`: num_warps of
+    split launches where it differs from the config's (`decode_split_warps`).
     """
 
     MAX_LENGTHS = 4096  # key lengths remembered (a dynamic cache meets a new one every step)
 
     def __init__(self, q_shape, q_stride, heads_k: int, dtype: torch.dtype, *, causal: bool, scale: float,
                  has_kpm: bool, has_seqused: bool, config: TileConfig, num_splits: int | None = None,
-                 sm_count: int = 0, need_lse: bool = True, merge_unroll: int = MERGE_UNROLL):
+                 sm_count: int = 0, need_lse: bool = True, merge_unroll: int = MERGE_UNROLL,
+                 split_warps: int | None = None):
         batch, heads_q, seq_q, head_dim = q_shape
         self.batch, self.heads_q, self.seq_q, self.head_dim, self.heads_k = batch, heads_q, seq_q, head_dim, heads_k
         self.dtype, self.need_lse, self.config = dtype, need_lse, config
@@ -243,7 +245,8 @@ class DecodePlan:
             HAS_KPM=has_kpm, HAS_SEQUSED=has_seqused, EVEN_D=block_d == head_dim, STORE_LSE=need_lse,
             DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", MERGE_UNROLL=merge_unroll,
             num_warps=config.num_warps, num_stages=config.num_stages)
-        self.constexprs = {split: {**constexprs, "SPLIT": split} for split in (False, True)}
+        self.constexprs = {False: {**constexprs, "SPLIT": False},
+                           True: {**constexprs, "SPLIT": True, "num_warps": split_warps or config.num_warps}}
         self.lengths: dict = {}  # key length -> (grid, split_len, float32 partials)
         self.variants: dict = {}  # compiled kernels (CachedLauncher.launch_planned)
 

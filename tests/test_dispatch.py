@@ -8,8 +8,8 @@ from typer.testing import CliRunner
 
 from flashpatch.cli.main import app
 from flashpatch.dispatch import path_for_capability, triton_too_old
-from flashpatch.kernels.config import (BACKWARD_TABLE, DECODE_TABLE, FP32_FORWARD, TILE_TABLE, backward_smem,
-                                       decode_splits, gpu_family, head_dim_bucket, select_backward_config,
+from flashpatch.kernels.config import (BACKWARD_TABLE, DECODE_SPLIT_WARPS, DECODE_TABLE, FP32_FORWARD, TILE_TABLE,
+                                       backward_smem, decode_split_warps, decode_splits, gpu_family, head_dim_bucket, select_backward_config,
                                        select_config, select_decode_config, tune_candidates, uses_decode_kernel)
 
 # Shared memory per block each family may use (bytes): H100 227 KB, A100 163 KB, sm86/89 99 KB.
@@ -163,3 +163,24 @@ def test_importing_the_cli_leaves_triton_unimported():
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_split_decode_launches_take_their_own_warps_and_others_the_rows():
+    """Split launches (one program per SM) may use more warps than the table row, which the launches with a
+    program per (batch, head) keep; float32 and families without an entry keep the row everywhere."""
+    import torch
+
+    from flashpatch.kernels import DecodePlan, TileConfig
+
+    for family, rows in DECODE_SPLIT_WARPS.items():
+        for head_dim, warps in rows.items():
+            assert decode_split_warps(family, head_dim) == warps != DECODE_TABLE[family][head_dim].num_warps
+            assert decode_split_warps(family, head_dim, element_size=4) is None
+    assert decode_split_warps(None, 128) is None and decode_split_warps("sm86", 128) is None
+    config = TileConfig(16, 64, 4, 4)
+    plan = DecodePlan((1, 8, 1, 128), (1024, 128, 128, 1), 8, torch.bfloat16, causal=True, scale=0.1,
+                      has_kpm=False, has_seqused=False, config=config, sm_count=132, split_warps=8)
+    assert plan.constexprs[True]["num_warps"] == 8 and plan.constexprs[False]["num_warps"] == 4
+    plain = DecodePlan((1, 8, 1, 128), (1024, 128, 128, 1), 8, torch.bfloat16, causal=True, scale=0.1,
+                       has_kpm=False, has_seqused=False, config=config, sm_count=132)
+    assert plain.constexprs[True]["num_warps"] == plain.constexprs[False]["num_warps"] == 4
