@@ -41,6 +41,7 @@ class GenRow:
     error: str | None = None
     cache: str = "dynamic"
     setup_s: float | None = None  # the per-context warm-up: static-cache compile, first-use autotuning
+    e2e_runs_tok_s: list | None = None  # each repeat's end-to-end tokens/sec, in the order run (the spread)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -132,14 +133,16 @@ class _Cell:
         ttft, decode, total = (statistics.median(r[i] for r in self.results) for i in range(3))
         return GenRow(self.impl, self.context, self.regime, self.used, ttft_ms=ttft * 1e3,
                       decode_tok_s=batch * (new_tokens - 1) / decode if decode > 0 else None,
-                      e2e_tok_s=batch * new_tokens / total, peak_mib=self.peak, **common)
+                      e2e_tok_s=batch * new_tokens / total, peak_mib=self.peak,
+                      e2e_runs_tok_s=[batch * new_tokens / r[2] for r in self.results], **common)
 
 
 def _regime_cells(model, switch, impls, context, regime, lengths, setup, new_tokens, batch, repeats, vocab,
                   device, cache) -> list[_Cell]:
     """A regime's cells for these implementations, repeat by repeat in turn, so that a host whose speed drifts
-    (lent machines do) moves every implementation alike. Warm: one untimed call each, then the same prompt
-    again; cold: each repeat a prompt length its implementation has not seen."""
+    (lent machines do) moves every implementation alike; the turn order rotates each repeat, so that none always
+    follows the same neighbour (whose memory and clocks it would inherit). Warm: one untimed call each, then the
+    same prompt again; cold: each repeat a prompt length its implementation has not seen."""
     cache_kwargs = _cache_kwargs(cache, context, new_tokens)
     cells = {impl: _Cell(impl, context, regime, cache, setup[impl]) for impl in impls}
     prompt = torch.randint(0, vocab, (batch, context), device=device)
@@ -148,8 +151,9 @@ def _regime_cells(model, switch, impls, context, regime, lengths, setup, new_tok
             switch(impl)
             lengths[impl].mark(context)
             cells[impl].generate(model, prompt, new_tokens, cache_kwargs, device, timed=False)
-    for _ in range(repeats):
-        for impl in impls:
+    for repeat in range(repeats):
+        turn = repeat % len(impls)
+        for impl in (*impls[turn:], *impls[:turn]):
             switch(impl)
             if regime == "cold":
                 prompt = torch.randint(0, vocab, (batch, lengths[impl].fresh(context)), device=device)

@@ -82,7 +82,8 @@ def test_setup_tunes_each_bucket_and_cold_cells_stay_unseen(tmp_path, monkeypatc
 
 def test_implementations_alternate_repeat_by_repeat(tmp_path, monkeypatch):
     """Dynamic cache: within a context and regime, each repeat runs every implementation in turn (a drifting host
-    moves them alike); the rows still come out grouped by implementation."""
+    moves them alike), the order rotating so that none always follows the same one; the rows still come out
+    grouped by implementation, each with its repeats' own rates."""
     real, order = bench_generate._generate_once, []
 
     def recording(model, prompt, new_tokens, cache_kwargs=None):
@@ -92,12 +93,16 @@ def test_implementations_alternate_repeat_by_repeat(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench_generate, "_generate_once", recording)
     out = tmp_path / "bench.json"
-    result = runner.invoke(app, [*ARGS[:3], "24", *ARGS[4:], "--repeats", "2", "--json", str(out)])
+    result = runner.invoke(app, [*ARGS[:3], "24", *ARGS[4:], "--repeats", "4", "--json", str(out)])
     assert result.exit_code == 0, result.output
-    turn = ["eager", "sdpa", "fp_triton"]
-    assert order == turn * 2 + turn * 3  # cold: 2 repeats; warm: an untimed call each, then 2 repeats
+    a, b, c = "eager", "sdpa", "fp_triton"
+    repeats = [a, b, c, b, c, a, c, a, b, a, b, c]
+    assert order == repeats + [a, b, c] + repeats  # cold: 4 repeats; warm: an untimed call each, then 4 repeats
     rows = json.loads(out.read_text())["rows"]
     assert [r["impl"] for r in rows] == ["eager"] * 2 + ["sdpa"] * 2 + ["flashpatch"] * 2
+    for r in rows:
+        runs = sorted(r["e2e_runs_tok_s"])
+        assert len(runs) == 4 and runs[0] > 0 and runs[1] <= r["e2e_tok_s"] <= runs[2]
 
 
 def test_cold_lengths_never_overlap():
