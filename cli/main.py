@@ -241,11 +241,18 @@ def bench(
     except UsageError as exc:
         _fail_usage(str(exc))
     cells = len(context_list) * len(regime_list) * (len(baseline_list) + 1)
+
+    def save(rows, partial=False):  # after every context too: a long run may be cut off
+        _write_json({"model": model, "dtype": dtype, "batch": batch, "new_tokens": new_tokens, "cache": cache,
+                     "partial": partial, "rows": [r.to_dict() for r in rows],
+                     "markdown": markdown(rows, baseline_list)}, json_path)
+
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(f"{model}: {cells} cells", total=cells)
         rows = bench_generation(loaded_model, contexts=context_list, new_tokens=new_tokens, batch=batch,
                                 baselines=baseline_list, repeats=repeats, regimes=regime_list, cache=cache,
-                                progress=lambda: progress.advance(task))
+                                progress=lambda: progress.advance(task),
+                                on_context=lambda so_far: save(so_far, partial=True))
     header, cells_text = table_rows(rows, baseline_list)
     table = Table(title=f"flashpatch bench: {model}, {dtype}, batch {batch}, {new_tokens} new tokens, {cache} cache "
                         f"(cold = unseen lengths, warm = repeated call)")
@@ -254,9 +261,7 @@ def bench(
     for c in cells_text:
         table.add_row(*c)
     console.print(table)
-    if json_path:
-        _write_json({"model": model, "dtype": dtype, "batch": batch, "new_tokens": new_tokens, "cache": cache,
-                     "rows": [r.to_dict() for r in rows], "markdown": markdown(rows, baseline_list)}, json_path)
+    save(rows)
     if plot_path:
         plot(rows, plot_path, f"{model} ({dtype}, batch {batch}, {new_tokens} new tokens, {cache} cache)")
 

@@ -175,8 +175,9 @@ def _context_warmup(model, context, new_tokens, batch, vocab, device, cache, len
 
 
 def bench_generation(model, *, contexts, new_tokens=128, batch=1, baselines=("eager", "sdpa"), repeats=2,
-                     regimes=("cold", "warm"), cache="dynamic", progress=None) -> list[GenRow]:
-    """All cells for one model. The model's own attention is restored at the end."""
+                     regimes=("cold", "warm"), cache="dynamic", progress=None, on_context=None) -> list[GenRow]:
+    """All cells for one model. The model's own attention is restored at the end. `on_context(rows)` is called
+    with the rows so far after each context (a caller can save them: a long run may be cut off)."""
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     rows = []
@@ -212,6 +213,12 @@ def bench_generation(model, *, contexts, new_tokens=128, batch=1, baselines=("ea
                     if progress:
                         for _ in cells:
                             progress()
+            if on_context:
+                on_context(_in_table_order(rows, baselines))
+    return _in_table_order(rows, baselines)
+
+
+def _in_table_order(rows: list[GenRow], baselines) -> list[GenRow]:
     order = {impl: i for i, impl in enumerate((*baselines, "flashpatch"))}
     return sorted(rows, key=lambda r: (order.get(r.impl, len(order)), r.context))
 

@@ -29,6 +29,26 @@ def test_smoke_json_and_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+def test_rows_are_saved_after_every_context(tmp_path, monkeypatch):
+    """A long run that is cut off keeps the contexts it finished: the JSON is rewritten after each, marked
+    partial until the end."""
+    real, snapshots = bench_generate._generate_once, []
+    out = tmp_path / "bench.json"
+
+    def snapshotting(model, prompt, new_tokens, cache_kwargs=None):
+        if out.exists():
+            snapshots.append(json.loads(out.read_text()))
+        return real(model, prompt, new_tokens, cache_kwargs)
+
+    monkeypatch.setattr(bench_generate, "_generate_once", snapshotting)
+    result = runner.invoke(app, [*ARGS, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert snapshots and all(s["partial"] for s in snapshots)
+    assert {r["context"] for r in snapshots[0]["rows"]} == {24} and len(snapshots[0]["rows"]) == 6
+    final = json.loads(out.read_text())
+    assert not final["partial"] and len(final["rows"]) == 12
+
+
 def test_a_failing_cell_is_recorded_and_the_run_completes(tmp_path, monkeypatch):
     real = bench_generate._generate_once
 
