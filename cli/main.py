@@ -231,7 +231,8 @@ def bench(
                     raise UsageError(f"--device-map {device_map!r}: only 'auto' is supported")
                 loaded_model = build_model(model, layers=layers, dtype=DTYPES[dtype],
                                            device="cpu" if device_map else device,
-                                           max_positions=max(context_list) + new_tokens + 1)
+                                           # cold repeats may run past the context (_LengthSource)
+                                           max_positions=max(context_list) + (repeats + 2) * (new_tokens + 1))
                 if device_map:
                     from flashpatch.devices import dispatch_auto
 

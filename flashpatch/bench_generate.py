@@ -17,6 +17,7 @@ prompt meets that cost only once per machine; the cells' own lengths stay unseen
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -76,15 +77,17 @@ def _generate_once(model, prompt, new_tokens: int, cache_kwargs=None) -> tuple[f
 
 
 class _LengthSource:
-    """Prompt lengths for cold runs: each run's KV lengths [L, L + new_tokens] unseen by the process."""
+    """Prompt lengths for cold runs: each run's KV lengths [L, L + new_tokens] unseen by the process. The context
+    itself if it is unseen, else the nearest free length below it (down to half the context), else above it."""
 
     def __init__(self, new_tokens: int):
         self.span, self.seen = new_tokens + 1, []
 
     def fresh(self, context: int) -> int:
-        length = context
-        while any(length <= hi and length + self.span - 1 >= lo for lo, hi in self.seen) and length > self.span:
-            length -= self.span
+        below = range(context, max(1, context // 2) - 1, -self.span)
+        for length in itertools.chain(below, itertools.count(context + self.span, self.span)):
+            if not any(length <= hi and length + self.span - 1 >= lo for lo, hi in self.seen):
+                break
         self.seen.append((length, length + self.span - 1))
         return length
 

@@ -126,14 +126,19 @@ def test_implementations_alternate_repeat_by_repeat(tmp_path, monkeypatch):
 
 
 def test_cold_lengths_never_overlap():
+    """Every cold run's KV lengths are new, however many repeats a short context gets: below the context down to
+    half of it, then above it."""
     source = _LengthSource(new_tokens=16)
+    source.mark(100, span=1)  # a warm-up's length
     spans = []
-    for context in (512, 512, 512, 1024, 600):
+    for context in (512, 512, 512, 1024, 600, *[150] * 8):
         start = source.fresh(context)
+        assert start >= context // 2
         spans.append((start, start + 16))
     for i, (a0, a1) in enumerate(spans):
         for b0, b1 in spans[i + 1:]:
             assert a1 < b0 or b1 < a0, spans
+    assert not any(a0 <= 100 <= a1 for a0, a1 in spans)
 
 
 def test_kernels_bench_needs_a_gpu():
