@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import warnings
 
 import torch
@@ -202,6 +203,13 @@ def _time_ms(launch, config) -> float:
     return sorted(times)[1]
 
 
+# (family, head dim, dtype, causal, seq_q, seq_k, the autotune and TMA switches) -> the tile `_prefill_config` chose:
+# working the choice out (bucketed tune key, candidate list, the tuner's table) took ~20 us of a prefill call's
+# ~130 us of host time on the H100's host (docs/gpu-runs/2026-11-25-session7/f/).
+_PREFILL_CONFIGS: dict = {}
+MAX_PREFILL_CONFIGS = 4096
+
+
 def _prefill_config(family, q, seq_k, causal, launch):
     """The tile table's row, or on a GPU the autotuned choice among its candidates (kernels/autotune.py)."""
     kernels = _kernels()
@@ -209,9 +217,18 @@ def _prefill_config(family, q, seq_k, causal, launch):
     if (family is None or seq_q <= kernels.SHORT_Q_BLOCK_M or not q.is_cuda or q.element_size() == 4
             or torch.cuda.is_current_stream_capturing()):
         return kernels.select_config(family, head_dim, seq_q, q.element_size())
-    key = kernels.tune_key(kernels.head_dim_bucket(head_dim), str(q.dtype).removeprefix("torch."), causal, seq_q, seq_k)
-    return kernels.AUTOTUNER.pick(family, key, kernels.tune_candidates(family, head_dim),
-                                  lambda cfg: _time_ms(launch, cfg))
+    memo = (family, head_dim, q.dtype, causal, seq_q, seq_k, os.environ.get(kernels.autotune.ENV_SWITCH),
+            os.environ.get(kernels.config.TMA_SWITCH))
+    config = _PREFILL_CONFIGS.get(memo)
+    if config is None:
+        key = kernels.tune_key(kernels.head_dim_bucket(head_dim), str(q.dtype).removeprefix("torch."), causal,
+                               seq_q, seq_k)
+        config = kernels.AUTOTUNER.pick(family, key, kernels.tune_candidates(family, head_dim),
+                                        lambda cfg: _time_ms(launch, cfg))
+        if len(_PREFILL_CONFIGS) >= MAX_PREFILL_CONFIGS:
+            _PREFILL_CONFIGS.clear()
+        _PREFILL_CONFIGS[memo] = config
+    return config
 
 
 def _backward(grad_out, q, k, v, out, lse, causal, scale, key_padding_mask, dropout_p, seed, segment_ids=None):

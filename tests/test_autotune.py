@@ -63,3 +63,35 @@ def test_a_failing_candidate_is_never_chosen_and_a_broken_cache_is_retuned(cache
     open(cache_file("sm80"), "w").write("{not json")
     with pytest.warns(UserWarning, match="failed to run"):
         assert Autotuner().pick("sm80", "k", CANDIDATES, time_ms) == CANDIDATES[1]
+
+
+def test_prefill_calls_remember_the_tile_chosen_for_their_shape(monkeypatch):
+    """A prefill's tile choice is worked out once per (shape, dtype, causal, switches) and then looked up; a
+    changed switch or another length asks the tuner again."""
+    import torch
+
+    from flashpatch import ops
+    from flashpatch.kernels import AUTOTUNER
+
+    class FakeCudaQuery:  # what _prefill_config reads of q, as a CUDA tensor would answer
+        dtype, is_cuda = torch.bfloat16, True
+
+        def __init__(self, seq_q):
+            self.shape = (1, 8, seq_q, 128)
+
+        def element_size(self):
+            return 2
+
+    asked = []
+    monkeypatch.setattr(AUTOTUNER, "pick", lambda family, key, candidates, time_ms: asked.append(key) or
+                        candidates[len(asked) % len(candidates)])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(ops, "_PREFILL_CONFIGS", {})
+    first = ops._prefill_config("sm90", FakeCudaQuery(300), 300, True, None)
+    assert ops._prefill_config("sm90", FakeCudaQuery(300), 300, True, None) == first and len(asked) == 1
+    ops._prefill_config("sm90", FakeCudaQuery(301), 301, True, None)
+    ops._prefill_config("sm90", FakeCudaQuery(300), 300, False, None)
+    assert len(asked) == 3
+    monkeypatch.setenv("FLASHPATCH_TMA", "0")
+    ops._prefill_config("sm90", FakeCudaQuery(300), 300, True, None)
+    assert len(asked) == 4
