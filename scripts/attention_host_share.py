@@ -18,11 +18,9 @@ import torch
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a smoke run in Triton's interpreter
 if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
-from transformers import AttentionInterface, DynamicCache
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers import DynamicCache
 
-import flashpatch
-from flashpatch.adapter import IMPL_NAME, flashpatch_attention_forward
+import attention_timing
 from flashpatch.presets import build_model
 
 name = sys.argv[1] if len(sys.argv) > 1 else "gpt2"
@@ -31,28 +29,12 @@ context = int(sys.argv[3]) if len(sys.argv) > 3 else 512
 steps, rounds = (64, 7) if DEVICE == "cuda" else (4, 1)
 model = build_model(name, layers=layers, dtype=torch.bfloat16, device=DEVICE, max_positions=context + 2 * steps)
 prompt = torch.randint(0, model.config.vocab_size, (1, context), device=DEVICE)
-spent = {"calls": 0, "seconds": 0.0}
+spent: list = []  # host seconds of each attention call in the current round
 sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
 
 
-def timed(fn):
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        out = fn(*args, **kwargs)
-        spent["seconds"] += time.perf_counter() - start
-        spent["calls"] += 1
-        return out
-    return wrapper
-
-
 def use(impl):
-    flashpatch.unapply(model)
-    if impl == "flashpatch":
-        flashpatch.apply(model, fallback="error")
-        AttentionInterface.register(IMPL_NAME, timed(flashpatch_attention_forward))
-    else:
-        model.set_attn_implementation("sdpa")
-        AttentionInterface.register("sdpa", timed(sdpa_attention_forward))
+    attention_timing.use(model, impl, spent)
 
 
 @torch.no_grad()
@@ -62,14 +44,14 @@ def decode_round():
     token = logits[:, -1:].argmax(-1)
     mask = torch.ones(1, context + steps, device=DEVICE, dtype=torch.long)
     sync()
-    spent.update(calls=0, seconds=0.0)
+    spent.clear()
     start = time.perf_counter()
     for i in range(steps):
         logits = model(token, past_key_values=cache, attention_mask=mask[:, :context + i + 1], use_cache=True).logits
         token = logits[:, -1:].argmax(-1)
     sync()
     total = time.perf_counter() - start
-    return total / steps * 1e3, spent["seconds"] / max(spent["calls"], 1) * 1e6, spent["calls"] / steps
+    return total / steps * 1e3, sum(spent) / max(len(spent), 1) * 1e6, len(spent) / steps
 
 
 impls = ("sdpa", "flashpatch")
@@ -96,7 +78,7 @@ if "--profile" in sys.argv:
         decode_round()
         profiler.disable()
         profiles[impl] = profiler
-AttentionInterface.register("sdpa", sdpa_attention_forward)
+attention_timing.restore()
 for impl, profiler in profiles.items():
     print(f"\n{impl}: top functions by own time, one round of {steps} steps")
     pstats.Stats(profiler).sort_stats("tottime").print_stats(18)

@@ -10,11 +10,8 @@ import sys
 import time
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-import flashpatch
-from flashpatch.adapter import IMPL_NAME, flashpatch_attention_forward
+import attention_timing
 from flashpatch.presets import build_model
 
 layers = int(sys.argv[1]) if len(sys.argv) > 1 else 8
@@ -22,26 +19,11 @@ context = int(sys.argv[2]) if len(sys.argv) > 2 else 512
 model = build_model("llama2-7b", layers=layers, dtype=torch.bfloat16, device="cuda", max_positions=context + 8)
 prompt = torch.randint(0, model.config.vocab_size, (1, context), device="cuda")
 mask = torch.ones_like(prompt)
-spent = []
-
-
-def timed(fn):
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        out = fn(*args, **kwargs)
-        spent.append(time.perf_counter() - start)
-        return out
-    return wrapper
+spent: list = []  # host seconds of each attention call in the current forward
 
 
 def use(impl):
-    flashpatch.unapply(model)
-    if impl == "flashpatch":
-        flashpatch.apply(model, fallback="error")
-        AttentionInterface.register(IMPL_NAME, timed(flashpatch_attention_forward))
-    else:
-        model.set_attn_implementation("sdpa")
-        AttentionInterface.register("sdpa", timed(sdpa_attention_forward))
+    attention_timing.use(model, impl, spent)
 
 
 @torch.no_grad()
@@ -82,4 +64,4 @@ for impl in impls:
     print(f"{impl}: top CUDA kernels")
     for e in sorted(events, key=lambda e: -e.device_time_total)[:6]:
         print(f"  {e.key[:80]}: {e.count} calls, {e.device_time_total:.0f} us")
-AttentionInterface.register("sdpa", sdpa_attention_forward)
+attention_timing.restore()
