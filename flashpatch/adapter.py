@@ -18,7 +18,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 
 from .archs.base import ArchSpec
 from .dispatch import unusable_reason
-from .ops import MAX_HEAD_DIM, SUPPORTED_DTYPES, planned_decode, attention
+from .ops import MAX_HEAD_DIM, SUPPORTED_DTYPES, planned_forward, attention
 from .reference import visibility_mask
 
 # The attn_implementation name. It must not contain "flash": transformers treats any such name as a
@@ -185,8 +185,8 @@ def flashpatch_attention_forward(module, query, key, value, attention_mask, drop
         elif attention_mask is not None:
             key_padding_mask = attention_mask
             seqused_k = _seqused_k(key_padding_mask, query, key) if causal else None
-        if segment_ids is None and not dropout:  # a decode step like earlier ones: validated then, planned since
-            out = planned_decode(query, key, value, causal, scaling, key_padding_mask, seqused_k, bshd=True)
+        if segment_ids is None and not dropout:  # a call like earlier ones: validated then, planned since
+            out = planned_forward(query, key, value, causal, scaling, key_padding_mask, seqused_k, bshd=True)
             if out is not None:
                 return out, None
         reason = _unsupported_inputs(query, key, value)

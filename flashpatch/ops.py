@@ -117,38 +117,49 @@ def _device_guard(index: int):
     return contextlib.nullcontext()
 
 
-# Decode calls repeat, every layer of every step, one kind: the same shapes but for a key length that grows.
-# The first call of a kind (validated, tiles chosen) leaves a DecodePlan, keyed by everything the plan fixes;
-# later inference calls of that kind go straight to it (`planned_decode`), because decode is launch-bound.
-_DECODE_PLANS: dict = {}
-MAX_DECODE_PLANS = 256
+# Inference calls repeat, every layer of every step, one kind: decode calls the same shapes but for a key length
+# that grows, a prefill's layers the same shapes outright. The first call of a kind (validated, tiles chosen) leaves
+# a plan (kernels.DecodePlan, kernels.ForwardPlan), keyed by everything the plan fixes; later inference calls of that
+# kind go straight to it (`planned_forward`): decode is launch-bound, and a short prefill's attention takes about
+# as much time on the GPU as the general path's host work did.
+_PLANS: dict = {}
+MAX_PLANS = 256
 
 
 def _plan_key(q, k, v, causal, scale, key_padding_mask, seqused_k, need_lse) -> tuple:
-    """What a DecodePlan fixes: everything `_check_inputs` validates but the key length (and the strides that grow
-    with it), which `planned_decode` checks itself."""
+    """What a plan fixes: everything `_check_inputs` validates but the key length (and the strides that grow
+    with it), which `planned_forward` checks itself. A prefill plan (more than SHORT_Q_BLOCK_M queries) also fixes
+    the key length: its tiles are chosen per length."""
     kb, kh, kn, kd = k.shape
     vb, vh, vn, vd = v.shape
     mask = None if key_padding_mask is None else (key_padding_mask.dtype, key_padding_mask.shape[0],
                                                   key_padding_mask.dim(), key_padding_mask.get_device())
     used = None if seqused_k is None else (seqused_k.dtype, seqused_k.shape, seqused_k.get_device())
     return (q.shape, q.stride(), q.dtype, k.dtype, v.dtype, q.get_device(), k.get_device(), v.get_device(),
-            kb, kh, kd, vb, vh, vd, causal, scale, need_lse, mask, used)
+            kb, kh, kd, vb, vh, vd, causal, scale, need_lse, mask, used,
+            kn if q.shape[2] > _kernels().SHORT_Q_BLOCK_M else None)
 
 
-def planned_decode(q, k, v, causal, scale, key_padding_mask, seqused_k, bshd: bool = False):
-    """An inference call outside torch.compile whose kind has a DecodePlan, run by it; None for any other call,
+def _remember(key, plan):
+    if len(_PLANS) >= MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[key] = plan
+    return plan
+
+
+def planned_forward(q, k, v, causal, scale, key_padding_mask, seqused_k, bshd: bool = False):
+    """An inference call outside torch.compile whose kind has a plan, run by it; None for any other call,
     which then takes the general path (and gets its errors). bshd: return [B, Sq, Hq, D] (transformers' layout)."""
-    # is_compiling first: a traced call must not read _DECODE_PLANS (dynamo would guard on it and recompile)
-    if (torch.compiler.is_compiling() or not _DECODE_PLANS or not isinstance(q, torch.Tensor)
+    # is_compiling first: a traced call must not read _PLANS (dynamo would guard on it and recompile)
+    if (torch.compiler.is_compiling() or not _PLANS or not isinstance(q, torch.Tensor)
             or not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor) or q.dim() != 4
-            or q.shape[2] > _kernels().SHORT_Q_BLOCK_M or torch.is_autocast_enabled("cuda" if q.is_cuda else "cpu")
+            or torch.is_autocast_enabled("cuda" if q.is_cuda else "cpu")
             or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
         return None
     if scale is None:
         scale = q.shape[-1] ** -0.5
     try:
-        plan = _DECODE_PLANS.get(_plan_key(q, k, v, causal, float(scale), key_padding_mask, seqused_k, False))
+        plan = _PLANS.get(_plan_key(q, k, v, causal, float(scale), key_padding_mask, seqused_k, False))
     except (AttributeError, TypeError, ValueError):  # malformed input: the general path names the problem
         return None
     seq_k = k.shape[2]
@@ -168,15 +179,13 @@ def _forward_on_device(q, k, v, causal, scale, key_padding_mask, dropout_p, seed
     element_size = q.element_size()
     if segment_ids is None and kernels.uses_decode_kernel(seq_q, heads_q // heads_k, head_dim, dropout_p, element_size):
         key = _plan_key(q, k, v, causal, scale, key_padding_mask, seqused_k, need_lse)
-        plan = _DECODE_PLANS.get(key)
+        plan = _PLANS.get(key)
         if plan is None:
-            if len(_DECODE_PLANS) >= MAX_DECODE_PLANS:
-                _DECODE_PLANS.clear()
-            plan = _DECODE_PLANS[key] = kernels.DecodePlan(
+            plan = _remember(key, kernels.DecodePlan(
                 q.shape, q.stride(), heads_k, q.dtype, causal=causal, scale=scale,
                 has_kpm=key_padding_mask is not None, has_seqused=seqused_k is not None,
                 config=kernels.select_decode_config(family, head_dim, element_size), sm_count=sm_count,
-                need_lse=need_lse, split_warps=kernels.decode_split_warps(family, head_dim, element_size))
+                need_lse=need_lse, split_warps=kernels.decode_split_warps(family, head_dim, element_size)))
         out, lse = plan.run(q, k, v, key_padding_mask, seqused_k)
         return out.transpose(1, 2), lse
 
@@ -184,9 +193,18 @@ def _forward_on_device(q, k, v, causal, scale, key_padding_mask, dropout_p, seed
         splits = kernels.decode_splits(batch * heads_q, seq_q, seq_k, config.block_n, sm_count)
         return kernels.flash_attn_forward(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
                                           config=config, seqused_k=seqused_k, segment_ids=segment_ids,
-                                          num_splits=splits, dropout_p=dropout_p, seed=seed)
+                                          num_splits=splits, dropout_p=dropout_p, seed=seed, need_lse=need_lse)
 
-    return launch(_prefill_config(family, q, seq_k, causal, launch))
+    config = _prefill_config(family, q, seq_k, causal, launch)
+    plain = key_padding_mask is None and seqused_k is None
+    if (need_lse or dropout_p or segment_ids is not None or seq_q <= kernels.SHORT_Q_BLOCK_M
+            or kernels.uses_tma(config, q, k, v, plain=plain)):
+        return launch(config)
+    plan = _remember(_plan_key(q, k, v, causal, scale, key_padding_mask, seqused_k, need_lse), kernels.ForwardPlan(
+        q.shape, q.stride(), k.shape, q.dtype, causal=causal, scale=scale, config=config,
+        has_kpm=key_padding_mask is not None, has_seqused=seqused_k is not None, need_lse=False))
+    out, lse = plan.run(q, k, v, key_padding_mask, seqused_k)
+    return out.transpose(1, 2), lse
 
 
 def _time_ms(launch, config) -> float:
@@ -359,7 +377,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     Returns [batch, Hq, Sq, D] (memory laid out as [batch, Sq, Hq, D]).
     """
     if not dropout_p and segment_ids is None:
-        out = planned_decode(q, k, v, causal, scale, key_padding_mask, seqused_k)
+        out = planned_forward(q, k, v, causal, scale, key_padding_mask, seqused_k)
         if out is not None:
             return out
     if isinstance(q, torch.Tensor) and torch.is_autocast_enabled(q.device.type):

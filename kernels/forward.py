@@ -100,7 +100,7 @@ def _flash_fwd_kernel(
     split_len, stride_os, stride_ls, dropout_p, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQUSED: tl.constexpr, HAS_SEG: tl.constexpr,
-    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -163,7 +163,8 @@ def _flash_fwd_kernel(
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
-    tl.store(LSE + pid_s * stride_ls + pid_bh * seq_q + offs_m, lse, mask=offs_m < seq_q)
+    if STORE_LSE:
+        tl.store(LSE + pid_s * stride_ls + pid_bh * seq_q + offs_m, lse, mask=offs_m < seq_q)
     o_ptrs = O + pid_s * stride_os + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=q_mask)
 
@@ -219,6 +220,74 @@ def combine_splits(o_part, lse_part, out, lse, block_d: int) -> None:
     )
 
 
+class ForwardPlan:
+    """A launch of the forward kernel worked out once for what a call signature fixes: shapes, q's strides, dtype,
+    flags, tiles and key splits. `run` binds one call's tensors (and K/V's strides, the mask's and the seed), so a
+    call costs little host time: a 512-token prefill's attention takes ~100 us on an H100, and the general launch
+    path's per-call key over ~45 arguments took as much host time again (docs/gpu-runs/2026-11-25-session7/f/).
+
+    need_lse=False (inference) neither allocates nor writes the lse, unless key splits need it to merge.
+    """
+
+    def __init__(self, q_shape, q_stride, k_shape, dtype: torch.dtype, *, causal: bool, scale: float,
+                 config: TileConfig, has_kpm: bool = False, has_seqused: bool = False, has_seg: bool = False,
+                 num_splits: int = 1, dropout_p: float = 0.0, need_lse: bool = True):
+        batch, heads_q, seq_q, head_dim = q_shape
+        heads_k, seq_k = k_shape[1], k_shape[2]
+        self.dtype, self.need_lse = dtype, need_lse
+        block_d = max(16, next_power_of_2(head_dim))
+        split_len = cdiv(cdiv(seq_k, num_splits), config.block_n) * config.block_n
+        self.num_splits = splits = cdiv(seq_k, split_len) if seq_k else 1
+        self.block_d = block_d
+        self.out_shape, self.lse_shape = (batch, seq_q, heads_q, head_dim), (batch, heads_q, seq_q)
+        self.grid = (cdiv(seq_q, config.block_m), batch * heads_q, splits)
+        # O (and each split's float32 partial) is [B, Sq, H, D] in memory, strides given in [B, H, Sq, D] order.
+        out_stride = (seq_q * heads_q * head_dim, head_dim, heads_q * head_dim, 1)
+        rows = batch * heads_q * seq_q
+        self.head_scalars = (scale * LOG2E, *q_stride)
+        self.out_scalars = out_stride
+        self.tail_scalars = (heads_q, heads_q // heads_k, seq_q, seq_k, head_dim, split_len,
+                             rows * head_dim if splits > 1 else 0, rows if splits > 1 else 0, float(dropout_p))
+        self.constexprs = dict(
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, CAUSAL=causal, HAS_KPM=has_kpm,
+            HAS_SEQUSED=has_seqused, HAS_SEG=has_seg, EVEN_D=block_d == head_dim,
+            DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", DROPOUT=dropout_p > 0,
+            STORE_LSE=need_lse or splits > 1, num_warps=config.num_warps, num_stages=config.num_stages)
+        self.variants: dict = {}  # compiled kernels (CachedLauncher.launch_planned)
+
+    def run(self, q, k, v, key_padding_mask=None, seqused_k=None, segment_ids=None, seed: int = 0):
+        """(out [B, Sq, Hq, D] (transformers' layout; `.transpose(1, 2)` is SDPA's), lse [B, Hq, Sq] or None)."""
+        device = q.device
+        out = torch.empty(self.out_shape, device=device, dtype=self.dtype)
+        lse = torch.empty(self.lse_shape, device=device, dtype=torch.float32) if self.need_lse else None
+        splits = self.num_splits
+        if splits > 1:
+            o_dst = torch.empty((splits, *self.out_shape), device=device, dtype=torch.float32)
+            lse_dst = torch.empty((splits, *self.lse_shape), device=device, dtype=torch.float32)
+        else:
+            o_dst, lse_dst = out, (lse if lse is not None else out)  # never written without STORE_LSE
+        if key_padding_mask is not None:
+            kpm = key_padding_mask.view(torch.uint8)
+            stride_mb, stride_mn = kpm.stride()
+        else:
+            kpm, stride_mb, stride_mn = out, 0, 0  # never read without HAS_KPM
+        stride_sb = 0 if segment_ids is None else segment_ids.stride(0)
+        varying = (*k.stride(), *v.stride(), stride_mb, stride_mn, stride_sb, seed)
+        _launch_forward.launch_planned(
+            self.variants, self.grid,
+            (q, k, v, o_dst, lse_dst, kpm, out if seqused_k is None else seqused_k,
+             out if segment_ids is None else segment_ids),
+            (*self.head_scalars, *varying[:8], *self.out_scalars, *varying[8:11], *self.tail_scalars, seed),
+            self.constexprs, varying)
+        if splits > 1:
+            if lse is None:
+                lse = torch.empty(self.lse_shape, device=device, dtype=torch.float32)
+            combine_splits(o_dst, lse_dst, out.transpose(1, 2), lse, self.block_d)
+            if not self.need_lse:
+                lse = None
+        return out, lse
+
+
 def flash_attn_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -233,58 +302,32 @@ def flash_attn_forward(
     num_splits: int = 1,
     dropout_p: float = 0.0,
     seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    need_lse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the forward on validated [B, H, S, D] tensors.
 
     Returns (out, lse): out is [B, Hq, Sq, D] stored as [B, Sq, Hq, D] in memory (what
     transformers wants after its transpose, so that transpose costs nothing), lse is
-    [B, Hq, Sq] float32 natural-log sum-exp of the scaled scores (-inf for empty rows).
-    num_splits > 1 splits the key range across programs (flash-decoding: few query rows, long
+    [B, Hq, Sq] float32 natural-log sum-exp of the scaled scores (-inf for empty rows), None with
+    need_lse=False. num_splits > 1 splits the key range across programs (flash-decoding: few query rows, long
     caches) and combines the float32 partial results by their log-sum-exp. dropout_p > 0 drops
     attention weights with a Philox mask drawn from `seed` (lse stays the undropped one).
     seqused_k (int32 [B], on the device): only keys below seqused_k[b] exist, and causal alignment is to it.
     segment_ids (contiguous int32 [B, S], Sq == Sk == S): packed sequences; a query sees keys of its own segment only.
+    One call's `ForwardPlan`, or the TMA kernel where the config asks for it and the call allows it.
     """
-    if config.tma and tma_eligible(q, k, v, plain=key_padding_mask is None and seqused_k is None
-                                   and segment_ids is None and dropout_p == 0.0 and num_splits == 1):
-        return flash_attn_forward_tma(q, k, v, causal=causal, scale=scale, config=config,
-                                      warp_specialize=config.warp_specialize)
-    batch, heads_q, seq_q, head_dim = q.shape
-    heads_k, seq_k = k.shape[1], k.shape[2]
-    out = torch.empty((batch, seq_q, heads_q, head_dim), device=q.device, dtype=q.dtype).transpose(1, 2)
-    lse = torch.empty((batch, heads_q, seq_q), device=q.device, dtype=torch.float32)
-    if key_padding_mask is not None:
-        kpm = key_padding_mask.view(torch.uint8)
-        stride_mb, stride_mn = kpm.stride()
-    else:
-        kpm, stride_mb, stride_mn = lse, 0, 0  # any pointer: never read when HAS_KPM is False
+    if uses_tma(config, q, k, v, plain=key_padding_mask is None and seqused_k is None and segment_ids is None
+                and dropout_p == 0.0 and num_splits == 1):
+        out, lse = flash_attn_forward_tma(q, k, v, causal=causal, scale=scale, config=config,
+                                          warp_specialize=config.warp_specialize)
+        return out, (lse if need_lse else None)
+    plan = ForwardPlan(q.shape, q.stride(), k.shape, q.dtype, causal=causal, scale=scale, config=config,
+                       has_kpm=key_padding_mask is not None, has_seqused=seqused_k is not None,
+                       has_seg=segment_ids is not None, num_splits=num_splits, dropout_p=dropout_p, need_lse=need_lse)
+    out, lse = plan.run(q, k, v, key_padding_mask, seqused_k, segment_ids, seed)
+    return out.transpose(1, 2), lse
 
-    block_d = max(16, next_power_of_2(head_dim))
-    split_len = cdiv(cdiv(seq_k, num_splits), config.block_n) * config.block_n
-    num_splits = cdiv(seq_k, split_len)
-    if num_splits > 1:
-        o_part = torch.empty((num_splits, batch, seq_q, heads_q, head_dim), device=q.device, dtype=torch.float32)
-        o_dst, lse_dst = o_part.permute(0, 1, 3, 2, 4)[0], torch.empty((num_splits, batch, heads_q, seq_q),
-                                                                        device=q.device, dtype=torch.float32)
-        stride_os, stride_ls = o_part.stride(0), lse_dst.stride(0)
-    else:
-        o_dst, lse_dst, stride_os, stride_ls = out, lse, 0, 0
-    grid = (cdiv(seq_q, config.block_m), batch * heads_q, num_splits)
-    _launch_forward(
-        grid,
-        q, k, v, o_dst, lse_dst, kpm, seqused_k if seqused_k is not None else lse,
-        segment_ids if segment_ids is not None else lse,
-        scale * LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *o_dst.stride(),
-        stride_mb, stride_mn, 0 if segment_ids is None else segment_ids.stride(0),
-        heads_q, heads_q // heads_k, seq_q, seq_k, head_dim,
-        split_len, stride_os, stride_ls, dropout_p, seed,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
-        CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_SEQUSED=seqused_k is not None,
-        HAS_SEG=segment_ids is not None, EVEN_D=block_d == head_dim,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", DROPOUT=dropout_p > 0,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
-    if num_splits > 1:
-        combine_splits(o_part, lse_dst, out, lse, block_d)
-    return out, lse
+
+def uses_tma(config: TileConfig, q, k, v, *, plain: bool) -> bool:
+    """Whether a call with this config runs the TMA kernel (`plain`: no mask, lengths, segments, dropout or splits)."""
+    return config.tma and tma_eligible(q, k, v, plain=plain)

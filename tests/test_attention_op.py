@@ -203,6 +203,44 @@ def test_decode_takes_the_split_path():
     assert decode_splits(batch_heads=1, seq_q=1, seq_k=1 << 20, block_n=64, sm_count=132) == 64
 
 
+def test_planned_prefill_binds_each_calls_tensors_and_rechecks_what_the_plan_does_not_fix(device, monkeypatch,
+                                                                                           poison_empty):
+    """Inference prefill calls of one kind (a model's layers) share a ForwardPlan, validated once: each call's
+    tensors, masks and K/V strides are its own, a new key length or layout gets a plan of its own, and a call the
+    plan can't take still gets the general path's error."""
+    from flashpatch import ops
+    from flashpatch.kernels import ForwardPlan
+
+    ops._PLANS.clear()
+    validated = []
+    real_check = ops._check_inputs
+    monkeypatch.setattr(ops, "_check_inputs", lambda *a: validated.append(a) or real_check(*a))
+    for strided_kv in (False, True, False):
+        q, k, v = random_qkv(2, 4, 2, 40, 40, 64, torch.float16, device)
+        if strided_kv:  # [B, S, H, D] memory, as transformers' projections leave it
+            k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
+        mask = torch.rand(2, 40, device=device) > 0.3
+        out = flashpatch.attention(q, k, v, causal=True, key_padding_mask=mask)
+        assert_fa2_rule(out, q, k, v, causal=True, key_padding_mask=mask)
+    assert len(validated) == 1
+    (plan,) = ops._PLANS.values()
+    assert isinstance(plan, ForwardPlan)
+
+    _, k, v = random_qkv(2, 4, 2, 40, 57, 64, torch.float16, device)
+    mask = torch.rand(2, 57, device=device) > 0.3
+    out = flashpatch.attention(q, k, v, causal=True, key_padding_mask=mask)
+    assert_fa2_rule(out, q, k, v, causal=True, key_padding_mask=mask)
+    assert len(validated) == 2 and len(ops._PLANS) == 2
+    with pytest.raises(AttentionInputError, match="same shape"):
+        flashpatch.attention(q, k, v[:, :, :-1], causal=True, key_padding_mask=mask)
+    with pytest.raises(AttentionInputError, match="key_padding_mask must be"):
+        flashpatch.attention(q, k, v, causal=True, key_padding_mask=mask[:, :-1])
+    with torch.enable_grad():  # training calls never take a plan: they need the lse for the backward
+        q.requires_grad_()
+        flashpatch.attention(q, k, v, causal=True, key_padding_mask=mask).sum().backward()
+    assert q.grad is not None and len(ops._PLANS) == 2
+
+
 def test_autocast_casts_mixed_inputs_like_sdpa(device):
     """Under autocast (fp32 weights, lower-precision matmuls) RoPE leaves q and k in float32 and v in the autocast
     dtype: like SDPA, the op runs in the autocast dtype; gradients flow back in each input's own dtype."""

@@ -131,7 +131,7 @@ def test_planned_decode_follows_a_growing_cache_and_rechecks_what_the_plan_does_
     error."""
     from flashpatch import ops
 
-    ops._DECODE_PLANS.clear()
+    ops._PLANS.clear()
     validated = []
     real_check = ops._check_inputs
     monkeypatch.setattr(ops, "_check_inputs", lambda *a: validated.append(a) or real_check(*a))
@@ -141,8 +141,8 @@ def test_planned_decode_follows_a_growing_cache_and_rechecks_what_the_plan_does_
         mask = torch.rand(1, seq_k, device=device) > 0.2
         out = flashpatch.attention(q, k, v, causal=True, key_padding_mask=mask)
         assert_fa2_rule(out, q, k, v, causal=True, key_padding_mask=mask)
-    assert len(ops._DECODE_PLANS) == 1
-    (plan,) = ops._DECODE_PLANS.values()
+    assert len(ops._PLANS) == 1
+    (plan,) = ops._PLANS.values()
     assert set(plan.lengths) == {100, 101, 137, 300} and len(validated) == 1
     with pytest.raises(AttentionInputError, match="same shape"):
         flashpatch.attention(q, k, v[:, :, :-1], causal=True, key_padding_mask=mask)
