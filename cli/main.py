@@ -256,7 +256,7 @@ def bench(
                                 on_context=lambda so_far: save(so_far, partial=True))
     header, cells_text = table_rows(rows, baseline_list)
     table = Table(title=f"flashpatch bench: {model}, {dtype}, batch {batch}, {new_tokens} new tokens, {cache} cache "
-                        f"(cold = unseen lengths, warm = repeated call)")
+                        f"(cold = unseen lengths, warm = repeated call; x = median of per-repeat ratios)")
     for h in header:
         table.add_column(h, justify="right")
     for c in cells_text:

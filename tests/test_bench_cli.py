@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -123,6 +124,24 @@ def test_implementations_alternate_repeat_by_repeat(tmp_path, monkeypatch):
     for r in rows:
         runs = sorted(r["e2e_runs_tok_s"])
         assert len(runs) == 4 and runs[0] > 0 and runs[1] <= r["e2e_tok_s"] <= runs[2]
+
+
+def test_speedups_are_medians_of_per_repeat_ratios():
+    """A host whose speed drifts moves a repeat's runs together: the speedup pairs runs of one repeat, and falls back
+    to the ratio of medians where repeats don't pair (a failed run)."""
+    import random
+
+    from flashpatch.bench_generate import GenRow, speedup_table
+
+    drift = [random.uniform(0.5, 2.0) for _ in range(5)]
+    edge = [random.uniform(1.02, 1.2) for _ in range(5)]
+    ours = GenRow("flashpatch", 512, "warm", [], e2e_tok_s=1.0, e2e_runs_tok_s=[d * e for d, e in zip(drift, edge)])
+    base = GenRow("sdpa", 512, "warm", [], e2e_tok_s=1.0, e2e_runs_tok_s=drift)
+    ours.e2e_tok_s, base.e2e_tok_s = sorted(ours.e2e_runs_tok_s)[2], sorted(drift)[2]
+    short = GenRow("eager", 512, "warm", [], e2e_tok_s=2.0, e2e_runs_tok_s=drift[:4])
+    (rec,) = speedup_table([ours, base, short], ("eager", "sdpa"))
+    assert rec["x_sdpa"] == pytest.approx(sorted(edge)[2])
+    assert rec["x_eager"] == pytest.approx(ours.e2e_tok_s / 2.0)
 
 
 def test_cold_lengths_never_overlap():
