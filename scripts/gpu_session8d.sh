@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Session 8, fourth H100 batch (~9.5 min): generation (speedups as medians of per-repeat ratios): the GPT-NeoX-20B
+# shape at 1024 and the Llama-2-7B shape at 4096, three repeats each, cold and warm.
+# Usage: scripts/gpu_session8d.sh OUT_DIR
+set -u
+out=$1
+export PYTHONUNBUFFERED=1
+run() {  # name timeout model contexts
+  timeout "$2" flashpatch bench "$3" --contexts "$4" --new-tokens 128 --repeats 3 --json "$out/gen-$1.json" \
+    > "$out/gen-$1.log" 2>&1
+  python3 -c "import json; print(json.load(open('$out/gen-$1.json'))['markdown'])"
+}
+run neox 260 neox-20b 1024
+run llama-4096 300 llama2-7b 4096
