@@ -236,16 +236,22 @@ def _in_table_order(rows: list[GenRow], baselines) -> list[GenRow]:
     return sorted(rows, key=lambda r: (order.get(r.impl, len(order)), r.context))
 
 
+def paired_ratios(ours: GenRow, base: GenRow) -> list[float]:
+    """flashpatch's end-to-end rate over a baseline's, repeat by repeat (empty where the repeats don't pair up)."""
+    mine, theirs = ours.e2e_runs_tok_s or [], base.e2e_runs_tok_s or []
+    if len(mine) != len(theirs) or ours.error or base.error:
+        return []
+    return [a / b for a, b in zip(mine, theirs)]
+
+
 def paired_speedup(ours: GenRow, base: GenRow) -> float | None:
     """flashpatch's end-to-end speedup over a baseline: the median, over repeats, of the ratio within one repeat
     (whose runs are back to back: a drift of the host's speed, which moves single runs by 20-30 % on lent machines,
     then cancels), falling back to the ratio of medians where the repeats don't pair up."""
     if not (ours.e2e_tok_s and base.e2e_tok_s):
         return None
-    mine, theirs = ours.e2e_runs_tok_s or [], base.e2e_runs_tok_s or []
-    if len(mine) != len(theirs) or not mine:
-        return ours.e2e_tok_s / base.e2e_tok_s
-    return statistics.median(a / b for a, b in zip(mine, theirs))
+    ratios = paired_ratios(ours, base)
+    return statistics.median(ratios) if ratios else ours.e2e_tok_s / base.e2e_tok_s
 
 
 def speedup_table(rows: list[GenRow], baselines) -> list[dict]:
