@@ -5,9 +5,6 @@
 set -u
 out=$1
 export PYTHONUNBUFFERED=1
-timeout 340 flashpatch bench gpt2 --contexts 512,2048,8192 --new-tokens 128 --repeats 5 \
-  --json "$out/gen-gpt2.json" > "$out/gen-gpt2.log" 2>&1
-python3 -c "import json; print(json.load(open('$out/gen-gpt2.json'))['markdown'])"
-timeout 230 flashpatch bench llama2-7b --contexts 1024,2048 --new-tokens 128 --repeats 3 \
-  --json "$out/gen-llama-1024-2048.json" > "$out/gen-llama-1024-2048.log" 2>&1
-python3 -c "import json; print(json.load(open('$out/gen-llama-1024-2048.json'))['markdown'])"
+. "$(dirname "$0")/bench_json.sh"
+bench_json "$out" gpt2 340 gpt2 512,2048,8192 5
+bench_json "$out" llama-1024-2048 230 llama2-7b 1024,2048 3

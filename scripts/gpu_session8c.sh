@@ -6,10 +6,6 @@
 set -u
 out=$1
 export PYTHONUNBUFFERED=1
-run() {  # name timeout model contexts
-  timeout "$2" flashpatch bench "$3" --contexts "$4" --new-tokens 128 --repeats 3 --json "$out/gen-$1.json" \
-    > "$out/gen-$1.log" 2>&1
-  python3 -c "import json; print(json.load(open('$out/gen-$1.json'))['markdown'])"
-}
-run llama-2048-4096 330 llama2-7b 2048,4096
-run gptj 240 gptj-6b 1024
+. "$(dirname "$0")/bench_json.sh"
+bench_json "$out" llama-2048-4096 330 llama2-7b 2048,4096 3
+bench_json "$out" gptj 240 gptj-6b 1024 3

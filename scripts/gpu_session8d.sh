@@ -5,10 +5,6 @@
 set -u
 out=$1
 export PYTHONUNBUFFERED=1
-run() {  # name timeout model contexts
-  timeout "$2" flashpatch bench "$3" --contexts "$4" --new-tokens 128 --repeats 3 --json "$out/gen-$1.json" \
-    > "$out/gen-$1.log" 2>&1
-  python3 -c "import json; print(json.load(open('$out/gen-$1.json'))['markdown'])"
-}
-run neox 260 neox-20b 1024
-run llama-4096 300 llama2-7b 4096
+. "$(dirname "$0")/bench_json.sh"
+bench_json "$out" neox 260 neox-20b 1024 3
+bench_json "$out" llama-4096 300 llama2-7b 4096 3

@@ -5,9 +5,5 @@
 set -u
 out=$1
 export PYTHONUNBUFFERED=1
-run() {  # name timeout model contexts
-  timeout "$2" flashpatch bench "$3" --contexts "$4" --new-tokens 128 --repeats 3 --json "$out/gen-$1.json" \
-    > "$out/gen-$1.log" 2>&1
-  python3 -c "import json; print(json.load(open('$out/gen-$1.json'))['markdown'])"
-}
-run llama-8192-16384 500 llama2-7b 8192,16384
+. "$(dirname "$0")/bench_json.sh"
+bench_json "$out" llama-8192-16384 500 llama2-7b 8192,16384 3

@@ -5,9 +5,6 @@
 set -u
 out=$1
 export PYTHONUNBUFFERED=1
-timeout 280 flashpatch bench llama2-7b --contexts 1024 --new-tokens 128 --repeats 7 \
-  --json "$out/gen-llama-1024.json" > "$out/gen-llama-1024.log" 2>&1
-python3 -c "import json; print(json.load(open('$out/gen-llama-1024.json'))['markdown'])"
-timeout 200 flashpatch bench llama2-7b --contexts 4096 --regimes warm --new-tokens 128 --repeats 7 \
-  --json "$out/gen-llama-4096-warm.json" > "$out/gen-llama-4096-warm.log" 2>&1
-python3 -c "import json; print(json.load(open('$out/gen-llama-4096-warm.json'))['markdown'])"
+. "$(dirname "$0")/bench_json.sh"
+bench_json "$out" llama-1024 280 llama2-7b 1024 7
+bench_json "$out" llama-4096-warm 200 llama2-7b 4096 7 --regimes warm
