@@ -120,8 +120,8 @@ def _device_guard(index: int):
 # Inference calls repeat, every layer of every step, one kind: decode calls the same shapes but for a key length
 # that grows, a prefill's layers the same shapes outright. The first call of a kind (validated, tiles chosen) leaves
 # a plan (kernels.DecodePlan, kernels.ForwardPlan), keyed by everything the plan fixes; later inference calls of that
-# kind go straight to it (`planned_forward`): decode is launch-bound, and a short prefill's attention takes about
-# as much time on the GPU as the general path's host work did.
+# kind go straight to it (`planned_forward`): decode is launch-bound, and a short prefill's attention takes less
+# time on the GPU than the general path's host work did.
 _PLANS: dict = {}
 MAX_PLANS = 256
 

@@ -223,8 +223,9 @@ def combine_splits(o_part, lse_part, out, lse, block_d: int) -> None:
 class ForwardPlan:
     """A launch of the forward kernel worked out once for what a call signature fixes: shapes, q's strides, dtype,
     flags, tiles and key splits. `run` binds one call's tensors (and K/V's strides, the mask's and the seed), so a
-    call costs little host time: a 512-token prefill's attention takes ~100 us on an H100, and the general launch
-    path's per-call key over ~45 arguments took as much host time again (docs/gpu-runs/2026-11-25-session7/f/).
+    call costs little host time: a 512-token prefill's attention runs for tens of microseconds on an H100, and the
+    general launch path (a key over ~45 arguments, the tile choice, two allocations) took 130 us of host time per call
+    (docs/gpu-runs/2026-11-25-session7/f/; 48 us planned, session8/a/).
 
     need_lse=False (inference) neither allocates nor writes the lse, unless key splits need it to merge.
     """
