@@ -140,10 +140,13 @@ def _plan_key(q, k, v, causal, scale, key_padding_mask, seqused_k, need_lse) -> 
             kn if q.shape[2] > _kernels().SHORT_Q_BLOCK_M else None)
 
 
-def _remember(key, plan):
-    if len(_PLANS) >= MAX_PLANS:
-        _PLANS.clear()
-    _PLANS[key] = plan
+def _plan_for(key, make):
+    """The plan held for `key`, else `make()`'s, remembered."""
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = make()
     return plan
 
 
@@ -179,13 +182,11 @@ def _forward_on_device(q, k, v, causal, scale, key_padding_mask, dropout_p, seed
     element_size = q.element_size()
     if segment_ids is None and kernels.uses_decode_kernel(seq_q, heads_q // heads_k, head_dim, dropout_p, element_size):
         key = _plan_key(q, k, v, causal, scale, key_padding_mask, seqused_k, need_lse)
-        plan = _PLANS.get(key)
-        if plan is None:
-            plan = _remember(key, kernels.DecodePlan(
-                q.shape, q.stride(), heads_k, q.dtype, causal=causal, scale=scale,
-                has_kpm=key_padding_mask is not None, has_seqused=seqused_k is not None,
-                config=kernels.select_decode_config(family, head_dim, element_size), sm_count=sm_count,
-                need_lse=need_lse, split_warps=kernels.decode_split_warps(family, head_dim, element_size)))
+        plan = _plan_for(key, lambda: kernels.DecodePlan(
+            q.shape, q.stride(), heads_k, q.dtype, causal=causal, scale=scale,
+            has_kpm=key_padding_mask is not None, has_seqused=seqused_k is not None,
+            config=kernels.select_decode_config(family, head_dim, element_size), sm_count=sm_count,
+            need_lse=need_lse, split_warps=kernels.decode_split_warps(family, head_dim, element_size)))
         out, lse = plan.run(q, k, v, key_padding_mask, seqused_k)
         return out.transpose(1, 2), lse
 
@@ -200,7 +201,9 @@ def _forward_on_device(q, k, v, causal, scale, key_padding_mask, dropout_p, seed
     if (need_lse or dropout_p or segment_ids is not None or seq_q <= kernels.SHORT_Q_BLOCK_M
             or kernels.uses_tma(config, q, k, v, plain=plain)):
         return launch(config)
-    plan = _remember(_plan_key(q, k, v, causal, scale, key_padding_mask, seqused_k, need_lse), kernels.ForwardPlan(
+    # Held already where the planned lookup declined this call (autocast casts first), made once otherwise.
+    key = _plan_key(q, k, v, causal, scale, key_padding_mask, seqused_k, need_lse)
+    plan = _plan_for(key, lambda: kernels.ForwardPlan(
         q.shape, q.stride(), k.shape, q.dtype, causal=causal, scale=scale, config=config,
         has_kpm=key_padding_mask is not None, has_seqused=seqused_k is not None, need_lse=False))
     out, lse = plan.run(q, k, v, key_padding_mask, seqused_k)
