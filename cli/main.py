@@ -1,17 +1,149 @@
+"""The `flashpatch` command: typer options in, flashpatch's functions called, tables or JSON out.
+
+Every option is checked before the work starts (exit 2 with one line naming the fix); the run then shows
+progress, as a bar on a terminal and as plain lines in a log.
+"""
+
+import contextlib
 import json
+import time
 
 import typer
+from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+from flashpatch import __version__
+from flashpatch.usage import UsageError, at_least, device_name, int_list, name_list, need_module, output_file
 
 app = typer.Typer(help="Flash attention for Hugging Face transformers models.", no_args_is_help=True,
                   add_completion=False)
 console = Console()
+err_console = Console(stderr=True)
+
+MODEL_HELP = ("A preset (tiny-llama, llama2-7b, gpt2, gptj-6b, pythia-1.4b, neox-20b: random weights from real "
+              "configs), 'smollm2' (real weights, offline), a .gguf file, a local folder or a hub id (owner/name).")
+EXIT_HELP = "Exit 0 PASS, 1 FAIL (a parity criterion missed), 2 bad usage, 3 NOT SERVED (flashpatch left the model "
+EXIT_HELP += "as it is, or some of its attention calls ran the model's own attention)."
+
+
+def _version(show: bool):
+    if show:
+        typer.echo(f"flashpatch {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def main():
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print flashpatch's version and exit.")):
     """flashpatch: apply, verify and benchmark flash attention on transformers models."""
+
+
+def _fail_usage(message: str):
+    err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
+    raise typer.Exit(2)
+
+
+@contextlib.contextmanager
+def _usage_errors():
+    """UsageError anywhere inside: its line, exit 2."""
+    try:
+        yield
+    except UsageError as exc:
+        _fail_usage(str(exc))
+
+
+@contextlib.contextmanager
+def _progress(what: str, total: int | None, out: Console):
+    """Yields update(done=None, total=None): done=None advances by one. A bar on a terminal; without one (a log,
+    CI) a plain line at each tenth of the way and at least every 30 s."""
+    if out.is_terminal:
+        from rich.progress import Progress
+
+        with Progress(console=out, transient=True) as bar:
+            task = bar.add_task(what, total=total)
+
+            def update(done=None, new_total=None):
+                if new_total is not None:
+                    bar.update(task, total=new_total)
+                bar.update(task, advance=1) if done is None else bar.update(task, completed=done)
+
+            yield update
+        return
+    state = {"done": 0, "total": total, "shown": -1, "at": time.monotonic()}
+    out.print(f"{what}: started", highlight=False)
+
+    def update(done=None, new_total=None):
+        state["total"] = new_total or state["total"]
+        state["done"] = state["done"] + 1 if done is None else done
+        done, total = state["done"], state["total"]
+        tenth = 10 * done // total if total else done
+        if tenth != state["shown"] or time.monotonic() - state["at"] > 30 or done == total:
+            state["shown"], state["at"] = tenth, time.monotonic()
+            out.print(f"{what}: {done}/{total or '?'} ({time.strftime('%H:%M:%S')})", highlight=False)
+
+    yield update
+
+
+def _choose_device(device: str | None, dtype: str | None) -> tuple[str, str]:
+    """(device, dtype), checked; cuda when present. On a CPU the kernels run in Triton's interpreter, switched on
+    here: before anything imports Triton's language (transformers does, through torch._dynamo)."""
+    import os
+
+    import torch
+
+    device = device_name(device) or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device} but no CUDA GPU is visible; use --device cpu")
+    dtype = _dtype(dtype, device.startswith("cuda"))
+    if device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    return device, dtype
+
+
+def _start(device: str, out: Console, what: str):
+    """Said once every option has passed its checks, before the work starts."""
+    if device == "cpu":
+        out.print(f"[yellow]No GPU: the kernels run in Triton's CPU interpreter ({what}).[/yellow]")
+    if not out.is_terminal:  # transformers' own progress bars would fill a log with carriage returns
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+
+
+def _dtype(dtype: str | None, on_gpu: bool) -> str:
+    dtype = dtype or ("bf16" if on_gpu else "fp32")
+    if dtype not in ("bf16", "fp16", "fp32"):
+        raise UsageError(f"--dtype {dtype!r}: choose bf16, fp16 or fp32")
+    if dtype == "bf16" and not on_gpu:
+        raise UsageError("--dtype bf16 needs a GPU: Triton's CPU interpreter cannot run bf16 dots; use fp32 or fp16")
+    return dtype
+
+
+def _write_json(data: dict, path: str | None):
+    if path == "-":
+        typer.echo(json.dumps(data, indent=2))
+    elif path:
+        with open(path, "w") as f:
+            json.dump(data, f, indent=2)
+
+
+def _key_value_table(title: str, rows) -> Table:
+    table = Table(title=title, show_header=False, box=box.SIMPLE)
+    table.add_column(overflow="fold")
+    table.add_column(overflow="fold")
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+def _not_served(report, out: Console):
+    """A model flashpatch leaves as it is: say why, exit 3, before any long work."""
+    out.print(_key_value_table("flashpatch does not serve this model", [
+        ("model", f"{report.model_class} ({report.architecture})"),
+        *[("not served", escape(reason)) for reason in report.reasons],
+        ("verdict", "[bold yellow]NOT SERVED[/bold yellow]")]))
 
 
 @app.command()
@@ -23,291 +155,233 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print JSON instead 
     if as_json:
         typer.echo(json.dumps(data, indent=2))
         return
-    table = Table(title="flashpatch info", show_header=False)
-    for name, version in data["versions"].items():
-        table.add_row(name, version or "not installed")
-    table.add_row("device", data["device"])
-    for key, value in (data["gpu"] or {}).items():
-        table.add_row(f"gpu {key}", str(value))
-    path = data["kernel_path"]
-    table.add_row("kernel path", f"[bold]{path['name']}[/bold]")
-    table.add_row("why", path["reason"])
+    rows = [(name, version or "not installed") for name, version in data["versions"].items()]
+    rows.append(("device", data["device"]))
+    rows += [(f"gpu {key}", str(value)) for key, value in (data["gpu"] or {}).items()]
+    for label, path in (("apply() here", data["kernel_path"]), ("verify / bench", data["cli_kernel_path"])):
+        rows.append((label, f"[bold]{path['name']}[/bold]: {path['reason']}"))
     if "autotune" in data:
         tune = data["autotune"]
-        table.add_row("autotune", f"{'on' if tune['enabled'] else 'off'} ({tune['switch']}); cache {tune['cache']}")
+        rows.append(("autotune", f"{'on' if tune['enabled'] else 'off'} ({tune['switch']}); cache {tune['cache']}"))
+
     def fmt(cfg):
         return "  ".join(f"{k}={v}" for k, v in cfg.items())
 
     for bucket, cfg in data["tiles"].items():
-        table.add_row(f"tiles {bucket}", fmt(cfg))
-        for alt in data["tune_candidates"].get(bucket, []):
-            table.add_row("  autotune candidate", fmt(alt))
+        rows.append((f"tiles {bucket}", fmt(cfg)))
+        rows += [("  autotune candidate", fmt(alt)) for alt in data["tune_candidates"].get(bucket, [])]
     for bucket, cfg in data["backward_tiles"].items():
-        table.add_row(f"backward tiles {bucket}", f"dK/dV: {fmt(cfg['dkdv'])} | dQ: {fmt(cfg['dq'])}")
-    for bucket, cfg in data["decode_tiles"].items():
-        table.add_row(f"decode tiles {bucket}", fmt(cfg))
-    for head_dim, candidates in data.get("fp8_tiles", {}).items():
-        table.add_row(f"fp8 tiles {head_dim}", "\n".join(fmt(c) for c in candidates))
-    console.print(table)
+        rows.append((f"backward tiles {bucket}", f"dK/dV: {fmt(cfg['dkdv'])} | dQ: {fmt(cfg['dq'])}"))
+    rows += [(f"decode tiles {bucket}", fmt(cfg)) for bucket, cfg in data["decode_tiles"].items()]
+    rows += [(f"fp8 tiles {d}", "\n".join(fmt(c) for c in cands)) for d, cands in data.get("fp8_tiles", {}).items()]
+    console.print(_key_value_table("flashpatch info", rows))
 
 
-def _fail_usage(message: str):
-    console.print(f"[red]error:[/red] {message}")
-    raise typer.Exit(2)
-
-
-def _prepare_device(device: str | None) -> str:
-    """cuda when present; on CPU the kernels run in Triton's interpreter (set before they are imported)."""
-    import os
-
-    import torch
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        _fail_usage("--device cuda but no CUDA GPU is visible")
-    if device == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-        console.print("[yellow]No GPU: the kernels run in Triton's CPU interpreter (slow; a correctness check, "
-                      "not a speed test).[/yellow]")
-    return device
-
-
-def _write_json(data: dict, path: str | None):
-    if path:
-        with open(path, "w") as f:
-            json.dump(data, f, indent=2)
-
-
-@app.command()
+@app.command(epilog=EXIT_HELP)
 def verify(
-    model: str = typer.Argument(..., help="Hub id, local dir, .gguf file, 'smollm2', or a preset "
-                                          "(tiny-llama, llama2-7b, gpt2, gptj-6b, pythia-1.4b, neox-20b)."),
-    text: str = typer.Option(None, "--text", help="Local text file (default: WikiText-2 test from the hub)."),
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    text: str = typer.Option(None, "--text", help="Local UTF-8 text file (default: WikiText-2 test from the hub)."),
     dataset: str = typer.Option(None, "--dataset", help="Hub dataset as name[:config[:split]] with a text column."),
-    max_tokens: int = typer.Option(None, "--max-tokens", help="Use only the first N tokens (CPU default 512)."),
-    context: int = typer.Option(None, "--context", help="Window length (GPU default 2048, CPU 128)."),
-    stride: int = typer.Option(None, "--stride", help="Window stride (default context/2 on GPU, context on CPU)."),
+    max_tokens: int = typer.Option(None, "--max-tokens", help="Use only the first N tokens, N >= 2 "
+                                                              "(CPU default 512; GPU default: all)."),
+    context: int = typer.Option(None, "--context", help="Window length in tokens, >= 2 (GPU default 2048, CPU 128; "
+                                                        "at most the model's positions)."),
+    stride: int = typer.Option(None, "--stride", help="Window stride, 1..context (default context/2 on GPU, "
+                                                      "context on CPU)."),
     dtype: str = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (GPU default bf16, CPU fp32)."),
-    device: str = typer.Option(None, "--device", help="cuda or cpu (default: cuda if present)."),
+    device: str = typer.Option(None, "--device", help="cuda, cuda:N or cpu (default: cuda if present)."),
     device_map: str = typer.Option(None, "--device-map", help="'auto': spread the model's layers over every "
                                                             "visible GPU (accelerate), as for models too big for one."),
-    generate_tokens: int = typer.Option(None, "--generate-tokens", help="Greedy tokens compared (GPU 128, CPU 16)."),
+    generate_tokens: int = typer.Option(None, "--generate-tokens", help="Greedy tokens compared (GPU 128, CPU 16; "
+                                                                        "0 skips the comparison)."),
     tolerance: float = typer.Option(0.1, "--tolerance", help="Allowed relative perplexity difference, percent."),
     min_top1: float = typer.Option(None, "--min-top1", help="Also require this top-1 agreement of logits (0-1)."),
-    layers: int = typer.Option(None, "--layers", help="Presets: keep only this many layers."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    layers: int = typer.Option(None, "--layers", help="Keep only the first K transformer blocks (faster checks)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow a hub model's own Python "
+                                                                              "code (transformers' flag)."),
     json_path: str = typer.Option(None, "--json", help="Also write the result as JSON to this file ('-': stdout)."),
 ):
-    """Perplexity, logit and generation parity, unpatched vs patched. Exit 0 PASS, 1 FAIL, 2 bad usage."""
-    from rich.progress import Progress
+    """Perplexity, logit and generation parity of MODEL, unpatched vs patched, on the same text."""
+    out = err_console if json_path == "-" else console  # stdout carries the JSON alone
+    with _usage_errors():
+        _check_model_options(model, layers, device_map)
+        output_file("--json", json_path)
+        device, dtype = _choose_device(device, dtype)
+        on_gpu = device.startswith("cuda")
+        from flashpatch.verify import VerifyOptions
 
-    from flashpatch.loading import DTYPES, UsageError, load_model, load_text
+        context = context if context is not None else (2048 if on_gpu else 128)
+        opts = VerifyOptions(context=context, stride=stride if stride is not None else (context // 2 if on_gpu else context),
+                             max_tokens=max_tokens if max_tokens is not None or on_gpu else 512, tolerance_pct=tolerance,
+                             min_top1=min_top1, generate_tokens=generate_tokens if generate_tokens is not None
+                             else (128 if on_gpu else 16))
+        opts.check()
+        _start(device, out, "slow: a correctness check, not a speed test")
+        from flashpatch.loading import DTYPES, load_model, load_text
+        from flashpatch.verify import EXIT_CODES, not_served_result, run_verify, serving_report, text_tokens
 
-    device = _prepare_device(device)
-    on_gpu = device == "cuda"
-    dtype = dtype or ("bf16" if on_gpu else "fp32")
-    if dtype not in DTYPES:
-        _fail_usage(f"--dtype {dtype!r}: choose bf16, fp16 or fp32")
-    if dtype == "bf16" and not on_gpu:
-        _fail_usage("bf16 needs a GPU: Triton's CPU interpreter cannot run bf16 dots; use --dtype fp32 or fp16")
-    context = context or (2048 if on_gpu else 128)
-    stride = stride or (context // 2 if on_gpu else context)
-    if not 0 < stride <= context:
-        _fail_usage(f"--stride {stride} must be in 1..--context ({context})")
-    if max_tokens is None and not on_gpu:
-        max_tokens = 512
-    try:
         text_data, source = load_text(text, dataset)
-        with console.status(f"loading {model}"):
+        with out.status(f"loading {model}"):
             loaded = load_model(model, dtype=DTYPES[dtype], device=device, layers=layers,
                                 trust_remote_code=trust_remote_code, device_map=device_map)
-    except UsageError as exc:
-        _fail_usage(str(exc))
-
-    from flashpatch.verify import VerifyOptions, run_verify
-
-    limit = getattr(loaded.model.config, "max_position_embeddings", None) or getattr(loaded.model.config, "n_positions", None)
-    if limit and context > limit:
-        context, stride = limit, min(stride, limit)
-    opts = VerifyOptions(context=context, stride=stride, max_tokens=max_tokens, tolerance_pct=tolerance,
-                         min_top1=min_top1, generate_tokens=generate_tokens or (128 if on_gpu else 16))
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("windows (unpatched, then patched)", total=None)
-        result = run_verify(loaded, text_data, source, opts,
-                            progress=lambda done, total: progress.update(task, completed=done, total=total))
-    data = result.to_dict()
-    if json_path == "-":
-        typer.echo(json.dumps(data, indent=2))
-    else:
-        _write_json(data, json_path)
+        tokens = text_tokens(loaded, text_data, opts)
+    config = loaded.model.config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit and opts.context > limit:
+        out.print(f"[yellow]--context {opts.context} is past the model's {limit} positions: using {limit}.[/yellow]")
+        opts.context, opts.stride = limit, min(opts.stride, limit)
+    report = serving_report(loaded.model)
+    if not report.patched:
+        _not_served(report, out)
+        _write_json(not_served_result(loaded, report, source, opts), json_path)
+        raise typer.Exit(EXIT_CODES["NOT SERVED"])
+    with _progress("verify: windows, unpatched then patched", None, out) as update:
+        result = run_verify(loaded, tokens, source, opts, progress=lambda done, total: update(done, total))
+    if json_path != "-":
         _print_verify(result)
-    raise typer.Exit(0 if result.passed else 1)
+    _write_json(result.to_dict(), json_path)
+    raise typer.Exit(EXIT_CODES[result.verdict])
+
+
+def _check_model_options(model: str, layers: int | None, device_map: str | None):
+    from flashpatch.loading import check_model_needs
+
+    at_least("--layers", layers, 1)
+    check_model_needs(model, device_map=device_map)
 
 
 def _print_verify(result):
-    table = Table(title="flashpatch verify", show_header=False)
+    generation = ("skipped" if not result.generate_tokens else "identical" if result.generation_identical
+                  else f"diverge at token {result.first_divergence}")
+    top1 = f"{result.top1_agreement:.4%}"
+    if result.min_top1 is not None:
+        top1 += f" (required {result.min_top1:.4%})"
     rows = [
-        ("model", result.model), ("text", f"{result.text_source} ({result.tokens} tokens, {result.windows} windows "
-                                          f"of {result.context}, stride {result.stride})"),
+        ("model", escape(result.model)),
+        ("text", f"{result.text_source} ({result.tokens} tokens, {result.windows} windows of {result.context}, "
+                 f"stride {result.stride})"),
         ("dtype / device", f"{result.dtype} / {result.device}"),
-        ("baseline attention", result.baseline_impl), ("patched with", result.kernel_path),
+        ("baseline attention", result.baseline_impl),
+        ("patched with", f"{result.kernel_path}, {result.layers_patched} attention layers"),
         ("perplexity baseline", f"{result.ppl_baseline:.4f}"), ("perplexity patched", f"{result.ppl_patched:.4f}"),
         ("relative difference", f"{result.ppl_rel_diff_pct:.4f} % (tolerance {result.tolerance_pct} %)"),
         ("max |logit diff|", f"{result.max_abs_logit_diff:.3g}"),
         ("mean |logit diff|", f"{result.mean_abs_logit_diff:.3g}"),
-        ("top-1 agreement", f"{result.top1_agreement:.4%}" + (f" (required {result.min_top1:.0%})"
-                                                               if result.min_top1 is not None else "")),
-        (f"greedy {result.generate_tokens} tokens", "identical" if result.generation_identical
-         else f"diverge at token {result.first_divergence}"),
+        ("top-1 agreement", top1),
+        (f"greedy {result.generate_tokens} tokens", generation),
         ("time baseline / patched", f"{result.seconds_baseline:.2f} s / {result.seconds_patched:.2f} s"),
     ]
-    for reason, count in result.fallback_calls.items():
-        rows.append(("fallback calls", f"{reason}: {count}"))
-    for key, value in rows:
-        table.add_row(key, value)
-    verdict = "[bold green]PASS[/bold green]" if result.passed else "[bold red]FAIL[/bold red]"
-    table.add_row("verdict", verdict)
-    console.print(table)
+    rows += [("fell back", escape(f"{count} calls ran the model's own attention: {reason}"))
+             for reason, count in result.fallbacks.items()]
+    rows += [("failed", escape(failure)) for failure in result.failures]
+    colour = {"PASS": "green", "FAIL": "red", "NOT SERVED": "yellow"}[result.verdict]
+    rows.append(("verdict", f"[bold {colour}]{result.verdict}[/bold {colour}]"))
+    console.print(_key_value_table("flashpatch verify", rows))
 
 
-@app.command()
+@app.command(epilog="Exit 0 when every cell ran, 2 bad usage, 3 NOT SERVED (flashpatch left the model as it is).")
 def bench(
-    model: str = typer.Argument(None, help="As in verify; 'kernels' benchmarks the op itself. Default: the "
+    model: str = typer.Argument(None, help="As in verify, or 'kernels' to benchmark the op itself. Default: the "
                                            "llama2-7b preset on a GPU, tiny-llama without one."),
     contexts: str = typer.Option(None, "--contexts", help="Comma-separated prompt lengths "
                                                           "(GPU default 512,1024,2048,4096,8192,16384)."),
-    new_tokens: int = typer.Option(None, "--new-tokens", help="Greedy tokens generated (GPU 128, CPU 8)."),
-    batch: int = typer.Option(1, "--batch"),
+    new_tokens: int = typer.Option(None, "--new-tokens", help="Greedy tokens generated per prompt (GPU 128, CPU 8)."),
+    batch: int = typer.Option(1, "--batch", help="Prompts per generate call."),
     dtype: str = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (GPU default bf16, CPU fp32)."),
-    baselines: str = typer.Option("eager,sdpa", "--baselines", help="transformers implementations to compare."),
+    baselines: str = typer.Option("eager,sdpa", "--baselines", help="transformers attention implementations to "
+                                                                    "compare (eager, sdpa, flash_attention_2, ...)."),
     repeats: int = typer.Option(2, "--repeats", help="Timed runs per cell (median)."),
     regimes: str = typer.Option("cold,warm", "--regimes", help="cold (unseen lengths), warm (repeated call)."),
     cache: str = typer.Option("dynamic", "--cache", help="dynamic (transformers' default) or static (StaticCache of "
                                                          "context + new tokens; generate compiles it on a GPU)."),
-    layers: int = typer.Option(None, "--layers", help="Presets: keep only this many layers."),
-    device: str = typer.Option(None, "--device", help="cuda or cpu (default: cuda if present)."),
+    layers: int = typer.Option(None, "--layers", help="Keep only the first K transformer blocks."),
+    device: str = typer.Option(None, "--device", help="cuda, cuda:N or cpu (default: cuda if present)."),
     device_map: str = typer.Option(None, "--device-map", help="'auto': spread the model's layers over every "
                                                             "visible GPU (accelerate), as for models too big for one."),
-    json_path: str = typer.Option(None, "--json", help="Write rows as JSON to this file."),
+    json_path: str = typer.Option(None, "--json", help="Write rows as JSON to this file ('-': stdout)."),
     plot_path: str = typer.Option(None, "--plot", help="Write a PNG: tokens/s and peak memory vs context."),
-    head_dims: str = typer.Option("64,128", "--head-dims", help="kernels: head dims."),
+    head_dims: str = typer.Option("64,128", "--head-dims", help="bench kernels: head dims."),
 ):
     """Generation tokens/sec and memory by context, baselines vs flashpatch (or `bench kernels`)."""
-    if model == "kernels":
-        return _bench_kernels(contexts, head_dims, json_path)
-    device = _prepare_device(device)  # before anything imports the kernels
-    from rich.progress import Progress
+    out = err_console if json_path == "-" else console
+    with _usage_errors():
+        output_file("--json", json_path)
+        if model == "kernels":
+            return _bench_kernels(contexts, head_dims, json_path, out)
+        output_file("--plot", plot_path)
+        if plot_path:
+            need_module("matplotlib", "--plot", "pip install 'flashpatch[plot]'")
+        if model is not None:
+            _check_model_options(model, layers, device_map)
+        for option, value in (("--new-tokens", new_tokens), ("--batch", batch), ("--repeats", repeats)):
+            at_least(option, value, 1)
+        regime_list = name_list("--regimes", regimes, ("cold", "warm"))
+        name_list("--cache", cache, ("dynamic", "static"))
+        device, dtype = _choose_device(device, dtype)
+        on_gpu = device.startswith("cuda")
+        model = model or ("llama2-7b" if on_gpu else "tiny-llama")
+        new_tokens = new_tokens or (128 if on_gpu else 8)
+        context_list = int_list("--contexts", contexts or ("512,1024,2048,4096,8192,16384" if on_gpu else "32,64"))
+        from flashpatch.bench_generate import attention_names, bench_generation, markdown, plot, terminal_table
 
-    from flashpatch.bench_generate import bench_generation, markdown, plot, table_rows
-    from flashpatch.loading import DTYPES, UsageError, load_model
-    from flashpatch.presets import PRESET_CONFIGS
+        baseline_list = tuple(name_list("--baselines", baselines, attention_names()))
+        _start(device, out, "speed on a CPU says nothing about flash kernels: this run exercises the benchmark")
+        from flashpatch.loading import DTYPES, load_model
+        from flashpatch.verify import EXIT_CODES, serving_report
 
-    on_gpu = device == "cuda"
-    if not on_gpu:
-        console.print("[yellow]Speed on a CPU says nothing about flash kernels: this run only exercises the "
-                      "benchmark.[/yellow]")
-    model = model or ("llama2-7b" if on_gpu else "tiny-llama")
-    dtype = dtype or ("bf16" if on_gpu else "fp32")
-    if dtype not in DTYPES or (dtype == "bf16" and not on_gpu):
-        _fail_usage(f"--dtype {dtype!r}: bf16/fp16 on a GPU, fp32 or fp16 on a CPU")
-    try:
-        context_list = [int(c) for c in (contexts or ("512,1024,2048,4096,8192,16384" if on_gpu else "32,64"))
-                        .split(",")]
-    except ValueError:
-        _fail_usage(f"--contexts {contexts!r}: comma-separated integers")
-    new_tokens = new_tokens or (128 if on_gpu else 8)
-    regime_list = [r.strip() for r in regimes.split(",") if r.strip()]
-    if not set(regime_list) <= {"cold", "warm"}:
-        _fail_usage(f"--regimes {regimes!r}: cold and/or warm")
-    baseline_list = tuple(b.strip() for b in baselines.split(",") if b.strip())
-    if cache not in ("dynamic", "static"):
-        _fail_usage(f"--cache {cache!r}: dynamic or static")
-    try:
-        with console.status(f"building {model}"):
-            if model in PRESET_CONFIGS:
-                from flashpatch.presets import build_model
-
-                if device_map not in (None, "auto"):
-                    raise UsageError(f"--device-map {device_map!r}: only 'auto' is supported")
-                loaded_model = build_model(model, layers=layers, dtype=DTYPES[dtype],
-                                           device="cpu" if device_map else device,
-                                           # cold repeats may run past the context (_LengthSource)
-                                           max_positions=max(context_list) + (repeats + 2) * (new_tokens + 1))
-                if device_map:
-                    from flashpatch.devices import dispatch_auto
-
-                    loaded_model = dispatch_auto(loaded_model)
-            else:
-                loaded_model = load_model(model, dtype=DTYPES[dtype], device=device, device_map=device_map).model
-    except UsageError as exc:
-        _fail_usage(str(exc))
+        with out.status(f"building {model}"):
+            loaded_model = load_model(model, dtype=DTYPES[dtype], device=device, layers=layers, device_map=device_map,
+                                      # cold repeats may run past the context (_LengthSource)
+                                      max_positions=max(context_list) + (repeats + 2) * (new_tokens + 1)).model
+    report = serving_report(loaded_model)
+    if not report.patched:
+        _not_served(report, out)
+        raise typer.Exit(EXIT_CODES["NOT SERVED"])
     cells = len(context_list) * len(regime_list) * (len(baseline_list) + 1)
 
     def save(rows, partial=False):  # after every context too: a long run may be cut off
-        _write_json({"model": model, "dtype": dtype, "batch": batch, "new_tokens": new_tokens, "cache": cache,
-                     "partial": partial, "rows": [r.to_dict() for r in rows],
-                     "markdown": markdown(rows, baseline_list)}, json_path)
+        if json_path != "-" or not partial:
+            _write_json({"model": model, "dtype": dtype, "batch": batch, "new_tokens": new_tokens, "cache": cache,
+                         "partial": partial, "rows": [r.to_dict() for r in rows],
+                         "markdown": markdown(rows, baseline_list)}, json_path)
 
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task(f"{model}: {cells} cells", total=cells)
+    with _progress(f"bench {model}: {cells} cells", cells, out) as update:
         rows = bench_generation(loaded_model, contexts=context_list, new_tokens=new_tokens, batch=batch,
                                 baselines=baseline_list, repeats=repeats, regimes=regime_list, cache=cache,
-                                progress=lambda: progress.advance(task),
-                                on_context=lambda so_far: save(so_far, partial=True))
-    header, cells_text = table_rows(rows, baseline_list)
-    table = Table(title=f"flashpatch bench: {model}, {dtype}, batch {batch}, {new_tokens} new tokens, {cache} cache "
-                        f"(cold = unseen lengths, warm = repeated call; x = median of per-repeat ratios)")
+                                progress=update, on_context=lambda so_far: save(so_far, partial=True))
+    header, body = terminal_table(rows, baseline_list)
+    table = Table(title=f"flashpatch bench: {model}, {dtype}, batch {batch}, {new_tokens} new tokens, {cache} cache",
+                  caption="cold = unseen prompt lengths, warm = the same call repeated; x = flashpatch's speedup "
+                          "over the row (median of per-repeat ratios); decode in tokens/s",
+                  box=None, padding=(0, 1), pad_edge=False)
     for h in header:
-        table.add_column(h, justify="right")
-    for c in cells_text:
-        table.add_row(*c)
-    console.print(table)
+        table.add_column(h, justify="right", overflow="fold")
+    for cells_text in body:
+        table.add_row(*(escape(c) for c in cells_text))
+    out.print(table)
     save(rows)
     if plot_path:
         plot(rows, plot_path, f"{model} ({dtype}, batch {batch}, {new_tokens} new tokens, {cache} cache)")
 
 
-def _bench_kernels(lengths: str | None, head_dims: str, json_path: str | None):
+def _bench_kernels(lengths: str | None, head_dims: str, json_path: str | None, out: Console):
     import torch
 
+    length_list = int_list("--contexts", lengths) if lengths else None
+    dims = int_list("--head-dims", head_dims, minimum=8)
+    if any(d % 8 or d > 256 for d in dims):
+        raise UsageError(f"--head-dims {head_dims!r}: multiples of 8 up to 256")
     if not torch.cuda.is_available():
-        _fail_usage("bench kernels needs a CUDA GPU (the CPU interpreter's speed means nothing)")
-    from rich.progress import Progress
+        raise UsageError("bench kernels needs a CUDA GPU (the CPU interpreter's speed means nothing)")
+    from flashpatch.bench_kernels import run_kernel_tables
 
-    from flashpatch.bench_kernels import (BACKWARD_IMPLS, DECODE_CACHES, SDPA_BACKENDS, SEED_LENGTHS, bench_backward,
-                                          bench_decode, bench_forward, decode_markdown, markdown_table)
+    with _progress("forward, backward and decode kernels", None, out) as update:
+        tables, data = run_kernel_tables(length_list, dims, progress=update)
+    for title, text in tables:
+        out.print(title)
+        out.print(text)
+    _write_json(data, json_path)
 
-    impls = ["flashpatch"] + [f"sdpa-{b}" for b in SDPA_BACKENDS] + ["flex"]
-    decode_impls = impls[:-1]  # FlexAttention would compile per cache length
-    if torch.cuda.get_device_capability() >= (9, 0):
-        impls.append("flashpatch-fp8")  # the FP8 forward, quantization included (Hopper)
-    length_list = [int(n) for n in lengths.split(",")] if lengths else list(SEED_LENGTHS)
-    dims = [int(d) for d in head_dims.split(",")]
-    batches = (1, 8, 32)
-    cells = len(length_list) * len(dims) * 2
-    total = cells * (len(impls) + 2 * len(BACKWARD_IMPLS)) + 2 * len(DECODE_CACHES) * len(batches) * len(decode_impls)
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("forward, backward and decode kernels", total=total)
-        step = lambda: progress.advance(task)  # noqa: E731
-        rows = bench_forward(impls, lengths=length_list, head_dims=dims, progress=step)
-        train_rows = bench_backward(lengths=length_list, head_dims=dims, progress=step)
-        bwd_rows = bench_backward(lengths=length_list, head_dims=dims, backward_only=True, progress=step)
-        decode_rows = bench_decode(decode_impls, batches=batches, progress=step)
-        decode_graph_rows = bench_decode(decode_impls, batches=batches, progress=step, cuda_graph=True)
-    console.print("Forward, batch 8, 32 heads, bf16 (TFLOPS):")
-    console.print(markdown_table(rows, impls))
-    console.print("Forward + backward (TFLOPS count 3.5x the forward's FLOPs):")
-    console.print(markdown_table(train_rows, BACKWARD_IMPLS))
-    console.print("Backward alone (2.5x the forward's FLOPs):")
-    console.print(markdown_table(bwd_rows, BACKWARD_IMPLS))
-    console.print("Decode, one query token, 32 heads, head dim 128, bf16 (TB/s of K/V read), calls back to back "
-                  "(host launch cost included):")
-    console.print(decode_markdown(decode_rows, decode_impls))
-    console.print("The same, timed as CUDA-graph replays (GPU time alone, every backend alike):")
-    console.print(decode_markdown(decode_graph_rows, decode_impls))
-    _write_json({"rows": [r.to_dict() for r in rows], "forward_backward_rows": [r.to_dict() for r in train_rows],
-                 "backward_rows": [r.to_dict() for r in bwd_rows], "decode_rows": [r.to_dict() for r in decode_rows],
-                 "decode_graph_rows": [r.to_dict() for r in decode_graph_rows]}, json_path)
 
 if __name__ == "__main__":
     app()

@@ -34,7 +34,8 @@ def main():
                 block.attn.attn_dropout.p = args.attn_dropout
     else:
         config = GPT2Config(n_layer=args.layers, n_embd=args.width, n_head=args.width // 64,
-                            n_positions=max(1024, args.context), vocab_size=256 + 1,
+                            n_positions=max(1024, args.context), vocab_size=256 + 1, bos_token_id=256,
+                            eos_token_id=256,  # the one id past the bytes (GPT-2's own 50256 is outside this vocab)
                             **({} if args.attn_dropout is None else {"attn_pdrop": args.attn_dropout}))
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
         encode = lambda text: list(text.encode("utf-8"))  # noqa: E731

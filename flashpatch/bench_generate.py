@@ -49,6 +49,18 @@ class GenRow:
         return asdict(self)
 
 
+def _failure(exc: Exception) -> str:
+    """A failed cell's one line: OOM, a flashpatch call that would have run the original attention (the cell is
+    not timed then), or the exception."""
+    from .adapter import FallbackError
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return "OOM"
+    if isinstance(exc, FallbackError):
+        return f"not served: {str(exc).split(': ', 1)[-1]}"[:160]
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+
+
 class _StepClock(LogitsProcessor):
     """Records when each new token's logits are ready (the first one ends the prefill)."""
 
@@ -130,8 +142,7 @@ class _Cell:
         except Exception as exc:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            reason = "OOM" if isinstance(exc, torch.OutOfMemoryError) else f"{type(exc).__name__}: {exc}"
-            self.error = reason.splitlines()[0][:160]
+            self.error = _failure(exc)
             return
         if device.type == "cuda":
             self.peak = max(self.peak or 0.0, (max_memory_allocated_all() - base) / 2**20)
@@ -279,7 +290,10 @@ def plot(rows: list[GenRow], path: str, title: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_speed, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.5))
+    measured_memory = any(r.peak_mib is not None for r in rows)  # a GPU's; none on a CPU
+    fig, axes = plt.subplots(1, 2 if measured_memory else 1, figsize=(12 if measured_memory else 6.5, 4.5),
+                             squeeze=False)
+    ax_speed, ax_mem = axes[0][0], (axes[0][1] if measured_memory else None)
     for impl in dict.fromkeys(r.impl for r in rows):
         for regime, style in (("cold", "--"), ("warm", "-")):
             pts = sorted((r.context, r.e2e_tok_s, r.peak_mib) for r in rows
@@ -288,18 +302,28 @@ def plot(rows: list[GenRow], path: str, title: str):
                 continue
             xs = [p[0] for p in pts]
             ax_speed.plot(xs, [p[1] for p in pts], style, marker="o", label=f"{impl} ({regime})")
-            if regime == "warm" and all(p[2] is not None for p in pts):
+            if ax_mem is not None and regime == "warm" and all(p[2] is not None for p in pts):
                 ax_mem.plot(xs, [p[2] / 1024 for p in pts], marker="o", label=impl)
     for ax, ylabel in ((ax_speed, "end-to-end tokens/s"), (ax_mem, "peak memory above weights (GiB)")):
+        if ax is None:
+            continue
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context (prompt tokens)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def attention_names() -> list[str]:
+    """The attention implementations transformers knows by name: what --baselines may list."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ["eager", *(name for name in ALL_ATTENTION_FUNCTIONS.valid_keys() if "|" not in name)]
 
 
 def _fmt(value, spec=".1f"):
@@ -326,6 +350,23 @@ def table_rows(rows: list[GenRow], baselines) -> tuple[list[str], list[list[str]
         if setup:
             cell += [_fmt(r.setup_s if r else None) for r in get]
         cells.append(cell)
+    return header, cells
+
+
+def terminal_table(rows: list[GenRow], baselines) -> tuple[list[str], list[list[str]]]:
+    """A row per (context, regime, implementation), few columns: fits 80 columns, so logs and CI keep every cell.
+    `x` on a baseline's row is flashpatch's speedup over it."""
+    header = ["context", "regime", "impl", "tok/s", "x", "TTFT ms", "decode", "peak MiB", "setup s"]
+    cells = []
+    for rec in speedup_table(rows, baselines):
+        for impl in (*baselines, "flashpatch"):
+            r = rec.get(impl)
+            if r is None:
+                continue
+            speed = _fmt(r.e2e_tok_s) if r.e2e_tok_s is not None else (r.error or "-")
+            ratio = rec.get(f"x_{impl}")
+            cells.append([str(rec["context"]), rec["regime"], impl, speed, "" if ratio is None else f"{ratio:.2f}",
+                          _fmt(r.ttft_ms, ".0f"), _fmt(r.decode_tok_s), _fmt(r.peak_mib, ".0f"), _fmt(r.setup_s)])
     return header, cells
 
 

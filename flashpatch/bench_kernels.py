@@ -309,3 +309,36 @@ def decode_sweep(candidates, cases=((1, 1024), (1, 4096), (1, 131072), (8, 16384
                 results.append((batch, n, cfg, waves, min_blocks, *unroll, splits, f"{type(exc).__name__}"))
         del q, k, v
     return results
+
+
+def run_kernel_tables(lengths=None, head_dims=(64, 128), progress=None) -> tuple[list[tuple[str, str]], dict]:
+    """`flashpatch bench kernels`: forward, forward + backward, backward alone, then decode (eager calls and CUDA-graph
+    replays), each against SDPA's backends and FlexAttention. Returns ([(title, markdown table)], JSON data).
+    `progress(0, total)` is called first, then `progress()` per cell."""
+    impls = ["flashpatch"] + [f"sdpa-{b}" for b in SDPA_BACKENDS] + ["flex"]
+    decode_impls = impls[:-1]  # FlexAttention would compile per cache length
+    if torch.cuda.get_device_capability() >= (9, 0):
+        impls.append("flashpatch-fp8")  # the FP8 forward, quantization included (Hopper)
+    lengths = list(lengths or SEED_LENGTHS)
+    batches = (1, 8, 32)
+    cells = len(lengths) * len(head_dims) * 2
+    step = progress or (lambda *args: None)
+    step(0, cells * (len(impls) + 2 * len(BACKWARD_IMPLS)) + 2 * len(DECODE_CACHES) * len(batches) * len(decode_impls))
+    rows = bench_forward(impls, lengths=lengths, head_dims=head_dims, progress=step)
+    train_rows = bench_backward(lengths=lengths, head_dims=head_dims, progress=step)
+    bwd_rows = bench_backward(lengths=lengths, head_dims=head_dims, backward_only=True, progress=step)
+    decode_rows = bench_decode(decode_impls, batches=batches, progress=step)
+    graph_rows = bench_decode(decode_impls, batches=batches, progress=step, cuda_graph=True)
+    tables = [
+        ("Forward, batch 8, 32 heads, bf16 (TFLOPS):", markdown_table(rows, impls)),
+        ("Forward + backward (TFLOPS count 3.5x the forward's FLOPs):", markdown_table(train_rows, BACKWARD_IMPLS)),
+        ("Backward alone (2.5x the forward's FLOPs):", markdown_table(bwd_rows, BACKWARD_IMPLS)),
+        ("Decode, one query token, 32 heads, head dim 128, bf16 (TB/s of K/V read), calls back to back "
+         "(host launch cost included):", decode_markdown(decode_rows, decode_impls)),
+        ("The same, timed as CUDA-graph replays (GPU time alone, every backend alike):",
+         decode_markdown(graph_rows, decode_impls)),
+    ]
+    data = {"rows": [r.to_dict() for r in rows], "forward_backward_rows": [r.to_dict() for r in train_rows],
+            "backward_rows": [r.to_dict() for r in bwd_rows], "decode_rows": [r.to_dict() for r in decode_rows],
+            "decode_graph_rows": [r.to_dict() for r in graph_rows]}
+    return tables, data

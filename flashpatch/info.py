@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 import torch
 
-from .dispatch import default_device, path_for_device
+from .dispatch import default_device, path_for_capability, path_for_device, triton_import_error
 
 
 def _version(dist: str) -> str | None:
@@ -23,7 +23,10 @@ def gather_info() -> dict:
         "versions": {name: _version(name) for name in ("flashpatch", "torch", "triton", "transformers")},
         "device": str(device),
         "gpu": None,
-        "kernel_path": path_for_device(device).to_dict(),
+        "kernel_path": path_for_device(device).to_dict(),  # what apply() does in this process
+        # what `flashpatch verify` / `bench` do: without a GPU they set TRITON_INTERPRET=1 before the kernels load
+        "cli_kernel_path": (path_for_device(device) if device.type == "cuda" else path_for_capability(
+            None, triton_error=triton_import_error(), interpreter=True)).to_dict(),
         "tiles": {},
         "tune_candidates": {},
         "backward_tiles": {},

@@ -10,13 +10,10 @@ from typing import Callable
 import torch
 
 from .presets import PRESET_CONFIGS, build_model
+from .usage import UsageError, need_module, unknown_model
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_DATASET = "wikitext:wikitext-2-raw-v1:test"
-
-
-class UsageError(ValueError):
-    """Bad model, data or option: the CLI prints the message and exits 2."""
 
 
 @dataclass
@@ -45,16 +42,43 @@ def smollm2_gguf() -> str:
     return os.path.join(folder, ggufs[0])
 
 
+def model_source(spec: str) -> str:
+    """What `spec` names: 'preset', 'gguf' (smollm2 or a .gguf file), 'folder' or 'hub'. A bare name that is none
+    of the first three is refused at once (the hub's retries take most of a minute offline)."""
+    if spec in PRESET_CONFIGS:
+        return "preset"
+    if spec == "smollm2" or spec.endswith(".gguf"):
+        return "gguf"
+    if os.path.isdir(os.path.expanduser(spec)):
+        return "folder"
+    if spec.startswith((".", "/", "~")):
+        raise UsageError(f"model directory not found: {spec}")
+    if "/" not in spec:
+        raise unknown_model(spec, [*PRESET_CONFIGS, "smollm2"])
+    return "hub"
+
+
+def check_model_needs(spec: str, *, device_map: str | None = None) -> None:
+    """The packages loading `spec` needs, checked before anything is loaded."""
+    if device_map not in (None, "auto"):
+        raise UsageError(f"--device-map {device_map!r}: only 'auto' is supported")
+    if model_source(spec) == "gguf":
+        need_module("gguf", "loading a GGUF file", "pip install 'flashpatch[gguf]'")
+        if spec == "smollm2":
+            smollm2_gguf()
+
+
 def load_model(spec: str, *, dtype: torch.dtype, device: str, layers: int | None = None,
                trust_remote_code: bool = False, attn_implementation: str | None = None,
-               device_map: str | None = None) -> LoadedModel:
+               device_map: str | None = None, max_positions: int | None = None) -> LoadedModel:
     """`spec`: a preset name, 'smollm2', a .gguf path, a local directory or a hub id. device_map="auto" spreads
-    the model's layers over every visible GPU (accelerate) instead of putting it on `device`."""
-    if device_map not in (None, "auto"):
-        raise UsageError(f"device_map {device_map!r}: only 'auto' is supported")
+    the model's layers over every visible GPU (accelerate) instead of putting it on `device`. `layers` keeps the
+    first blocks only (checkpoints: the others' weights are not loaded). `max_positions` sizes a preset's position
+    table (benchmarks' prompts may be longer than the real config's)."""
+    check_model_needs(spec, device_map=device_map)
     if spec in PRESET_CONFIGS:
         model = build_model(spec, layers=layers, dtype=dtype, device="cpu" if device_map else device,
-                            attn_implementation=attn_implementation or "sdpa")
+                            attn_implementation=attn_implementation or "sdpa", max_positions=max_positions)
         if device_map:
             from flashpatch.devices import dispatch_auto
 
@@ -66,11 +90,13 @@ def load_model(spec: str, *, dtype: torch.dtype, device: str, layers: int | None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    if layers is not None:
+        kwargs["num_hidden_layers"] = layers  # a config attribute every causal LM maps (GPT-2's n_layer too)
     if device_map:
         kwargs["device_map"] = device_map
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    if spec == "smollm2" or spec.endswith(".gguf"):
+    if model_source(spec) == "gguf":
         path = smollm2_gguf() if spec == "smollm2" else spec
         if not os.path.isfile(path):
             raise UsageError(f"GGUF file not found: {path}")
@@ -83,18 +109,17 @@ def load_model(spec: str, *, dtype: torch.dtype, device: str, layers: int | None
             pass
         description = f"{os.path.basename(path)} (GGUF, de-quantized to {dtype})"
     else:
-        if spec.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(spec)):
-            raise UsageError(f"model directory not found: {spec}")
-        source, description = spec, spec
+        source, description = os.path.expanduser(spec), spec
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **{k: v for k, v in kwargs.items()
-                                                             if k not in ("dtype", "attn_implementation", "device_map",
-                                                                          "quantization_config")})
+                                                             if k in ("trust_remote_code", "gguf_file")})
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"cannot load model {spec!r}: {first}. Presets: {', '.join(PRESET_CONFIGS)}, smollm2") from exc
     model = (model if device_map else model.to(device)).eval()
+    if layers is not None:
+        description += f" (first {layers} layers)"
     return LoadedModel(model, lambda text: tokenizer(text).input_ids, tokenizer.decode, description)
 
 
@@ -106,6 +131,9 @@ def load_text(text_file: str | None, dataset: str | None) -> tuple[str, str]:
                 text = f.read()
         except OSError as exc:
             raise UsageError(f"cannot read text file {text_file}: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"--text {text_file} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                             f"{exc.start}): convert it, e.g. iconv -t utf-8, or pass another file") from None
         source = text_file
     else:
         name, config, split = ((dataset or DEFAULT_DATASET).split(":") + [None, None])[:3]

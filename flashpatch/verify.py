@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -12,7 +14,11 @@ import torch
 
 from .devices import model_devices, synchronize_all
 from .loading import LoadedModel
-from .patch import apply, patched, unapply
+from .patch import PatchReport, apply, patched, unapply
+from .usage import UsageError, at_least
+
+# Exit codes of `flashpatch verify` (and `bench` for NOT SERVED).
+EXIT_CODES = {"PASS": 0, "FAIL": 1, "NOT SERVED": 3}
 
 
 @dataclass
@@ -25,6 +31,18 @@ class VerifyOptions:
     # Optional second criterion. Off by default: in bf16 a near-tied argmax flips under any change of
     # summation order (measured on the H100: 97.8 % top-1 agreement at 0.011 % perplexity difference).
     min_top1: float | None = None
+
+    def check(self) -> None:
+        """UsageError naming the first option out of range."""
+        at_least("--context", self.context, 2, " tokens (a window scores all but its first token)")
+        at_least("--stride", self.stride, 1)
+        if self.stride > self.context:
+            raise UsageError(f"--stride {self.stride}: must be at most --context ({self.context})")
+        at_least("--max-tokens", self.max_tokens, 2, " (a perplexity needs two tokens)")
+        at_least("--generate-tokens", self.generate_tokens, 0)
+        at_least("--tolerance", self.tolerance_pct, 0)
+        if self.min_top1 is not None and not 0 <= self.min_top1 <= 1:
+            raise UsageError(f"--min-top1 {self.min_top1}: a fraction from 0 to 1 (0.98 = 98 %)")
 
 
 @dataclass
@@ -50,17 +68,60 @@ class VerifyResult:
     first_divergence: int | None  # index among generated tokens, None if identical
     seconds_baseline: float
     seconds_patched: float
-    fallback_calls: dict = field(default_factory=dict)
+    patched: bool = True
+    layers_patched: int = 0
+    reasons: list = field(default_factory=list)  # why flashpatch left the model as it is
+    fallbacks: dict = field(default_factory=dict)  # calls that ran the model's own attention: reason -> count
     tolerance_pct: float = 0.1
     min_top1: float | None = None
 
     @property
+    def failures(self) -> list[str]:
+        """The parity criteria this run missed, each saying by how much."""
+        failed = []
+        if not self.ppl_rel_diff_pct <= self.tolerance_pct:  # NaN fails too
+            failed.append(f"perplexity differs by {self.ppl_rel_diff_pct:.4g} %, more than --tolerance "
+                          f"{self.tolerance_pct:g} %")
+        if self.min_top1 is not None and not self.top1_agreement >= self.min_top1:
+            failed.append(f"top-1 agreement {self.top1_agreement:.4%} is below --min-top1 {self.min_top1:.4%}")
+        return failed
+
+    @property
+    def verdict(self) -> str:
+        """FAIL: a criterion missed. NOT SERVED: flashpatch did not serve the model, or some of its attention calls
+        ran the original attention (then the numbers compare that with itself). PASS: neither."""
+        if self.failures:
+            return "FAIL"
+        return "NOT SERVED" if not self.patched or self.fallbacks else "PASS"
+
+    @property
     def passed(self) -> bool:
-        top1_ok = self.min_top1 is None or self.top1_agreement >= self.min_top1
-        return self.ppl_rel_diff_pct <= self.tolerance_pct and top1_ok
+        return self.verdict == "PASS"
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "verdict": "PASS" if self.passed else "FAIL"}
+        return {**asdict(self), "verdict": self.verdict, "failures": self.failures}
+
+
+def serving_report(model) -> PatchReport:
+    """What `apply` would do to this model here (applied, then undone). Its warnings are not printed: the report
+    carries the same reasons, and the CLI shows them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = apply(model)
+    unapply(model)
+    if report.patched and not report.kernel_path["name"].startswith("triton"):
+        report.patched, report.layers_patched = False, 0
+        report.reasons.append(f"kernels unavailable on this device: {report.kernel_path['reason']}")
+    return report
+
+
+def not_served_result(loaded: LoadedModel, report: PatchReport, text_source: str, opts: VerifyOptions) -> dict:
+    """verify's JSON for a model flashpatch does not serve: no parity numbers, since nothing of ours ran."""
+    model = loaded.model
+    return {"model": loaded.description, "text_source": text_source, "baseline_impl": model.config._attn_implementation,
+            "kernel_path": report.kernel_path["name"], "patched": False, "layers_patched": 0,
+            "reasons": report.reasons, "fallbacks": {}, "context": opts.context, "stride": opts.stride,
+            "verdict": "NOT SERVED", "failures": []}
 
 
 def strided_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
@@ -93,20 +154,25 @@ def _greedy(model, prompt, n_tokens, pad_id) -> torch.Tensor:
     return out[0, prompt.shape[1]:].cpu()
 
 
-def run_verify(loaded: LoadedModel, text: str, text_source: str, opts: VerifyOptions,
-               progress: Callable[[int, int], None] | None = None) -> VerifyResult:
-    model = loaded.model
-    device = next(model.parameters()).device
+def text_tokens(loaded: LoadedModel, text: str, opts: VerifyOptions) -> list[int]:
+    """The token ids verify scores; UsageError for a text of fewer than two tokens."""
     ids = loaded.encode(text)
     if opts.max_tokens:
         ids = ids[: opts.max_tokens]
     if len(ids) < 2:
-        raise ValueError("need at least 2 tokens of text")
-    ids = torch.tensor(ids, device=device)
+        raise UsageError(f"the text is {len(ids)} token long; verify needs at least 2 (give a longer --text)")
+    return ids
+
+
+def run_verify(loaded: LoadedModel, tokens: list[int], text_source: str, opts: VerifyOptions,
+               progress: Callable[[int, int], None] | None = None) -> VerifyResult:
+    """Unpatched vs patched over the same windows of `tokens` (`text_tokens`) and greedy generation."""
+    model = loaded.model
+    device = next(model.parameters()).device
+    ids = torch.tensor(tokens, device=device)
     windows = strided_windows(len(ids), opts.context, opts.stride)
     baseline_impl = model.config._attn_implementation
-    report = apply(model)
-    unapply(model)
+    report = serving_report(model)
     fallbacks = Counter()
 
     nll = {"base": 0.0, "patched": 0.0}
@@ -119,7 +185,7 @@ def run_verify(loaded: LoadedModel, text: str, text_source: str, opts: VerifyOpt
         first = max(end - begin - n_scored, 1) - 1
         targets = window[0, first + 1:]
         base, t_base = _timed_logits(model, window)
-        with patched(model) as patch_report:
+        with _quiet_patch(model) as patch_report:
             ours, t_ours = _timed_logits(model, window)
         fallbacks.update(patch_report.fallbacks)
         seconds["base"] += t_base
@@ -139,10 +205,12 @@ def run_verify(loaded: LoadedModel, text: str, text_source: str, opts: VerifyOpt
     if isinstance(pad_id, list):
         pad_id = pad_id[0]
     prompt = ids[: min(32, len(ids))][None]
-    gen_base = _greedy(model, prompt, opts.generate_tokens, pad_id)
-    with patched(model) as patch_report:
-        gen_ours = _greedy(model, prompt, opts.generate_tokens, pad_id)
-    fallbacks.update(patch_report.fallbacks)
+    gen_base = gen_ours = torch.zeros(0)
+    if opts.generate_tokens:
+        gen_base = _greedy(model, prompt, opts.generate_tokens, pad_id)
+        with _quiet_patch(model) as patch_report:
+            gen_ours = _greedy(model, prompt, opts.generate_tokens, pad_id)
+        fallbacks.update(patch_report.fallbacks)
     differs = (gen_base != gen_ours).nonzero()
     ppl_base, ppl_ours = math.exp(nll["base"] / scored), math.exp(nll["patched"] / scored)
     return VerifyResult(
@@ -154,5 +222,15 @@ def run_verify(loaded: LoadedModel, text: str, text_source: str, opts: VerifyOpt
         top1_agreement=agree / max(scored, 1), generate_tokens=opts.generate_tokens,
         generation_identical=not len(differs), first_divergence=int(differs[0]) if len(differs) else None,
         seconds_baseline=seconds["base"], seconds_patched=seconds["patched"],
-        fallback_calls=dict(fallbacks), tolerance_pct=opts.tolerance_pct, min_top1=opts.min_top1,
+        patched=report.patched, layers_patched=report.layers_patched, reasons=list(report.reasons),
+        fallbacks=dict(fallbacks), tolerance_pct=opts.tolerance_pct, min_top1=opts.min_top1,
     )
+
+
+@contextlib.contextmanager
+def _quiet_patch(model):
+    """`patched(model)` whose per-call fallback warnings stay unprinted: their counts are in the result."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with patched(model) as report:
+            yield report

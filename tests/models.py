@@ -38,3 +38,26 @@ def tiny_model(name, *, dtype=torch.float32, attn="eager", cls=AutoModelForCausa
 
 def token_ids(*shape):
     return torch.randint(2, VOCAB, shape, device=DEVICE)
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer trained here (no downloads): for model folders saved by tests."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=280, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<eos>"])
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def save_model_folder(path, model_type: str, **config):
+    """A local model folder (random weights, a byte-level tokenizer), as `flashpatch verify PATH` loads it."""
+    kwargs = dict(vocab_size=300, bos_token_id=0, eos_token_id=0, pad_token_id=0, **config)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kwargs))
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return str(path)
