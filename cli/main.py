@@ -279,7 +279,8 @@ def _print_verify(result):
     console.print(_key_value_table("flashpatch verify", rows))
 
 
-@app.command(epilog="Exit 0 when every cell ran, 2 bad usage, 3 NOT SERVED (flashpatch left the model as it is).")
+@app.command(epilog="Exit 0 when the run finished (a cell that failed, OOM say, is recorded in it), 2 bad usage, "
+                    "3 NOT SERVED (flashpatch left the model as it is, or some of its calls would have fallen back).")
 def bench(
     model: str = typer.Argument(None, help="As in verify, or 'kernels' to benchmark the op itself. Default: the "
                                            "llama2-7b preset on a GPU, tiny-llama without one."),
@@ -362,6 +363,10 @@ def bench(
     save(rows)
     if plot_path:
         plot(rows, plot_path, f"{model} ({dtype}, batch {batch}, {new_tokens} new tokens, {cache} cache)")
+    if any(r.impl == "flashpatch" and (r.error or "").startswith("not served") for r in rows):
+        out.print("[yellow]NOT SERVED: some flashpatch cells would have run the model's own attention; they were "
+                  "not timed.[/yellow]")
+        raise typer.Exit(EXIT_CODES["NOT SERVED"])
 
 
 def _bench_kernels(lengths: str | None, head_dims: str, json_path: str | None, out: Console):

@@ -238,3 +238,20 @@ def test_cpu_plot_has_no_empty_memory_panel(tmp_path):
         plot(rows, str(png), "cpu")
     width = struct.unpack(">I", png.read_bytes()[16:20])[0]
     assert width < 1000  # one panel (two are 1440 px wide)
+
+
+def test_bench_cells_that_would_fall_back_say_so(monkeypatch, tmp_path):
+    """A flashpatch cell whose calls would run the original attention is not timed: it says 'not served', exit 3."""
+    from flashpatch import adapter
+
+    monkeypatch.setattr(adapter, "_unsupported_feature", lambda attention_mask, kwargs: "an injected reason")
+    monkeypatch.setattr(adapter, "planned_forward", lambda *a, **kw: None)
+    out = tmp_path / "bench.json"
+    result = runner.invoke(app, ["bench", "tiny-llama", "--contexts", "16", "--new-tokens", "2", "--repeats", "1",
+                                 "--dtype", "fp32", "--baselines", "sdpa", "--json", str(out)])
+    assert result.exit_code == 3, result.output
+    rows = json.loads(out.read_text())["rows"]
+    ours = [r for r in rows if r["impl"] == "flashpatch"]
+    assert ours and all(r["error"] == "not served: an injected reason (fallback='error')" and r["e2e_tok_s"] is None
+                        for r in ours), ours
+    assert all(r["error"] is None for r in rows if r["impl"] == "sdpa")
