@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .config import TileConfig, decode_rows, decode_splits
-from .forward import LOG2E
+from .online_softmax import LOG2E, finish_rows, softmax_step
 from .launch import CachedLauncher, _current_stream, cdiv, next_power_of_2
 
 
@@ -85,17 +85,10 @@ def _flash_decode_kernel(
             keep = tl.load(KPM + b * stride_mb + cols * stride_mn, mask=in_range, other=0) != 0
             visible = visible & keep[None, :]
         qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-        p = tl.math.exp2(qk - m_ref[:, None])
-        alpha = tl.math.exp2(m_i - m_ref)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, l_i, m_i = softmax_step(qk, m_i, l_i, True)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
 
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+    out, lse = finish_rows(acc, l_i, m_i)
     # O is [B, Sq, H, D] in memory and LSE [B, H, Sq]; WORK (float32) holds the splits' partials in the same
     # layouts, [S, B, Sq, H, D] then [S, B, H, Sq]. COUNTERS: one float32 arrival count per (batch, KV head), zero
     # at launch; the merging program puts its own back to zero, so a cached buffer stays ready for the next launch.
@@ -237,7 +230,7 @@ class DecodePlan:
         self.dtype, self.need_lse, self.config = dtype, need_lse, config
         self.num_splits, self.sm_count = num_splits, sm_count
         self.out_shape, self.lse_shape = (batch, seq_q, heads_q, head_dim), (batch, heads_q, seq_q)
-        self.q_scalars = (scale * LOG2E, *q_stride)
+        self.q_scalars = (scale * LOG2E.value, *q_stride)
         self.head_scalars = (heads_k, heads_q // heads_k, seq_q)
         block_d = max(16, next_power_of_2(head_dim))
         constexprs = dict(

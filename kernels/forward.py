@@ -12,6 +12,7 @@ import triton.language as tl
 from .config import TileConfig
 from .forward_tma import flash_attn_forward_tma, tma_eligible
 from .launch import CachedLauncher, cdiv, next_power_of_2
+from .online_softmax import finish_rows, key_range, softmax_step, visible_keys
 
 LOG2E = 1.4426950408889634
 
@@ -53,27 +54,17 @@ def _attend_block(
         k = tl.load(k_ptrs, mask=offs_d[:, None] < head_dim, other=0.0)
     qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
 
-    # Masked scores become -inf; a row can then be -inf throughout this block (or all blocks),
-    # so exponents are taken against 0 where the running max is still -inf (exp2(-inf - -inf) is NaN).
-    MAY_MASK: tl.constexpr = BOUNDARY or HAS_KPM or HAS_SEG
-    if BOUNDARY:
-        visible = cols[None, :] < seq_k
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= offs_m[:, None] + causal_offset)
-        qk = tl.where(visible, qk, float("-inf"))
+    # Masked scores become -inf; a row can then be -inf throughout this block (or all blocks): softmax_step
+    # takes its exponents against 0.
+    if BOUNDARY:  # the causal diagonal and the ragged last block
+        qk = tl.where(visible_keys(cols, offs_m, seq_k, causal_offset, CAUSAL), qk, float("-inf"))
     if HAS_KPM:
         keep = tl.load(kpm_base + cols * stride_mn, mask=cols < seq_k, other=0) != 0
         qk = tl.where(keep[None, :], qk, float("-inf"))
     if HAS_SEG:
         qk = tl.where(same_segment(seg_base, offs_m, cols, seq_k), qk, float("-inf"))
-
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    m_ref = m_new
-    if MAY_MASK:
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(qk - m_ref[:, None])
-    alpha = tl.math.exp2(m_i - m_ref)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    MAY_MASK: tl.constexpr = BOUNDARY or HAS_KPM or HAS_SEG
+    p, alpha, l_i, m_new = softmax_step(qk, m_i, l_i, MAY_MASK)
     if DROPOUT:  # the normaliser uses every probability; only the weights applied to V are dropped
         p = tl.where(dropout_keep(seed, row_head, offs_m, cols, seq_k, dropout_p), p / (1.0 - dropout_p), 0.0)
 
@@ -130,19 +121,11 @@ def _flash_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # Bottom-right causal alignment: query i sees keys j <= i + (seq_k - seq_q).
-    causal_offset = seq_k - seq_q
-    if CAUSAL:
-        # Keys past the tile's last row are never visible: those blocks are skipped, not computed.
-        hi = tl.minimum(seq_k, (pid_m + 1) * BLOCK_M + causal_offset)
-        # Keys up to the tile's first row are visible to every row: no causal test needed there.
-        unmasked_hi = tl.minimum(seq_k, pid_m * BLOCK_M + causal_offset + 1)
-    else:
-        hi = seq_k
-        unmasked_hi = seq_k
-    lo = pid_s * split_len  # a multiple of BLOCK_N
-    hi = tl.minimum(tl.maximum(hi, 0), lo + split_len)
-    unmasked_hi = tl.maximum(tl.minimum(tl.maximum(unmasked_hi, 0) // BLOCK_N * BLOCK_N, hi), lo)
+    causal_offset = seq_k - seq_q  # bottom-right: query i sees keys j <= i + (seq_k - seq_q)
+    unmasked_hi, hi = key_range(pid_m * BLOCK_M, causal_offset, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
+    lo = pid_s * split_len  # this program's share of the keys (flash-decoding splits), a multiple of BLOCK_N
+    hi = tl.minimum(hi, lo + split_len)
+    unmasked_hi = tl.maximum(tl.minimum(unmasked_hi, hi), lo)
 
     for start_n in range(lo, unmasked_hi, BLOCK_N):
         acc, l_i, m_i = _attend_block(
@@ -159,10 +142,7 @@ def _flash_fwd_kernel(
             True, CAUSAL, HAS_KPM, HAS_SEG, EVEN_D, DOT_PRECISION, DROPOUT,
         )
 
-    # A row that saw no key (all padding, or causal with seq_q > seq_k) returns zeros, as FA2's varlen does.
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+    out, lse = finish_rows(acc, l_i, m_i)
     if STORE_LSE:
         tl.store(LSE + pid_s * stride_ls + pid_bh * seq_q + offs_m, lse, mask=offs_m < seq_q)
     o_ptrs = O + pid_s * stride_os + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
@@ -273,13 +253,14 @@ class ForwardPlan:
         else:
             kpm, stride_mb, stride_mn = out, 0, 0  # never read without HAS_KPM
         stride_sb = 0 if segment_ids is None else segment_ids.stride(0)
-        varying = (*k.stride(), *v.stride(), stride_mb, stride_mn, stride_sb, seed)
+        kv_strides = (*k.stride(), *v.stride())
+        mask_strides = (stride_mb, stride_mn, stride_sb)
         _launch_forward.launch_planned(
             self.variants, self.grid,
             (q, k, v, o_dst, lse_dst, kpm, out if seqused_k is None else seqused_k,
              out if segment_ids is None else segment_ids),
-            (*self.head_scalars, *varying[:8], *self.out_scalars, *varying[8:11], *self.tail_scalars, seed),
-            self.constexprs, varying)
+            (*self.head_scalars, *kv_strides, *self.out_scalars, *mask_strides, *self.tail_scalars, seed),
+            self.constexprs, (*kv_strides, *mask_strides, seed))
         if splits > 1:
             if lse is None:
                 lse = torch.empty(self.lse_shape, device=device, dtype=torch.float32)

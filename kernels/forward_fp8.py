@@ -17,10 +17,10 @@ import triton.language as tl
 
 from .config import TileConfig
 from .launch import _is_interpreted, cdiv
-from .online_softmax import key_range, softmax_step
+from .online_softmax import LOG2E, finish_rows, key_range, softmax_step, visible_keys
 
 E4M3_MAX = 448.0
-P_SCALE = 256.0
+P_SCALE = tl.constexpr(256.0)  # P is multiplied by it before the e4m3 cast (see above), divided out at the end
 FP8_HEAD_DIMS = (64, 128)
 
 
@@ -49,8 +49,10 @@ def _fp8_block(acc, l_i, m_i, q, k_base, vt_base, stride_kn, stride_vn, start_n,
         k = tl.load(k_ptrs)
         vt = tl.load(vt_ptrs)
     qk = tl.dot(q, k) * qk_scale
-    p, alpha, l_i, m_new = softmax_step(qk, m_i, l_i, cols, offs_m, seq_k, causal_offset, MASK, CAUSAL)
-    acc = acc * alpha[:, None] + tl.dot(_to_e4m3(p * 256.0, ROUND_FIRST), tl.trans(vt))
+    if MASK:  # the causal diagonal and the ragged last block
+        qk = tl.where(visible_keys(cols, offs_m, seq_k, causal_offset, CAUSAL), qk, float("-inf"))
+    p, alpha, l_i, m_new = softmax_step(qk, m_i, l_i, MASK)
+    acc = acc * alpha[:, None] + tl.dot(_to_e4m3(p * P_SCALE, ROUND_FIRST), tl.trans(vt))
     return acc, l_i, m_new
 
 
@@ -96,8 +98,8 @@ def _flash_fwd_fp8_kernel(
         acc, l_i, m_i = _fp8_block(acc, l_i, m_i, q, k_base, vt_base, stride_kn, stride_vn, start_n, offs_m, offs_n,
                                    offs_d, qk_scale, seq_k, causal_offset, True, CAUSAL, ROUND_FIRST)
 
-    empty = l_i == 0.0  # a row that saw no key returns zeros
-    out = acc * (v_descale / 256.0) / tl.where(empty, 1.0, l_i)[:, None]
+    out, _ = finish_rows(acc, l_i, m_i)  # a row that saw no key returns zeros
+    out = out * (v_descale / P_SCALE)
     tl.store(O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=offs_m[:, None] < seq_q)
 
@@ -156,7 +158,7 @@ def flash_attn_forward_fp8(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor
     out = torch.empty((batch, seq_q, heads_q, head_dim), device=q8.device, dtype=out_dtype).transpose(1, 2)
     grid = (cdiv(seq_q, config.block_m), batch * heads_q)
     _flash_fwd_fp8_kernel[grid](
-        q8, k8, vt8, out, descale, scale * 1.4426950408889634,
+        q8, k8, vt8, out, descale, scale * LOG2E.value,
         *q8.stride()[:3], *k8.stride()[:3], *vt8.stride()[:3], *out.stride()[:3],
         heads_q, heads_q // heads_k, seq_q, seq_k,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, HEAD_DIM=head_dim, CAUSAL=causal,

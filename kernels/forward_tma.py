@@ -12,7 +12,7 @@ import triton.language as tl
 
 from .config import TileConfig
 from .launch import cdiv
-from .online_softmax import key_range, softmax_step
+from .online_softmax import LOG2E, finish_rows, key_range, softmax_step, visible_keys
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -30,7 +30,9 @@ def _tma_block(acc, l_i, m_i, q, desc_k, desc_v, b, kv_h, start_n, offs_m, offs_
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr):
     k = desc_k.load([b, kv_h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)  # missing keys read as zeros: masked below
     qk = tl.dot(q, tl.trans(k)) * qk_scale
-    p, alpha, l_i, m_new = softmax_step(qk, m_i, l_i, start_n + offs_n, offs_m, seq_k, causal_offset, MASK, CAUSAL)
+    if MASK:  # the causal diagonal and the ragged last block
+        qk = tl.where(visible_keys(start_n + offs_n, offs_m, seq_k, causal_offset, CAUSAL), qk, float("-inf"))
+    p, alpha, l_i, m_new = softmax_step(qk, m_i, l_i, MASK)
     v = desc_v.load([b, kv_h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, l_i, m_new
@@ -66,9 +68,7 @@ def _flash_fwd_tma_kernel(
         acc, l_i, m_i = _tma_block(acc, l_i, m_i, q, desc_k, desc_v, b, kv_h, start_n, offs_m, offs_n, qk_scale,
                                    seq_k, causal_offset, BLOCK_N, HEAD_DIM, True, CAUSAL)
 
-    empty = l_i == 0.0  # a row that saw no key returns zeros and lse = -inf, as forward.py's kernel
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+    out, lse = finish_rows(acc, l_i, m_i)
     tl.store(LSE + pid_bh * seq_q + offs_m, lse, mask=offs_m < seq_q)
     desc_o.store([b, h, m0, 0], out.to(q.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))  # O has q's dtype
 
@@ -97,7 +97,7 @@ def flash_attn_forward_tma(q, k, v, *, causal: bool, scale: float, config: TileC
         return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, head_dim])
 
     compiled = _flash_fwd_tma_kernel[(cdiv(seq_q, bm), batch * heads_q)](
-        desc(q, bm), desc(k, bn), desc(v, bn), desc(out, bm), lse, scale * 1.4426950408889634,
+        desc(q, bm), desc(k, bn), desc(v, bn), desc(out, bm), lse, scale * LOG2E.value,
         heads_q, heads_q // heads_k, seq_q, seq_k,
         BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=head_dim, CAUSAL=causal, WARP_SPECIALIZE=warp_specialize,
         num_warps=config.num_warps, num_stages=config.num_stages)
