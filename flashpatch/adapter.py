@@ -17,8 +17,7 @@ from transformers import masking_utils
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from .archs.base import ArchSpec
-from .dispatch import unusable_reason
-from .ops import MAX_HEAD_DIM, SUPPORTED_DTYPES, planned_forward, attention
+from .ops import AttentionInputError, attention_bshd
 from .reference import visibility_mask
 
 # The attn_implementation name. It must not contain "flash": transformers treats any such name as a
@@ -73,18 +72,6 @@ def _unsupported_feature(attention_mask, kwargs) -> str | None:
         if kwargs.get(name) is not None:
             return what
     return None
-
-
-def _unsupported_inputs(query, key, value) -> str | None:
-    """What of these tensors the kernels can't take (head dims, dtype, device), or None."""
-    if key.shape[-1] != value.shape[-1] or query.shape[-1] != key.shape[-1]:
-        return "q/k and v head dims differ"
-    head_dim = query.shape[-1]
-    if head_dim % 8 or head_dim > MAX_HEAD_DIM:
-        return f"head_dim {head_dim} (kernels serve multiples of 8 up to {MAX_HEAD_DIM})"
-    if query.dtype not in SUPPORTED_DTYPES:
-        return f"dtype {query.dtype}"
-    return unusable_reason(query.device)
 
 
 def _original_function(impl: str, module):
@@ -178,24 +165,21 @@ def flashpatch_attention_forward(module, query, key, value, attention_mask, drop
 
     dropout = dropout if module.training else 0.0
     reason = _unsupported_feature(attention_mask, kwargs)
-    key_padding_mask = segment_ids = seqused_k = None
     if reason is None:
+        key_padding_mask = segment_ids = seqused_k = None
         if attention_mask is not None and not _is_key_mask(attention_mask):
             segment_ids = attention_mask  # from `flashpatch_mask`: a padding-free packed batch
         elif attention_mask is not None:
             key_padding_mask = attention_mask
             seqused_k = _seqused_k(key_padding_mask, query, key) if causal else None
-        if segment_ids is None and not dropout:  # a call like earlier ones: validated then, planned since
-            out = planned_forward(query, key, value, causal, scaling, key_padding_mask, seqused_k, bshd=True)
-            if out is not None:
-                return out, None
-        reason = _unsupported_inputs(query, key, value)
-    if reason is not None:
-        return _fallback(state, reason, module, query, key, value, attention_mask, causal,
-                         dropout=dropout, scaling=scaling, **kwargs)
-    out = attention(query, key, value, causal=causal, scale=scaling, key_padding_mask=key_padding_mask,
-                    dropout_p=dropout, seqused_k=seqused_k, segment_ids=segment_ids)
-    return out.transpose(1, 2), None  # memory is already [B, Sq, H, D]: no copy
+        try:
+            out = attention_bshd(query, key, value, causal=causal, scale=scaling, key_padding_mask=key_padding_mask,
+                                 dropout_p=dropout, seqused_k=seqused_k, segment_ids=segment_ids)
+            return out, None  # [B, Sq, H, D], as transformers' sdpa returns it
+        except AttentionInputError as exc:  # tensors the kernels can't take (head dim, dtype, device): by name
+            reason = exc.reason
+    return _fallback(state, reason, module, query, key, value, attention_mask, causal,
+                     dropout=dropout, scaling=scaling, **kwargs)
 
 
 def _key_mask(batch_size: int, q_length: int, kv_length: int, q_offset, attention_mask, device) -> torch.Tensor:

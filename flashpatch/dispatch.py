@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 from dataclasses import asdict, dataclass
@@ -107,3 +108,39 @@ unusable_reason._dynamo_marked_constant = True
 
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def kernels():
+    """flashpatch.kernels, imported on first use: TRITON_INTERPRET must be set before Triton's language is imported,
+    which importing the kernels does."""
+    import flashpatch.kernels
+
+    return flashpatch.kernels
+
+
+# CUDA device index -> (kernel path, SM count, index): every call asks, and building q.device costs more than this.
+_CUDA_DEVICES: dict = {}
+
+
+def device_info(q: torch.Tensor) -> tuple[KernelPath, int, int]:
+    """(kernel path, SM count, CUDA index or -1) for the device of `q`."""
+    if not q.is_cuda:
+        return path_for_device(q.device), kernels().INTERPRETER_SM_COUNT, -1
+    index = q.get_device()
+    info = _CUDA_DEVICES.get(index)
+    if info is None:
+        props = torch.cuda.get_device_properties(index)
+        info = _CUDA_DEVICES[index] = (path_for_device(q.device), props.multi_processor_count, index)
+    return info
+
+
+def device_guard(index: int):
+    """Kernels launch on the current device: make it q's for the call when it isn't already."""
+    if index >= 0 and index != torch.cuda.current_device():
+        return torch.cuda.device(index)
+    return contextlib.nullcontext()
+
+
+def reset() -> None:
+    """Forget the devices seen (tests)."""
+    _CUDA_DEVICES.clear()

@@ -1,5 +1,6 @@
-"""Triton kernels and their launch code. Math only: nothing here imports transformers."""
+"""Triton kernels, their launch plans and tile tables. Math only: nothing here imports transformers."""
 
+from . import plans
 from .autotune import AUTOTUNER, tune_key
 from .backward import flash_attn_backward
 from .config import (BACKWARD_TABLE, DECODE_TABLE, FP8_TABLE, INTERPRETER_SM_COUNT, SHORT_Q_BLOCK_M, TILE_TABLE,
@@ -7,12 +8,11 @@ from .config import (BACKWARD_TABLE, DECODE_TABLE, FP8_TABLE, INTERPRETER_SM_COU
                      head_dim_bucket, select_backward_config, select_config, select_decode_config, tune_candidates,
                      uses_decode_kernel)
 from .decode import DecodePlan, flash_decode_forward
-from .forward import ForwardPlan, flash_attn_forward, uses_tma
+from .forward import ForwardPlan, flash_attn_forward
 from .forward_fp8 import flash_attn_forward_fp8, quantize_per_tensor
 
 __all__ = ["AUTOTUNER", "BACKWARD_TABLE", "BackwardConfig", "DECODE_TABLE", "DecodePlan", "FP8_TABLE", "ForwardPlan",
            "INTERPRETER_SM_COUNT", "SHORT_Q_BLOCK_M", "TILE_TABLE", "TileConfig", "decode_split_warps", "decode_splits",
            "flash_attn_backward", "flash_attn_forward", "flash_attn_forward_fp8", "flash_decode_forward",
-           "fp8_candidates", "gpu_family", "head_dim_bucket", "quantize_per_tensor", "select_backward_config",
-           "select_config", "select_decode_config", "tune_candidates", "tune_key", "uses_decode_kernel",
-           "uses_tma"]
+           "fp8_candidates", "gpu_family", "head_dim_bucket", "plans", "quantize_per_tensor", "select_backward_config",
+           "select_config", "select_decode_config", "tune_candidates", "tune_key", "uses_decode_kernel"]

@@ -88,3 +88,19 @@ class Autotuner:
 
 
 AUTOTUNER = Autotuner()
+
+
+def time_ms(run) -> float:
+    """Median of three CUDA-event timings of `run()`, after a warm-up (which also compiles)."""
+    import torch
+
+    run()
+    times = []
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[1]

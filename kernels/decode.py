@@ -256,8 +256,9 @@ class DecodePlan:
         layout = self.lengths[seq_k] = ((splits, pairs, 1), split_len, partials)
         return layout
 
-    def run(self, q, k, v, key_padding_mask=None, seqused_k=None):
-        """(out [B, Sq, Hq, D] (transformers' layout; `.transpose(1, 2)` is SDPA's), lse [B, Hq, Sq] or None)."""
+    def run(self, q, k, v, key_padding_mask=None, seqused_k=None, segment_ids=None, seed: int = 0):
+        """(out [B, Sq, Hq, D] (transformers' layout; `.transpose(1, 2)` is SDPA's), lse [B, Hq, Sq] or None).
+        A plan's `run` signature; the decode kernel takes no segments or dropout."""
         seq_k = k.shape[2]
         layout = self.lengths.get(seq_k)
         grid, split_len, partials = layout if layout is not None else self._layout(seq_k)

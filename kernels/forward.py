@@ -298,8 +298,8 @@ def flash_attn_forward(
     segment_ids (contiguous int32 [B, S], Sq == Sk == S): packed sequences; a query sees keys of its own segment only.
     One call's `ForwardPlan`, or the TMA kernel where the config asks for it and the call allows it.
     """
-    if uses_tma(config, q, k, v, plain=key_padding_mask is None and seqused_k is None and segment_ids is None
-                and dropout_p == 0.0 and num_splits == 1):
+    plain = key_padding_mask is None and seqused_k is None and segment_ids is None and dropout_p == 0.0
+    if config.tma and plain and num_splits == 1 and tma_eligible(q, k, v, plain=True):
         out, lse = flash_attn_forward_tma(q, k, v, causal=causal, scale=scale, config=config,
                                           warp_specialize=config.warp_specialize)
         return out, (lse if need_lse else None)
@@ -308,8 +308,3 @@ def flash_attn_forward(
                        has_seg=segment_ids is not None, num_splits=num_splits, dropout_p=dropout_p, need_lse=need_lse)
     out, lse = plan.run(q, k, v, key_padding_mask, seqused_k, segment_ids, seed)
     return out.transpose(1, 2), lse
-
-
-def uses_tma(config: TileConfig, q, k, v, *, plain: bool) -> bool:
-    """Whether a call with this config runs the TMA kernel (`plain`: no mask, lengths, segments, dropout or splits)."""
-    return config.tma and tma_eligible(q, k, v, plain=plain)

@@ -107,9 +107,9 @@ def test_dynamic_cache_decode_reads_a_mask_only_with_padding(padded, monkeypatch
     masks = []
     real = DecodePlan.run
 
-    def spy(plan, q, k, v, key_padding_mask=None, seqused_k=None):
+    def spy(plan, q, k, v, key_padding_mask=None, *args):
         masks.append(key_padding_mask)
-        return real(plan, q, k, v, key_padding_mask, seqused_k)
+        return real(plan, q, k, v, key_padding_mask, *args)
 
     monkeypatch.setattr(DecodePlan, "run", spy)
     flashpatch.apply(model, fallback="error")

@@ -86,11 +86,9 @@ def test_non_contiguous_inputs(dtype, device, poison_empty):
 
 
 def test_lse_matches_logsumexp(device):
-    from flashpatch.ops import _forward
-
     q, k, v = random_qkv(1, 3, 3, 21, 34, 64, torch.float32, device)
     mask = torch.rand(1, 34, device=device) > 0.3
-    _, lse = _forward(q, k, v, True, 0.125, mask)
+    _, lse = torch.ops.flashpatch.attention_fwd(q, k, v, True, 0.125, mask, 0.0, 0)
     scores = (q.double() @ k.double().transpose(-1, -2)) * 0.125
     visible = torch.ones(21, 34, dtype=torch.bool, device=device).tril(34 - 21) & mask[:, None, None, :]
     ref = torch.logsumexp(scores.masked_fill(~visible, float("-inf")), -1)
@@ -210,11 +208,12 @@ def test_planned_prefill_binds_each_calls_tensors_and_rechecks_what_the_plan_doe
     plan can't take still gets the general path's error."""
     from flashpatch import ops
     from flashpatch.kernels import ForwardPlan
+    from flashpatch.kernels.plans import PLANS
 
-    ops._PLANS.clear()
+    ops.reset_caches()
     validated = []
-    real_check = ops._check_inputs
-    monkeypatch.setattr(ops, "_check_inputs", lambda *a: validated.append(a) or real_check(*a))
+    real_check = ops.check_inputs
+    monkeypatch.setattr(ops, "check_inputs", lambda *a: validated.append(a) or real_check(*a))
     for strided_kv in (False, True, False):
         q, k, v = random_qkv(2, 4, 2, 40, 40, 64, torch.float16, device)
         if strided_kv:  # [B, S, H, D] memory, as transformers' projections leave it
@@ -223,22 +222,22 @@ def test_planned_prefill_binds_each_calls_tensors_and_rechecks_what_the_plan_doe
         out = flashpatch.attention(q, k, v, causal=True, key_padding_mask=mask)
         assert_fa2_rule(out, q, k, v, causal=True, key_padding_mask=mask)
     assert len(validated) == 1
-    (plan,) = ops._PLANS.values()
+    (plan,) = PLANS.plans.values()
     assert isinstance(plan, ForwardPlan)
 
     _, k, v = random_qkv(2, 4, 2, 40, 57, 64, torch.float16, device)
     mask = torch.rand(2, 57, device=device) > 0.3
     out = flashpatch.attention(q, k, v, causal=True, key_padding_mask=mask)
     assert_fa2_rule(out, q, k, v, causal=True, key_padding_mask=mask)
-    assert len(validated) == 2 and len(ops._PLANS) == 2
+    assert len(validated) == 2 and len(PLANS) == 2
     with pytest.raises(AttentionInputError, match="same shape"):
         flashpatch.attention(q, k, v[:, :, :-1], causal=True, key_padding_mask=mask)
     with pytest.raises(AttentionInputError, match="key_padding_mask must be"):
         flashpatch.attention(q, k, v, causal=True, key_padding_mask=mask[:, :-1])
-    with torch.enable_grad():  # training calls never take a plan: they need the lse for the backward
+    with torch.enable_grad():  # a training call is validated every time, and its plan keeps the lse
         q.requires_grad_()
         flashpatch.attention(q, k, v, causal=True, key_padding_mask=mask).sum().backward()
-    assert q.grad is not None and len(ops._PLANS) == 2
+    assert q.grad is not None and len(validated) == 5 and len(PLANS) == 3
 
 
 def test_autocast_casts_mixed_inputs_like_sdpa(device):

@@ -65,33 +65,27 @@ def test_a_failing_candidate_is_never_chosen_and_a_broken_cache_is_retuned(cache
         assert Autotuner().pick("sm80", "k", CANDIDATES, time_ms) == CANDIDATES[1]
 
 
-def test_prefill_calls_remember_the_tile_chosen_for_their_shape(monkeypatch):
-    """A prefill's tile choice is worked out once per (shape, dtype, causal, switches) and then looked up; a
-    changed switch or another length asks the tuner again."""
+def test_prefill_tiles_are_tuned_per_length_bucket_on_gpus_only(monkeypatch):
+    """A GPU prefill asks the tuner with its bucketed key and the family's candidates (the plan it makes keeps the
+    answer); CPU tensors, float32 and short queries take the table row without timing anything."""
     import torch
 
-    from flashpatch import ops
-    from flashpatch.kernels import AUTOTUNER
+    from flashpatch.kernels import AUTOTUNER, plans, select_config, tune_candidates
 
-    class FakeCudaQuery:  # what _prefill_config reads of q, as a CUDA tensor would answer
-        dtype, is_cuda = torch.bfloat16, True
-
-        def __init__(self, seq_q):
-            self.shape = (1, 8, seq_q, 128)
+    class FakeQuery:  # what prefill_config reads of q
+        def __init__(self, seq_q, is_cuda=True, dtype=torch.bfloat16):
+            self.shape, self.is_cuda, self.dtype = (1, 8, seq_q, 128), is_cuda, dtype
 
         def element_size(self):
-            return 2
+            return self.dtype.itemsize
 
     asked = []
-    monkeypatch.setattr(AUTOTUNER, "pick", lambda family, key, candidates, time_ms: asked.append(key) or
-                        candidates[len(asked) % len(candidates)])
+    monkeypatch.setattr(AUTOTUNER, "pick", lambda family, key, candidates, timed: asked.append((key, candidates))
+                        or candidates[-1])
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(ops, "_PREFILL_CONFIGS", {})
-    first = ops._prefill_config("sm90", FakeCudaQuery(300), 300, True, None)
-    assert ops._prefill_config("sm90", FakeCudaQuery(300), 300, True, None) == first and len(asked) == 1
-    ops._prefill_config("sm90", FakeCudaQuery(301), 301, True, None)
-    ops._prefill_config("sm90", FakeCudaQuery(300), 300, False, None)
-    assert len(asked) == 3
-    monkeypatch.setenv("FLASHPATCH_TMA", "0")
-    ops._prefill_config("sm90", FakeCudaQuery(300), 300, True, None)
-    assert len(asked) == 4
+    assert plans.prefill_config("sm90", FakeQuery(300), 300, True, None) == tune_candidates("sm90", 128)[-1]
+    assert asked == [("d128-bfloat16-causal-q512-k512", tune_candidates("sm90", 128))]
+    for query in (FakeQuery(300, is_cuda=False), FakeQuery(300, dtype=torch.float32), FakeQuery(16)):
+        assert plans.prefill_config("sm90", query, 300, True, None) == select_config(
+            "sm90", 128, query.shape[2], query.element_size())
+    assert len(asked) == 1

@@ -135,7 +135,6 @@ def test_calls_that_fell_back_make_the_verdict_not_served(monkeypatch):
         return "an injected reason" if len(calls) % 2 else real(attention_mask, kwargs)
 
     monkeypatch.setattr(adapter, "_unsupported_feature", every_other)
-    monkeypatch.setattr(adapter, "planned_forward", lambda *a, **kw: None)
     result = runner.invoke(app, ["verify", "gpt2", "--layers", "2", "--text", WIKITEXT, *QUICK, "--json", "-"])
     assert result.exit_code == 3, result.output
     data = json.loads(result.output[result.output.index("{"):])
@@ -146,10 +145,9 @@ def test_calls_that_fell_back_make_the_verdict_not_served(monkeypatch):
 def test_a_fail_says_which_criterion_failed(monkeypatch):
     from flashpatch import adapter
 
-    real = adapter.attention
-    monkeypatch.setattr(adapter, "attention", lambda q, k, v, *, scale=None, **kw: real(
+    real = adapter.attention_bshd
+    monkeypatch.setattr(adapter, "attention_bshd", lambda q, k, v, *, scale=None, **kw: real(
         q, k, v, scale=(scale or q.shape[-1] ** -0.5) * 3.0, **kw))
-    monkeypatch.setattr(adapter, "planned_forward", lambda *a, **kw: None)
     result = runner.invoke(app, ["verify", "gpt2", "--layers", "2", "--text", WIKITEXT, *QUICK, "--min-top1", "0.999",
                                  "--json", "-"])
     assert result.exit_code == 1, result.output
@@ -245,7 +243,6 @@ def test_bench_cells_that_would_fall_back_say_so(monkeypatch, tmp_path):
     from flashpatch import adapter
 
     monkeypatch.setattr(adapter, "_unsupported_feature", lambda attention_mask, kwargs: "an injected reason")
-    monkeypatch.setattr(adapter, "planned_forward", lambda *a, **kw: None)
     out = tmp_path / "bench.json"
     result = runner.invoke(app, ["bench", "tiny-llama", "--contexts", "16", "--new-tokens", "2", "--repeats", "1",
                                  "--dtype", "fp32", "--baselines", "sdpa", "--json", str(out)])

@@ -130,19 +130,20 @@ def test_planned_decode_follows_a_growing_cache_and_rechecks_what_the_plan_does_
     it), validated once; a call whose key length disagrees between k, v or the mask still gets the general path's
     error."""
     from flashpatch import ops
+    from flashpatch.kernels.plans import PLANS
 
-    ops._PLANS.clear()
+    ops.reset_caches()
     validated = []
-    real_check = ops._check_inputs
-    monkeypatch.setattr(ops, "_check_inputs", lambda *a: validated.append(a) or real_check(*a))
+    real_check = ops.check_inputs
+    monkeypatch.setattr(ops, "check_inputs", lambda *a: validated.append(a) or real_check(*a))
     q = torch.randn(1, 8, 1, 64, device=device, dtype=torch.float16)
     for seq_k in (100, 101, 137, 300):
         _, k, v = random_qkv(1, 8, 2, 1, seq_k, 64, torch.float16, device)
         mask = torch.rand(1, seq_k, device=device) > 0.2
         out = flashpatch.attention(q, k, v, causal=True, key_padding_mask=mask)
         assert_fa2_rule(out, q, k, v, causal=True, key_padding_mask=mask)
-    assert len(ops._PLANS) == 1
-    (plan,) = ops._PLANS.values()
+    assert len(PLANS) == 1
+    (plan,) = PLANS.plans.values()
     assert set(plan.lengths) == {100, 101, 137, 300} and len(validated) == 1
     with pytest.raises(AttentionInputError, match="same shape"):
         flashpatch.attention(q, k, v[:, :, :-1], causal=True, key_padding_mask=mask)

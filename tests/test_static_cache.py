@@ -1,4 +1,4 @@
-"""Static KV cache and transformers' compiled generation through the patched path (issue 7)."""
+"""Static KV cache and transformers' compiled generation through the patched path."""
 
 import warnings
 
@@ -40,9 +40,9 @@ def test_static_cache_logits_match_unpatched(arch, padded, monkeypatch):
     decode_calls = []
     real_decode = flashpatch.kernels.DecodePlan.run
 
-    def spy(plan, q, k, v, key_padding_mask=None, seqused_k=None):
+    def spy(plan, q, k, v, key_padding_mask=None, seqused_k=None, *args):
         decode_calls.append(seqused_k)
-        return real_decode(plan, q, k, v, key_padding_mask, seqused_k)
+        return real_decode(plan, q, k, v, key_padding_mask, seqused_k, *args)
 
     monkeypatch.setattr(flashpatch.kernels.DecodePlan, "run", spy)
     flashpatch.apply(model, fallback="error")

@@ -74,13 +74,12 @@ def test_smollm2_real_weights_on_wikitext(tmp_path):
 
 
 def test_wrong_attention_fails_with_exit_1(monkeypatch):
-    real = adapter.attention
+    real = adapter.attention_bshd
 
     def wrong(q, k, v, *, scale=None, **kw):  # a deliberately mis-scaled softmax
         return real(q, k, v, scale=(scale or q.shape[-1] ** -0.5) * 3.0, **kw)
 
-    monkeypatch.setattr(adapter, "attention", wrong)
-    monkeypatch.setattr(adapter, "planned_forward", lambda *a, **kw: None)  # plans other tests left would skip it
+    monkeypatch.setattr(adapter, "attention_bshd", wrong)
     result = verify("gpt2", "--text", WIKITEXT, *SMALL)
     assert result.exit_code == 1, result.output
     assert "FAIL" in result.output

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .. import ops
+
 
 @dataclass(frozen=True)
 class ArchSpec:
@@ -30,6 +32,6 @@ def head_dim_of(config) -> int:
 
 
 def head_dim_problem(head_dim: int) -> list[str]:
-    if head_dim % 8 or head_dim > 256:
-        return [f"head_dim {head_dim} is not a multiple of 8 up to 256"]
-    return []
+    """`unsupported`'s reasons for a head dim: the op's own rule."""
+    reason = ops.head_dim_problem(head_dim)
+    return [reason] if reason else []

@@ -1,0 +1,160 @@
+"""The one route from a validated call to a kernel launch: which kernel serves it, the plan that launches it, and
+the cache that keeps plans between calls.
+
+A plan is a launch worked out once for everything a call signature fixes (shapes, q's strides, dtypes, flags,
+tiles, key splits); its `run` binds one call's tensors, K/V strides, masks and seed. Calls repeat in kinds: a
+prefill's layers share shapes outright, decode steps differ only in the cache length (a `DecodePlan` follows it).
+So the first call of a kind, validated, makes the plan, and later inference calls of that kind are looked up
+before any validation (`lookup`): a decode step is launch-bound, and a short prefill's attention takes less GPU
+time than the general route's host work would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .autotune import AUTOTUNER, time_ms, tune_key
+from .config import (SHORT_Q_BLOCK_M, TileConfig, decode_split_warps, decode_splits, head_dim_bucket,
+                     select_config, select_decode_config, tune_candidates, uses_decode_kernel)
+from .decode import DecodePlan
+from .forward import ForwardPlan
+from .forward_tma import flash_attn_forward_tma, tma_eligible
+
+
+class PlanCache:
+    """Plans by key, emptied when full: a process meets few kinds (its models' prefill and decode shapes)."""
+
+    def __init__(self, limit: int = 256):
+        self.limit, self.plans = limit, {}
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+    def get(self, key):
+        return self.plans.get(key)
+
+    def add(self, key, plan):
+        if len(self.plans) >= self.limit:
+            self.plans.clear()
+        self.plans[key] = plan
+        return plan
+
+    def clear(self) -> None:
+        self.plans.clear()
+
+
+PLANS = PlanCache()
+
+
+def plan_key(q, k, v, causal, scale, key_padding_mask, seqused_k, segment_ids=None, dropout_p=0.0,
+             need_lse=False) -> tuple:
+    """What a plan fixes: every property of a call that validation checks, but the key length and the K/V strides
+    (which grow with a cache) where the decode kernel serves; `lookup` checks those itself."""
+    batch, heads_q, seq_q, head_dim = q.shape
+    kb, kh, kn, kd = k.shape
+    vb, vh, vn, vd = v.shape
+    mask = None if key_padding_mask is None else (key_padding_mask.dtype, key_padding_mask.shape[0],
+                                                  key_padding_mask.dim(), key_padding_mask.get_device())
+    used = None if seqused_k is None else (seqused_k.dtype, seqused_k.shape, seqused_k.get_device())
+    segments = None if segment_ids is None else (segment_ids.dtype, segment_ids.shape, segment_ids.get_device())
+    decode = (segment_ids is None and seq_q <= SHORT_Q_BLOCK_M and kh
+              and uses_decode_kernel(seq_q, heads_q // kh, head_dim, dropout_p, q.element_size()))
+    return (q.shape, q.stride(), q.dtype, k.dtype, v.dtype, q.get_device(), k.get_device(), v.get_device(),
+            kb, kh, kd, vb, vh, vd, causal, scale, need_lse, dropout_p, mask, used, segments,
+            None if decode else kn)
+
+
+def lookup(q, k, v, causal: bool, scale: float, key_padding_mask, seqused_k):
+    """The plan of an inference call (no dropout, segments or lse) whose kind was validated before, or None: the
+    caller then validates the call and `launch`es it (which names any problem)."""
+    if not PLANS.plans:
+        return None
+    try:
+        plan = PLANS.get(plan_key(q, k, v, causal, scale, key_padding_mask, seqused_k))
+    except (AttributeError, TypeError, ValueError):  # malformed input
+        return None
+    if plan is None:
+        return None
+    seq_k = k.shape[2]
+    if (v.shape[2] != seq_k or seq_k == 0 or (key_padding_mask is not None and key_padding_mask.shape[1] != seq_k)
+            or (q.is_cuda and q.get_device() != torch._C._cuda_getDevice())):
+        return None
+    return plan
+
+
+def launch(q, k, v, *, causal: bool, scale: float, key_padding_mask, dropout_p: float, seed: int, seqused_k,
+           segment_ids, need_lse: bool, family: str | None, sm_count: int):
+    """(out [B, Sq, Hq, D] (transformers' layout; `.transpose(1, 2)` is SDPA's), lse [B, Hq, Sq] or None) of a
+    validated call, through its kind's plan, made on first use."""
+    key = plan_key(q, k, v, causal, scale, key_padding_mask, seqused_k, segment_ids, dropout_p, need_lse)
+    plan = PLANS.get(key)
+    if plan is None:
+        plan = PLANS.add(key, make_plan(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+                                        dropout_p=dropout_p, seed=seed, seqused_k=seqused_k, segment_ids=segment_ids,
+                                        need_lse=need_lse, family=family, sm_count=sm_count))
+    return plan.run(q, k, v, key_padding_mask, seqused_k, segment_ids, seed)
+
+
+class TmaPlan:
+    """The tensor-descriptor (TMA) kernel for plain calls; a call of the kind whose views its descriptors can't take
+    (a misaligned slice) runs the pointer kernel with the same tiles."""
+
+    def __init__(self, config: TileConfig, pointer_plan: ForwardPlan, *, causal: bool, scale: float, need_lse: bool):
+        self.config, self.pointer_plan = config, pointer_plan
+        self.causal, self.scale, self.need_lse = causal, scale, need_lse
+
+    def run(self, q, k, v, key_padding_mask=None, seqused_k=None, segment_ids=None, seed: int = 0):
+        if not tma_eligible(q, k, v, plain=True):
+            return self.pointer_plan.run(q, k, v)
+        out, lse = flash_attn_forward_tma(q, k, v, causal=self.causal, scale=self.scale, config=self.config,
+                                          warp_specialize=self.config.warp_specialize)
+        return out.transpose(1, 2), (lse if self.need_lse else None)
+
+
+def make_plan(q, k, v, *, causal, scale, key_padding_mask, dropout_p, seed, seqused_k, segment_ids, need_lse, family,
+              sm_count):
+    """The plan for a validated call's kind: the decode kernel for few query rows, else the forward kernel with the
+    tile table's row, or on a GPU the fastest of its candidates (timed once per length bucket, kernels/autotune.py)."""
+    batch, heads_q, seq_q, head_dim = q.shape
+    heads_k, seq_k = k.shape[1], k.shape[2]
+    element_size = q.element_size()
+    flags = dict(has_kpm=key_padding_mask is not None, has_seqused=seqused_k is not None)
+    if segment_ids is None and uses_decode_kernel(seq_q, heads_q // heads_k, head_dim, dropout_p, element_size):
+        return DecodePlan(q.shape, q.stride(), heads_k, q.dtype, causal=causal, scale=scale, **flags,
+                          config=select_decode_config(family, head_dim, element_size), sm_count=sm_count,
+                          need_lse=need_lse, split_warps=decode_split_warps(family, head_dim, element_size))
+    plain = key_padding_mask is None and seqused_k is None and segment_ids is None and not dropout_p
+
+    def plan_with(config: TileConfig):
+        pointer_config = dataclasses.replace(config, tma=False, warp_specialize=False)
+        pointer_plan = ForwardPlan(q.shape, q.stride(), k.shape, q.dtype, causal=causal, scale=scale,
+                                   config=pointer_config, **flags, has_seg=segment_ids is not None,
+                                   num_splits=decode_splits(batch * heads_q, seq_q, seq_k, config.block_n, sm_count),
+                                   dropout_p=dropout_p, need_lse=need_lse)
+        if config.tma and plain:
+            return TmaPlan(config, pointer_plan, causal=causal, scale=scale, need_lse=need_lse)
+        return pointer_plan
+
+    def timed(config: TileConfig) -> float:
+        plan = plan_with(config)
+        return time_ms(lambda: plan.run(q, k, v, key_padding_mask, seqused_k, segment_ids, seed))
+
+    return plan_with(prefill_config(family, q, seq_k, causal, timed))
+
+
+def prefill_config(family: str | None, q, seq_k: int, causal: bool, timed) -> TileConfig:
+    """The tile table's row, or on a GPU the autotuned choice among its candidates (`timed(config)` -> ms)."""
+    head_dim, seq_q = q.shape[-1], q.shape[2]
+    if (family is None or seq_q <= SHORT_Q_BLOCK_M or not q.is_cuda or q.element_size() == 4
+            or torch.cuda.is_current_stream_capturing()):
+        return select_config(family, head_dim, seq_q, q.element_size())
+    key = tune_key(head_dim_bucket(head_dim), str(q.dtype).removeprefix("torch."), causal, seq_q, seq_k)
+    return AUTOTUNER.pick(family, key, tune_candidates(family, head_dim), timed)
+
+
+def reset() -> None:
+    """Forget every plan and tile choice held in memory (tests; a changed FLASHPATH_AUTOTUNE or FLASHPATCH_TMA)."""
+    PLANS.clear()
+    AUTOTUNER.choices.clear()
