@@ -174,6 +174,10 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print JSON instead 
         rows.append((f"backward tiles {bucket}", f"dK/dV: {fmt(cfg['dkdv'])} | dQ: {fmt(cfg['dq'])}"))
     rows += [(f"decode tiles {bucket}", fmt(cfg)) for bucket, cfg in data["decode_tiles"].items()]
     rows += [(f"fp8 tiles {d}", "\n".join(fmt(c) for c in cands)) for d, cands in data.get("fp8_tiles", {}).items()]
+    if "sm90_gluon" in data:
+        gluon = data["sm90_gluon"]
+        rows.append(("gluon sm90 forward", f"{'available' if gluon['available'] else 'unavailable'} ({gluon['switch']})"))
+        rows += [(f"  candidates {d}", ", ".join(labels)) for d, labels in gluon["candidates"].items()]
     console.print(_key_value_table("flashpatch info", rows))
 
 
@@ -323,7 +327,7 @@ def bench(
         model = model or ("llama2-7b" if on_gpu else "tiny-llama")
         new_tokens = new_tokens or (128 if on_gpu else 8)
         context_list = int_list("--contexts", contexts or ("512,1024,2048,4096,8192,16384" if on_gpu else "32,64"))
-        from flashpatch.bench_generate import attention_names, bench_generation, markdown, plot, terminal_table
+        from flashpatch.bench.generate import attention_names, bench_generation, markdown, plot, terminal_table
 
         baseline_list = tuple(name_list("--baselines", baselines, attention_names()))
         _start(device, out, "speed on a CPU says nothing about flash kernels: this run exercises the benchmark")
@@ -378,7 +382,7 @@ def _bench_kernels(lengths: str | None, head_dims: str, json_path: str | None, o
         raise UsageError(f"--head-dims {head_dims!r}: multiples of 8 up to 256")
     if not torch.cuda.is_available():
         raise UsageError("bench kernels needs a CUDA GPU (the CPU interpreter's speed means nothing)")
-    from flashpatch.bench_kernels import run_kernel_tables
+    from flashpatch.bench.kernels import run_kernel_tables
 
     with _progress("forward, backward and decode kernels", None, out) as update:
         tables, data = run_kernel_tables(length_list, dims, progress=update)

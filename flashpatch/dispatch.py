@@ -56,11 +56,7 @@ def interpreter_active() -> bool:
     """True when our kernels were built by Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
     if triton_import_error() is not None:
         return False
-    from triton.runtime.interpreter import InterpretedFunction
-
-    from flashpatch.kernels.forward import _flash_fwd_kernel
-
-    return isinstance(_flash_fwd_kernel, InterpretedFunction)
+    return kernels().interpreted()
 
 
 def path_for_capability(capability: tuple[int, int] | None, *, triton_error: str | None = None,

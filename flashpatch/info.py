@@ -55,6 +55,13 @@ def gather_info() -> dict:
 
         if family in FP8_TABLE:  # flashpatch.attention_fp8's row and alternative
             info["fp8_tiles"] = {f"head_dim={d}": [asdict(c) for c in cands] for d, cands in FP8_TABLE[family].items()}
+        if family == "sm90":  # the Gluon forward's candidates, for plain 16-bit calls (kernels/forward_sm90.py)
+            from flashpatch.kernels import forward_sm90
+            from flashpatch.kernels.plans import GLUON_SWITCH
+
+            info["sm90_gluon"] = {"available": forward_sm90.HAS_GLUON, "switch": f"{GLUON_SWITCH}=0 leaves it out",
+                                  "candidates": {f"head_dim={d}": [c.label() for c in cands]
+                                                 for d, cands in forward_sm90.SM90_CONFIGS.items()}}
         from flashpatch.kernels.autotune import cache_file, enabled
 
         info["autotune"] = {"enabled": enabled(), "cache": cache_file(family),

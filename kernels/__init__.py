@@ -11,8 +11,16 @@ from .decode import DecodePlan, flash_decode_forward
 from .forward import ForwardPlan, flash_attn_forward
 from .forward_fp8 import flash_attn_forward_fp8, quantize_per_tensor
 
+
+def interpreted() -> bool:
+    """True when these kernels were built by Triton's CPU interpreter (TRITON_INTERPRET=1 when they were imported)."""
+    from .forward import _flash_fwd_kernel
+    from .launch import _is_interpreted
+
+    return _is_interpreted(_flash_fwd_kernel)
+
 __all__ = ["AUTOTUNER", "BACKWARD_TABLE", "BackwardConfig", "DECODE_TABLE", "DecodePlan", "FP8_TABLE", "ForwardPlan",
            "INTERPRETER_SM_COUNT", "SHORT_Q_BLOCK_M", "TILE_TABLE", "TileConfig", "decode_split_warps", "decode_splits",
            "flash_attn_backward", "flash_attn_forward", "flash_attn_forward_fp8", "flash_decode_forward",
-           "fp8_candidates", "gpu_family", "head_dim_bucket", "plans", "quantize_per_tensor", "select_backward_config",
+           "fp8_candidates", "gpu_family", "head_dim_bucket", "interpreted", "plans", "quantize_per_tensor", "select_backward_config",
            "select_config", "select_decode_config", "tune_candidates", "tune_key", "uses_decode_kernel"]

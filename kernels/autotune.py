@@ -40,6 +40,24 @@ def cache_file(family: str) -> str:
     return os.path.join(folder, f"autotune-{family}-triton{triton.__version__}.json")
 
 
+def config_row(config) -> dict:
+    """A candidate as a JSON row: its fields and which kernel's config it is."""
+    return {"kernel": type(config).__name__, **asdict(config)}
+
+
+def config_from_row(row: dict):
+    """The candidate a `config_row` describes (TypeError for a row this version can't read)."""
+    row = dict(row)
+    kind = row.pop("kernel", "TileConfig")
+    if kind == "Sm90Config":
+        from .forward_sm90 import Sm90Config
+
+        return Sm90Config(**row)
+    if kind != "TileConfig":
+        raise TypeError(f"unknown tile candidate kind {kind!r}")
+    return TileConfig(**row)
+
+
 class Autotuner:
     def __init__(self):
         self.choices: dict[str, dict[str, TileConfig]] = {}  # family -> key -> config
@@ -48,7 +66,7 @@ class Autotuner:
         if family not in self.choices:
             try:
                 with open(cache_file(family)) as f:
-                    self.choices[family] = {key: TileConfig(**row) for key, row in json.load(f).items()}
+                    self.choices[family] = {key: config_from_row(row) for key, row in json.load(f).items()}
             except (OSError, ValueError, TypeError):  # no file yet, or one we can't read: tune again
                 self.choices[family] = {}
         return self.choices[family]
@@ -57,7 +75,7 @@ class Autotuner:
         path = cache_file(family)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            rows = {key: asdict(cfg) for key, cfg in self._load(family).items()}
+            rows = {key: config_row(cfg) for key, cfg in self._load(family).items()}
             with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), delete=False, suffix=".tmp") as f:
                 json.dump(rows, f, indent=1, sort_keys=True)
             os.replace(f.name, path)  # atomic: concurrent processes never read half a file

@@ -5,9 +5,20 @@ dK and dV (summing over every query head of its GQA group) working on transposed
 register tile is transposed; one program per query block computes dQ. Each walks its blocks in two loops:
 blocks on the causal diagonal apply the causal mask, the rest skip it.
 
-Ragged tails need no mask: out-of-range rows load lse = +inf (so P = 0) and out-of-range keys load K = V = 0
-(so they add nothing to dQ); their own dK/dV/dQ rows are never stored. Rows that saw no key at all (lse = -inf)
-are given +inf the same way: they have no gradient.
+Ragged tails: every query row past seq_q and every key past seq_k gets P = 0 exactly, in both kernels and every
+dtype, so dS = P * (dP - delta) is 0 there and no inf or NaN is formed. Out-of-range rows load Q = dO = 0 and
+lse = +inf: P = exp2(0 - inf) = 0. Out-of-range keys load K = V = 0, which alone does NOT make P vanish: their score
+is 0, so P = exp(-lse), which is huge where a row's scores are all very negative (in float16, dS passes 65504 from
+about lse < -11, and its inf meets K = 0 in dS @ K: NaN over the row's dQ). So key blocks that run past seq_k mask P
+by key index (BOUNDARY), and only those: when seq_k is not a multiple of BLOCK_N, the dQ kernel ends its key loop
+with the ragged block on its own, and the dK/dV kernel gets a second launch for the ragged block's programs (a
+branch inside its programs would compile the pipelined loop twice: on sm90 that took the head-dim-128 row's shared
+memory from 164864 to 264192 bytes, past the limit). Whole-block and causal launches compile as without the mask.
+Causal calls need neither: the causal test on diagonal blocks already gives P = 0 to every key past seq_k for every
+row that exists, and blocks off the diagonal lie inside [0, seq_k). Rows that saw no key at all (lse = -inf) are
+given lse = +inf the same way: they have no gradient. Out-of-range rows and keys are never stored. A padded key
+(key_padding_mask) gets P = 0 in the dQ kernel; in the dK/dV kernel its row of P^T reaches only its own dK/dV rows,
+which are zeroed at the store.
 """
 
 import torch
@@ -15,8 +26,9 @@ import triton
 import triton.language as tl
 
 from .config import BackwardConfig
-from .forward import LOG2E, dropout_keep, same_segment
+from .forward import dropout_keep, same_segment
 from .launch import CachedLauncher, cdiv, next_power_of_2
+from .online_softmax import LOG2E
 
 
 @triton.jit
@@ -44,7 +56,7 @@ def _bwd_delta_kernel(
 def _row_lse_log2(LSE, rows, seq_q):
     """Per-row log2-sum-exp2 for the exponent; +inf (P = 0) for rows past seq_q or that saw no key."""
     lse = tl.load(LSE + rows, mask=rows < seq_q, other=float("inf"))
-    return tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    return tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
 
 
 @triton.jit
@@ -52,10 +64,11 @@ def _dkdv_steps(
     dk, dv, k, v, q_base, do_base, LSE, DELTA, seg_base, cols, offs_m, offs_d,
     stride_qm, stride_qd, stride_dom, stride_dod,
     qk_scale, seq_q, seq_k, head_dim, causal_offset, seed, row_head, dropout_p, start_m, end_m,
-    BLOCK_M: tl.constexpr, MASK: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, MASK: tl.constexpr, BOUNDARY: tl.constexpr, HAS_SEG: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
 ):
-    """Accumulate dK^T-side sums over query blocks [start_m, end_m) of one query head. MASK: causal diagonal."""
+    """Accumulate dK^T-side sums over query blocks [start_m, end_m) of one query head. MASK: causal diagonal.
+    BOUNDARY: this key block runs past seq_k (keys there get P = 0)."""
     for m0 in range(start_m, end_m, BLOCK_M):
         rows = m0 + offs_m
         ld_mask = rows[None, :] < seq_q
@@ -68,6 +81,8 @@ def _dkdv_steps(
         p_t = tl.math.exp2(tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale - lse[None, :])  # [N, M]
         if MASK:
             p_t = tl.where(cols[:, None] <= rows[None, :] + causal_offset, p_t, 0.0)
+        if BOUNDARY:
+            p_t = tl.where(cols[:, None] < seq_k, p_t, 0.0)
         if HAS_SEG:  # [cols, rows]: the same test with the roles swapped
             p_t = tl.where(same_segment(seg_base, cols, rows, seq_k), p_t, 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -96,9 +111,12 @@ def _flash_bwd_dkdv_kernel(
     num_heads_q, num_heads_k, group_size, seq_q, seq_k, head_dim, dropout_p, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DROPOUT: tl.constexpr,
+    DROPOUT: tl.constexpr, BOUNDARY: tl.constexpr,
 ):
+    """One program per key block. BOUNDARY: a launch of the ragged last block's programs alone (non-causal)."""
     pid_n = tl.program_id(0)
+    if BOUNDARY:
+        pid_n = seq_k // BLOCK_N
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads_k
     kv_h = pid_bh % num_heads_k
@@ -132,11 +150,11 @@ def _flash_bwd_dkdv_kernel(
             dk, dv = _dkdv_steps(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, seg_base, cols,
                                  offs_m, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, seq_q, seq_k,
                                  head_dim, causal_offset, seed, b * num_heads_q + h, dropout_p, start_m, full_m,
-                                 BLOCK_M, True, HAS_SEG, DOT_PRECISION, DROPOUT)
+                                 BLOCK_M, True, False, HAS_SEG, DOT_PRECISION, DROPOUT)
         dk, dv = _dkdv_steps(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, seg_base, cols,
                              offs_m, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, seq_q, seq_k,
                              head_dim, causal_offset, seed, b * num_heads_q + h, dropout_p, full_m, seq_q,
-                             BLOCK_M, False, HAS_SEG, DOT_PRECISION, DROPOUT)
+                             BLOCK_M, False, BOUNDARY, HAS_SEG, DOT_PRECISION, DROPOUT)
     if HAS_KPM:  # a padded key gets no gradient; nothing else in this program depends on it
         keep = tl.load(KPM + b * stride_mb + cols * stride_mn, mask=cols < seq_k, other=0) != 0
         dk = tl.where(keep[:, None], dk, 0.0)
@@ -153,10 +171,11 @@ def _dq_steps(
     dq, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
     qk_scale, seq_k, head_dim, causal_offset, seed, row_head, dropout_p, start_n, end_n,
-    BLOCK_N: tl.constexpr, MASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASK: tl.constexpr, BOUNDARY: tl.constexpr, HAS_KPM: tl.constexpr,
+    HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
 ):
-    """Accumulate dQ over key blocks [start_n, end_n). MASK: causal diagonal."""
+    """Accumulate dQ over key blocks [start_n, end_n). MASK: causal diagonal. BOUNDARY: the blocks run past seq_k
+    (keys there get P = 0)."""
     for n0 in range(start_n, end_n, BLOCK_N):
         cols = n0 + offs_n
         ld_mask = (cols[None, :] < seq_k) & (offs_d[:, None] < head_dim)
@@ -165,6 +184,8 @@ def _dq_steps(
         p = tl.math.exp2(tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
         if MASK:
             p = tl.where(cols[None, :] <= rows[:, None] + causal_offset, p, 0.0)
+        if BOUNDARY:
+            p = tl.where(cols[None, :] < seq_k, p, 0.0)
         if HAS_KPM:
             keep_col = tl.load(kpm_base + cols * stride_mn, mask=cols < seq_k, other=0) != 0
             p = tl.where(keep_col[None, :], p, 0.0)
@@ -192,8 +213,10 @@ def _flash_bwd_dq_kernel(
     num_heads_q, group_size, seq_q, seq_k, head_dim, dropout_p, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DROPOUT: tl.constexpr,
+    DROPOUT: tl.constexpr, BOUNDARY: tl.constexpr,
 ):
+    """One program per query block. BOUNDARY (non-causal, seq_k not a multiple of BLOCK_N): the key loop stops at the
+    last whole block and the ragged one follows on its own, masked."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads_q
@@ -219,6 +242,8 @@ def _flash_bwd_dq_kernel(
 
     causal_offset = seq_k - seq_q
     full_n = tl.cdiv(seq_k, BLOCK_N) * BLOCK_N
+    if BOUNDARY:
+        full_n = seq_k // BLOCK_N * BLOCK_N
     end_n = full_n
     if CAUSAL:
         # Key blocks before full_n are visible to every row of this block; [full_n, end_n) straddle the diagonal.
@@ -227,11 +252,16 @@ def _flash_bwd_dq_kernel(
         dq = _dq_steps(dq, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
                        stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, seq_k, head_dim,
                        causal_offset, seed, pid_bh, dropout_p, full_n, end_n,
-                       BLOCK_N, True, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT)
+                       BLOCK_N, True, False, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT)
     dq = _dq_steps(dq, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
                    stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, seq_k, head_dim,
                    causal_offset, seed, pid_bh, dropout_p, 0, full_n,
-                   BLOCK_N, False, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT)
+                   BLOCK_N, False, False, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT)
+    if BOUNDARY:
+        dq = _dq_steps(dq, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
+                       stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, seq_k, head_dim,
+                       causal_offset, seed, pid_bh, dropout_p, full_n, seq_k,
+                       BLOCK_N, False, True, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT)
 
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqd, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
@@ -270,15 +300,22 @@ def flash_attn_backward(
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     seg, stride_sb = (delta, 0) if segment_ids is None else (segment_ids, segment_ids.stride(0))
     dkdv, dq_tiles = config.dkdv, config.dq
-    _launch_dkdv((cdiv(seq_k, dkdv.block_n), batch * heads_k),
-        q, k, v, grad_out, lse, delta, dk, dv, kpm, seg, scale * LOG2E, scale,
-        *strides, *dk.stride(), *dv.stride(), stride_mb, stride_mn, stride_sb,
-        heads_q, heads_k, heads_q // heads_k, seq_q, seq_k, head_dim, dropout_p, seed,
-        BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, num_warps=dkdv.num_warps, num_stages=dkdv.num_stages, **common)
+    # Non-causal with a ragged key length: the last key block masks keys past seq_k (BOUNDARY), the rest need not.
+    # dK/dV: whole key blocks in one launch, the ragged block's programs in a second; dQ: a flag for its key loop.
+    dkdv_ragged = not causal and seq_k % dkdv.block_n != 0
+    whole = seq_k // dkdv.block_n if dkdv_ragged else cdiv(seq_k, dkdv.block_n)
+    for blocks, boundary in ((whole, False), (int(dkdv_ragged), True)):
+        if blocks:
+            _launch_dkdv((blocks, batch * heads_k),
+                q, k, v, grad_out, lse, delta, dk, dv, kpm, seg, scale * LOG2E.value, scale,
+                *strides, *dk.stride(), *dv.stride(), stride_mb, stride_mn, stride_sb,
+                heads_q, heads_k, heads_q // heads_k, seq_q, seq_k, head_dim, dropout_p, seed,
+                BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, num_warps=dkdv.num_warps, num_stages=dkdv.num_stages,
+                BOUNDARY=boundary, **common)
     _launch_dq((cdiv(seq_q, dq_tiles.block_m), batch * heads_q),
-        q, k, v, grad_out, lse, delta, dq, kpm, seg, scale * LOG2E, scale,
+        q, k, v, grad_out, lse, delta, dq, kpm, seg, scale * LOG2E.value, scale,
         *strides, *dq.stride(), stride_mb, stride_mn, stride_sb,
         heads_q, heads_q // heads_k, seq_q, seq_k, head_dim, dropout_p, seed,
         BLOCK_M=dq_tiles.block_m, BLOCK_N=dq_tiles.block_n, num_warps=dq_tiles.num_warps,
-        num_stages=dq_tiles.num_stages, **common)
+        num_stages=dq_tiles.num_stages, BOUNDARY=not causal and seq_k % dq_tiles.block_n != 0, **common)
     return dq, dk, dv

@@ -20,8 +20,7 @@ class TileConfig:
 
 
 # Per compute-capability family, per padded head dim (64, 128, 256).
-# sm90 rows were chosen from a sweep on an H100 (docs/gpu-runs/2026-11-24-h100-tile-sweep.txt, confirmed by
-# docs/gpu-runs/2026-11-25-session4/forward-sweep-tma.txt); sm80/sm86 rows follow the
+# sm90 rows won a tile sweep on an H100 (`flashpatch.bench.kernels.tile_sweep`); sm80/sm86 rows follow the
 # same shapes scaled to those GPUs' shared memory (163 KB and 99 KB per block).
 TILE_TABLE: dict[str, dict[int, TileConfig]] = {
     "sm90": {
@@ -58,10 +57,10 @@ TUNE_ALTERNATIVES: dict[str, dict[int, list[TileConfig]]] = {
 }
 
 
-# The H100 sweep of 2026-11-25 (docs/gpu-runs/2026-11-25-session4/forward-sweep-tma.txt) timed the TMA tiles: at
+# On an H100 the TMA tiles measured: at
 # head dim 128, (128, 128, 8, 3) with TMA is level with or up to 3.5 % ahead of the best pointer tile on 3 of 4
 # shapes, so it is a candidate; at head dim 64 every TMA tile lost. Its warp-specialised variant read 524 vs 491
-# TFLOPS non-causal at N = 8192 but lost causal (docs/gpu-runs/2026-11-25-session5/ws-probe.txt), so it is a
+# TFLOPS non-causal at N = 8192 but lost causal, so it is a
 # candidate of its own. FLASHPATCH_TMA=0 leaves TMA tiles out.
 TMA_SWITCH = "FLASHPATCH_TMA"
 
@@ -74,7 +73,7 @@ def tune_candidates(family: str, head_dim: int) -> list[TileConfig]:
 
 # FP8 forward (kernels/forward_fp8.py), Hopper only: one-byte K/V tiles take half the shared memory of 16-bit ones,
 # so 128 keys per step fit three or four stages. Per head dim (64 or 128): the row, then the autotuning
-# alternatives; both won shapes of the H100 sweep (docs/gpu-runs/2026-11-25-session5/fp8.txt).
+# alternatives; both won shapes of an H100 sweep.
 FP8_TABLE: dict[str, dict[int, list[TileConfig]]] = {
     "sm90": {64: [TileConfig(64, 128, 4, 3), TileConfig(128, 64, 8, 3)],
              128: [TileConfig(128, 128, 8, 4), TileConfig(64, 128, 4, 3)]},
@@ -132,7 +131,7 @@ def select_config(family: str | None, head_dim: int, seq_q: int, element_size: i
 # Flash-decoding (kernels/decode.py): block_m is unused (the tile holds a GQA group's query rows).
 # Memory-bound, so the knobs are key-block length, warps and pipelining depth. Keyed by padded head dim.
 # sm90 head dim 128: 64-key blocks four deep won batch 1 at 1K and 4K (1.40 and 2.41 TB/s against 1.30 and 2.31
-# for 128-key blocks) and lost 1 % at 128K (docs/gpu-runs/2026-11-25-session6/a/decode-sweep.txt).
+# for 128-key blocks) and lost 1 % at 128K, on an H100.
 DECODE_TABLE: dict[str, dict[int, TileConfig]] = {
     "sm90": {64: TileConfig(16, 128, 4, 3), 128: TileConfig(16, 64, 4, 4), 256: TileConfig(16, 32, 4, 3)},
     "sm80": {64: TileConfig(16, 64, 4, 3), 128: TileConfig(16, 64, 4, 3), 256: TileConfig(16, 32, 4, 2)},
@@ -152,10 +151,9 @@ def select_decode_config(family: str | None, head_dim: int, element_size: int = 
 
 
 # Warps for split launches, which put one program on each SM (decode_splits), where they differ from the row's.
-# sm90 head dim 128, in rounds on fresh buffers: batch 1 read faster on 8 warps (1K 1.84 vs 1.71, 4K 2.33 vs 2.28,
+# sm90 head dim 128 on an H100, in rounds on fresh buffers (scripts/decode_rounds.py): batch 1 read faster on 8 warps (1K 1.84 vs 1.71, 4K 2.33 vs 2.28,
 # 16K 2.85 vs 2.82 TB/s), batch 8 and 32 (one program per (batch, head), many per SM) 1 % faster on the row's 4; more
-# programs per (batch, head), co-resident with fewer stages, lost at every length
-# (docs/gpu-runs/2026-11-25-session7/a/ and b/).
+# programs per (batch, head), co-resident with fewer stages, lost at every length.
 DECODE_SPLIT_WARPS: dict[str, dict[int, int]] = {"sm90": {128: 8}}
 
 
@@ -180,14 +178,12 @@ def uses_decode_kernel(seq_q: int, group_size: int, head_dim: int, dropout_p: fl
 # Pretend SM count under the interpreter, so that CPU tests exercise the split-KV path.
 INTERPRETER_SM_COUNT = 8
 MAX_SPLITS = 64
-# Splits per (batch, KV head) fill the SMs once: session 4 chose four waves from 16K keys up, but with the merge
-# unrolled one wave reads more at every batch-1 length swept (2.91 vs 2.65 TB/s at 16K, 3.11 vs 3.03 at 128K;
-# docs/gpu-runs/2026-11-25-session6/a/decode-sweep.txt), as it did in session 4's own sweep at 16K.
+# Splits per (batch, KV head) fill the SMs once: with the merge unrolled, one wave read more than four at every
+# batch-1 length swept on an H100 (2.91 vs 2.65 TB/s at 16K, 3.11 vs 3.03 at 128K).
 DECODE_WAVES = 1
 # Each split keeps at least this many key blocks (its fixed cost: loading Q, filling the pipeline, its share of the
 # merge). Batch 1 on the H100 with 64-key blocks: 2 blocks let a 1K cache take 4 splits (1.77 TB/s against 1.36
-# for 8 blocks, 2 splits) and a 512-token prompt's 640-key static cache 4 (1.22 against 0.93, one split);
-# docs/gpu-runs/2026-11-25-session6/e/decode-sweep.txt.
+# for 8 blocks, 2 splits) and a 512-token prompt's 640-key static cache 4 (1.22 against 0.93, one split).
 MIN_SPLIT_BLOCKS = 2
 
 
@@ -220,13 +216,16 @@ def backward_smem(cfg: BackwardConfig, head_dim: int) -> int:
     return max(dkdv, dq)
 
 
-# sm90 rows (d64, d128) won a sweep on an H100 at N = 4096 (docs/gpu-runs/2026-11-24-session3/backward-sweep.txt);
-# the d256 row and the sm80/sm86 rows are the same shapes cut to those budgets (fewer stages, smaller tiles).
+# sm90 rows (d64, d128) won a sweep on an H100 at N = 4096. The sm90 d256 row: the dK/dV kernel holds two fp32
+# [block_n, 256] accumulators, which at 4 warps spill (1 KB of local memory per thread for (32, 64, 4, 2)); on 8 warps
+# (64, 64, 8, 2) with dQ (128, 32, 8, 2) runs fwd+bwd at 226-274 TFLOPS on an H200 against 111-121 for the 4-warp
+# row and 219-269 for SDPA's FA2 (N 2048-4096, BENCHMARKS.md; scripts/backward_tiles_sm90.py). The sm80/sm86 rows
+# are the sm90 shapes cut to those budgets (fewer stages, smaller tiles).
 BACKWARD_TABLE: dict[str, dict[int, BackwardConfig]] = {
     "sm90": {
         64: BackwardConfig(TileConfig(32, 128, 4, 3), TileConfig(128, 64, 8, 3)),
         128: BackwardConfig(TileConfig(64, 128, 8, 3), TileConfig(128, 64, 8, 3)),
-        256: BackwardConfig(TileConfig(32, 64, 4, 2), TileConfig(64, 32, 4, 2)),
+        256: BackwardConfig(TileConfig(64, 64, 8, 2), TileConfig(128, 32, 8, 2)),
     },
     "sm80": {
         64: BackwardConfig(TileConfig(32, 128, 4, 3), TileConfig(128, 64, 8, 3)),

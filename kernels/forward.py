@@ -12,10 +12,7 @@ import triton.language as tl
 from .config import TileConfig
 from .forward_tma import flash_attn_forward_tma, tma_eligible
 from .launch import CachedLauncher, cdiv, next_power_of_2
-from .online_softmax import finish_rows, key_range, softmax_step, visible_keys
-
-LOG2E = 1.4426950408889634
-
+from .online_softmax import LOG2E, finish_rows, key_range, softmax_step, visible_keys
 
 @triton.jit
 def dropout_keep(seed, row_head, rows, cols, seq_k, dropout_p):
@@ -205,7 +202,7 @@ class ForwardPlan:
     flags, tiles and key splits. `run` binds one call's tensors (and K/V's strides, the mask's and the seed), so a
     call costs little host time: a 512-token prefill's attention runs for tens of microseconds on an H100, and the
     general launch path (a key over ~45 arguments, the tile choice, two allocations) took 130 us of host time per call
-    (docs/gpu-runs/2026-11-25-session7/f/; 48 us planned, session8/a/).
+    on an H100 host, planned 48 us (scripts/attention_host_time.py).
 
     need_lse=False (inference) neither allocates nor writes the lse, unless key splits need it to merge.
     """
@@ -225,7 +222,7 @@ class ForwardPlan:
         # O (and each split's float32 partial) is [B, Sq, H, D] in memory, strides given in [B, H, Sq, D] order.
         out_stride = (seq_q * heads_q * head_dim, head_dim, heads_q * head_dim, 1)
         rows = batch * heads_q * seq_q
-        self.head_scalars = (scale * LOG2E, *q_stride)
+        self.head_scalars = (scale * LOG2E.value, *q_stride)
         self.out_scalars = out_stride
         self.tail_scalars = (heads_q, heads_q // heads_k, seq_q, seq_k, head_dim, split_len,
                              rows * head_dim if splits > 1 else 0, rows if splits > 1 else 0, float(dropout_p))

@@ -12,6 +12,7 @@ time than the general route's host work would.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 
@@ -20,7 +21,9 @@ from .config import (SHORT_Q_BLOCK_M, TileConfig, decode_split_warps, decode_spl
                      select_config, select_decode_config, tune_candidates, uses_decode_kernel)
 from .decode import DecodePlan
 from .forward import ForwardPlan
-from .forward_tma import flash_attn_forward_tma, tma_eligible
+from .forward_tma import _descriptor_legal, flash_attn_forward_tma, tma_eligible
+
+GLUON_SWITCH = "FLASHPATCH_GLUON"  # "0" leaves the Gluon sm90 forward out of the candidates
 
 
 class PlanCache:
@@ -113,10 +116,47 @@ class TmaPlan:
         return out.transpose(1, 2), (lse if self.need_lse else None)
 
 
+class Sm90Plan:
+    """The Gluon sm90 forward (kernels/forward_sm90.py) for the calls it takes; a call of the kind whose views its
+    descriptors can't take (a misaligned slice) runs the pointer kernel with the table's tiles."""
+
+    def __init__(self, config, pointer_plan: ForwardPlan, *, causal: bool, scale: float, need_lse: bool):
+        self.config, self.pointer_plan = config, pointer_plan
+        self.causal, self.scale, self.need_lse = causal, scale, need_lse
+
+    def run(self, q, k, v, key_padding_mask=None, seqused_k=None, segment_ids=None, seed: int = 0):
+        from .forward_sm90 import flash_attn_forward_sm90
+
+        if not (_descriptor_legal(q) and _descriptor_legal(k) and _descriptor_legal(v)):
+            return self.pointer_plan.run(q, k, v, key_padding_mask, seqused_k, segment_ids, seed)
+        masks = {name: t for name, t in (("key_padding_mask", key_padding_mask), ("seqused_k", seqused_k),
+                                         ("segment_ids", segment_ids)) if t is not None}
+        out, lse = flash_attn_forward_sm90(q, k, v, causal=self.causal, scale=self.scale, need_lse=self.need_lse,
+                                           config=self.config, **masks)
+        return out.transpose(1, 2), lse
+
+
+def sm90_candidates(family, q, k, v, *, dropout_p, key_padding_mask, seqused_k, segment_ids) -> list:
+    """The Gluon sm90 forward's configs where it can serve this call (Hopper, Gluon, 16-bit, its head dims,
+    descriptor-legal views, no dropout), else none."""
+    if family != "sm90" or dropout_p or os.environ.get(GLUON_SWITCH) == "0":
+        return []
+    from . import forward_sm90
+
+    masks = {name: t for name, t in (("key_padding_mask", key_padding_mask), ("seqused_k", seqused_k),
+                                     ("segment_ids", segment_ids)) if t is not None}
+    try:
+        eligible = forward_sm90.sm90_eligible(q, k, v, **masks)
+    except TypeError:  # a call with masks, where the kernel takes none
+        eligible = False
+    return list(forward_sm90.SM90_CONFIGS.get(head_dim_bucket(q.shape[-1]), ())) if eligible else []
+
+
 def make_plan(q, k, v, *, causal, scale, key_padding_mask, dropout_p, seed, seqused_k, segment_ids, need_lse, family,
               sm_count):
-    """The plan for a validated call's kind: the decode kernel for few query rows, else the forward kernel with the
-    tile table's row, or on a GPU the fastest of its candidates (timed once per length bucket, kernels/autotune.py)."""
+    """The plan for a validated call's kind: the decode kernel for few query rows, else a forward kernel with the
+    tile table's row, or on a GPU the fastest of the candidates that can serve the call (the portable kernel's tiles,
+    the TMA kernel's, the Gluon sm90 kernel's), timed once per length bucket (kernels/autotune.py)."""
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
     element_size = q.element_size()
@@ -127,31 +167,40 @@ def make_plan(q, k, v, *, causal, scale, key_padding_mask, dropout_p, seed, sequ
                           need_lse=need_lse, split_warps=decode_split_warps(family, head_dim, element_size))
     plain = key_padding_mask is None and seqused_k is None and segment_ids is None and not dropout_p
 
-    def plan_with(config: TileConfig):
-        pointer_config = dataclasses.replace(config, tma=False, warp_specialize=False)
-        pointer_plan = ForwardPlan(q.shape, q.stride(), k.shape, q.dtype, causal=causal, scale=scale,
-                                   config=pointer_config, **flags, has_seg=segment_ids is not None,
-                                   num_splits=decode_splits(batch * heads_q, seq_q, seq_k, config.block_n, sm_count),
-                                   dropout_p=dropout_p, need_lse=need_lse)
-        if config.tma and plain:
-            return TmaPlan(config, pointer_plan, causal=causal, scale=scale, need_lse=need_lse)
-        return pointer_plan
+    def pointer_plan(config: TileConfig) -> ForwardPlan:
+        return ForwardPlan(q.shape, q.stride(), k.shape, q.dtype, causal=causal, scale=scale,
+                           config=dataclasses.replace(config, tma=False, warp_specialize=False), **flags,
+                           has_seg=segment_ids is not None,
+                           num_splits=decode_splits(batch * heads_q, seq_q, seq_k, config.block_n, sm_count),
+                           dropout_p=dropout_p, need_lse=need_lse)
 
-    def timed(config: TileConfig) -> float:
+    def plan_with(config):
+        if not isinstance(config, TileConfig):  # the Gluon kernel's
+            return Sm90Plan(config, pointer_plan(select_config(family, head_dim, seq_q, element_size)),
+                            causal=causal, scale=scale, need_lse=need_lse)
+        if config.tma:
+            return TmaPlan(config, pointer_plan(config), causal=causal, scale=scale, need_lse=need_lse)
+        return pointer_plan(config)
+
+    def timed(config) -> float:
         plan = plan_with(config)
         return time_ms(lambda: plan.run(q, k, v, key_padding_mask, seqused_k, segment_ids, seed))
 
-    return plan_with(prefill_config(family, q, seq_k, causal, timed))
+    if family is None or seq_q <= SHORT_Q_BLOCK_M or not q.is_cuda or element_size == 4:
+        return plan_with(select_config(family, head_dim, seq_q, element_size))
+    candidates = [c for c in tune_candidates(family, head_dim) if plain or not c.tma]
+    candidates += sm90_candidates(family, q, k, v, dropout_p=dropout_p, key_padding_mask=key_padding_mask,
+                                  seqused_k=seqused_k, segment_ids=segment_ids)
+    return plan_with(prefill_config(family, q, seq_k, causal, candidates, timed, plain))
 
 
-def prefill_config(family: str | None, q, seq_k: int, causal: bool, timed) -> TileConfig:
-    """The tile table's row, or on a GPU the autotuned choice among its candidates (`timed(config)` -> ms)."""
-    head_dim, seq_q = q.shape[-1], q.shape[2]
-    if (family is None or seq_q <= SHORT_Q_BLOCK_M or not q.is_cuda or q.element_size() == 4
-            or torch.cuda.is_current_stream_capturing()):
-        return select_config(family, head_dim, seq_q, q.element_size())
-    key = tune_key(head_dim_bucket(head_dim), str(q.dtype).removeprefix("torch."), causal, seq_q, seq_k)
-    return AUTOTUNER.pick(family, key, tune_candidates(family, head_dim), timed)
+def prefill_config(family: str, q, seq_k: int, causal: bool, candidates: list, timed, plain: bool):
+    """The first candidate (the table's row) while a CUDA graph is being captured (nothing can be timed), else the
+    autotuned choice for this length bucket (`timed(config)` -> ms), remembered on disk."""
+    if torch.cuda.is_current_stream_capturing():
+        return candidates[0]
+    key = tune_key(head_dim_bucket(q.shape[-1]), str(q.dtype).removeprefix("torch."), causal, q.shape[2], seq_k)
+    return AUTOTUNER.pick(family, key if plain else f"{key}-masked", candidates, timed)
 
 
 def reset() -> None:

@@ -1,4 +1,4 @@
-"""What the forward kernel compiles to on sm90, without a GPU (Triton's bundled ptxas): issue 8's "where the time goes".
+"""What the portable forward kernel compiles to on sm90, without a GPU (Triton's bundled ptxas).
 
 Compiles `_flash_fwd_kernel` for an H100 target with the specialisations a real bf16 launch gets (16-byte aligned
 pointers and strides, unit inner strides, no masks) and counts, in the PTX: wgmma instructions and their waits,

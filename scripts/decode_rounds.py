@@ -13,7 +13,7 @@ import sys
 import torch
 import triton
 
-from flashpatch.bench_kernels import kv_bytes, make_fn
+from flashpatch.bench.kernels import kv_bytes, make_fn
 from flashpatch.kernels import TileConfig, flash_decode_forward
 
 args = [a for a in sys.argv[1:] if not a.startswith("--")]

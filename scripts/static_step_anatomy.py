@@ -1,4 +1,4 @@
-"""Where a static-cache decode step's time goes under transformers' compiled generate (issue 7's >= 150 tokens/s).
+"""Where a static-cache decode step's time goes under transformers' compiled generate.
 
 For sdpa and flashpatch on the Llama-2-7B shape (random weights, bf16, batch 1), in one process, each compiled
 afresh: transformers' own compiled generate's end-to-end tokens/s (median of 3, after warm-up), and from a profile
@@ -18,7 +18,7 @@ import torch
 from torch._dynamo.utils import counters
 from torch.profiler import ProfilerActivity, profile
 
-from flashpatch.patch import implementation_switcher
+from flashpatch.bench.switch import implementation_switcher
 from flashpatch.presets import build_model
 
 parser = argparse.ArgumentParser()

@@ -32,11 +32,12 @@ def test_picks_the_fastest_and_remembers_it_across_processes():
     assert Autotuner().pick("sm90", key, CANDIDATES, timer(times, calls)) == fastest
     assert calls == CANDIDATES
     on_disk = json.load(open(cache_file("sm90")))
-    assert on_disk[key] == {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "tma": False,
-                            "warp_specialize": False}
+    assert on_disk[key] == {"kernel": "TileConfig", "block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3,
+                            "tma": False, "warp_specialize": False}
     again = []  # a new process: read from disk, nothing timed
     assert Autotuner().pick("sm90", key, CANDIDATES, timer(times, again)) == fastest and again == []
-    del on_disk[key]["tma"], on_disk[key]["warp_specialize"]  # a cache written before those fields still reads
+    for field in ("kernel", "tma", "warp_specialize"):  # a cache written before those fields still reads
+        del on_disk[key][field]
     json.dump(on_disk, open(cache_file("sm90"), "w"))
     assert Autotuner().pick("sm90", key, CANDIDATES, timer(times, again)) == fastest and again == []
 
@@ -65,27 +66,48 @@ def test_a_failing_candidate_is_never_chosen_and_a_broken_cache_is_retuned(cache
         assert Autotuner().pick("sm80", "k", CANDIDATES, time_ms) == CANDIDATES[1]
 
 
-def test_prefill_tiles_are_tuned_per_length_bucket_on_gpus_only(monkeypatch):
-    """A GPU prefill asks the tuner with its bucketed key and the family's candidates (the plan it makes keeps the
-    answer); CPU tensors, float32 and short queries take the table row without timing anything."""
+def test_prefill_tiles_are_tuned_per_length_bucket_and_call_kind(monkeypatch):
+    """A GPU prefill asks the tuner with its bucketed key (masked calls apart: their candidates differ) and keeps
+    what it picks; while a CUDA graph is being captured nothing is timed and the table's row serves."""
     import torch
 
-    from flashpatch.kernels import AUTOTUNER, plans, select_config, tune_candidates
+    from flashpatch.kernels import AUTOTUNER, plans, tune_candidates
 
     class FakeQuery:  # what prefill_config reads of q
-        def __init__(self, seq_q, is_cuda=True, dtype=torch.bfloat16):
-            self.shape, self.is_cuda, self.dtype = (1, 8, seq_q, 128), is_cuda, dtype
-
-        def element_size(self):
-            return self.dtype.itemsize
+        shape, dtype = (1, 8, 300, 128), torch.bfloat16
 
     asked = []
-    monkeypatch.setattr(AUTOTUNER, "pick", lambda family, key, candidates, timed: asked.append((key, candidates))
-                        or candidates[-1])
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    assert plans.prefill_config("sm90", FakeQuery(300), 300, True, None) == tune_candidates("sm90", 128)[-1]
-    assert asked == [("d128-bfloat16-causal-q512-k512", tune_candidates("sm90", 128))]
-    for query in (FakeQuery(300, is_cuda=False), FakeQuery(300, dtype=torch.float32), FakeQuery(16)):
-        assert plans.prefill_config("sm90", query, 300, True, None) == select_config(
-            "sm90", 128, query.shape[2], query.element_size())
-    assert len(asked) == 1
+    monkeypatch.setattr(AUTOTUNER, "pick", lambda family, key, candidates, timed: asked.append(key) or candidates[-1])
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    candidates = tune_candidates("sm90", 128)
+    assert plans.prefill_config("sm90", FakeQuery(), 300, True, candidates, None, True) == candidates[-1]
+    plans.prefill_config("sm90", FakeQuery(), 300, True, candidates, None, False)
+    assert asked == ["d128-bfloat16-causal-q512-k512", "d128-bfloat16-causal-q512-k512-masked"]
+    capturing[0] = True
+    assert plans.prefill_config("sm90", FakeQuery(), 300, True, candidates, None, True) == candidates[0]
+    assert len(asked) == 2
+
+
+def test_cpu_float32_and_short_prefills_take_the_table_row_untimed(monkeypatch):
+    import torch
+
+    from flashpatch.kernels import AUTOTUNER, ForwardPlan, plans
+
+    monkeypatch.setattr(AUTOTUNER, "pick", lambda *a: pytest.fail("nothing is timed on a CPU"))
+    for dtype, seq_q in ((torch.float16, 40), (torch.float32, 40), (torch.float16, 16)):
+        q, k, v = (torch.randn(1, 2, seq_q if i == 0 else 40, 64, dtype=dtype) for i in range(3))
+        plan = plans.make_plan(q, k, v, causal=True, scale=0.125, key_padding_mask=None, dropout_p=0.1, seed=0,
+                               seqused_k=None, segment_ids=None, need_lse=False, family=None, sm_count=8)
+        assert isinstance(plan, ForwardPlan)
+
+
+def test_candidates_serialise_with_their_kind():
+    from flashpatch.kernels.autotune import config_from_row, config_row
+    from flashpatch.kernels.forward_sm90 import SM90_CONFIGS
+
+    for config in (CANDIDATES[0], SM90_CONFIGS[128][0]):
+        assert config_from_row(json.loads(json.dumps(config_row(config)))) == config
+    assert config_from_row({"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2}) == TileConfig(64, 32, 4, 2)
+    with pytest.raises(TypeError):
+        config_from_row({"kernel": "Sm90Config", "no_such_field": 1})

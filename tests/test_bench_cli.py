@@ -6,8 +6,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from flashpatch import bench_generate
-from flashpatch.bench_generate import _LengthSource
+from flashpatch.bench import generate as bench_generate
+from flashpatch.bench.generate import _LengthSource
 from flashpatch.cli.main import app
 
 runner = CliRunner()
@@ -131,7 +131,7 @@ def test_speedups_are_medians_of_per_repeat_ratios():
     to the ratio of medians where repeats don't pair (a failed run)."""
     import random
 
-    from flashpatch.bench_generate import GenRow, speedup_table
+    from flashpatch.bench.generate import GenRow, speedup_table
 
     drift = [random.uniform(0.5, 2.0) for _ in range(5)]
     edge = [random.uniform(1.02, 1.2) for _ in range(5)]

@@ -2,8 +2,8 @@
 
 import torch
 
-from flashpatch import bench_train
-from flashpatch.bench_train import bench_training, markdown
+from flashpatch.bench import train as bench_train
+from flashpatch.bench.train import bench_training, markdown
 from flashpatch.presets import build_model
 from models import DEVICE
 

@@ -227,7 +227,7 @@ def test_cpu_plot_has_no_empty_memory_panel(tmp_path):
     import struct
 
     pytest.importorskip("matplotlib")
-    from flashpatch.bench_generate import GenRow, plot
+    from flashpatch.bench.generate import GenRow, plot
 
     rows = [GenRow(impl, c, "warm", [c], e2e_tok_s=float(c)) for impl in ("sdpa", "flashpatch") for c in (16, 32)]
     png = tmp_path / "plot.png"

@@ -1,7 +1,7 @@
 """The FP8 (e4m3) forward against float64: within FP8's precision, exact structure (masks, GQA, empty rows).
 
 Per-tensor e4m3 inputs alone put outputs ~5 % (rms) from exact attention on unit-normal data (emulated in float64
-and measured on the H100: docs/gpu-runs/2026-11-25-session5/fp8.txt). So the kernel is held tightly to the attention
+and measured on an H100). So the kernel is held tightly to the attention
 of its own dequantized inputs, where only the rounding of P to e4m3 remains (~2 % rms), and loosely to exact
 attention. In Triton's CPU interpreter the kernels round onto e4m3's grid before casting (its own cast drops
 carries), ties away from zero instead of to even: the same bounds hold on both.

@@ -132,7 +132,7 @@ def test_packed_segments_forward_and_backward(dtype):
 @pytest.mark.parametrize("family", ["sm90", "sm80", "sm86"])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_every_table_row_and_tune_candidate_compiles_fits_and_is_correct(family, head_dim, monkeypatch):
-    """Issue 8's evidence for GPUs we don't have: each family's forward rows and autotune candidates compile
+    """Evidence for GPUs this suite may not run on: each family's forward rows and autotune candidates compile
     here, their compiled shared memory fits that family's budget, and they compute the right thing."""
     from flashpatch.kernels import flash_attn_forward
     from flashpatch.kernels.config import tune_candidates
@@ -263,3 +263,32 @@ def test_float32_rows_compile_fit_every_family_and_are_correct(head_dim, poison_
     shared += [c.metadata.shared for c in _launch_decode.variants(torch.float32, BLOCK_N=dcfg.block_n,
                                                                    BLOCK_D=head_dim, BLOCK_R=group)]
     assert len(shared) >= 2 and max(shared) <= SMEM["sm86"], shared
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_plans_route_plain_calls_to_the_gluon_forward_on_hopper(causal, head_dim, monkeypatch, poison_empty):
+    """On sm90 the Gluon forward is an autotuning candidate of plain 16-bit calls; chosen, its plan serves them
+    (forward and the lse the backward reads), and a view its descriptors can't take runs the pointer kernel."""
+    from flashpatch import ops
+    from flashpatch.kernels import AUTOTUNER, forward_sm90, plans
+
+    if torch.cuda.get_device_capability()[0] != 9 or not forward_sm90.HAS_GLUON:
+        pytest.skip("needs a Hopper GPU and Triton's Gluon")
+    ops.reset_caches()
+    monkeypatch.setattr(AUTOTUNER, "pick", lambda family, key, candidates, timed: next(
+        c for c in candidates if isinstance(c, forward_sm90.Sm90Config)))
+    q = torch.randn(2, 700, 8, head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)  # transformers' layout
+    k, v = (torch.randn(2, 900, 2, head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
+    out = flashpatch.attention(q, k, v, causal=causal)
+    assert_fa2_rule(out, q, k, v, causal=causal)
+    (plan,) = plans.PLANS.plans.values()
+    assert isinstance(plan, plans.Sm90Plan)
+    q.requires_grad_()
+    flashpatch.attention(q, k, v, causal=causal).float().sum().backward()
+    assert torch.isfinite(q.grad).all()
+    with torch.no_grad():  # the same strides 2 bytes off a 16-byte boundary: the plan's kind, not TMA-legal
+        shifted = torch.empty(q.numel() + 8, device="cuda", dtype=q.dtype)[1:1 + q.numel()]
+        shifted = shifted.view(2, 700, 8, head_dim).transpose(1, 2).copy_(q)
+        assert_fa2_rule(flashpatch.attention(shifted, k, v, causal=causal), shifted, k, v, causal=causal)
+    assert len(plans.PLANS) == 2  # the inference plan (served the shifted call too) and the training one

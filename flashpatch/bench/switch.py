@@ -1,0 +1,52 @@
+"""Putting one model on each implementation in turn, for benchmarks that compare them call by call."""
+
+from __future__ import annotations
+
+import contextlib
+
+from ..patch import apply, unapply
+
+
+@contextlib.contextmanager
+def implementation_switcher(model, baselines):
+    """For benchmarks that alternate implementations call by call: yields (switch, names, unavailable), where
+    switch(name) puts the model on a baseline or on flashpatch (fallback="error"), names are the usable ones
+    (baselines first, flashpatch last) and unavailable maps refused baselines to why. The model's own attention is
+    restored at the end, and a flashpatch run that fell back anyway fails loudly."""
+    original = model.config._attn_implementation
+    names, unavailable, reports = [], {}, []
+    for name in baselines:
+        try:
+            model.set_attn_implementation(name)
+            names.append(name)
+        except (ValueError, ImportError) as exc:
+            unavailable[name] = f"unavailable: {exc}".splitlines()[0][:160]
+    model.set_attn_implementation(original)
+
+    def switch(name):
+        unapply(model)
+        if name == "flashpatch":
+            reports.append(apply(model, fallback="error"))
+        else:
+            model.set_attn_implementation(name)
+
+    try:
+        yield switch, [*names, "flashpatch"], unavailable
+        fell_back = {k: v for report in reports for k, v in report.fallbacks.items()}
+        assert not fell_back, f"flashpatch fell back during the benchmark: {fell_back}"
+    finally:
+        unapply(model)
+        model.set_attn_implementation(original)
+
+
+def each_implementation(model, baselines):
+    """For benchmarks: yield (name, None) with the model switched to each baseline in turn, then
+    ("flashpatch", None) with it patched (fallback="error"); a baseline transformers refuses is yielded as
+    (name, reason) and skipped. Restores and checks as `implementation_switcher` does."""
+    with implementation_switcher(model, baselines) as (switch, _, unavailable):
+        for name in (*baselines, "flashpatch"):
+            if name in unavailable:
+                yield name, unavailable[name]
+                continue
+            switch(name)
+            yield name, None
