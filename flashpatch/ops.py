@@ -30,7 +30,8 @@ def head_dim_problem(head_dim: int) -> str | None:
     return None
 
 
-def check_inputs(q, k, v, key_padding_mask, seqused_k=None, segment_ids=None) -> None:
+def check_inputs(q, k, v, key_padding_mask, seqused_k=None, segment_ids=None, window=None, softcap=None,
+                 sinks=None) -> None:
     """AttentionInputError naming the first thing about these inputs the kernels can't take."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -72,10 +73,24 @@ def check_inputs(q, k, v, key_padding_mask, seqused_k=None, segment_ids=None) ->
                                       f"{tuple(segment_ids.shape)} on {segment_ids.device} for Sk = {sk}")
         if seqused_k is not None:
             raise AttentionInputError("segment_ids (packed training batches) and seqused_k (KV caches) don't combine")
+    if window is not None and not (isinstance(window, (tuple, list)) and len(window) == 2
+                                   and all(isinstance(w, int) and not isinstance(w, bool) and w >= -1
+                                           for w in window)):
+        raise AttentionInputError(f"window must be (left, right), ints >= -1 (-1: no bound on that side), got "
+                                  f"{window!r}")
+    if softcap is not None and (isinstance(softcap, (bool, torch.Tensor)) or not isinstance(softcap, (int, float))
+                                or not softcap >= 0 or softcap == float("inf")):
+        raise AttentionInputError(f"softcap must be a finite float > 0 (0 or None: no softcapping), got {softcap!r}")
+    if sinks is not None:
+        if (not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point() or sinks.dim() != 1
+                or sinks.shape[0] != q.shape[1] or sinks.device != q.device):
+            raise AttentionInputError(f"sinks must be a floating-point tensor [Hq] = [{q.shape[1]}] on {q.device}, got "
+                                      f"{getattr(sinks, 'dtype', type(sinks).__name__)} "
+                                      f"{tuple(getattr(sinks, 'shape', ()))} on {getattr(sinks, 'device', None)}")
 
 
 def _launch(q, k, v, causal, scale, key_padding_mask, dropout_p=0.0, seed=0, seqused_k=None, segment_ids=None,
-            need_lse=True):
+            need_lse=True, window=None, softcap=None, sinks=None):
     """(out [B, Sq, Hq, D], lse or None) of a validated call, on its device's kernels (kernels/plans.py)."""
     path, sm_count, index = device_info(q)
     if not path.usable:
@@ -85,13 +100,25 @@ def _launch(q, k, v, causal, scale, key_padding_mask, dropout_p=0.0, seed=0, seq
     with device_guard(index):
         return kernels().plans.launch(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
                                       dropout_p=dropout_p, seed=seed, seqused_k=seqused_k, segment_ids=segment_ids,
-                                      need_lse=need_lse, family=path.family, sm_count=sm_count)
+                                      need_lse=need_lse, family=path.family, sm_count=sm_count, window=window,
+                                      softcap=softcap, sinks=sinks)
 
 
-def _forward(q, k, v, causal, scale, key_padding_mask, dropout_p=0.0, seed=0, seqused_k=None, segment_ids=None):
+def _forward(q, k, v, causal, scale, key_padding_mask, dropout_p=0.0, seed=0, seqused_k=None, segment_ids=None,
+             window=None, softcap=None, sinks=None):
     """`_launch` with out in SDPA's layout and the lse, for the autograd paths."""
-    out, lse = _launch(q, k, v, causal, scale, key_padding_mask, dropout_p, seed, seqused_k, segment_ids)
+    out, lse = _launch(q, k, v, causal, scale, key_padding_mask, dropout_p, seed, seqused_k, segment_ids, True,
+                       window, softcap, sinks)
     return out.transpose(1, 2), lse
+
+
+def _window_args(window) -> tuple[int, int]:
+    """A window as the custom ops' two ints (-1, -1: none)."""
+    return (-1, -1) if window is None else (int(window[0]), int(window[1]))
+
+
+def _window_of(left: int, right: int):
+    return None if left == -1 and right == -1 else (left, right)
 
 
 def reset_caches() -> None:
@@ -100,81 +127,104 @@ def reset_caches() -> None:
     dispatch.reset()
 
 
-def _backward(grad_out, q, k, v, out, lse, causal, scale, key_padding_mask, dropout_p, seed, segment_ids=None):
+def _backward(grad_out, q, k, v, out, lse, causal, scale, key_padding_mask, dropout_p, seed, segment_ids=None,
+              window=None, softcap=None, sinks=None):
+    """(dq, dk, dv, dsinks or None) from the Triton backward."""
     path, _, index = device_info(q)
     config = kernels().select_backward_config(path.family, q.shape[-1], q.element_size())
     with device_guard(index):
-        return kernels().flash_attn_backward(grad_out, q, k, v, out, lse, causal=causal, scale=scale,
-                                             key_padding_mask=key_padding_mask, config=config, dropout_p=dropout_p,
-                                             seed=seed, segment_ids=segment_ids)
+        dq, dk, dv, dsinks = kernels().flash_attn_backward(
+            grad_out, q, k, v, out, lse, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+            config=config, dropout_p=dropout_p, seed=seed, segment_ids=segment_ids, window=window,
+            softcap=float(softcap or 0.0), sinks=sinks)
+    return dq, dk, dv, (None if dsinks is None else dsinks.to(sinks.dtype))
 
 
-def _reference_backward(grad_out, q, k, v, causal, scale, key_padding_mask, segment_ids=None):
+def _reference_backward(grad_out, q, k, v, causal, scale, key_padding_mask, segment_ids=None, window=None,
+                        softcap=None, sinks=None):
     """PyTorch recomputation in float32 (O(Sq * Sk) memory): the named fallback of the Triton backward."""
     with torch.enable_grad():
-        leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
-        out = reference_attention(*leaves, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
-                                  segment_ids=segment_ids)
+        tensors = (q, k, v) if sinks is None else (q, k, v, sinks)
+        leaves = [t.detach().float().requires_grad_() for t in tensors]
+        out = reference_attention(*leaves[:3], causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+                                  segment_ids=segment_ids, window=window, softcap=softcap,
+                                  sinks=None if sinks is None else leaves[3])
         grads = torch.autograd.grad(out, leaves, grad_out.float())
-    return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
+    grads = tuple(g.to(t.dtype) for g, t in zip(grads, tensors))
+    return grads if sinks is not None else (*grads, None)
 
 
 # The op as PyTorch custom ops with fake (meta) implementations and registered autograd, so that
-# torch.compile traces through it without graph breaks (fullgraph=True included).
+# torch.compile traces through it without graph breaks (fullgraph=True included). The window travels as two ints
+# (-1, -1: none), softcap as a float (0.0: none).
 @torch.library.custom_op("flashpatch::attention_fwd", mutates_args=())
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
                    key_padding_mask: torch.Tensor | None, dropout_p: float, seed: int,
                    seqused_k: torch.Tensor | None = None,
-                   segment_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, causal, scale, key_padding_mask, dropout_p, seed, seqused_k, segment_ids)
+                   segment_ids: torch.Tensor | None = None, window_left: int = -1, window_right: int = -1,
+                   softcap: float = 0.0, sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, causal, scale, key_padding_mask, dropout_p, seed, seqused_k, segment_ids,
+                    _window_of(window_left, window_right), softcap or None, sinks)
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, causal, scale, key_padding_mask, dropout_p, seed, seqused_k=None, segment_ids=None):
+def _(q, k, v, causal, scale, key_padding_mask, dropout_p, seed, seqused_k=None, segment_ids=None, window_left=-1,
+      window_right=-1, softcap=0.0, sinks=None):
     batch, heads, seq_q, head_dim = q.shape
     out = q.new_empty((batch, seq_q, heads, head_dim)).transpose(1, 2)
     return out, q.new_empty((batch, heads, seq_q), dtype=torch.float32)
 
 
 def _backward_or_fallback(grad_out, q, k, v, out, lse, causal, scale, key_padding_mask, dropout_p, seed,
-                          segment_ids=None):
+                          segment_ids=None, window=None, softcap=None, sinks=None):
+    """(dq, dk, dv, dsinks or None)."""
     args = (causal, scale, key_padding_mask)
+    features = dict(window=window, softcap=softcap, sinks=sinks)
     try:
-        return _backward(grad_out, q, k, v, out, lse, *args, dropout_p, seed, segment_ids)
+        return _backward(grad_out, q, k, v, out, lse, *args, dropout_p, seed, segment_ids, **features)
     except Exception as exc:  # a GPU whose resources the tiles exceed: compile errors, not wrong numbers
         resources = "OutOfResources" in type(exc).__name__ or "CompilationError" in type(exc).__name__
         if not resources or dropout_p > 0:  # PyTorch cannot regenerate the kernels' dropout mask
             raise
         warnings.warn(f"flashpatch: Triton backward unavailable here ({type(exc).__name__}); "
                       "recomputing the gradient with PyTorch ops (O(Sq*Sk) memory)", stacklevel=2)
-        return _reference_backward(grad_out, q, k, v, *args, segment_ids)
+        return _reference_backward(grad_out, q, k, v, *args, segment_ids, **features)
 
 
 @torch.library.custom_op("flashpatch::attention_bwd", mutates_args=())
 def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    lse: torch.Tensor, causal: bool, scale: float, key_padding_mask: torch.Tensor | None,
                    dropout_p: float, seed: int,
-                   segment_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward_or_fallback(grad_out, q, k, v, out, lse, causal, scale, key_padding_mask, dropout_p, seed,
-                                 segment_ids)
+                   segment_ids: torch.Tensor | None = None, window_left: int = -1, window_right: int = -1,
+                   softcap: float = 0.0, sinks: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dsinks); dsinks is empty without sinks (a custom op returns tensors only)."""
+    dq, dk, dv, dsinks = _backward_or_fallback(grad_out, q, k, v, out, lse, causal, scale, key_padding_mask,
+                                               dropout_p, seed, segment_ids, _window_of(window_left, window_right),
+                                               softcap or None, sinks)
+    return dq, dk, dv, (q.new_empty(0) if dsinks is None else dsinks)
 
 
 @_attention_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, causal, scale, key_padding_mask, dropout_p, seed, segment_ids=None):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _(grad_out, q, k, v, out, lse, causal, scale, key_padding_mask, dropout_p, seed, segment_ids=None,
+      window_left=-1, window_right=-1, softcap=0.0, sinks=None):
+    dsinks = q.new_empty(0) if sinks is None else torch.empty_like(sinks)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dsinks
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, scale, key_padding_mask, dropout_p, seed, _seqused_k, segment_ids = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], key_padding_mask, segment_ids)
+    (q, k, v, causal, scale, key_padding_mask, dropout_p, seed, _seqused_k, segment_ids, window_left, window_right,
+     softcap, sinks) = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], key_padding_mask, segment_ids, sinks)
     ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed = causal, scale, dropout_p, seed
+    ctx.window, ctx.softcap = (window_left, window_right), softcap
 
 
 def _autograd_backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, key_padding_mask, segment_ids = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale, key_padding_mask,
-                                ctx.dropout_p, ctx.seed, segment_ids)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    q, k, v, out, lse, key_padding_mask, segment_ids, sinks = ctx.saved_tensors
+    dq, dk, dv, dsinks = _attention_bwd(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale, key_padding_mask,
+                                        ctx.dropout_p, ctx.seed, segment_ids, *ctx.window, ctx.softcap, sinks)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, (None if sinks is None else dsinks)
 
 
 _attention_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -185,10 +235,12 @@ class _EagerAttention(torch.autograd.Function):
     dispatcher's per-call work (about as much host time as a small layer's attention takes on the GPU)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, key_padding_mask, dropout_p, seed, segment_ids):
-        out, lse = _forward(q, k, v, causal, scale, key_padding_mask, dropout_p, seed, None, segment_ids)
-        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, segment_ids)
+    def forward(ctx, q, k, v, causal, scale, key_padding_mask, dropout_p, seed, segment_ids, window, softcap, sinks):
+        out, lse = _forward(q, k, v, causal, scale, key_padding_mask, dropout_p, seed, None, segment_ids, window,
+                            softcap, sinks)
+        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, segment_ids, sinks)
         ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed = causal, scale, dropout_p, seed
+        ctx.window, ctx.softcap = window, softcap
         return out
 
     @staticmethod
@@ -196,10 +248,11 @@ class _EagerAttention(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: the Triton backward has no derivative of its own
             raise RuntimeError("flashpatch.attention has no double backward (create_graph=True); for higher-order "
                                "gradients use torch.nn.functional.scaled_dot_product_attention's math backend")
-        q, k, v, out, lse, key_padding_mask, segment_ids = ctx.saved_tensors
-        dq, dk, dv = _backward_or_fallback(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale, key_padding_mask,
-                                           ctx.dropout_p, ctx.seed, segment_ids)
-        return dq, dk, dv, None, None, None, None, None, None
+        q, k, v, out, lse, key_padding_mask, segment_ids, sinks = ctx.saved_tensors
+        dq, dk, dv, dsinks = _backward_or_fallback(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale,
+                                                   key_padding_mask, ctx.dropout_p, ctx.seed, segment_ids,
+                                                   ctx.window, ctx.softcap, sinks)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, dsinks
 
 
 def _inference_call(q, k, v) -> bool:
@@ -213,25 +266,36 @@ def _inference_call(q, k, v) -> bool:
 def attention_bshd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                    scale: float | None = None, key_padding_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
                    seed: int | None = None, seqused_k: torch.Tensor | None = None,
-                   segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+                   segment_ids: torch.Tensor | None = None, window: tuple[int, int] | None = None,
+                   softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """`attention`, returning [batch, Sq, Hq, D] (what transformers' attention functions return): the one route
     to the kernels. An inference call of a kind validated before goes straight to its plan."""
-    if not dropout_p and segment_ids is None and _inference_call(q, k, v):
+    if (not dropout_p and segment_ids is None and _inference_call(q, k, v)
+            and (sinks is None or not (sinks.requires_grad and torch.is_grad_enabled()))):
         plan = kernels().plans.lookup(q, k, v, causal, q.shape[-1] ** -0.5 if scale is None else float(scale),
-                                      key_padding_mask, seqused_k)
+                                      key_padding_mask, seqused_k, window, softcap or None, sinks)
         if plan is not None:
-            return plan.run(q, k, v, key_padding_mask, seqused_k)[0]
+            return plan.run(q, k, v, key_padding_mask, seqused_k, None, 0, sinks)[0]
     if isinstance(q, torch.Tensor) and torch.is_autocast_enabled(q.device.type):
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = (t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in (q, k, v))
-    check_inputs(q, k, v, key_padding_mask, seqused_k, segment_ids)
+    check_inputs(q, k, v, key_padding_mask, seqused_k, segment_ids, window, softcap, sinks)
     if segment_ids is not None:
         segment_ids = segment_ids.to(torch.int32).contiguous()
+    if window is not None:
+        window = (window[0], window[1])
+        if window == (-1, -1):
+            window = None
+    softcap = float(softcap) if softcap else None
+    if sinks is not None and sinks.stride(0) != 1:  # the kernels read one logit per head at unit stride
+        sinks = sinks.contiguous()
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     dropout_p = float(dropout_p)
     if not 0.0 <= dropout_p < 1.0:
         raise AttentionInputError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if seqused_k is not None and (dropout_p or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))):
+    grad_leaves = (q, k, v) if sinks is None else (q, k, v, sinks)
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in grad_leaves)
+    if seqused_k is not None and (dropout_p or training):
         raise AttentionInputError("seqused_k is for inference over a KV cache (no dropout, no backward); to train, "
                                   "slice the keys to length and pass key_padding_mask")
     if dropout_p and q.shape[2] * k.shape[2] >= 2**31:
@@ -241,20 +305,22 @@ def attention_bshd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     if q.shape[2] == 0 or k.shape[2] == 0:
         return torch.zeros_like(q).transpose(1, 2)
     if torch.compiler.is_compiling():
-        out = _attention_fwd(q, k, v, causal, scale, key_padding_mask, dropout_p, seed, seqused_k, segment_ids)[0]
+        out = _attention_fwd(q, k, v, causal, scale, key_padding_mask, dropout_p, seed, seqused_k, segment_ids,
+                             *_window_args(window), softcap or 0.0, sinks)[0]
         return out.transpose(1, 2)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _EagerAttention.apply(q, k, v, causal, scale, key_padding_mask, dropout_p, seed, segment_ids
-                                     ).transpose(1, 2)
+    if training:
+        return _EagerAttention.apply(q, k, v, causal, scale, key_padding_mask, dropout_p, seed, segment_ids,
+                                     window, softcap, sinks).transpose(1, 2)
     # Inference outside torch.compile: no dispatcher, no lse
     return _launch(q, k, v, causal, scale, key_padding_mask, dropout_p, seed, seqused_k, segment_ids,
-                   need_lse=False)[0]
+                   need_lse=False, window=window, softcap=softcap, sinks=sinks)[0]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, scale: float | None = None,
               key_padding_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
               seed: int | None = None, seqused_k: torch.Tensor | None = None,
-              segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+              segment_ids: torch.Tensor | None = None, window: tuple[int, int] | None = None,
+              softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Flash attention in `torch.nn.functional.scaled_dot_product_attention`'s layout, differentiable.
 
     Arguments:
@@ -276,6 +342,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             a decode step can be captured in a CUDA graph). Inference only.
         segment_ids: (batch, S) int32/int64, Sq == Sk == S: a padding-free packed batch; a query attends only to
             keys of its own segment (causally within it, with causal). Forward and backward.
+        window: (left, right) ints, -1 = no bound on that side (flash-attn's window_size). Sliding-window
+            (local) attention, aligned bottom-right like causal: query i sees keys j with
+                i + Sk - Sq - left <= j <= i + Sk - Sq + right,
+            within causal's j <= i + Sk - Sq as well (with causal, right is 0). For Sq = 4, Sk = 6, causal,
+            window = (2, 0):
+                1 1 1 0 0 0
+                0 1 1 1 0 0
+                0 0 1 1 1 0
+                0 0 0 1 1 1
+            transformers' `sliding_window = W` (a query sees itself and the W - 1 keys before it) is
+            window = (W - 1, 0) with causal. Key blocks outside a tile's band are skipped, not computed. With
+            seqused_k the alignment is to seqused_k[b]. Forward, backward and decode.
+        softcap: float > 0, or None / 0 for none. Tanh softcapping of the scaled scores, as Gemma 2 does:
+            scores = softcap * tanh(scale * q . k / softcap). Forward, backward and decode.
+        sinks: (Hq,) floating point, one learned logit per query head (gpt-oss' `s_aux`) that joins every row's
+            softmax with no value vector: out_i = sum_j exp(s_ij) v_j / (exp(sinks[h]) + sum_j exp(s_ij)). A row
+            that sees no key returns zeros. Differentiable: d sinks[h] = -sum over batch and rows of
+            P_sink * (dO . O). Forward, backward and decode.
     Return:
         out: (batch, Hq, Sq, D) in q's dtype, its memory laid out as (batch, Sq, Hq, D), transformers' layout.
     Raises:
@@ -283,8 +367,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
 
     Up to 16 query tokens against a cache take the flash-decoding kernel (keys split across programs, each holding
     a whole GQA group's query rows, partial results merged by log-sum-exp). Under autocast q, k, v are cast to the
-    autocast dtype first, as SDPA does.
+    autocast dtype first, as SDPA does. Calls with a window, softcap or sinks run the portable Triton kernels (never
+    the Gluon sm90 or TMA forward).
     """
     return attention_bshd(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
-                          dropout_p=dropout_p, seed=seed, seqused_k=seqused_k, segment_ids=segment_ids
-                          ).transpose(1, 2)
+                          dropout_p=dropout_p, seed=seed, seqused_k=seqused_k, segment_ids=segment_ids,
+                          window=window, softcap=softcap, sinks=sinks).transpose(1, 2)

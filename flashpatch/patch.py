@@ -30,6 +30,8 @@ class PatchReport:
     reasons: list[str] = field(default_factory=list)  # why the model was left as it is
     quirks: list[str] = field(default_factory=list)
     fallbacks: dict = field(default_factory=dict)  # per-call fallbacks seen so far: reason -> count
+    # layers per attention feature the kernels apply beyond causal softmax: "sliding_window", "softcap", "sinks"
+    features: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         data = dict(self.__dict__)
@@ -46,6 +48,8 @@ class PatchReport:
         table.add_row("attention before", str(self.original_impl))
         table.add_row("layers patched", str(self.layers_patched))
         table.add_row("head dim", str(self.head_dim))
+        for feature, layers in self.features.items():
+            table.add_row("layers with", f"{feature}: {layers}")
         table.add_row("kernel path", f"{self.kernel_path['name']}: {self.kernel_path['reason']}")
         for reason in self.reasons:
             table.add_row("not served", reason)
@@ -127,6 +131,7 @@ def apply(model, *, fallback: str = "warn") -> PatchReport:
     if getattr(config, "is_causal", True) is False:
         reasons.append("config.is_causal=False: bidirectional attention in a decoder")
     reasons += arch.unsupported(config)
+    reasons += _features_unserved(inner, _features(arch, config))
     original = config._attn_implementation
     if reasons:
         report = _report(inner, arch, original, patched=False, reasons=reasons, state=None)
@@ -136,7 +141,8 @@ def apply(model, *, fallback: str = "warn") -> PatchReport:
         return report
 
     register()
-    state = PatchState(original_impl=original, arch=arch, fallback=fallback)
+    state = PatchState(original_impl=original, arch=arch, fallback=fallback,
+                       sdpa_ok=bool(getattr(inner, "_supports_sdpa", True)))
     for cfg in _configs(inner):
         STATES[id(cfg)] = state
         state.finalizers.append(weakref.finalize(cfg, STATES.pop, id(cfg), None))  # ids of dead configs get reused
@@ -158,6 +164,27 @@ def apply(model, *, fallback: str = "warn") -> PatchReport:
     return report
 
 
+FEATURE_NAMES = {"sliding_window": "sliding-window attention", "softcap": "logit softcapping",
+                 "sinks": "attention sinks"}
+
+
+def _features(arch, config) -> dict:
+    try:
+        return dict(arch.features(config))
+    except (AttributeError, TypeError):
+        return {}
+
+
+def _features_unserved(model, features: dict) -> list[str]:
+    """Why features the config declares can't be served: the kernels take them from the attention call's kwargs
+    (`sliding_window`, `softcap`, `s_aux`), which transformers guarantees only for classes that take its
+    flash-attention path (that path has a 2D mask as well, and nothing else to learn them from)."""
+    if not features or getattr(model, "_supports_flash_attn", False):
+        return []
+    return [f"{FEATURE_NAMES.get(name, name)} ({layers} layers) in {type(model).__name__}, which does not pass it to "
+            "the attention function (no flash-attention support in transformers)" for name, layers in features.items()]
+
+
 def _report(model, arch, original, *, patched, reasons, state) -> PatchReport:
     return PatchReport(
         model_class=type(model).__name__,
@@ -171,6 +198,7 @@ def _report(model, arch, original, *, patched, reasons, state) -> PatchReport:
         reasons=list(reasons),
         quirks=list(arch.quirks),
         fallbacks=state.fallbacks if state is not None else {},
+        features=_features(arch, model.config),
     )
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from .archs import generic, gpt2, gpt_neox, gptj, llama
+from .archs import gemma, generic, gpt2, gpt_neox, gpt_oss, gptj, llama, mistral, phi3, qwen2
 from .archs.base import ArchSpec
 
-ARCHS: tuple[ArchSpec, ...] = (llama.SPEC, gpt2.SPEC, gptj.SPEC, gpt_neox.SPEC)
+ARCHS: tuple[ArchSpec, ...] = (llama.SPEC, gpt2.SPEC, gptj.SPEC, gpt_neox.SPEC, mistral.SPEC, qwen2.SPEC, phi3.SPEC,
+                               gemma.GEMMA2, gemma.GEMMA3, gpt_oss.SPEC)
 GENERIC = generic.SPEC
 
 

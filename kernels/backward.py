@@ -19,6 +19,13 @@ row that exists, and blocks off the diagonal lie inside [0, seq_k). Rows that sa
 given lse = +inf the same way: they have no gradient. Out-of-range rows and keys are never stored. A padded key
 (key_padding_mask) gets P = 0 in the dQ kernel; in the dK/dV kernel its row of P^T reaches only its own dK/dV rows,
 which are zeroed at the store.
+
+Sliding windows (WINDOW; causal is the window's right = 0): each program visits only the blocks of its band, the
+blocks on a band edge masked, those wholly inside it not. A key past seq_k is outside every existing row's band when
+right = 0 (as on the causal path); with right > 0 the ragged key block gets the BOUNDARY launch and the dQ kernel's
+edge blocks test the key index. Softcapping (SOFTCAP): P is recomputed from the capped scores, and dS picks up the
+cap's derivative, 1 - tanh^2. Sinks need nothing here: the forward's lse already holds them (P of the keys is
+exp(s - lse) either way), and their own gradient, -sum over rows of P_sink * delta, is taken from lse and delta.
 """
 
 import torch
@@ -28,7 +35,7 @@ import triton.language as tl
 from .config import BackwardConfig
 from .forward import dropout_keep, same_segment
 from .launch import CachedLauncher, cdiv, next_power_of_2
-from .online_softmax import LOG2E
+from .online_softmax import LOG2E, in_band, kernel_window, tanh, window_key_range
 
 
 @triton.jit
@@ -64,11 +71,13 @@ def _dkdv_steps(
     dk, dv, k, v, q_base, do_base, LSE, DELTA, seg_base, cols, offs_m, offs_d,
     stride_qm, stride_qd, stride_dom, stride_dod,
     qk_scale, seq_q, seq_k, head_dim, causal_offset, seed, row_head, dropout_p, start_m, end_m,
+    cap_log2, win_left, win_right,
     BLOCK_M: tl.constexpr, MASK: tl.constexpr, BOUNDARY: tl.constexpr, HAS_SEG: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr = False,
+    WINDOW: tl.constexpr = False,
 ):
-    """Accumulate dK^T-side sums over query blocks [start_m, end_m) of one query head. MASK: causal diagonal.
-    BOUNDARY: this key block runs past seq_k (keys there get P = 0)."""
+    """Accumulate dK^T-side sums over query blocks [start_m, end_m) of one query head. MASK: the causal diagonal, or
+    with WINDOW a band edge. BOUNDARY: this key block runs past seq_k (keys there get P = 0)."""
     for m0 in range(start_m, end_m, BLOCK_M):
         rows = m0 + offs_m
         ld_mask = rows[None, :] < seq_q
@@ -78,9 +87,16 @@ def _dkdv_steps(
                      mask=(rows[:, None] < seq_q) & (offs_d[None, :] < head_dim), other=0.0)
         lse = _row_lse_log2(LSE, rows, seq_q)
         delta = tl.load(DELTA + rows, mask=rows < seq_q, other=0.0)
-        p_t = tl.math.exp2(tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale - lse[None, :])  # [N, M]
+        if SOFTCAP:
+            tanh_t = tanh(tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale)
+            p_t = tl.math.exp2(tanh_t * cap_log2 - lse[None, :])  # [N, M]
+        else:
+            p_t = tl.math.exp2(tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale - lse[None, :])  # [N, M]
         if MASK:
-            p_t = tl.where(cols[:, None] <= rows[None, :] + causal_offset, p_t, 0.0)
+            if WINDOW:
+                p_t = tl.where(in_band(cols[:, None], rows[None, :], causal_offset, win_left, win_right), p_t, 0.0)
+            else:
+                p_t = tl.where(cols[:, None] <= rows[None, :] + causal_offset, p_t, 0.0)
         if BOUNDARY:
             p_t = tl.where(cols[:, None] < seq_k, p_t, 0.0)
         if HAS_SEG:  # [cols, rows]: the same test with the roles swapped
@@ -93,6 +109,8 @@ def _dkdv_steps(
             dp_t = tl.where(keep, dp_t / (1.0 - dropout_p), 0.0)
         dv += tl.dot(p_used.to(do.dtype), do, input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:  # d(cap * tanh(x / cap)) / dx
+            ds_t = ds_t * (1.0 - tanh_t * tanh_t)
         dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PRECISION)
     return dk, dv
 
@@ -108,12 +126,13 @@ def _flash_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_mb, stride_mn, stride_sb,
-    num_heads_q, num_heads_k, group_size, seq_q, seq_k, head_dim, dropout_p, seed,
+    num_heads_q, num_heads_k, group_size, seq_q, seq_k, head_dim, dropout_p, cap_log2, win_left, win_right, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DROPOUT: tl.constexpr, BOUNDARY: tl.constexpr,
+    DROPOUT: tl.constexpr, BOUNDARY: tl.constexpr, SOFTCAP: tl.constexpr = False, WINDOW: tl.constexpr = False,
 ):
-    """One program per key block. BOUNDARY: a launch of the ragged last block's programs alone (non-causal)."""
+    """One program per key block. BOUNDARY: a launch of the ragged last block's programs alone (non-causal, or a
+    window whose right side is not the diagonal). WINDOW: only the query blocks whose band meets this key block."""
     pid_n = tl.program_id(0)
     if BOUNDARY:
         pid_n = seq_k // BLOCK_N
@@ -137,7 +156,18 @@ def _flash_bwd_dkdv_kernel(
     causal_offset = seq_k - seq_q
     start_m = 0
     full_m = 0
-    if CAUSAL:
+    end_m = seq_q
+    if WINDOW:
+        # Rows [start_m, end_m) see some key of this block; the whole query blocks of [full_m, full_end) see all of
+        # it (query i sees keys [i + offset - left, i + offset + right]).
+        start_m = tl.maximum(n0 - causal_offset - win_right, 0) // BLOCK_M * BLOCK_M
+        end_m = tl.maximum(tl.minimum(n0 + BLOCK_N - causal_offset + win_left, seq_q), start_m)
+        full_m = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - causal_offset - win_right, 0), BLOCK_M) * BLOCK_M
+        full_end = tl.minimum(tl.maximum(n0 + 1 - causal_offset + win_left, 0) // BLOCK_M * BLOCK_M,
+                              tl.cdiv(seq_q, BLOCK_M) * BLOCK_M)
+        full_m = tl.minimum(tl.maximum(full_m, start_m), end_m)
+        full_end = tl.maximum(tl.minimum(full_end, end_m), full_m)
+    elif CAUSAL:
         # Query blocks before start_m never see this key block; from full_m on they see all of it.
         start_m = tl.maximum(n0 - causal_offset, 0) // BLOCK_M * BLOCK_M
         full_m = tl.minimum(tl.maximum(tl.cdiv(n0 + BLOCK_N - 1 - causal_offset, BLOCK_M) * BLOCK_M, start_m),
@@ -146,15 +176,34 @@ def _flash_bwd_dkdv_kernel(
         q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
         do_base = DO + b.to(tl.int64) * stride_dob + h * stride_doh
         row_base = (b * num_heads_q + h) * seq_q
-        if CAUSAL:
+        if WINDOW:
             dk, dv = _dkdv_steps(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, seg_base, cols,
                                  offs_m, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, seq_q, seq_k,
                                  head_dim, causal_offset, seed, b * num_heads_q + h, dropout_p, start_m, full_m,
-                                 BLOCK_M, True, False, HAS_SEG, DOT_PRECISION, DROPOUT)
-        dk, dv = _dkdv_steps(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, seg_base, cols,
-                             offs_m, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, seq_q, seq_k,
-                             head_dim, causal_offset, seed, b * num_heads_q + h, dropout_p, full_m, seq_q,
-                             BLOCK_M, False, BOUNDARY, HAS_SEG, DOT_PRECISION, DROPOUT)
+                                 cap_log2, win_left, win_right,
+                                 BLOCK_M, True, BOUNDARY, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, True)
+            dk, dv = _dkdv_steps(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, seg_base, cols,
+                                 offs_m, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, seq_q, seq_k,
+                                 head_dim, causal_offset, seed, b * num_heads_q + h, dropout_p, full_m, full_end,
+                                 cap_log2, win_left, win_right,
+                                 BLOCK_M, False, BOUNDARY, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, True)
+            dk, dv = _dkdv_steps(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, seg_base, cols,
+                                 offs_m, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, seq_q, seq_k,
+                                 head_dim, causal_offset, seed, b * num_heads_q + h, dropout_p, full_end, end_m,
+                                 cap_log2, win_left, win_right,
+                                 BLOCK_M, True, BOUNDARY, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, True)
+        else:
+            if CAUSAL:
+                dk, dv = _dkdv_steps(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, seg_base,
+                                     cols, offs_m, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale,
+                                     seq_q, seq_k, head_dim, causal_offset, seed, b * num_heads_q + h, dropout_p,
+                                     start_m, full_m, cap_log2, win_left, win_right,
+                                     BLOCK_M, True, False, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, False)
+            dk, dv = _dkdv_steps(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, seg_base, cols,
+                                 offs_m, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, seq_q, seq_k,
+                                 head_dim, causal_offset, seed, b * num_heads_q + h, dropout_p, full_m, end_m,
+                                 cap_log2, win_left, win_right,
+                                 BLOCK_M, False, BOUNDARY, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, False)
     if HAS_KPM:  # a padded key gets no gradient; nothing else in this program depends on it
         keep = tl.load(KPM + b * stride_mb + cols * stride_mn, mask=cols < seq_k, other=0) != 0
         dk = tl.where(keep[:, None], dk, 0.0)
@@ -171,19 +220,28 @@ def _dq_steps(
     dq, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
     qk_scale, seq_k, head_dim, causal_offset, seed, row_head, dropout_p, start_n, end_n,
+    cap_log2, win_left, win_right,
     BLOCK_N: tl.constexpr, MASK: tl.constexpr, BOUNDARY: tl.constexpr, HAS_KPM: tl.constexpr,
-    HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
+    HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr = False,
+    WINDOW: tl.constexpr = False,
 ):
-    """Accumulate dQ over key blocks [start_n, end_n). MASK: causal diagonal. BOUNDARY: the blocks run past seq_k
-    (keys there get P = 0)."""
+    """Accumulate dQ over key blocks [start_n, end_n). MASK: the causal diagonal, or with WINDOW a band edge.
+    BOUNDARY: the blocks run past seq_k (keys there get P = 0)."""
     for n0 in range(start_n, end_n, BLOCK_N):
         cols = n0 + offs_n
         ld_mask = (cols[None, :] < seq_k) & (offs_d[:, None] < head_dim)
         k_t = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=ld_mask, other=0.0)
         v_t = tl.load(v_base + cols[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=ld_mask, other=0.0)
-        p = tl.math.exp2(tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
+        if SOFTCAP:
+            tanh_s = tanh(tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale)
+            p = tl.math.exp2(tanh_s * cap_log2 - lse[:, None])
+        else:
+            p = tl.math.exp2(tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
         if MASK:
-            p = tl.where(cols[None, :] <= rows[:, None] + causal_offset, p, 0.0)
+            if WINDOW:
+                p = tl.where(in_band(cols[None, :], rows[:, None], causal_offset, win_left, win_right), p, 0.0)
+            else:
+                p = tl.where(cols[None, :] <= rows[:, None] + causal_offset, p, 0.0)
         if BOUNDARY:
             p = tl.where(cols[None, :] < seq_k, p, 0.0)
         if HAS_KPM:
@@ -196,6 +254,8 @@ def _dq_steps(
             keep = dropout_keep(seed, row_head, rows, cols, seq_k, dropout_p)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - tanh_s * tanh_s)
         dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=DOT_PRECISION)
     return dq
 
@@ -210,13 +270,14 @@ def _flash_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_mb, stride_mn, stride_sb,
-    num_heads_q, group_size, seq_q, seq_k, head_dim, dropout_p, seed,
+    num_heads_q, group_size, seq_q, seq_k, head_dim, dropout_p, cap_log2, win_left, win_right, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DROPOUT: tl.constexpr, BOUNDARY: tl.constexpr,
+    DROPOUT: tl.constexpr, BOUNDARY: tl.constexpr, SOFTCAP: tl.constexpr = False, WINDOW: tl.constexpr = False,
 ):
     """One program per query block. BOUNDARY (non-causal, seq_k not a multiple of BLOCK_N): the key loop stops at the
-    last whole block and the ragged one follows on its own, masked."""
+    last whole block and the ragged one follows on its own, masked. WINDOW: the key blocks of this query block's
+    band only, its edge blocks (and the ragged tail) masked."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads_q
@@ -241,27 +302,42 @@ def _flash_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     causal_offset = seq_k - seq_q
-    full_n = tl.cdiv(seq_k, BLOCK_N) * BLOCK_N
-    if BOUNDARY:
-        full_n = seq_k // BLOCK_N * BLOCK_N
-    end_n = full_n
-    if CAUSAL:
-        # Key blocks before full_n are visible to every row of this block; [full_n, end_n) straddle the diagonal.
-        end_n = tl.maximum(tl.minimum(seq_k, m0 + BLOCK_M + causal_offset), 0)
-        full_n = tl.minimum(tl.maximum(m0 + 1 + causal_offset, 0) // BLOCK_N * BLOCK_N, end_n)
+    if WINDOW:
+        lo, full_lo, full_hi, hi = window_key_range(m0, causal_offset, seq_k, win_left, win_right, BLOCK_M, BLOCK_N)
         dq = _dq_steps(dq, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
                        stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, seq_k, head_dim,
-                       causal_offset, seed, pid_bh, dropout_p, full_n, end_n,
-                       BLOCK_N, True, False, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT)
-    dq = _dq_steps(dq, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
-                   stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, seq_k, head_dim,
-                   causal_offset, seed, pid_bh, dropout_p, 0, full_n,
-                   BLOCK_N, False, False, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT)
-    if BOUNDARY:
+                       causal_offset, seed, pid_bh, dropout_p, lo, full_lo, cap_log2, win_left, win_right,
+                       BLOCK_N, True, True, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, True)
         dq = _dq_steps(dq, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
                        stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, seq_k, head_dim,
-                       causal_offset, seed, pid_bh, dropout_p, full_n, seq_k,
-                       BLOCK_N, False, True, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT)
+                       causal_offset, seed, pid_bh, dropout_p, full_lo, full_hi, cap_log2, win_left, win_right,
+                       BLOCK_N, False, False, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, True)
+        dq = _dq_steps(dq, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
+                       stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, seq_k, head_dim,
+                       causal_offset, seed, pid_bh, dropout_p, full_hi, hi, cap_log2, win_left, win_right,
+                       BLOCK_N, True, True, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, True)
+    else:
+        full_n = tl.cdiv(seq_k, BLOCK_N) * BLOCK_N
+        if BOUNDARY:
+            full_n = seq_k // BLOCK_N * BLOCK_N
+        end_n = full_n
+        if CAUSAL:
+            # Key blocks before full_n are visible to every row of this block; [full_n, end_n) straddle the diagonal.
+            end_n = tl.maximum(tl.minimum(seq_k, m0 + BLOCK_M + causal_offset), 0)
+            full_n = tl.minimum(tl.maximum(m0 + 1 + causal_offset, 0) // BLOCK_N * BLOCK_N, end_n)
+            dq = _dq_steps(dq, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
+                           stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, seq_k, head_dim,
+                           causal_offset, seed, pid_bh, dropout_p, full_n, end_n, cap_log2, win_left, win_right,
+                           BLOCK_N, True, False, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, False)
+        dq = _dq_steps(dq, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
+                       stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, seq_k, head_dim,
+                       causal_offset, seed, pid_bh, dropout_p, 0, full_n, cap_log2, win_left, win_right,
+                       BLOCK_N, False, False, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, False)
+        if BOUNDARY:
+            dq = _dq_steps(dq, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
+                           stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, seq_k, head_dim,
+                           causal_offset, seed, pid_bh, dropout_p, full_n, seq_k, cap_log2, win_left, win_right,
+                           BLOCK_N, False, True, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, False)
 
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqd, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
@@ -276,8 +352,10 @@ def flash_attn_backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, *, causal: bool, scale: float, key_padding_mask: torch.Tensor | None, config: BackwardConfig,
     dropout_p: float = 0.0, seed: int = 0, segment_ids: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) for flash_attn_forward's (out, lse); dk/dv have k's (fewer, for GQA) heads."""
+    window: tuple[int, int] | None = None, softcap: float = 0.0, sinks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(dq, dk, dv, dsinks) for flash_attn_forward's (out, lse); dk/dv have k's (fewer, for GQA) heads; dsinks
+    ([Hq] float32, None without sinks) = -sum over batch and rows of P_sink * delta, P_sink = exp(sink - lse)."""
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
     block_d = max(16, next_power_of_2(head_dim))
@@ -293,29 +371,40 @@ def flash_attn_backward(
         stride_mb, stride_mn = kpm.stride()
     else:
         kpm, stride_mb, stride_mn = delta, 0, 0  # never read when HAS_KPM is False
-    common = dict(BLOCK_D=block_d, CAUSAL=causal, HAS_KPM=key_padding_mask is not None,
+    band = kernel_window(causal, window)
+    win_left, win_right = band or (0, 0)
+    qk_scale, cap_log2 = (scale / softcap, softcap * LOG2E.value) if softcap else (scale * LOG2E.value, 0.0)
+    common = dict(BLOCK_D=block_d, CAUSAL=causal and band is None, HAS_KPM=key_padding_mask is not None,
                   HAS_SEG=segment_ids is not None, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                  DROPOUT=dropout_p > 0)
+                  DROPOUT=dropout_p > 0, SOFTCAP=bool(softcap), WINDOW=band is not None)
     lse = lse.contiguous()
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     seg, stride_sb = (delta, 0) if segment_ids is None else (segment_ids, segment_ids.stride(0))
     dkdv, dq_tiles = config.dkdv, config.dq
-    # Non-causal with a ragged key length: the last key block masks keys past seq_k (BOUNDARY), the rest need not.
-    # dK/dV: whole key blocks in one launch, the ragged block's programs in a second; dQ: a flag for its key loop.
-    dkdv_ragged = not causal and seq_k % dkdv.block_n != 0
+    # A ragged key length without the causal diagonal: the last key block masks keys past seq_k (BOUNDARY), the
+    # rest need not. dK/dV: whole key blocks in one launch, the ragged block's programs in a second; dQ: a flag for
+    # its key loop (a window's edge blocks test the key index anyway).
+    diagonal = causal or (band is not None and win_right == 0)
+    dkdv_ragged = not diagonal and seq_k % dkdv.block_n != 0
     whole = seq_k // dkdv.block_n if dkdv_ragged else cdiv(seq_k, dkdv.block_n)
     for blocks, boundary in ((whole, False), (int(dkdv_ragged), True)):
         if blocks:
             _launch_dkdv((blocks, batch * heads_k),
-                q, k, v, grad_out, lse, delta, dk, dv, kpm, seg, scale * LOG2E.value, scale,
+                q, k, v, grad_out, lse, delta, dk, dv, kpm, seg, qk_scale, scale,
                 *strides, *dk.stride(), *dv.stride(), stride_mb, stride_mn, stride_sb,
-                heads_q, heads_k, heads_q // heads_k, seq_q, seq_k, head_dim, dropout_p, seed,
+                heads_q, heads_k, heads_q // heads_k, seq_q, seq_k, head_dim, dropout_p, cap_log2, win_left,
+                win_right, seed,
                 BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, num_warps=dkdv.num_warps, num_stages=dkdv.num_stages,
                 BOUNDARY=boundary, **common)
     _launch_dq((cdiv(seq_q, dq_tiles.block_m), batch * heads_q),
-        q, k, v, grad_out, lse, delta, dq, kpm, seg, scale * LOG2E.value, scale,
+        q, k, v, grad_out, lse, delta, dq, kpm, seg, qk_scale, scale,
         *strides, *dq.stride(), stride_mb, stride_mn, stride_sb,
-        heads_q, heads_q // heads_k, seq_q, seq_k, head_dim, dropout_p, seed,
+        heads_q, heads_q // heads_k, seq_q, seq_k, head_dim, dropout_p, cap_log2, win_left, win_right, seed,
         BLOCK_M=dq_tiles.block_m, BLOCK_N=dq_tiles.block_n, num_warps=dq_tiles.num_warps,
-        num_stages=dq_tiles.num_stages, BOUNDARY=not causal and seq_k % dq_tiles.block_n != 0, **common)
-    return dq, dk, dv
+        num_stages=dq_tiles.num_stages, BOUNDARY=band is None and not causal and seq_k % dq_tiles.block_n != 0,
+        **common)
+    dsinks = None
+    if sinks is not None:  # d sink_h = sum_rows P_sink * (dP_sink - delta), and dP_sink = dO . 0
+        p_sink = torch.exp(sinks.float()[None, :, None] - lse)
+        dsinks = -(p_sink * delta).sum((0, 2))
+    return dq, dk, dv, dsinks

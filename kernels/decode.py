@@ -7,6 +7,9 @@ With several splits each program writes a float32 partial result, and the last p
 host a second launch costs more than a short cache's attention does on the GPU.
 The valid key count may come from a device tensor (`seqused_k`): a static cache's step then
 needs no host sync, and the launch (grid from the buffer's length) can be captured in a CUDA graph.
+Sliding windows (each program's key loop clamped to the band of its rows; splits are laid out over
+the whole buffer, so those outside the band finish at once), softcapping and sinks (split 0 adds a
+row's sink, the merge weighs it in) are constexpr features, as in the forward kernel.
 """
 
 import threading
@@ -16,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .config import TileConfig, decode_rows, decode_splits
-from .online_softmax import LOG2E, finish_rows, softmax_step
+from .online_softmax import LOG2E, add_sink, finish_rows, in_band, kernel_window, scaled_scores, softmax_step
 from .launch import CachedLauncher, _current_stream, cdiv, next_power_of_2
 
 
@@ -24,16 +27,17 @@ from .launch import CachedLauncher, _current_stream, cdiv, next_power_of_2
 # mid-generation whenever a step meets an unseen combination.
 @triton.jit(do_not_specialize=["seq_q", "seq_k", "split_len"])
 def _flash_decode_kernel(
-    Q, K, V, O, LSE, WORK, COUNTERS, KPM, SEQUSED,
+    Q, K, V, O, LSE, WORK, COUNTERS, KPM, SEQUSED, SINKS,
     qk_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mn,
-    num_heads_k, group_size, seq_q, seq_k, head_dim, split_len,
+    num_heads_k, group_size, seq_q, seq_k, head_dim, split_len, cap_log2, win_left, win_right,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQUSED: tl.constexpr, EVEN_D: tl.constexpr,
     SPLIT: tl.constexpr, STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, MERGE_UNROLL: tl.constexpr,
+    SOFTCAP: tl.constexpr = False, WINDOW: tl.constexpr = False, HAS_SINKS: tl.constexpr = False,
 ):
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -57,6 +61,9 @@ def _flash_decode_kernel(
     lo = pid_s * split_len
     hi = tl.minimum(lo + split_len, kv_len)
     causal_offset = kv_len - seq_q  # bottom-right: token t sees keys j <= t + kv_len - seq_q
+    if WINDOW:  # the band of tokens 0 .. seq_q - 1: key blocks outside it are skipped
+        lo = tl.maximum(lo, tl.maximum(causal_offset - win_left, 0) // BLOCK_N * BLOCK_N)
+        hi = tl.minimum(hi, seq_q + causal_offset + win_right)
 
     k_base = K + b.to(tl.int64) * stride_kb + kv_h * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + kv_h * stride_vh
@@ -77,10 +84,12 @@ def _flash_decode_kernel(
                         mask=in_range[None, :] & d_ok[:, None], other=0.0)
             v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                         mask=in_range[:, None] & d_ok[None, :], other=0.0)
-        qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+        qk = scaled_scores(tl.dot(q, k, input_precision=DOT_PRECISION), qk_scale, cap_log2, SOFTCAP)
         visible = in_range[None, :] & row_ok[:, None]
         if CAUSAL:
             visible = visible & (cols[None, :] <= tok[:, None] + causal_offset)
+        if WINDOW:
+            visible = visible & in_band(cols[None, :], tok[:, None], causal_offset, win_left, win_right)
         if HAS_KPM:
             keep = tl.load(KPM + b * stride_mb + cols * stride_mn, mask=in_range, other=0) != 0
             visible = visible & keep[None, :]
@@ -88,6 +97,9 @@ def _flash_decode_kernel(
         p, alpha, l_i, m_i = softmax_step(qk, m_i, l_i, True)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
 
+    if HAS_SINKS:  # once per row: split 0 carries it, the merge weighs it in with that split's lse
+        sink = tl.load(SINKS + head, mask=row_ok, other=float("-inf")).to(tl.float32) * LOG2E
+        acc, l_i, m_i = add_sink(acc, l_i, m_i, tl.where(pid_s == 0, sink, float("-inf")))
     out, lse = finish_rows(acc, l_i, m_i)
     # O is [B, Sq, H, D] in memory and LSE [B, H, Sq]; WORK (float32) holds the splits' partials in the same
     # layouts, [S, B, Sq, H, D] then [S, B, H, Sq]. COUNTERS: one float32 arrival count per (batch, KV head), zero
@@ -224,19 +236,24 @@ class DecodePlan:
     def __init__(self, q_shape, q_stride, heads_k: int, dtype: torch.dtype, *, causal: bool, scale: float,
                  has_kpm: bool, has_seqused: bool, config: TileConfig, num_splits: int | None = None,
                  sm_count: int = 0, need_lse: bool = True, merge_unroll: int = MERGE_UNROLL,
-                 split_warps: int | None = None):
+                 split_warps: int | None = None, window=None, softcap: float = 0.0, has_sinks: bool = False):
         batch, heads_q, seq_q, head_dim = q_shape
         self.batch, self.heads_q, self.seq_q, self.head_dim, self.heads_k = batch, heads_q, seq_q, head_dim, heads_k
         self.dtype, self.need_lse, self.config = dtype, need_lse, config
         self.num_splits, self.sm_count = num_splits, sm_count
         self.out_shape, self.lse_shape = (batch, seq_q, heads_q, head_dim), (batch, heads_q, seq_q)
-        self.q_scalars = (scale * LOG2E.value, *q_stride)
+        band = kernel_window(causal, window)
+        win_left, win_right = band or (0, 0)
+        qk_scale, cap_log2 = (scale / softcap, softcap * LOG2E.value) if softcap else (scale * LOG2E.value, 0.0)
+        self.q_scalars = (qk_scale, *q_stride)
         self.head_scalars = (heads_k, heads_q // heads_k, seq_q)
+        self.feature_scalars = (float(cap_log2), win_left, win_right)
         block_d = max(16, next_power_of_2(head_dim))
         constexprs = dict(
-            BLOCK_R=decode_rows(seq_q, heads_q // heads_k), BLOCK_N=config.block_n, BLOCK_D=block_d, CAUSAL=causal,
-            HAS_KPM=has_kpm, HAS_SEQUSED=has_seqused, EVEN_D=block_d == head_dim, STORE_LSE=need_lse,
-            DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", MERGE_UNROLL=merge_unroll,
+            BLOCK_R=decode_rows(seq_q, heads_q // heads_k), BLOCK_N=config.block_n, BLOCK_D=block_d,
+            CAUSAL=causal and band is None, HAS_KPM=has_kpm, HAS_SEQUSED=has_seqused, EVEN_D=block_d == head_dim,
+            STORE_LSE=need_lse, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", MERGE_UNROLL=merge_unroll,
+            SOFTCAP=bool(softcap), WINDOW=band is not None, HAS_SINKS=has_sinks,
             num_warps=config.num_warps, num_stages=config.num_stages)
         self.constexprs = {False: {**constexprs, "SPLIT": False},
                            True: {**constexprs, "SPLIT": True, "num_warps": split_warps or config.num_warps}}
@@ -256,9 +273,10 @@ class DecodePlan:
         layout = self.lengths[seq_k] = ((splits, pairs, 1), split_len, partials)
         return layout
 
-    def run(self, q, k, v, key_padding_mask=None, seqused_k=None, segment_ids=None, seed: int = 0):
+    def run(self, q, k, v, key_padding_mask=None, seqused_k=None, segment_ids=None, seed: int = 0, sinks=None):
         """(out [B, Sq, Hq, D] (transformers' layout; `.transpose(1, 2)` is SDPA's), lse [B, Hq, Sq] or None).
-        A plan's `run` signature; the decode kernel takes no segments or dropout."""
+        A plan's `run` signature; the decode kernel takes no segments or dropout. sinks: [Hq] logits, for a plan
+        made with has_sinks."""
         seq_k = k.shape[2]
         layout = self.lengths.get(seq_k)
         grid, split_len, partials = layout if layout is not None else self._layout(seq_k)
@@ -281,8 +299,9 @@ class DecodePlan:
         seqused = seqused_k if seqused_k is not None else out  # never read without HAS_SEQUSED
         cache_strides = (*k.stride(), *v.stride(), stride_mb, stride_mn)
         _launch_decode.launch_planned(
-            self.variants, grid, (q, k, v, out, lse, work, counters, kpm, seqused),
-            (*self.q_scalars, *cache_strides, *self.head_scalars, seq_k, self.head_dim, split_len),
+            self.variants, grid, (q, k, v, out, lse, work, counters, kpm, seqused, out if sinks is None else sinks),
+            (*self.q_scalars, *cache_strides, *self.head_scalars, seq_k, self.head_dim, split_len,
+             *self.feature_scalars),
             self.constexprs[partials > 0], (*cache_strides, seq_k, split_len), tag=partials > 0)
         return out, (lse if self.need_lse else None)
 
@@ -300,11 +319,15 @@ def flash_decode_forward(
     num_splits: int,
     need_lse: bool = True,
     merge_unroll: int | None = None,
+    window: tuple[int, int] | None = None,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Same contract as `flash_attn_forward`, for the shapes `uses_decode_kernel` accepts; with need_lse=False
     (inference) the lse is neither written nor returned. One call's `DecodePlan`."""
     plan = DecodePlan(q.shape, q.stride(), k.shape[1], q.dtype, causal=causal, scale=scale,
                       has_kpm=key_padding_mask is not None, has_seqused=seqused_k is not None, config=config,
-                      num_splits=num_splits, need_lse=need_lse, merge_unroll=merge_unroll or MERGE_UNROLL)
-    out, lse = plan.run(q, k, v, key_padding_mask, seqused_k)
+                      num_splits=num_splits, need_lse=need_lse, merge_unroll=merge_unroll or MERGE_UNROLL,
+                      window=window, softcap=softcap, has_sinks=sinks is not None)
+    out, lse = plan.run(q, k, v, key_padding_mask, seqused_k, None, 0, sinks)
     return out.transpose(1, 2), lse

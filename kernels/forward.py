@@ -2,7 +2,10 @@
 
 Reads top to bottom like Triton's fused-attention tutorial, plus what Hugging Face
 models need: GQA/MQA by index arithmetic, bottom-right causal alignment for Sq != Sk,
-a [batch, Sk] key-padding mask, head dims that are not powers of two, and any strides.
+a [batch, Sk] key-padding mask, head dims that are not powers of two, any strides, sliding
+windows (key blocks outside a tile's band are skipped, blocks on its edges masked), tanh
+softcapping of the scores and per-head sink logits. Each feature is a constexpr: a call
+without it compiles as if it did not exist.
 """
 
 import torch
@@ -12,7 +15,8 @@ import triton.language as tl
 from .config import TileConfig
 from .forward_tma import flash_attn_forward_tma, tma_eligible
 from .launch import CachedLauncher, cdiv, next_power_of_2
-from .online_softmax import LOG2E, finish_rows, key_range, softmax_step, visible_keys
+from .online_softmax import (LOG2E, add_sink, band_keys, finish_rows, kernel_window, key_range, scaled_scores,
+                             softmax_step, visible_keys, window_key_range)
 
 @triton.jit
 def dropout_keep(seed, row_head, rows, cols, seq_k, dropout_p):
@@ -35,11 +39,13 @@ def _attend_block(
     k_base, v_base, kpm_base, seg_base,
     start_n, offs_m, offs_n, offs_d,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
-    qk_scale, seq_k, head_dim, causal_offset, seed, row_head, dropout_p,
+    qk_scale, seq_k, head_dim, causal_offset, seed, row_head, dropout_p, cap_log2, win_left, win_right,
     BOUNDARY: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr,
-    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
-    """Online-softmax update of (acc, l_i, m_i) with keys [start_n, start_n + BLOCK_N)."""
+    """Online-softmax update of (acc, l_i, m_i) with keys [start_n, start_n + BLOCK_N). BOUNDARY: the block may
+    hold keys a row must not see (the causal diagonal, a window's edge, the ragged tail): they are masked."""
     cols = start_n + offs_n
     k_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd
     v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd
@@ -49,12 +55,15 @@ def _attend_block(
         k = tl.load(k_ptrs)
     else:
         k = tl.load(k_ptrs, mask=offs_d[:, None] < head_dim, other=0.0)
-    qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+    qk = scaled_scores(tl.dot(q, k, input_precision=DOT_PRECISION), qk_scale, cap_log2, SOFTCAP)
 
     # Masked scores become -inf; a row can then be -inf throughout this block (or all blocks): softmax_step
     # takes its exponents against 0.
-    if BOUNDARY:  # the causal diagonal and the ragged last block
-        qk = tl.where(visible_keys(cols, offs_m, seq_k, causal_offset, CAUSAL), qk, float("-inf"))
+    if BOUNDARY:
+        if WINDOW:  # a band edge and the ragged last block
+            qk = tl.where(band_keys(cols, offs_m, seq_k, causal_offset, win_left, win_right), qk, float("-inf"))
+        else:  # the causal diagonal and the ragged last block
+            qk = tl.where(visible_keys(cols, offs_m, seq_k, causal_offset, CAUSAL), qk, float("-inf"))
     if HAS_KPM:
         keep = tl.load(kpm_base + cols * stride_mn, mask=cols < seq_k, other=0) != 0
         qk = tl.where(keep[None, :], qk, float("-inf"))
@@ -77,7 +86,7 @@ def _attend_block(
 
 @triton.jit(do_not_specialize=["seq_q", "seq_k", "split_len", "seed"])  # see decode.py: no variants per length
 def _flash_fwd_kernel(
-    Q, K, V, O, LSE, KPM, SEQUSED, SEG,
+    Q, K, V, O, LSE, KPM, SEQUSED, SEG, SINKS,
     qk_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -85,11 +94,15 @@ def _flash_fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_mb, stride_mn, stride_sb,
     num_heads, group_size, seq_q, seq_k, head_dim,
-    split_len, stride_os, stride_ls, dropout_p, seed,
+    split_len, stride_os, stride_ls, dropout_p, cap_log2, win_left, win_right, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQUSED: tl.constexpr, HAS_SEG: tl.constexpr,
     EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr, STORE_LSE: tl.constexpr,
+    SOFTCAP: tl.constexpr = False, WINDOW: tl.constexpr = False, HAS_SINKS: tl.constexpr = False,
 ):
+    """One program per (query tile, batch x head, key split). WINDOW (with CAUSAL False: causal is the window's
+    right = 0): the key loop runs over the tile's band only, its edge blocks masked. HAS_SINKS: SINKS [Hq] holds
+    one logit per query head that joins each row's softmax (split 0 adds it)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)  # split of the key range (flash-decoding); 0 when not split
@@ -119,26 +132,57 @@ def _flash_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     causal_offset = seq_k - seq_q  # bottom-right: query i sees keys j <= i + (seq_k - seq_q)
-    unmasked_hi, hi = key_range(pid_m * BLOCK_M, causal_offset, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
-    lo = pid_s * split_len  # this program's share of the keys (flash-decoding splits), a multiple of BLOCK_N
-    hi = tl.minimum(hi, lo + split_len)
-    unmasked_hi = tl.maximum(tl.minimum(unmasked_hi, hi), lo)
+    if WINDOW:
+        split_lo = pid_s * split_len  # this program's share of the keys (flash-decoding splits)
+        split_hi = split_lo + split_len
+        # Blocks of the tile's band only: edge blocks masked, the whole blocks between them not.
+        lo, full_lo, full_hi, hi = window_key_range(pid_m * BLOCK_M, causal_offset, seq_k, win_left, win_right,
+                                                    BLOCK_M, BLOCK_N)
+        for start_n in range(tl.maximum(lo, split_lo), tl.minimum(full_lo, split_hi), BLOCK_N):
+            acc, l_i, m_i = _attend_block(
+                acc, l_i, m_i, q, k_base, v_base, kpm_base, seg_base, start_n, offs_m, offs_n, offs_d,
+                stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+                qk_scale, seq_k, head_dim, causal_offset, seed, pid_bh, dropout_p, cap_log2, win_left, win_right,
+                True, False, HAS_KPM, HAS_SEG, EVEN_D, DOT_PRECISION, DROPOUT, SOFTCAP, True,
+            )
+        for start_n in range(tl.maximum(full_lo, split_lo), tl.minimum(full_hi, split_hi), BLOCK_N):
+            acc, l_i, m_i = _attend_block(
+                acc, l_i, m_i, q, k_base, v_base, kpm_base, seg_base, start_n, offs_m, offs_n, offs_d,
+                stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+                qk_scale, seq_k, head_dim, causal_offset, seed, pid_bh, dropout_p, cap_log2, win_left, win_right,
+                False, False, HAS_KPM, HAS_SEG, EVEN_D, DOT_PRECISION, DROPOUT, SOFTCAP, True,
+            )
+        for start_n in range(tl.maximum(full_hi, split_lo), tl.minimum(hi, split_hi), BLOCK_N):
+            acc, l_i, m_i = _attend_block(
+                acc, l_i, m_i, q, k_base, v_base, kpm_base, seg_base, start_n, offs_m, offs_n, offs_d,
+                stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+                qk_scale, seq_k, head_dim, causal_offset, seed, pid_bh, dropout_p, cap_log2, win_left, win_right,
+                True, False, HAS_KPM, HAS_SEG, EVEN_D, DOT_PRECISION, DROPOUT, SOFTCAP, True,
+            )
+    else:
+        unmasked_hi, hi = key_range(pid_m * BLOCK_M, causal_offset, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
+        lo = pid_s * split_len  # this program's share of the keys (flash-decoding splits), a multiple of BLOCK_N
+        hi = tl.minimum(hi, lo + split_len)
+        unmasked_hi = tl.maximum(tl.minimum(unmasked_hi, hi), lo)
 
-    for start_n in range(lo, unmasked_hi, BLOCK_N):
-        acc, l_i, m_i = _attend_block(
-            acc, l_i, m_i, q, k_base, v_base, kpm_base, seg_base, start_n, offs_m, offs_n, offs_d,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
-            qk_scale, seq_k, head_dim, causal_offset, seed, pid_bh, dropout_p,
-            False, CAUSAL, HAS_KPM, HAS_SEG, EVEN_D, DOT_PRECISION, DROPOUT,
-        )
-    for start_n in range(unmasked_hi, hi, BLOCK_N):
-        acc, l_i, m_i = _attend_block(
-            acc, l_i, m_i, q, k_base, v_base, kpm_base, seg_base, start_n, offs_m, offs_n, offs_d,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
-            qk_scale, seq_k, head_dim, causal_offset, seed, pid_bh, dropout_p,
-            True, CAUSAL, HAS_KPM, HAS_SEG, EVEN_D, DOT_PRECISION, DROPOUT,
-        )
+        for start_n in range(lo, unmasked_hi, BLOCK_N):
+            acc, l_i, m_i = _attend_block(
+                acc, l_i, m_i, q, k_base, v_base, kpm_base, seg_base, start_n, offs_m, offs_n, offs_d,
+                stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+                qk_scale, seq_k, head_dim, causal_offset, seed, pid_bh, dropout_p, cap_log2, win_left, win_right,
+                False, CAUSAL, HAS_KPM, HAS_SEG, EVEN_D, DOT_PRECISION, DROPOUT, SOFTCAP, False,
+            )
+        for start_n in range(unmasked_hi, hi, BLOCK_N):
+            acc, l_i, m_i = _attend_block(
+                acc, l_i, m_i, q, k_base, v_base, kpm_base, seg_base, start_n, offs_m, offs_n, offs_d,
+                stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+                qk_scale, seq_k, head_dim, causal_offset, seed, pid_bh, dropout_p, cap_log2, win_left, win_right,
+                True, CAUSAL, HAS_KPM, HAS_SEG, EVEN_D, DOT_PRECISION, DROPOUT, SOFTCAP, False,
+            )
 
+    if HAS_SINKS:  # once per row: split 0 carries it, the merge weighs it in with that split's lse
+        sink = tl.load(SINKS + h).to(tl.float32) * LOG2E
+        acc, l_i, m_i = add_sink(acc, l_i, m_i, tl.where(pid_s == 0, sink, float("-inf")))
     out, lse = finish_rows(acc, l_i, m_i)
     if STORE_LSE:
         tl.store(LSE + pid_s * stride_ls + pid_bh * seq_q + offs_m, lse, mask=offs_m < seq_q)
@@ -209,7 +253,8 @@ class ForwardPlan:
 
     def __init__(self, q_shape, q_stride, k_shape, dtype: torch.dtype, *, causal: bool, scale: float,
                  config: TileConfig, has_kpm: bool = False, has_seqused: bool = False, has_seg: bool = False,
-                 num_splits: int = 1, dropout_p: float = 0.0, need_lse: bool = True):
+                 num_splits: int = 1, dropout_p: float = 0.0, need_lse: bool = True, window=None,
+                 softcap: float = 0.0, has_sinks: bool = False):
         batch, heads_q, seq_q, head_dim = q_shape
         heads_k, seq_k = k_shape[1], k_shape[2]
         self.dtype, self.need_lse = dtype, need_lse
@@ -222,19 +267,25 @@ class ForwardPlan:
         # O (and each split's float32 partial) is [B, Sq, H, D] in memory, strides given in [B, H, Sq, D] order.
         out_stride = (seq_q * heads_q * head_dim, head_dim, heads_q * head_dim, 1)
         rows = batch * heads_q * seq_q
-        self.head_scalars = (scale * LOG2E.value, *q_stride)
+        band = kernel_window(causal, window)
+        win_left, win_right = band or (0, 0)
+        qk_scale, cap_log2 = (scale / softcap, softcap * LOG2E.value) if softcap else (scale * LOG2E.value, 0.0)
+        self.head_scalars = (qk_scale, *q_stride)
         self.out_scalars = out_stride
         self.tail_scalars = (heads_q, heads_q // heads_k, seq_q, seq_k, head_dim, split_len,
-                             rows * head_dim if splits > 1 else 0, rows if splits > 1 else 0, float(dropout_p))
+                             rows * head_dim if splits > 1 else 0, rows if splits > 1 else 0, float(dropout_p),
+                             float(cap_log2), win_left, win_right)
         self.constexprs = dict(
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, CAUSAL=causal, HAS_KPM=has_kpm,
-            HAS_SEQUSED=has_seqused, HAS_SEG=has_seg, EVEN_D=block_d == head_dim,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, CAUSAL=causal and band is None,
+            HAS_KPM=has_kpm, HAS_SEQUSED=has_seqused, HAS_SEG=has_seg, EVEN_D=block_d == head_dim,
             DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", DROPOUT=dropout_p > 0,
-            STORE_LSE=need_lse or splits > 1, num_warps=config.num_warps, num_stages=config.num_stages)
+            STORE_LSE=need_lse or splits > 1, SOFTCAP=bool(softcap), WINDOW=band is not None, HAS_SINKS=has_sinks,
+            num_warps=config.num_warps, num_stages=config.num_stages)
         self.variants: dict = {}  # compiled kernels (CachedLauncher.launch_planned)
 
-    def run(self, q, k, v, key_padding_mask=None, seqused_k=None, segment_ids=None, seed: int = 0):
-        """(out [B, Sq, Hq, D] (transformers' layout; `.transpose(1, 2)` is SDPA's), lse [B, Hq, Sq] or None)."""
+    def run(self, q, k, v, key_padding_mask=None, seqused_k=None, segment_ids=None, seed: int = 0, sinks=None):
+        """(out [B, Sq, Hq, D] (transformers' layout; `.transpose(1, 2)` is SDPA's), lse [B, Hq, Sq] or None).
+        sinks: [Hq] logits, for a plan made with has_sinks."""
         device = q.device
         out = torch.empty(self.out_shape, device=device, dtype=self.dtype)
         lse = torch.empty(self.lse_shape, device=device, dtype=torch.float32) if self.need_lse else None
@@ -255,7 +306,7 @@ class ForwardPlan:
         _launch_forward.launch_planned(
             self.variants, self.grid,
             (q, k, v, o_dst, lse_dst, kpm, out if seqused_k is None else seqused_k,
-             out if segment_ids is None else segment_ids),
+             out if segment_ids is None else segment_ids, out if sinks is None else sinks),
             (*self.head_scalars, *kv_strides, *self.out_scalars, *mask_strides, *self.tail_scalars, seed),
             self.constexprs, (*kv_strides, *mask_strides, seed))
         if splits > 1:
@@ -282,6 +333,9 @@ def flash_attn_forward(
     dropout_p: float = 0.0,
     seed: int = 0,
     need_lse: bool = True,
+    window: tuple[int, int] | None = None,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the forward on validated [B, H, S, D] tensors.
 
@@ -293,15 +347,19 @@ def flash_attn_forward(
     attention weights with a Philox mask drawn from `seed` (lse stays the undropped one).
     seqused_k (int32 [B], on the device): only keys below seqused_k[b] exist, and causal alignment is to it.
     segment_ids (contiguous int32 [B, S], Sq == Sk == S): packed sequences; a query sees keys of its own segment only.
+    window ((left, right), -1 = unbounded), softcap (> 0, or 0 for none), sinks ([Hq] logits): as `attention`'s;
+    the lse then includes the sink.
     One call's `ForwardPlan`, or the TMA kernel where the config asks for it and the call allows it.
     """
-    plain = key_padding_mask is None and seqused_k is None and segment_ids is None and dropout_p == 0.0
+    plain = (key_padding_mask is None and seqused_k is None and segment_ids is None and dropout_p == 0.0
+             and kernel_window(causal, window) is None and not softcap and sinks is None)
     if config.tma and plain and num_splits == 1 and tma_eligible(q, k, v, plain=True):
         out, lse = flash_attn_forward_tma(q, k, v, causal=causal, scale=scale, config=config,
                                           warp_specialize=config.warp_specialize)
         return out, (lse if need_lse else None)
     plan = ForwardPlan(q.shape, q.stride(), k.shape, q.dtype, causal=causal, scale=scale, config=config,
                        has_kpm=key_padding_mask is not None, has_seqused=seqused_k is not None,
-                       has_seg=segment_ids is not None, num_splits=num_splits, dropout_p=dropout_p, need_lse=need_lse)
-    out, lse = plan.run(q, k, v, key_padding_mask, seqused_k, segment_ids, seed)
+                       has_seg=segment_ids is not None, num_splits=num_splits, dropout_p=dropout_p, need_lse=need_lse,
+                       window=window, softcap=softcap, has_sinks=sinks is not None)
+    out, lse = plan.run(q, k, v, key_padding_mask, seqused_k, segment_ids, seed, sinks)
     return out.transpose(1, 2), lse

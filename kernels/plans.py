@@ -12,6 +12,7 @@ time than the general route's host work would.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import torch
@@ -22,8 +23,12 @@ from .config import (SHORT_Q_BLOCK_M, TileConfig, decode_split_warps, decode_spl
 from .decode import DecodePlan
 from .forward import ForwardPlan
 from .forward_tma import _descriptor_legal, flash_attn_forward_tma, tma_eligible
+from .online_softmax import kernel_window
 
-GLUON_SWITCH = "FLASHPATCH_GLUON"  # "0" leaves the Gluon sm90 forward out of the candidates
+# "1" adds the Gluon sm90 forward (kernels/forward_sm90.py) to sm90 calls' autotuning candidates. The kernel is proven
+# on the H200 on its own (tests/test_forward_sm90.py, scripts/sm90_forward_probe.py); serving whole models through
+# the autotuner becomes the default once the GPU suite has run with it.
+GLUON_SWITCH = "FLASHPATCH_GLUON"
 
 
 class PlanCache:
@@ -51,10 +56,16 @@ class PlanCache:
 PLANS = PlanCache()
 
 
+@functools.lru_cache(maxsize=1024)  # a decode step asks every call: a cached answer costs a fifth of the rule's
+def _decode_kernel_serves(seq_q: int, group: int, head_dim: int, element_size: int) -> bool:
+    return uses_decode_kernel(seq_q, group, head_dim, 0.0, element_size)
+
+
 def plan_key(q, k, v, causal, scale, key_padding_mask, seqused_k, segment_ids=None, dropout_p=0.0,
-             need_lse=False) -> tuple:
+             need_lse=False, window=None, softcap=None, sinks=None) -> tuple:
     """What a plan fixes: every property of a call that validation checks, but the key length and the K/V strides
-    (which grow with a cache) where the decode kernel serves; `lookup` checks those itself."""
+    (which grow with a cache) where the decode kernel serves; `lookup` checks those itself. The window and softcap
+    as the call gives them, the sinks by dtype, shape and device (their values are bound per call)."""
     batch, heads_q, seq_q, head_dim = q.shape
     kb, kh, kn, kd = k.shape
     vb, vh, vn, vd = v.shape
@@ -62,20 +73,22 @@ def plan_key(q, k, v, causal, scale, key_padding_mask, seqused_k, segment_ids=No
                                                   key_padding_mask.dim(), key_padding_mask.get_device())
     used = None if seqused_k is None else (seqused_k.dtype, seqused_k.shape, seqused_k.get_device())
     segments = None if segment_ids is None else (segment_ids.dtype, segment_ids.shape, segment_ids.get_device())
-    decode = (segment_ids is None and seq_q <= SHORT_Q_BLOCK_M and kh
-              and uses_decode_kernel(seq_q, heads_q // kh, head_dim, dropout_p, q.element_size()))
+    decode = (segment_ids is None and seq_q <= SHORT_Q_BLOCK_M and kh and not dropout_p
+              and _decode_kernel_serves(seq_q, heads_q // kh, head_dim, q.element_size()))
+    sink = None if sinks is None else (sinks.dtype, sinks.shape, sinks.stride(), sinks.get_device())
     return (q.shape, q.stride(), q.dtype, k.dtype, v.dtype, q.get_device(), k.get_device(), v.get_device(),
             kb, kh, kd, vb, vh, vd, causal, scale, need_lse, dropout_p, mask, used, segments,
-            None if decode else kn)
+            None if decode else kn, window, softcap, sink)
 
 
-def lookup(q, k, v, causal: bool, scale: float, key_padding_mask, seqused_k):
+def lookup(q, k, v, causal: bool, scale: float, key_padding_mask, seqused_k, window=None, softcap=None, sinks=None):
     """The plan of an inference call (no dropout, segments or lse) whose kind was validated before, or None: the
     caller then validates the call and `launch`es it (which names any problem)."""
     if not PLANS.plans:
         return None
     try:
-        plan = PLANS.get(plan_key(q, k, v, causal, scale, key_padding_mask, seqused_k))
+        plan = PLANS.plans.get(plan_key(q, k, v, causal, scale, key_padding_mask, seqused_k, None, 0.0, False,
+                                        window, softcap, sinks))
     except (AttributeError, TypeError, ValueError):  # malformed input
         return None
     if plan is None:
@@ -88,16 +101,19 @@ def lookup(q, k, v, causal: bool, scale: float, key_padding_mask, seqused_k):
 
 
 def launch(q, k, v, *, causal: bool, scale: float, key_padding_mask, dropout_p: float, seed: int, seqused_k,
-           segment_ids, need_lse: bool, family: str | None, sm_count: int):
+           segment_ids, need_lse: bool, family: str | None, sm_count: int, window=None, softcap=None, sinks=None):
     """(out [B, Sq, Hq, D] (transformers' layout; `.transpose(1, 2)` is SDPA's), lse [B, Hq, Sq] or None) of a
-    validated call, through its kind's plan, made on first use."""
-    key = plan_key(q, k, v, causal, scale, key_padding_mask, seqused_k, segment_ids, dropout_p, need_lse)
+    validated call, through its kind's plan, made on first use. window ((left, right), -1 = unbounded), softcap
+    (None or 0: none) and sinks ([Hq]) as `attention` takes them."""
+    key = plan_key(q, k, v, causal, scale, key_padding_mask, seqused_k, segment_ids, dropout_p, need_lse, window,
+                   softcap, sinks)
     plan = PLANS.get(key)
     if plan is None:
         plan = PLANS.add(key, make_plan(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
                                         dropout_p=dropout_p, seed=seed, seqused_k=seqused_k, segment_ids=segment_ids,
-                                        need_lse=need_lse, family=family, sm_count=sm_count))
-    return plan.run(q, k, v, key_padding_mask, seqused_k, segment_ids, seed)
+                                        need_lse=need_lse, family=family, sm_count=sm_count, window=window,
+                                        softcap=softcap, sinks=sinks))
+    return plan.run(q, k, v, key_padding_mask, seqused_k, segment_ids, seed, sinks)
 
 
 class TmaPlan:
@@ -108,7 +124,7 @@ class TmaPlan:
         self.config, self.pointer_plan = config, pointer_plan
         self.causal, self.scale, self.need_lse = causal, scale, need_lse
 
-    def run(self, q, k, v, key_padding_mask=None, seqused_k=None, segment_ids=None, seed: int = 0):
+    def run(self, q, k, v, key_padding_mask=None, seqused_k=None, segment_ids=None, seed: int = 0, sinks=None):
         if not tma_eligible(q, k, v, plain=True):
             return self.pointer_plan.run(q, k, v)
         out, lse = flash_attn_forward_tma(q, k, v, causal=self.causal, scale=self.scale, config=self.config,
@@ -124,7 +140,7 @@ class Sm90Plan:
         self.config, self.pointer_plan = config, pointer_plan
         self.causal, self.scale, self.need_lse = causal, scale, need_lse
 
-    def run(self, q, k, v, key_padding_mask=None, seqused_k=None, segment_ids=None, seed: int = 0):
+    def run(self, q, k, v, key_padding_mask=None, seqused_k=None, segment_ids=None, seed: int = 0, sinks=None):
         from .forward_sm90 import flash_attn_forward_sm90
 
         if not (_descriptor_legal(q) and _descriptor_legal(k) and _descriptor_legal(v)):
@@ -136,10 +152,13 @@ class Sm90Plan:
         return out.transpose(1, 2), lse
 
 
-def sm90_candidates(family, q, k, v, *, dropout_p, key_padding_mask, seqused_k, segment_ids) -> list:
+def sm90_candidates(family, q, k, v, *, dropout_p, key_padding_mask, seqused_k, segment_ids, window=None,
+                    softcap=None, sinks=None) -> list:
     """The Gluon sm90 forward's configs where it can serve this call (Hopper, Gluon, 16-bit, its head dims,
-    descriptor-legal views, no dropout), else none."""
-    if family != "sm90" or dropout_p or os.environ.get(GLUON_SWITCH) == "0":
+    descriptor-legal views, no dropout, no sliding window, softcapping or sinks), else none. `window` as
+    `kernel_window` gives it (None: bounds nothing)."""
+    if (family != "sm90" or dropout_p or window is not None or softcap or sinks is not None
+            or os.environ.get(GLUON_SWITCH) != "1"):
         return []
     from . import forward_sm90
 
@@ -153,26 +172,32 @@ def sm90_candidates(family, q, k, v, *, dropout_p, key_padding_mask, seqused_k, 
 
 
 def make_plan(q, k, v, *, causal, scale, key_padding_mask, dropout_p, seed, seqused_k, segment_ids, need_lse, family,
-              sm_count):
+              sm_count, window=None, softcap=None, sinks=None):
     """The plan for a validated call's kind: the decode kernel for few query rows, else a forward kernel with the
     tile table's row, or on a GPU the fastest of the candidates that can serve the call (the portable kernel's tiles,
-    the TMA kernel's, the Gluon sm90 kernel's), timed once per length bucket (kernels/autotune.py)."""
+    the TMA kernel's, the Gluon sm90 kernel's), timed once per length bucket (kernels/autotune.py). Calls with a
+    sliding window, softcapping or sinks run the portable kernels only."""
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
     element_size = q.element_size()
+    band = kernel_window(causal, window)
+    softcap = float(softcap or 0.0)
     flags = dict(has_kpm=key_padding_mask is not None, has_seqused=seqused_k is not None)
+    features = dict(window=window, softcap=softcap, has_sinks=sinks is not None)
     if segment_ids is None and uses_decode_kernel(seq_q, heads_q // heads_k, head_dim, dropout_p, element_size):
         return DecodePlan(q.shape, q.stride(), heads_k, q.dtype, causal=causal, scale=scale, **flags,
                           config=select_decode_config(family, head_dim, element_size), sm_count=sm_count,
-                          need_lse=need_lse, split_warps=decode_split_warps(family, head_dim, element_size))
+                          need_lse=need_lse, split_warps=decode_split_warps(family, head_dim, element_size),
+                          **features)
     plain = key_padding_mask is None and seqused_k is None and segment_ids is None and not dropout_p
+    plain_scores = band is None and not softcap and sinks is None  # what the TMA and Gluon kernels compute
 
     def pointer_plan(config: TileConfig) -> ForwardPlan:
         return ForwardPlan(q.shape, q.stride(), k.shape, q.dtype, causal=causal, scale=scale,
                            config=dataclasses.replace(config, tma=False, warp_specialize=False), **flags,
                            has_seg=segment_ids is not None,
                            num_splits=decode_splits(batch * heads_q, seq_q, seq_k, config.block_n, sm_count),
-                           dropout_p=dropout_p, need_lse=need_lse)
+                           dropout_p=dropout_p, need_lse=need_lse, **features)
 
     def plan_with(config):
         if not isinstance(config, TileConfig):  # the Gluon kernel's
@@ -184,23 +209,31 @@ def make_plan(q, k, v, *, causal, scale, key_padding_mask, dropout_p, seed, sequ
 
     def timed(config) -> float:
         plan = plan_with(config)
-        return time_ms(lambda: plan.run(q, k, v, key_padding_mask, seqused_k, segment_ids, seed))
+        return time_ms(lambda: plan.run(q, k, v, key_padding_mask, seqused_k, segment_ids, seed, sinks))
 
     if family is None or seq_q <= SHORT_Q_BLOCK_M or not q.is_cuda or element_size == 4:
         return plan_with(select_config(family, head_dim, seq_q, element_size))
-    candidates = [c for c in tune_candidates(family, head_dim) if plain or not c.tma]
+    candidates = [c for c in tune_candidates(family, head_dim) if (plain and plain_scores) or not c.tma]
     candidates += sm90_candidates(family, q, k, v, dropout_p=dropout_p, key_padding_mask=key_padding_mask,
-                                  seqused_k=seqused_k, segment_ids=segment_ids)
-    return plan_with(prefill_config(family, q, seq_k, causal, candidates, timed, plain))
+                                  seqused_k=seqused_k, segment_ids=segment_ids, window=band, softcap=softcap,
+                                  sinks=sinks)
+    kind = "" if plain else "-masked"
+    if not plain_scores:  # a window's band, tanh or the sink change what a tile costs: tuned apart
+        kind += "-window" * (band is not None) + "-softcap" * bool(softcap) + "-sinks" * (sinks is not None)
+    return plan_with(prefill_config(family, q, seq_k, causal, candidates, timed, plain, kind))
 
 
-def prefill_config(family: str, q, seq_k: int, causal: bool, candidates: list, timed, plain: bool):
+def prefill_config(family: str, q, seq_k: int, causal: bool, candidates: list, timed, plain: bool,
+                   kind: str | None = None):
     """The first candidate (the table's row) while a CUDA graph is being captured (nothing can be timed), else the
-    autotuned choice for this length bucket (`timed(config)` -> ms), remembered on disk."""
+    autotuned choice for this length bucket (`timed(config)` -> ms), remembered on disk. `kind`: the key's suffix
+    ("" for plain calls, "-masked" for others unless given)."""
     if torch.cuda.is_current_stream_capturing():
         return candidates[0]
     key = tune_key(head_dim_bucket(q.shape[-1]), str(q.dtype).removeprefix("torch."), causal, q.shape[2], seq_k)
-    return AUTOTUNER.pick(family, key if plain else f"{key}-masked", candidates, timed)
+    if kind is None:
+        kind = "" if plain else "-masked"
+    return AUTOTUNER.pick(family, key + kind, candidates, timed)
 
 
 def reset() -> None:

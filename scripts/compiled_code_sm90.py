@@ -17,16 +17,16 @@ from triton.compiler import ASTSource
 from flashpatch.kernels.forward import _flash_fwd_kernel as kernel
 
 POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32", "KPM": "*fp32",
-            "SEQUSED": "*fp32", "SEG": "*fp32"}
+            "SEQUSED": "*fp32", "SEG": "*fp32", "SINKS": "*fp32"}
 UNALIGNED = ("stride_mb", "stride_mn", "stride_sb")  # the unused mask strides are 0 or 1 in a plain call
 
 
 def compile_sm90(block_m: int, block_n: int, num_warps: int, num_stages: int, causal: bool, head_dim: int = 128):
     constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_dim, CAUSAL=causal, HAS_KPM=False,
                       HAS_SEQUSED=False, HAS_SEG=False, EVEN_D=True, DOT_PRECISION="tf32", DROPOUT=False,
-                      stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1)
+                      SOFTCAP=False, WINDOW=False, HAS_SINKS=False, stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1)
     names = kernel.arg_names
-    signature = {n: "constexpr" if n in constexprs else POINTERS.get(n, "fp32" if n in ("qk_scale", "dropout_p")
+    signature = {n: "constexpr" if n in constexprs else POINTERS.get(n, "fp32" if n in ("qk_scale", "dropout_p", "cap_log2")
                                                                      else "i32") for n in names}
     aligned = [n for n in names if n in POINTERS or (n.startswith("stride_") and n not in constexprs
                                                      and n not in UNALIGNED)]

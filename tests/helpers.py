@@ -16,9 +16,14 @@ def random_qkv(batch, heads_q, heads_k, seq_q, seq_k, head_dim, dtype, device="c
 
 
 def assert_fa2_rule(out, q, k, v, **kw):
-    """|out - ref64| <= 2 * |torch same-dtype - ref64| + eps, and nothing non-finite."""
+    """|out - ref64| <= 2 * |torch same-dtype - ref64| + eps, and nothing non-finite. kw: reference_attention's
+    (causal, scale, key_padding_mask, seqused_k, segment_ids, window, softcap, sinks); sinks go to float64 for
+    the reference and stay as given (cast to q's dtype inside) for torch's same-dtype result."""
     assert torch.isfinite(out).all(), "output has NaN/Inf (unwritten or broken rows)"
-    ref64 = reference_attention(q.double(), k.double(), v.double(), **kw)
+    kw64 = dict(kw)
+    if kw.get("sinks") is not None:
+        kw64["sinks"] = kw["sinks"].double()
+    ref64 = reference_attention(q.double(), k.double(), v.double(), **kw64)
     ref_same = reference_attention(q, k, v, **kw)
     err = (out.double() - ref64).abs().max().item()
     torch_err = (ref_same.double() - ref64).abs().max().item()

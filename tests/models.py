@@ -20,6 +20,29 @@ TINY_CONFIGS = {
                         intermediate_size=128, rotary_pct=0.25),
     "qwen2-generic": dict(model_type="qwen2", hidden_size=128, intermediate_size=128, num_attention_heads=4,
                           num_key_value_heads=2, num_hidden_layers=2),
+    # Sliding windows of 8 keys, so that test lengths (prompts of 9 to 37 tokens, 20 generated) cross them.
+    "mistral": dict(model_type="mistral", hidden_size=128, intermediate_size=128, num_attention_heads=2,
+                    num_key_value_heads=1, num_hidden_layers=2, head_dim=64, sliding_window=8),
+    "qwen2-sliding": dict(model_type="qwen2", hidden_size=128, intermediate_size=128, num_attention_heads=4,
+                          num_key_value_heads=2, num_hidden_layers=2, use_sliding_window=True, sliding_window=8,
+                          max_window_layers=1),  # layer 0 full, layer 1 sliding
+    "qwen3": dict(model_type="qwen3", hidden_size=128, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, num_hidden_layers=2, head_dim=32, use_sliding_window=True,
+                  sliding_window=8, max_window_layers=1),
+    "phi3": dict(model_type="phi3", hidden_size=128, intermediate_size=128, num_attention_heads=2,
+                 num_key_value_heads=2, num_hidden_layers=2, sliding_window=8, pad_token_id=0),
+    # Gemma 2: larger weights and softcap 1 (real checkpoints: 50), so that the cap bends these random-weight
+    # scores (a few units); the query pre-attention scalar differs from head_dim, as in Gemma 2 27B.
+    "gemma2": dict(model_type="gemma2", hidden_size=128, intermediate_size=128, num_attention_heads=4,
+                   num_key_value_heads=2, num_hidden_layers=2, head_dim=64, query_pre_attn_scalar=24,
+                   attn_logit_softcapping=1.0, final_logit_softcapping=30.0, sliding_window=8,
+                   initializer_range=0.1),
+    "gemma3": dict(model_type="gemma3_text", hidden_size=128, intermediate_size=128, num_attention_heads=4,
+                   num_key_value_heads=2, num_hidden_layers=3, head_dim=32, query_pre_attn_scalar=24,
+                   sliding_window=8, layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
+    "gpt_oss": dict(model_type="gpt_oss", hidden_size=128, intermediate_size=64, num_attention_heads=4,
+                    num_key_value_heads=2, num_hidden_layers=2, head_dim=32, num_local_experts=4,
+                    num_experts_per_tok=2, sliding_window=8),
 }
 
 

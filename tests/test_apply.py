@@ -10,7 +10,9 @@ from models import DEVICE, TINY_CONFIGS, VOCAB, tiny_model, token_ids
 
 ARCHS = list(TINY_CONFIGS)
 EXPECTED_ENTRY = {"llama": "llama", "gpt2": "gpt2", "gpt2-layer-scaled": "gpt2", "gptj": "gptj",
-                  "gpt_neox-80": "gpt_neox", "gpt_neox-96": "gpt_neox", "qwen2-generic": "generic"}
+                  "gpt_neox-80": "gpt_neox", "gpt_neox-96": "gpt_neox", "qwen2-generic": "qwen2", "mistral": "mistral",
+                  "qwen2-sliding": "qwen2", "qwen3": "qwen2", "phi3": "phi3", "gemma2": "gemma2", "gemma3": "gemma3",
+                  "gpt_oss": "gpt_oss"}
 
 
 def logits(model, ids, mask=None):
@@ -185,12 +187,16 @@ def test_peft_lora_wrapper_is_detected():
     ("mistral", dict(sliding_window=16), "sliding-window"),
     ("gemma2", dict(attn_logit_softcapping=50.0, head_dim=32), "softcapping"),
 ])
-def test_unsupported_generic_models_are_left_alone_with_reason(model_type, overrides, reason):
+def test_features_of_classes_without_the_flash_kwargs_are_left_alone_with_reason(model_type, overrides, reason,
+                                                                                   monkeypatch):
+    """The kernels learn sliding windows, softcaps and sinks from the attention call's kwargs, which transformers
+    passes on for classes that take its flash-attention path: a class that does not is refused by name."""
     from transformers import AutoConfig
 
     config = AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=64, num_attention_heads=2,
                                   num_key_value_heads=1, num_hidden_layers=1, vocab_size=VOCAB, **overrides)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(DEVICE)
+    monkeypatch.setattr(type(model), "_supports_flash_attn", False)
     with pytest.warns(UserWarning, match=reason):
         report = flashpatch.apply(model)
     assert not report.patched and any(reason in r for r in report.reasons)

@@ -1,13 +1,14 @@
 """Any other model whose attention goes through transformers' AttentionInterface.
 
-Served only when its layers use nothing the kernels lack; otherwise the report names what.
+Served only when its layers use nothing the kernels lack; otherwise the report names what. Sliding windows,
+softcapping and sinks are served where the model passes them to the attention function as transformers'
+flash-attention path takes them (`sliding_window`, `softcap`, `s_aux` kwargs; patch.apply checks the class).
 """
 
 from .base import ArchSpec, head_dim_of, head_dim_problem
 
 # model_type -> feature the kernels do not serve, for families whose config does not say it plainly.
 KNOWN_UNSUPPORTED = {
-    "gpt_oss": "attention sinks",
     "bloom": "ALiBi position bias",
     "mpt": "ALiBi position bias",
     "falcon": "ALiBi position bias (when config.alibi) / parallel attention variants",
@@ -17,13 +18,6 @@ KNOWN_UNSUPPORTED = {
 
 def _unsupported(config) -> list[str]:
     reasons = []
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        reasons.append(f"sliding-window attention (sliding_window={config.sliding_window})")
-    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
-        reasons.append("sliding-window attention layers (layer_types)")
-    for key in ("attn_logit_softcapping", "attention_logit_softcapping"):
-        if getattr(config, key, None):
-            reasons.append(f"logit softcapping ({key}={getattr(config, key)})")
     if getattr(config, "alibi", False):
         reasons.append("ALiBi position bias")
     if config.model_type in KNOWN_UNSUPPORTED and config.model_type != "falcon":

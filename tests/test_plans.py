@@ -1,0 +1,81 @@
+"""The route from a call to a launch (kernels/plans.py), where a GPU is needed to run it: checked on the CPU with the
+GPU-only kernels stood in for by the float64 reference."""
+
+import pytest
+import torch
+
+from flashpatch.kernels import TileConfig, plans
+from flashpatch.kernels.forward_sm90 import Sm90Config
+from flashpatch.reference import reference_attention
+
+
+def test_an_sm90_plan_serves_calls_in_transformers_layout_and_falls_back_for_views_tma_cannot_take(monkeypatch):
+    """Sm90Plan.run returns [B, Sq, H, D] (the plans' contract) from the Gluon kernel's SDPA-layout output, passes
+    only the masks a call has, and hands a misaligned view to its pointer plan."""
+    from flashpatch.kernels import forward_sm90
+
+    calls = []
+
+    def fake_gluon(q, k, v, *, causal, scale, need_lse, config, **masks):
+        calls.append(sorted(masks))
+        out = reference_attention(q.double(), k.double(), v.double(), causal=causal, scale=scale).to(q.dtype)
+        return out.transpose(1, 2).contiguous().transpose(1, 2), None  # SDPA view of [B, S, H, D] memory
+
+    class PointerPlan:
+        def run(self, q, k, v, *args):
+            calls.append("pointer")
+            return torch.zeros(q.shape[0], q.shape[2], q.shape[1], q.shape[3]), None
+
+    monkeypatch.setattr(forward_sm90, "flash_attn_forward_sm90", fake_gluon)
+    plan = plans.Sm90Plan(Sm90Config(128, 2), PointerPlan(), causal=True, scale=0.125, need_lse=False)
+    q = torch.randn(2, 3, 40, 8, dtype=torch.float16)
+    k, v = (torch.randn(2, 1, 40, 8, dtype=torch.float16) for _ in range(2))
+    out, _ = plan.run(q, k, v)
+    ref = reference_attention(q.double(), k.double(), v.double(), causal=True, scale=0.125)
+    torch.testing.assert_close(out.double(), ref.transpose(1, 2), rtol=2e-3, atol=2e-3)
+    plan.run(q, k, v, torch.ones(2, 40, dtype=torch.bool))
+    assert calls == [[], ["key_padding_mask"]]
+    shifted = torch.empty(q.numel() + 1, dtype=q.dtype)[1:].view(q.shape)  # 2 bytes off 16-byte alignment
+    plan.run(shifted, k, v)
+    assert calls[-1] == "pointer"
+
+
+@pytest.mark.parametrize("switch,expected", [(None, False), ("0", False), ("1", True)])
+def test_the_gluon_forward_joins_the_candidates_only_when_switched_on(monkeypatch, switch, expected):
+    """FLASHPATCH_GLUON=1 adds the Gluon sm90 configs to an sm90 call's autotuning candidates (where the kernel can
+    take the call); without it the portable kernels serve alone."""
+    from flashpatch.kernels import forward_sm90
+
+    monkeypatch.setattr(forward_sm90, "sm90_eligible", lambda q, k, v, **masks: True)
+    if switch is None:
+        monkeypatch.delenv(plans.GLUON_SWITCH, raising=False)
+    else:
+        monkeypatch.setenv(plans.GLUON_SWITCH, switch)
+    q = k = v = torch.zeros(1, 1, 64, 128, dtype=torch.bfloat16)
+    found = plans.sm90_candidates("sm90", q, k, v, dropout_p=0.0, key_padding_mask=None, seqused_k=None,
+                                  segment_ids=None)
+    assert bool(found) == expected and all(isinstance(c, Sm90Config) for c in found)
+    assert not plans.sm90_candidates("sm80", q, k, v, dropout_p=0.0, key_padding_mask=None, seqused_k=None,
+                                     segment_ids=None)
+    assert not plans.sm90_candidates("sm90", q, k, v, dropout_p=0.1, key_padding_mask=None, seqused_k=None,
+                                     segment_ids=None)
+
+
+def test_plan_kinds_do_not_mix():
+    """Calls that differ in what a plan fixes get different keys: dropout rate, lse, masks, segments; a decode call's
+    key leaves out the cache length (its plan follows a growing cache), a prefill's keeps it."""
+    q = torch.zeros(1, 4, 32, 64, dtype=torch.float16)
+    k = torch.zeros(1, 2, 48, 64, dtype=torch.float16)
+    mask = torch.ones(1, 48, dtype=torch.bool)
+    base = plans.plan_key(q, k, k, True, 0.125, None, None)
+    variants = [plans.plan_key(q, k, k, True, 0.125, mask, None), plans.plan_key(q, k, k, True, 0.125, None, None,
+                                                                                 dropout_p=0.1),
+                plans.plan_key(q, k, k, True, 0.125, None, None, dropout_p=0.2),
+                plans.plan_key(q, k, k, True, 0.125, None, None, need_lse=True),
+                plans.plan_key(q, k, k, False, 0.125, None, None),
+                plans.plan_key(q, k[:, :, :40], k[:, :, :40], True, 0.125, None, None)]
+    assert len({base, *variants}) == 1 + len(variants)
+    one = q[:, :, :1]
+    assert plans.plan_key(one, k, k, True, 0.125, None, None) == plans.plan_key(one, k[:, :, :40], k[:, :, :40], True,
+                                                                               0.125, None, None)
+    assert isinstance(plans.select_config(None, 64, 32, 2), TileConfig)
