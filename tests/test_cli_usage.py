@@ -44,9 +44,8 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     return {
         "bloom": save_model_folder(root / "bloom", "bloom", hidden_size=32, n_head=2, n_layer=1),
-        "mistral": save_model_folder(root / "mistral", "mistral", hidden_size=32, intermediate_size=32,
-                                     num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1,
-                                     sliding_window=16),
+        "falcon": save_model_folder(root / "falcon", "falcon", hidden_size=32, num_attention_heads=2,
+                                    num_hidden_layers=1, alibi=True),
         "llama12": save_model_folder(root / "llama12", "llama", hidden_size=24, intermediate_size=32,
                                      num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1, head_dim=12),
         "llama": save_model_folder(root / "llama", "llama", hidden_size=64, intermediate_size=32,
@@ -105,7 +104,7 @@ def test_a_refused_model_is_not_served_exit_3_in_json(folders):
     assert "UserWarning" not in err and "Traceback" not in err and "NOT SERVED" in err
 
 
-@pytest.mark.parametrize("name,reason", [("mistral", "sliding-window"), ("llama12", "head_dim 12")])
+@pytest.mark.parametrize("name,reason", [("falcon", "ALiBi"), ("llama12", "head_dim 12")])
 def test_refused_models_name_their_reason(folders, name, reason, tmp_path):
     out = tmp_path / "verify.json"
     result = runner.invoke(app, ["verify", folders[name], "--text", WIKITEXT, *QUICK, "--json", str(out)])
