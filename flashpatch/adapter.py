@@ -213,7 +213,10 @@ def _key_mask(batch_size: int, q_length: int, kv_length: int, q_offset, attentio
     end = q_offset + q_length
     keys = positions < end
     if attention_mask is not None:
-        pad = attention_mask[:, kv_offset:kv_offset + kv_length].to(device=device, dtype=torch.bool)
+        # The 2D mask covers every token so far, or (a static sliding-window layer's) only the keys it returns.
+        covers_all = attention_mask.shape[-1] >= kv_offset + kv_length
+        pad = (attention_mask[:, kv_offset:kv_offset + kv_length] if covers_all else attention_mask[:, -kv_length:])
+        pad = pad.to(device=device, dtype=torch.bool)
         if pad.shape[-1] < kv_length:  # a static cache's buffer is longer than the tokens seen so far
             pad = torch.cat([pad, pad.new_zeros(pad.shape[0], kv_length - pad.shape[-1])], dim=-1)
         keys = keys & pad
