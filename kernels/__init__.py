@@ -1,5 +1,12 @@
 """Triton kernels, their launch plans and tile tables. Math only: nothing here imports transformers."""
 
+import os
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from . import interpreter_compat
+
+    interpreter_compat.install()
+
 from . import plans
 from .autotune import AUTOTUNER, tune_key
 from .backward import flash_attn_backward

@@ -6,6 +6,7 @@ Where the exit code and the absence of a traceback matter, the CLI runs in a sub
 
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -198,7 +199,7 @@ def test_piped_output_has_progress_lines_and_an_80_column_table():
 def test_verify_progress_reaches_a_log():
     code, out, err = cli("verify", "tiny-llama", "--text", WIKITEXT, *QUICK)
     assert code == 0, out + err
-    assert "windows, unpatched then patched: 3/3" in out and "PASS" in out
+    assert re.search(r"windows, unpatched then patched: (\d+)/\1 ", out) and "PASS" in out, out
 
 
 def test_version_and_every_option_has_help():

@@ -294,3 +294,37 @@ def test_plans_route_plain_calls_to_the_gluon_forward_on_hopper(causal, head_dim
         shifted = shifted.view(2, 700, 8, head_dim).transpose(1, 2).copy_(q)
         assert_fa2_rule(flashpatch.attention(shifted, k, v, causal=causal), shifted, k, v, causal=causal)
     assert len(plans.PLANS) == 2  # the inference plan (served the shifted call too) and the training one
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_window_softcap_sinks_real_sizes(dtype, causal, poison_empty):
+    """Mistral's window with left padding and GQA, Gemma 2's softcap, gpt-oss' sinks on a windowed layer, each at
+    real sizes and head dims, forward and (softcap, sinks) backward against float64."""
+    from flashpatch.reference import reference_attention
+
+    batch, seq = 2, 1500
+    q, k, v = random_qkv(batch, 16, 4, seq, seq, 128, dtype, "cuda")
+    lengths = torch.tensor([seq, 977], device="cuda")
+    mask = torch.arange(seq, device="cuda")[None] >= seq - lengths[:, None]
+    sinks = torch.randn(16, device="cuda") * 2
+    for kw in (dict(key_padding_mask=mask, window=(511, 0)), dict(softcap=50.0), dict(window=(127, 0), sinks=sinks)):
+        kw["causal"] = causal
+        assert_fa2_rule(flashpatch.attention(q, k, v, **kw), q, k, v, **kw)
+    q, k, v = random_qkv(1, 8, 2, 700, 700, 256, dtype, "cuda")  # Gemma 2's head dim
+    sinks = sinks[:8]
+    for kw in (dict(causal=causal, softcap=30.0, window=(255, 0)), dict(causal=causal, sinks=sinks)):
+        grad_out = torch.randn_like(q)
+        tensors = (q, k, v) + ((kw["sinks"],) if "sinks" in kw else ())
+
+        def grads(fn, tensors):
+            leaves = [t.detach().clone().requires_grad_() for t in tensors]
+            call_kw = dict(kw, sinks=leaves[3]) if "sinks" in kw else kw
+            fn(*leaves[:3], **call_kw).backward(grad_out.to(leaves[0].dtype))
+            return [t.grad.double() for t in leaves]
+
+        ours = grads(flashpatch.attention, tensors)
+        ref = grads(reference_attention, [t.double() for t in tensors])
+        same = grads(reference_attention, tensors)
+        for name, g, r, s in zip("q k v sinks".split(), ours, ref, same):
+            assert (g - r).abs().max() <= 2 * (s - r).abs().max() + 1e-2, f"d{name}"
