@@ -6,11 +6,21 @@ per call (no sync inside the timing), median of 5 timings of N calls, after a wa
 for the call's kind in place. Only public entry points are used, so the script times any checkout.
 
 Usage (GPU): python3 scripts/attention_host_time.py [--calls 2000]
+
+--python-only (any machine, GPU-free): the Python part of the decode call alone. The kernels run in Triton's
+interpreter once to make the plan, then every held plan's `run` is replaced by a stub returning a preallocated
+output, so what is timed is the adapter, validation and plan lookup (median of 7 timings of 20,000 calls). It
+reaches the plans through `flashpatch.kernels.plans.PLANS`, or `flashpatch.ops._PLANS` in older checkouts.
 """
 
 import argparse
+import os
 import statistics
+import sys
 import time
+
+if "--python-only" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"  # before Triton's language is imported
 
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -44,10 +54,40 @@ def block(preset: str, heads: int, head_dim: int, seq_q: int, seq_k: int):
     return attention, q, k, v
 
 
+def python_part_us() -> float:
+    model = build_model("gpt2", layers=1, dtype=torch.float32, device="cpu")
+    attention = next(m for m in model.modules() if type(m).__name__.endswith("Attention"))
+    q = torch.randn(1, 1, 12, 64).transpose(1, 2)
+    k, v = (torch.randn(1, 600, 12, 64).transpose(1, 2) for _ in range(2))
+    flashpatch.apply(model, fallback="error")
+    with torch.no_grad():
+        flashpatch_attention_forward(attention, q, k, v, None)  # makes the plan, in the interpreter
+        try:
+            from flashpatch.kernels.plans import PLANS
+            held = PLANS.plans.values()
+        except ImportError:
+            from flashpatch.ops import _PLANS
+            held = _PLANS.values()
+        out = torch.empty(1, 1, 12, 64)
+        for plan in held:
+            type(plan).run = lambda self, *args, **kwargs: (out, None)
+        runs = []
+        for _ in range(7):
+            start = time.perf_counter()
+            for _ in range(20000):
+                flashpatch_attention_forward(attention, q, k, v, None)
+            runs.append((time.perf_counter() - start) / 20000 * 1e6)
+    return statistics.median(runs)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--python-only", action="store_true", help="the decode call's Python part, on a CPU")
     args = parser.parse_args()
+    if args.python_only:
+        print(f"flashpatch at {flashpatch.__file__}: decode call, Python part {python_part_us():.2f} us")
+        return
     print(f"torch {torch.__version__}, flashpatch at {flashpatch.__file__}, {torch.cuda.get_device_name()}")
     print("| call | transformers sdpa us | flashpatch adapter us | ratio |\n|---|---|---|---|")
     for name, shape in (("decode, GPT-2 block, 600 keys", ("gpt2", 12, 64, 1, 600)),
