@@ -1,7 +1,7 @@
 """flashpatch: Triton flash attention for Hugging Face transformers models."""
 
 from .fp8 import attention_fp8
-from .ops import AttentionInputError, attention
+from .ops import AttentionInputError, attention, kernels_used
 
 
 def __getattr__(name):
@@ -18,5 +18,5 @@ def __getattr__(name):
 
 
 __all__ = ["AttentionInputError", "FallbackError", "PatchReport", "UnsupportedModelError", "apply", "attention",
-           "attention_fp8", "patched", "unapply"]
+           "attention_fp8", "kernels_used", "patched", "unapply"]
 __version__ = "0.1.0"

@@ -121,6 +121,13 @@ def _window_of(left: int, right: int):
     return None if left == -1 and right == -1 else (left, right)
 
 
+def kernels_used() -> list[dict]:
+    """What served this process's attention calls, one entry per kind of call (shape, dtype, causal, masks, features):
+    `kernel` ("gluon-sm90", "portable", "tma" or "decode") and `why_not_gluon`, the reason the Gluon sm90 forward
+    did not serve it (None where it did). Calls of a kind not seen yet, or after `reset_caches`, are not listed."""
+    return kernels().plans.plans_in_use()
+
+
 def reset_caches() -> None:
     """Forget what earlier calls left in memory: launch plans, tile choices, devices (for tests)."""
     kernels().plans.reset()

@@ -231,6 +231,8 @@ class DecodePlan:
     split launches where it differs from the config's (`decode_split_warps`).
     """
 
+    kernel = "decode"
+
     MAX_LENGTHS = 4096  # key lengths remembered (a dynamic cache meets a new one every step)
 
     def __init__(self, q_shape, q_stride, heads_k: int, dtype: torch.dtype, *, causal: bool, scale: float,

@@ -251,6 +251,8 @@ class ForwardPlan:
     need_lse=False (inference) neither allocates nor writes the lse, unless key splits need it to merge.
     """
 
+    kernel = "portable"
+
     def __init__(self, q_shape, q_stride, k_shape, dtype: torch.dtype, *, causal: bool, scale: float,
                  config: TileConfig, has_kpm: bool = False, has_seqused: bool = False, has_seg: bool = False,
                  num_splits: int = 1, dropout_p: float = 0.0, need_lse: bool = True, window=None,

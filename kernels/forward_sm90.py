@@ -812,30 +812,43 @@ def _l2_heads(batch_heads: int, group_size: int, seq_k: int, head_dim: int, elem
     return max(1, min(batch_heads, (1 << (fit.bit_length() - 1)) * group_size))
 
 
-def sm90_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_padding_mask=None, seqused_k=None,
-                  segment_ids=None) -> bool:
-    """Gluon present, a Hopper GPU (wgmma is sm90-only), 16-bit inputs, head dim 64/80/96/128/256,
-    descriptor-legal strides (TMA: unit inner stride, 16-byte aligned base and strides), Hq a multiple of Hkv;
-    masks as flash_attn_forward_sm90 takes them."""
-    ok = (HAS_GLUON and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
-          and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype and v.dtype == q.dtype
-          and q.dim() == 4 and k.shape == v.shape and q.shape[0] == k.shape[0] and q.shape[-1] == k.shape[-1]
-          and q.shape[-1] in SM90_HEAD_DIMS and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0
-          and all(_descriptor_legal(t) for t in (q, k, v)))
-    if not ok:
-        return False
+def sm90_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_padding_mask=None, seqused_k=None,
+                 segment_ids=None) -> str | None:
+    """Why this kernel can't serve the call, in a few words, or None when it can: Gluon present, a Hopper GPU (wgmma
+    is sm90-only), 16-bit inputs, head dim 64/80/96/128/256, descriptor-legal strides (TMA: unit inner stride,
+    16-byte aligned base and strides), Hq a multiple of Hkv; masks as flash_attn_forward_sm90 takes them."""
+    if not HAS_GLUON:
+        return "this Triton has no Gluon"
+    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
+        return "not a Hopper (sm90) GPU"
+    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtype {q.dtype} (fp16/bf16 only)"
+    if not (q.dim() == 4 and k.shape == v.shape and q.shape[0] == k.shape[0] and q.shape[-1] == k.shape[-1]
+            and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0):
+        return "shapes it does not take"
+    if q.shape[-1] not in SM90_HEAD_DIMS:
+        return f"head dim {q.shape[-1]} (takes {', '.join(map(str, SM90_HEAD_DIMS))})"
+    if not all(_descriptor_legal(t) for t in (q, k, v)):
+        return "strides a TMA descriptor can't take (inner stride 1, 16-byte aligned)"
     batch, seq_q, seq_k = q.shape[0], q.shape[2], k.shape[2]
     if key_padding_mask is not None and not (key_padding_mask.dtype == torch.bool and key_padding_mask.is_cuda
                                              and tuple(key_padding_mask.shape) == (batch, seq_k)):
-        return False
+        return "a key-padding mask other than bool [B, Sk]"
     if seqused_k is not None and not (seqused_k.dtype == torch.int32 and seqused_k.is_cuda
                                       and tuple(seqused_k.shape) == (batch, )):
-        return False
+        return "seqused_k other than int32 [B]"
     if segment_ids is not None and not (segment_ids.dtype == torch.int32 and segment_ids.is_cuda and seq_q == seq_k
                                         and tuple(segment_ids.shape) == (batch, seq_q)
                                         and segment_ids.stride(-1) == 1):
-        return False
-    return True
+        return "segment ids other than contiguous int32 [B, S] with Sq == Sk"
+    return None
+
+
+def sm90_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_padding_mask=None, seqused_k=None,
+                  segment_ids=None) -> bool:
+    """The kernel can serve this call (`sm90_refusal` says why not)."""
+    return sm90_refusal(q, k, v, key_padding_mask=key_padding_mask, seqused_k=seqused_k,
+                        segment_ids=segment_ids) is None
 
 
 def flash_attn_forward_sm90(q, k, v, *, causal: bool, scale: float, need_lse: bool = True,

@@ -18,6 +18,7 @@ import os
 import torch
 
 from .autotune import AUTOTUNER, time_ms, tune_key
+from .autotune import enabled as autotune_enabled
 from .config import (SHORT_Q_BLOCK_M, TileConfig, decode_split_warps, decode_splits, head_dim_bucket,
                      select_config, select_decode_config, tune_candidates, uses_decode_kernel)
 from .decode import DecodePlan
@@ -120,6 +121,8 @@ class TmaPlan:
     """The tensor-descriptor (TMA) kernel for plain calls; a call of the kind whose views its descriptors can't take
     (a misaligned slice) runs the pointer kernel with the same tiles."""
 
+    kernel = "tma"
+
     def __init__(self, config: TileConfig, pointer_plan: ForwardPlan, *, causal: bool, scale: float, need_lse: bool):
         self.config, self.pointer_plan = config, pointer_plan
         self.causal, self.scale, self.need_lse = causal, scale, need_lse
@@ -135,6 +138,8 @@ class TmaPlan:
 class Sm90Plan:
     """The Gluon sm90 forward (kernels/forward_sm90.py) for the calls it takes; a call of the kind whose views its
     descriptors can't take (a misaligned slice) runs the pointer kernel with the table's tiles."""
+
+    kernel = "gluon-sm90"
 
     def __init__(self, config, pointer_plan: ForwardPlan, *, causal: bool, scale: float, need_lse: bool):
         self.config, self.pointer_plan = config, pointer_plan
@@ -152,23 +157,32 @@ class Sm90Plan:
         return out.transpose(1, 2), lse
 
 
-def sm90_candidates(family, q, k, v, *, dropout_p, key_padding_mask, seqused_k, segment_ids, window=None,
-                    softcap=None, sinks=None) -> list:
-    """The Gluon sm90 forward's configs where it can serve this call (Hopper, Gluon, 16-bit, its head dims,
-    descriptor-legal views, no dropout, no sliding window, softcapping or sinks), else none. `window` as
-    `kernel_window` gives it (None: bounds nothing)."""
-    if (family != "sm90" or dropout_p or window is not None or softcap or sinks is not None
-            or os.environ.get(GLUON_SWITCH) != "1"):
+def sm90_refusal(family, q, k, v, *, dropout_p, key_padding_mask, seqused_k, segment_ids, window=None,
+                 softcap=None, sinks=None) -> str | None:
+    """Why the Gluon sm90 forward is not among this call's candidates, in a few words, or None when it is (Hopper,
+    Gluon, 16-bit, its head dims, descriptor-legal views, no dropout, sliding window, softcapping or sinks, and
+    FLASHPATCH_GLUON=1). `window` as `kernel_window` gives it (None: bounds nothing)."""
+    if family != "sm90":
+        return "not a Hopper (sm90) GPU"
+    for feature, present in (("dropout", dropout_p), ("a sliding window", window is not None),
+                             ("softcapping", softcap), ("sinks", sinks is not None)):
+        if present:
+            return f"{feature} (the portable kernels serve it)"
+    if os.environ.get(GLUON_SWITCH) != "1":
+        return f"off by default ({GLUON_SWITCH}=1 adds it)"
+    from . import forward_sm90
+
+    return forward_sm90.sm90_refusal(q, k, v, key_padding_mask=key_padding_mask, seqused_k=seqused_k,
+                                     segment_ids=segment_ids)
+
+
+def sm90_candidates(family, q, k, v, **call) -> list:
+    """The Gluon sm90 forward's configs where it can serve this call (`sm90_refusal` is None), else none."""
+    if sm90_refusal(family, q, k, v, **call) is not None:
         return []
     from . import forward_sm90
 
-    masks = {name: t for name, t in (("key_padding_mask", key_padding_mask), ("seqused_k", seqused_k),
-                                     ("segment_ids", segment_ids)) if t is not None}
-    try:
-        eligible = forward_sm90.sm90_eligible(q, k, v, **masks)
-    except TypeError:  # a call with masks, where the kernel takes none
-        eligible = False
-    return list(forward_sm90.SM90_CONFIGS.get(head_dim_bucket(q.shape[-1]), ())) if eligible else []
+    return list(forward_sm90.SM90_CONFIGS.get(head_dim_bucket(q.shape[-1]), ()))
 
 
 def make_plan(q, k, v, *, causal, scale, key_padding_mask, dropout_p, seed, seqused_k, segment_ids, need_lse, family,
@@ -184,11 +198,22 @@ def make_plan(q, k, v, *, causal, scale, key_padding_mask, dropout_p, seed, sequ
     softcap = float(softcap or 0.0)
     flags = dict(has_kpm=key_padding_mask is not None, has_seqused=seqused_k is not None)
     features = dict(window=window, softcap=softcap, has_sinks=sinks is not None)
+    call = dict(q=tuple(q.shape), keys=seq_k, kv_heads=heads_k, dtype=str(q.dtype).removeprefix("torch."),
+                causal=causal, masks=[name for name, t in (("key_padding_mask", key_padding_mask),
+                                                          ("seqused_k", seqused_k), ("segment_ids", segment_ids))
+                                      if t is not None],
+                features=[name for name, on in (("window", band is not None), ("softcap", softcap),
+                                                ("sinks", sinks is not None), ("dropout", dropout_p)) if on])
+
+    def noted(plan, why_not_gluon: str | None, **call_changes):
+        plan.call, plan.why_not_gluon = dict(call, **call_changes), why_not_gluon
+        return plan
+
     if segment_ids is None and uses_decode_kernel(seq_q, heads_q // heads_k, head_dim, dropout_p, element_size):
-        return DecodePlan(q.shape, q.stride(), heads_k, q.dtype, causal=causal, scale=scale, **flags,
+        return noted(DecodePlan(q.shape, q.stride(), heads_k, q.dtype, causal=causal, scale=scale, **flags,
                           config=select_decode_config(family, head_dim, element_size), sm_count=sm_count,
                           need_lse=need_lse, split_warps=decode_split_warps(family, head_dim, element_size),
-                          **features)
+                          **features), "few query rows: the decode kernel serves", keys="any")  # one plan as a cache grows
     plain = key_padding_mask is None and seqused_k is None and segment_ids is None and not dropout_p
     plain_scores = band is None and not softcap and sinks is None  # what the TMA and Gluon kernels compute
 
@@ -211,16 +236,31 @@ def make_plan(q, k, v, *, causal, scale, key_padding_mask, dropout_p, seed, sequ
         plan = plan_with(config)
         return time_ms(lambda: plan.run(q, k, v, key_padding_mask, seqused_k, segment_ids, seed, sinks))
 
-    if family is None or seq_q <= SHORT_Q_BLOCK_M or not q.is_cuda or element_size == 4:
-        return plan_with(select_config(family, head_dim, seq_q, element_size))
+    untuned = ("no GPU" if family is None or not q.is_cuda else "float32" if element_size == 4
+               else f"at most {SHORT_Q_BLOCK_M} query rows" if seq_q <= SHORT_Q_BLOCK_M else None)
+    if untuned:
+        return noted(plan_with(select_config(family, head_dim, seq_q, element_size)), untuned)
     candidates = [c for c in tune_candidates(family, head_dim) if (plain and plain_scores) or not c.tma]
-    candidates += sm90_candidates(family, q, k, v, dropout_p=dropout_p, key_padding_mask=key_padding_mask,
-                                  seqused_k=seqused_k, segment_ids=segment_ids, window=band, softcap=softcap,
-                                  sinks=sinks)
+    refusal = sm90_refusal(family, q, k, v, dropout_p=dropout_p, key_padding_mask=key_padding_mask,
+                           seqused_k=seqused_k, segment_ids=segment_ids, window=band, softcap=softcap, sinks=sinks)
+    if refusal is None:
+        from .forward_sm90 import SM90_CONFIGS
+
+        candidates += SM90_CONFIGS.get(head_dim_bucket(head_dim), [])
     kind = "" if plain else "-masked"
     if not plain_scores:  # a window's band, tanh or the sink change what a tile costs: tuned apart
         kind += "-window" * (band is not None) + "-softcap" * bool(softcap) + "-sinks" * (sinks is not None)
-    return plan_with(prefill_config(family, q, seq_k, causal, candidates, timed, plain, kind))
+    plan = plan_with(prefill_config(family, q, seq_k, causal, candidates, timed, plain, kind))
+    if refusal is None and plan.kernel != Sm90Plan.kernel:
+        refusal = "timed slower for this length bucket" if autotune_enabled() else "FLASHPATCH_AUTOTUNE=0"
+    return noted(plan, refusal)
+
+
+def plans_in_use() -> list[dict]:
+    """The kinds of call this process has planned: each call's shape, dtype, masks and features, the kernel that
+    serves it and, where that is not the Gluon sm90 forward, why."""
+    return [dict(plan.call, kernel=plan.kernel, why_not_gluon=plan.why_not_gluon) for plan in PLANS.plans.values()
+            if hasattr(plan, "call")]
 
 
 def prefill_config(family: str, q, seq_k: int, causal: bool, candidates: list, timed, plain: bool,

@@ -328,3 +328,16 @@ def test_window_softcap_sinks_real_sizes(dtype, causal, poison_empty):
         same = grads(reference_attention, tensors)
         for name, g, r, s in zip("q k v sinks".split(), ours, ref, same):
             assert (g - r).abs().max() <= 2 * (s - r).abs().max() + 1e-2, f"d{name}"
+
+
+def test_kernels_used_names_why_a_call_is_not_on_the_gluon_forward():
+    from flashpatch import ops
+
+    ops.reset_caches()
+    q, k, v = random_qkv(2, 8, 2, 512, 512, 128, torch.bfloat16, "cuda")
+    flashpatch.attention(q, k, v, causal=True)
+    flashpatch.attention(q, k, v, causal=True, window=(127, 0))
+    plain, windowed = flashpatch.kernels_used()
+    assert plain["kernel"] in ("portable", "tma", "gluon-sm90") and windowed["kernel"] == "portable"
+    assert (plain["why_not_gluon"] is None) == (plain["kernel"] == "gluon-sm90")
+    assert windowed["why_not_gluon"].startswith(("a sliding window", "not a Hopper"))

@@ -46,7 +46,7 @@ def test_the_gluon_forward_joins_the_candidates_only_when_switched_on(monkeypatc
     take the call); without it the portable kernels serve alone."""
     from flashpatch.kernels import forward_sm90
 
-    monkeypatch.setattr(forward_sm90, "sm90_eligible", lambda q, k, v, **masks: True)
+    monkeypatch.setattr(forward_sm90, "sm90_refusal", lambda q, k, v, **masks: None)
     if switch is None:
         monkeypatch.delenv(plans.GLUON_SWITCH, raising=False)
     else:
@@ -59,6 +59,47 @@ def test_the_gluon_forward_joins_the_candidates_only_when_switched_on(monkeypatc
                                      segment_ids=None)
     assert not plans.sm90_candidates("sm90", q, k, v, dropout_p=0.1, key_padding_mask=None, seqused_k=None,
                                      segment_ids=None)
+
+
+def test_the_gluon_refusal_names_its_reason(monkeypatch):
+    """Each reason the Gluon sm90 forward is not a candidate, in the words kernels_used() reports."""
+    from flashpatch.kernels import forward_sm90
+
+    q = k = v = torch.zeros(1, 1, 64, 128, dtype=torch.bfloat16)
+    call = dict(dropout_p=0.0, key_padding_mask=None, seqused_k=None, segment_ids=None)
+    monkeypatch.setenv(plans.GLUON_SWITCH, "1")
+    assert plans.sm90_refusal("sm80", q, k, v, **call) == "not a Hopper (sm90) GPU"
+    for change, words in ((dict(dropout_p=0.1), "dropout"), (dict(window=(63, 0)), "a sliding window"),
+                          (dict(softcap=30.0), "softcapping"), (dict(sinks=torch.zeros(1)), "sinks")):
+        assert plans.sm90_refusal("sm90", q, k, v, **dict(call, **change)).startswith(words)
+    assert plans.sm90_refusal("sm90", q, k, v, **call) in ("not a Hopper (sm90) GPU", "this Triton has no Gluon")
+    monkeypatch.setattr(forward_sm90, "sm90_refusal", lambda q, k, v, **masks: None)
+    assert plans.sm90_refusal("sm90", q, k, v, **call) is None
+    monkeypatch.delenv(plans.GLUON_SWITCH)
+    assert plans.sm90_refusal("sm90", q, k, v, **call).startswith("off by default")
+
+
+def test_kernels_used_lists_each_kind_of_call_with_its_kernel(device):
+    import flashpatch
+    from flashpatch import ops
+
+    ops.reset_caches()
+    q = torch.randn(1, 2, 40, 32, device=device)
+    k, v = (torch.randn(1, 1, 40, 32, device=device) for _ in range(2))
+    flashpatch.attention(q, k, v, causal=True)
+    flashpatch.attention(q[:, :, :1], k, v, causal=True)
+    flashpatch.attention(q, k, v, causal=False, window=(7, 7), softcap=3.0, key_padding_mask=torch.ones(
+        1, 40, dtype=torch.bool, device=device))
+    used = flashpatch.kernels_used()
+    assert [u["kernel"] for u in used] == ["portable", "decode", "portable"]
+    assert used[0] | {"why_not_gluon": None} == dict(q=(1, 2, 40, 32), keys=40, kv_heads=1, dtype="float32",
+                                                    causal=True, masks=[], features=[], kernel="portable",
+                                                    why_not_gluon=None)
+    assert used[0]["why_not_gluon"] in ("no GPU", "float32")
+    assert used[1]["keys"] == "any" and used[1]["why_not_gluon"].startswith("few query rows")
+    assert used[2]["masks"] == ["key_padding_mask"] and used[2]["features"] == ["window", "softcap"]
+    ops.reset_caches()
+    assert flashpatch.kernels_used() == []
 
 
 def test_plan_kinds_do_not_mix():
