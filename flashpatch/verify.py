@@ -14,6 +14,7 @@ import torch
 
 from .devices import model_devices, synchronize_all
 from .loading import LoadedModel
+from .ops import kernels_used
 from .patch import PatchReport, apply, patched, unapply
 from .usage import UsageError, at_least
 
@@ -72,6 +73,7 @@ class VerifyResult:
     layers_patched: int = 0
     reasons: list = field(default_factory=list)  # why flashpatch left the model as it is
     fallbacks: dict = field(default_factory=dict)  # calls that ran the model's own attention: reason -> count
+    kernels: list = field(default_factory=list)  # flashpatch.kernels_used(): the kernel per kind of call, and why
     tolerance_pct: float = 0.1
     min_top1: float | None = None
 
@@ -223,7 +225,7 @@ def run_verify(loaded: LoadedModel, tokens: list[int], text_source: str, opts: V
         generation_identical=not len(differs), first_divergence=int(differs[0]) if len(differs) else None,
         seconds_baseline=seconds["base"], seconds_patched=seconds["patched"],
         patched=report.patched, layers_patched=report.layers_patched, reasons=list(report.reasons),
-        fallbacks=dict(fallbacks), tolerance_pct=opts.tolerance_pct, min_top1=opts.min_top1,
+        fallbacks=dict(fallbacks), kernels=kernels_used(), tolerance_pct=opts.tolerance_pct, min_top1=opts.min_top1,
     )
 
 

@@ -41,6 +41,7 @@ def test_preset_passes_and_reports_json():
     assert abs(data["ppl_patched"] - data["ppl_baseline"]) / data["ppl_baseline"] < 1e-3
     assert data["generation_identical"] and data["top1_agreement"] == 1.0
     assert not data["fallbacks"] and data["patched"]
+    assert data["kernels"] and {k["kernel"] for k in data["kernels"]} <= {"portable", "decode", "tma", "gluon-sm90"}
 
 
 def test_device_map_auto_places_the_model_through_accelerate(monkeypatch):
