@@ -140,6 +140,16 @@ def _key_value_table(title: str, rows) -> Table:
     return table
 
 
+def _print_table(out: Console, header, body, title=None, caption=None):
+    """Rows of a benchmark: right-justified columns, no box, every cell escaped."""
+    table = Table(title=title, caption=caption, box=None, padding=(0, 1), pad_edge=False)
+    for h in header:
+        table.add_column(h, justify="right", overflow="fold")
+    for cells in body:
+        table.add_row(*(escape(c) for c in cells))
+    out.print(table)
+
+
 def _not_served(report, out: Console):
     """A model flashpatch leaves as it is: say why, exit 3, before any long work."""
     out.print(_key_value_table("flashpatch does not serve this model", [
@@ -295,7 +305,7 @@ class _BenchCommand(TyperCommand):
 
     def make_context(self, info_name, args, parent=None, **extra):
         if args and args[0] == "train":
-            train = typer.main.get_command(_bench_train_app)
+            train = typer.main.get_command(bench_train_app)
             return train.make_context(f"{info_name} train", list(args[1:]), parent=parent, **extra)
         return super().make_context(info_name, args, parent=parent, **extra)
 
@@ -347,7 +357,9 @@ def bench(
                 raise UsageError("--lengths, --prompts and --seed choose generation prompts; bench kernels times the "
                                  "op at --contexts")
             return _bench_kernels(contexts, head_dims, json_path, out)
-        workload = _batched_workload(contexts, lengths, prompts, seed, plot_path) if batched else None
+        from flashpatch.bench.batched import batched_workload
+
+        workload = batched_workload(contexts, lengths, prompts, seed, plot_path) if batched else None
         if seed is not None and not batched:
             raise UsageError(f"--seed {seed}: it seeds the batches of --lengths or --prompts; --contexts runs draw "
                              "nothing")
@@ -367,7 +379,9 @@ def bench(
         new_tokens = new_tokens or (128 if on_gpu else 8)
         if not batched:
             context_list = int_list("--contexts", contexts or ("512,1024,2048,4096,8192,16384" if on_gpu else "32,64"))
-        from flashpatch.bench.generate import attention_names, bench_generation, markdown, plot, terminal_table
+        from flashpatch.bench.generate import (attention_names, bench_generation, markdown, plot, positions_needed,
+                                               terminal_table)
+        from flashpatch.bench.switch import any_not_served
 
         baseline_list = tuple(name_list("--baselines", baselines, attention_names()))
         if batched:
@@ -380,8 +394,7 @@ def bench(
 
         with out.status(f"building {model}"):
             loaded_model = load_model(model, dtype=DTYPES[dtype], device=device, layers=layers, device_map=device_map,
-                                      # cold repeats may run past the context (_LengthSource)
-                                      max_positions=max(context_list) + (repeats + 2) * (new_tokens + 1)).model
+                                      max_positions=positions_needed(context_list, repeats, new_tokens)).model
     report = serving_report(loaded_model)
     if not report.patched:
         _not_served(report, out)
@@ -398,88 +411,41 @@ def bench(
         rows = bench_generation(loaded_model, contexts=context_list, new_tokens=new_tokens, batch=batch,
                                 baselines=baseline_list, repeats=repeats, regimes=regime_list, cache=cache,
                                 progress=update, on_context=lambda so_far: save(so_far, partial=True))
-    header, body = terminal_table(rows, baseline_list)
-    table = Table(title=f"flashpatch bench: {model}, {dtype}, batch {batch}, {new_tokens} new tokens, {cache} cache",
-                  caption="cold = unseen prompt lengths, warm = the same call repeated; x = flashpatch's speedup "
-                          "over the row (median of per-repeat ratios); decode in tokens/s",
-                  box=None, padding=(0, 1), pad_edge=False)
-    for h in header:
-        table.add_column(h, justify="right", overflow="fold")
-    for cells_text in body:
-        table.add_row(*(escape(c) for c in cells_text))
-    out.print(table)
+    _print_table(out, *terminal_table(rows, baseline_list),
+                 title=f"flashpatch bench: {model}, {dtype}, batch {batch}, {new_tokens} new tokens, {cache} cache",
+                 caption="cold = unseen prompt lengths, warm = the same call repeated; x = flashpatch's speedup "
+                         "over the row (median of per-repeat ratios); decode in tokens/s")
     save(rows)
     if plot_path:
         plot(rows, plot_path, f"{model} ({dtype}, batch {batch}, {new_tokens} new tokens, {cache} cache)")
-    if any(r.impl == "flashpatch" and (r.error or "").startswith("not served") for r in rows):
+    if any_not_served(rows):
         out.print("[yellow]NOT SERVED: some flashpatch cells would have run the model's own attention; they were "
                   "not timed.[/yellow]")
         raise typer.Exit(EXIT_CODES["NOT SERVED"])
 
 
-def _batched_workload(contexts, lengths, prompts, seed, plot_path) -> dict:
-    """The checked choice of batched prompts: {'lengths': (lo, hi)} or {'prompts': path, 'lines': [...]}, and the
-    seed."""
-    from flashpatch.usage import length_range, text_lines  # nothing that imports Triton: _choose_device comes later
-
-    if lengths is not None and prompts is not None:
-        raise UsageError("--lengths and --prompts each choose the prompts: give one of them")
-    flag = "--lengths" if lengths is not None else "--prompts"
-    if contexts is not None:
-        raise UsageError(f"--contexts and {flag}: --contexts runs prompts of one length each, {flag} batches of "
-                         "mixed lengths; give one of them")
-    if plot_path:
-        raise UsageError(f"--plot draws tokens/s by context: use it with --contexts, not {flag}")
-    at_least("--seed", seed, 0)
-    workload = {"seed": 0 if seed is None else seed}
-    if lengths is not None:
-        workload["lengths"] = length_range("--lengths", lengths)
-    else:
-        workload["prompts"], workload["lines"] = prompts, text_lines("--prompts", prompts)
-    return workload
-
-
-def _bench_batched(spec: str, workload: dict, out: Console, *, new_tokens, batch, dtype, device, baselines, repeats,
+def _bench_batched(spec: str, workload, out: Console, *, new_tokens, batch, dtype, device, baselines, repeats,
                    regimes, cache, layers, device_map, json_path):
     """`bench MODEL --lengths LO-HI | --prompts FILE`: batches of mixed-length, left-padded prompts."""
-    from flashpatch.bench.generate import (FilePrompts, UniformLengths, batch_markdown, batch_table,
-                                           bench_batched_generation, plan_batches)
-    from flashpatch.loading import DTYPES, PRESET_CONFIGS, load_model
+    from flashpatch.bench.batched import batch_plan, plan_lines
+    from flashpatch.bench.generate import batch_markdown, batch_table, bench_batched_generation
+    from flashpatch.bench.switch import any_not_served
+    from flashpatch.loading import DTYPES, load_model
     from flashpatch.verify import EXIT_CODES, serving_report
 
     with _usage_errors():
-        if "lengths" in workload:
-            longest = workload["lengths"][1]
-        else:  # a preset's tokenizer is its UTF-8 byte codec; other models' prompts are checked once tokenized
-            longest = max(len(line.encode("utf-8")) for line in workload["lines"])
         _start(device, out, "speed on a CPU says nothing about flash kernels: this run exercises the benchmark")
         with out.status(f"building {spec}"):
             loaded = load_model(spec, dtype=DTYPES[dtype], device=device, layers=layers, device_map=device_map,
-                                max_positions=longest + new_tokens + 1)
-        model = loaded.model
-        vocab = model.config.vocab_size
-        if "lengths" in workload:
-            source = UniformLengths(*workload["lengths"], vocab)
-        else:
-            source = FilePrompts(workload["prompts"], [loaded.encode(line) for line in workload["lines"]])
-            if not source.prompts:
-                raise UsageError(f"--prompts {workload['prompts']}: every prompt tokenizes to nothing")
-        limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-        if spec not in PRESET_CONFIGS and limit and source.bounds()[1] + new_tokens > limit:
-            raise UsageError(f"the longest prompt ({source.bounds()[1]} tokens) plus --new-tokens {new_tokens} passes "
-                             f"the model's {limit} positions; shorten the prompts or lower --new-tokens")
-        plan = plan_batches(source, batch=batch, new_tokens=new_tokens, repeats=repeats, regimes=regimes,
-                            seed=workload["seed"], vocab=vocab, device=next(model.parameters()).device)
-    report = serving_report(model)
+                                max_positions=workload.longest() + new_tokens + 1)
+        plan = batch_plan(spec, loaded, workload, batch=batch, new_tokens=new_tokens, repeats=repeats,
+                          regimes=regimes)
+    report = serving_report(loaded.model)
     if not report.patched:
         _not_served(report, out)
         raise typer.Exit(EXIT_CODES["NOT SERVED"])
-    out.print(f"prompts: {plan.workload}; seed {plan.seed}; batches of {batch}, left-padded", highlight=False)
-    for i, b in enumerate(plan.cold, 1):
-        seen = "" if plan.cold_unseen[i - 1] else "; no unseen length was left"
-        out.print(f"  cold {i}: {' '.join(map(str, b.lengths))} (padded to {b.padded}{seen})", highlight=False)
-    if plan.warm is not None:
-        out.print(f"  warm: {' '.join(map(str, plan.warm.lengths))} (padded to {plan.warm.padded})", highlight=False)
+    for line in plan_lines(plan):
+        out.print(line, highlight=False)
     cells = len(regimes) * (len(baselines) + 1)
 
     def save(rows, agreement=None, partial=False):  # after every regime too: a long run may be cut off
@@ -489,52 +455,37 @@ def _bench_batched(spec: str, workload: dict, out: Console, *, new_tokens, batch
                          "agreement": agreement, "markdown": batch_markdown(rows, baselines)}, json_path)
 
     with _progress(f"bench {spec}: {cells} cells", cells, out) as update:
-        rows, agreement = bench_batched_generation(model, plan, new_tokens=new_tokens, baselines=baselines,
+        rows, agreement = bench_batched_generation(loaded.model, plan, new_tokens=new_tokens, baselines=baselines,
                                                    regimes=regimes, cache=cache, progress=update,
                                                    on_regime=lambda so_far: save(so_far, partial=True))
-    header, body = batch_table(rows, baselines)
-    table = Table(title=f"flashpatch bench: {spec}, {dtype}, batches of {batch} mixed-length prompts, {new_tokens} "
-                        f"new tokens, {cache} cache",
-                  caption="cold = fresh batches of unseen padded lengths, warm = one batch repeated; tok/s = real "
-                          "new tokens per second; x = flashpatch's speedup over the row (median of per-run ratios); "
-                          "prefill (real prompt tokens) and decode in tokens/s",
-                  box=None, padding=(0, 1), pad_edge=False)
-    for h in header:
-        table.add_column(h, justify="right", overflow="fold")
-    for cells_text in body:
-        table.add_row(*(escape(c) for c in cells_text))
-    out.print(table)
+    _print_table(out, *batch_table(rows, baselines),
+                 title=f"flashpatch bench: {spec}, {dtype}, batches of {batch} mixed-length prompts, {new_tokens} "
+                       f"new tokens, {cache} cache",
+                 caption="cold = fresh batches of unseen padded lengths, warm = one batch repeated; tok/s = real "
+                         "new tokens per second; x = flashpatch's speedup over the row (median of per-run ratios); "
+                         "prefill (real prompt tokens) and decode in tokens/s")
     _print_agreement(agreement, plan, out)
     save(rows, agreement)
-    if any(r.impl == "flashpatch" and (r.error or "").startswith("not served") for r in rows):
+    if any_not_served(rows):
         out.print("[yellow]NOT SERVED: some flashpatch cells would have run the model's own attention; they were "
                   "not timed.[/yellow]")
         raise typer.Exit(EXIT_CODES["NOT SERVED"])
 
 
 def _print_agreement(agreement: dict, plan, out: Console):
-    if agreement.get("reference") is None or "error" in agreement:
-        out.print(f"teacher-forced agreement: {escape(agreement.get('error') or agreement.get('reason', '-'))}",
-                  highlight=False)
-        return
-    which, ref = "warm" if plan.warm is not None else "last cold", agreement["reference"]
-    out.print(f"teacher-forced agreement with {ref}: the {which} batch's prompts + {ref}'s {agreement['new_tokens']} "
-              f"greedy tokens through each forward, logits at {agreement['positions']} real positions", highlight=False)
-    table = Table(box=None, padding=(0, 1), pad_edge=False)
-    for h in ("impl", "max |logit diff|", "top-1 agreement"):
-        table.add_column(h, justify="right", overflow="fold")
-    for impl, stats in agreement["impls"].items():
-        if "error" in stats:
-            table.add_row(impl, escape(stats["error"]), "-")
-        else:
-            table.add_row(impl, f"{stats['max_abs_logit_diff']:.3g}", f"{stats['top1_agreement']:.4%}")
-    out.print(table)
+    """The teacher-forced agreement: its summary line and, when implementations were compared, their table."""
+    from flashpatch.bench.batched import agreement_summary, agreement_table
+
+    out.print(escape(agreement_summary(agreement, plan)), highlight=False)
+    table = agreement_table(agreement)
+    if table is not None:
+        _print_table(out, *table)
 
 
-_bench_train_app = typer.Typer(add_completion=False)
+bench_train_app = typer.Typer(add_completion=False)
 
 
-@_bench_train_app.command(epilog=BENCH_EXIT_HELP)
+@bench_train_app.command(epilog=BENCH_EXIT_HELP)
 def bench_train(
     model: str = typer.Argument(None, help="As in bench: a preset (tiny-llama, llama2-7b, llama3-8b, mistral-7b, "
                                            "qwen2.5-7b, gpt2, gptj-6b, pythia-1.4b, neox-20b: random weights from real "
@@ -580,8 +531,9 @@ def bench_train(
         steps = steps or (3 if on_gpu else 1)
         model = model or ("llama2-7b" if on_gpu else "tiny-llama")
         from flashpatch.bench.generate import attention_names
+        from flashpatch.bench.switch import any_not_served
         from flashpatch.bench.train import (bench_layouts, draw_lengths, layout_markdown, layout_table,
-                                            loss_agreement, random_sequences)
+                                            loss_agreement, loss_agreement_lines, random_sequences)
 
         baseline_list = tuple(name_list("--baselines", baselines, attention_names()))
         _start(device, out, "speed on a CPU says nothing about flash kernels: this run exercises the benchmark")
@@ -607,28 +559,20 @@ def bench_train(
     with _progress(f"bench train {model}: {cells} cells", cells, out) as update:
         rows = bench_layouts(loaded_model, sequences, layouts=layout_list, baselines=baseline_list, steps=steps,
                              seed=seed, progress=update)
-    header, body = layout_table(rows, baseline_list)
-    table = Table(title=f"flashpatch bench train: {model}, {dtype}, {len(sequences)} sequences, {tokens} tokens a "
-                        f"step, AdamW, {steps} timed step{'' if steps == 1 else 's'}",
-                  caption="tok/s = real (non-pad) tokens per second of forward + backward + optimizer step; x = "
-                          "flashpatch's speedup over the row; loss = the first step's, every implementation from "
-                          "the same weights",
-                  box=None, padding=(0, 1), pad_edge=False)
-    for h in header:
-        table.add_column(h, justify="right", overflow="fold")
-    for cells_text in body:
-        table.add_row(*(escape(c) for c in cells_text))
-    out.print(table)
+    _print_table(out, *layout_table(rows, baseline_list),
+                 title=f"flashpatch bench train: {model}, {dtype}, {len(sequences)} sequences, {tokens} tokens a "
+                       f"step, AdamW, {steps} timed step{'' if steps == 1 else 's'}",
+                 caption="tok/s = real (non-pad) tokens per second of forward + backward + optimizer step; x = "
+                         "flashpatch's speedup over the row; loss = the first step's, every implementation from "
+                         "the same weights")
     agreement = loss_agreement(rows, baseline_list[0] if baseline_list else None)
-    for layout, entry in agreement.items():
-        if entry["rel_diff"]:
-            diffs = ", ".join(f"{impl} {diff:.2g}" for impl, diff in entry["rel_diff"].items())
-            out.print(f"{layout} loss, relative difference from {entry['reference']}: {diffs}", highlight=False)
+    for line in loss_agreement_lines(agreement):
+        out.print(line, highlight=False)
     _write_json({"model": model, "dtype": dtype, "tokens": tokens, "lengths": [low, high], "seed": seed,
                  "sequence_lengths": sequence_lengths, "steps": steps, "layouts": layout_list,
                  "rows": [r.to_dict() for r in rows], "loss_agreement": agreement,
                  "markdown": layout_markdown(rows, baseline_list)}, json_path)
-    if any(r.impl == "flashpatch" and (r.error or "").startswith("not served") for r in rows):
+    if any_not_served(rows):
         out.print("[yellow]NOT SERVED: some flashpatch cells would have run the model's own attention.[/yellow]")
         raise typer.Exit(EXIT_CODES["NOT SERVED"])
 

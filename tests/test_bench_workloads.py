@@ -263,9 +263,9 @@ def test_length_range():
 def test_bench_train_options_have_help_and_its_usage_names_it():
     import typer.main
 
-    from flashpatch.cli.main import _bench_train_app
+    from flashpatch.cli.main import bench_train_app
 
-    command = typer.main.get_command(_bench_train_app)
+    command = typer.main.get_command(bench_train_app)
     for param in command.params:
         assert getattr(param, "help", None), f"flashpatch bench train {param.name} has no help text"
     result = runner.invoke(app, ["bench", "train", "--help"])

@@ -39,7 +39,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..devices import max_memory_allocated_all, memory_allocated_all, reset_peak_memory_all, synchronize_all
-from .switch import implementation_switcher
+from .switch import failure_line, implementation_switcher
 
 
 @dataclass
@@ -59,18 +59,6 @@ class GenRow:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _failure(exc: Exception) -> str:
-    """A failed cell's one line: OOM, a flashpatch call that would have run the original attention (the cell is
-    not timed then), or the exception."""
-    from ..adapter import FallbackError
-
-    if isinstance(exc, torch.OutOfMemoryError):
-        return "OOM"
-    if isinstance(exc, FallbackError):
-        return f"not served: {str(exc).split(': ', 1)[-1]}"[:160]
-    return f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
 
 
 class _StepClock(LogitsProcessor):
@@ -158,7 +146,7 @@ class _Cell:
         except Exception as exc:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            self.error = _failure(exc)
+            self.error = failure_line(exc)
             return
         if device.type == "cuda":
             self.peak = max(self.peak or 0.0, (max_memory_allocated_all() - base) / 2**20)
@@ -212,6 +200,12 @@ def _context_warmup(model, context, new_tokens, batch, vocab, device, cache, len
     lengths.mark(length, span=1)
     _generate_once(model, torch.randint(0, vocab, (batch, length), device=device), 1, cache_kwargs)
     return time.perf_counter() - start
+
+
+def positions_needed(contexts, repeats: int, new_tokens: int) -> int:
+    """The positions a model needs for `bench_generation` at these contexts: cold repeats may run past the longest
+    context (`_LengthSource` takes a free length above it when none is left below)."""
+    return max(contexts) + (repeats + 2) * (new_tokens + 1)
 
 
 def bench_generation(model, *, contexts, new_tokens=128, batch=1, baselines=("eager", "sdpa"), repeats=2,
@@ -521,7 +515,7 @@ def teacher_forced_agreement(model, switch, impls, batch: PromptBatch, new_token
             tokens = model.generate(batch.ids, attention_mask=batch.mask, max_new_tokens=new_tokens,
                                     min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     except Exception as exc:
-        return {**result, "error": f"{reference} generation: {_failure(exc)}"}
+        return {**result, "error": f"{reference} generation: {failure_line(exc)}"}
     mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1]).expand(-1, tokens.shape[1] - batch.padded)],
                      dim=1)
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
@@ -542,7 +536,7 @@ def teacher_forced_agreement(model, switch, impls, batch: PromptBatch, new_token
         try:
             ref = logits(rows, real)
         except Exception as exc:
-            return {**result, "error": f"{reference} forward: {_failure(exc)}"}
+            return {**result, "error": f"{reference} forward: {failure_line(exc)}"}
         ref_top, counted = ref.argmax(-1), counted + ref.shape[0]
         for impl in others:
             if impl in errors:
@@ -551,7 +545,7 @@ def teacher_forced_agreement(model, switch, impls, batch: PromptBatch, new_token
             try:
                 mine = logits(rows, real)
             except Exception as exc:
-                errors[impl] = _failure(exc)
+                errors[impl] = failure_line(exc)
                 continue
             stats[impl]["max_abs_logit_diff"] = max(stats[impl]["max_abs_logit_diff"],
                                                     (mine - ref).abs().max().item())

@@ -1,8 +1,11 @@
-"""Putting one model on each implementation in turn, for benchmarks that compare them call by call."""
+"""Putting one model on each implementation in turn, for benchmarks that compare them call by call; a failed
+cell's one line, and whether a flashpatch cell was not served."""
 
 from __future__ import annotations
 
 import contextlib
+
+import torch
 
 from ..patch import apply, unapply
 
@@ -50,3 +53,20 @@ def each_implementation(model, baselines):
                 continue
             switch(name)
             yield name, None
+
+
+def failure_line(exc: Exception) -> str:
+    """A failed cell's one line: OOM, a flashpatch call that would have run the original attention (the cell is
+    not timed then), or the exception."""
+    from ..adapter import FallbackError
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return "OOM"
+    if isinstance(exc, FallbackError):
+        return f"not served: {str(exc).split(': ', 1)[-1]}"[:160]
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+
+
+def any_not_served(rows) -> bool:
+    """Whether a flashpatch row failed as not served: it would have run the model's own attention."""
+    return any(r.impl == "flashpatch" and (r.error or "").startswith("not served") for r in rows)

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .switch import each_implementation
+from .switch import each_implementation, failure_line
 
 LAYOUTS = ("padded", "packed")
 
@@ -51,12 +51,6 @@ def _step(model, optimizer, ids, labels=None, **inputs):
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss
-
-
-def _failure(exc: Exception) -> str:
-    from .generate import _failure as one_line
-
-    return one_line(exc)
 
 
 def _run_steps(model, inputs: dict, steps: int, device) -> tuple[list[float], list[float], float | None]:
@@ -93,7 +87,7 @@ def _cell(model, impl, batch, context, steps, device) -> TrainRow:
     try:
         times, _, peak = _run_steps(model, {"input_ids": ids}, steps, device)
     except Exception as exc:  # OOM or any failure of one shape: record it, go on
-        return TrainRow(impl, batch, context, error=_failure(exc))
+        return TrainRow(impl, batch, context, error=failure_line(exc))
     step = statistics.median(times)
     return TrainRow(impl, batch, context, batch / step, step * 1e3, peak)
 
@@ -165,7 +159,7 @@ def _layout_cell(model, impl, layout, sequences, steps, device, snapshot, seed) 
     try:
         times, losses, peak = _run_steps(model, inputs, steps, device)
     except Exception as exc:  # OOM or any failure of one cell: record it, go on
-        return TrainRow(impl, batch, context, error=_failure(exc), **common)
+        return TrainRow(impl, batch, context, error=failure_line(exc), **common)
     step = statistics.median(times)
     return TrainRow(impl, batch, context, batch / step, step * 1e3, peak, tokens_per_s=tokens / step,
                     loss=losses[0], losses=losses, **common)
@@ -202,6 +196,14 @@ def loss_agreement(rows: list[TrainRow], reference: str | None = None) -> dict:
                        "rel_diff": {impl: abs(loss - losses[ref]) / max(abs(losses[ref]), 1e-12)
                                     for impl, loss in losses.items() if impl != ref} if ref else {}}
     return out
+
+
+def loss_agreement_lines(agreement: dict) -> list[str]:
+    """A line per layout of `loss_agreement` that compared implementations: each one's relative difference from
+    the reference's loss."""
+    return [f"{layout} loss, relative difference from {entry['reference']}: "
+            + ", ".join(f"{impl} {diff:.2g}" for impl, diff in entry["rel_diff"].items())
+            for layout, entry in agreement.items() if entry["rel_diff"]]
 
 
 def layout_table(rows: list[TrainRow], baselines) -> tuple[list[str], list[list[str]]]:
