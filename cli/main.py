@@ -16,6 +16,7 @@ from rich.table import Table
 from typer.core import TyperCommand
 
 from flashpatch import __version__
+from flashpatch.presets import PRESET_CONFIGS
 from flashpatch.usage import UsageError, at_least, device_name, int_list, name_list, need_module, output_file
 
 app = typer.Typer(help="Flash attention for Hugging Face transformers models.", no_args_is_help=True,
@@ -23,9 +24,9 @@ app = typer.Typer(help="Flash attention for Hugging Face transformers models.", 
 console = Console()
 err_console = Console(stderr=True)
 
-MODEL_HELP = ("A preset (tiny-llama, llama2-7b, llama3-8b, mistral-7b, qwen2.5-7b, gpt2, gptj-6b, pythia-1.4b, "
-              "neox-20b: random weights from real configs), 'smollm2' (real weights, offline), a .gguf file, a local "
-              "folder or a hub id (owner/name).")
+PRESETS = ", ".join(PRESET_CONFIGS)
+MODEL_HELP = (f"A preset ({PRESETS}: random weights from real configs), 'smollm2' (real weights, offline), a .gguf "
+              "file, a local folder or a hub id (owner/name).")
 EXIT_HELP = "Exit 0 PASS, 1 FAIL (a parity criterion missed), 2 bad usage, 3 NOT SERVED (flashpatch left the model "
 EXIT_HELP += "as it is, or some of its attention calls ran the model's own attention)."
 
@@ -312,7 +313,7 @@ class _BenchCommand(TyperCommand):
 
 @app.command(cls=_BenchCommand, epilog=BENCH_EXIT_HELP)
 def bench(
-    model: str = typer.Argument(None, help="As in verify (presets also llama3-8b, mistral-7b, qwen2.5-7b), or "
+    model: str = typer.Argument(None, help="As in verify, or "
                                            "'kernels' to benchmark the op itself. Default: the llama2-7b preset on a "
                                            "GPU, tiny-llama without one. `flashpatch bench train --help`: "
                                            "fine-tuning steps."),
@@ -487,8 +488,7 @@ bench_train_app = typer.Typer(add_completion=False)
 
 @bench_train_app.command(epilog=BENCH_EXIT_HELP)
 def bench_train(
-    model: str = typer.Argument(None, help="As in bench: a preset (tiny-llama, llama2-7b, llama3-8b, mistral-7b, "
-                                           "qwen2.5-7b, gpt2, gptj-6b, pythia-1.4b, neox-20b: random weights from real "
+    model: str = typer.Argument(None, help=f"As in bench: a preset ({PRESETS}: random weights from real "
                                            "configs), 'smollm2', a .gguf file, a local folder or a hub id. Default: "
                                            "llama2-7b on a GPU, tiny-llama without one."),
     tokens: int = typer.Option(None, "--tokens", help="Real (non-pad) tokens per step, >= 2 (GPU 16384, CPU 256)."),

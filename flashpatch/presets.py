@@ -43,6 +43,24 @@ PRESET_CONFIGS: dict[str, tuple[str, dict]] = {
                                  max_position_embeddings=131072, rope_theta=1000000.0, rms_norm_eps=1e-6,
                                  use_sliding_window=False, sliding_window=None, max_window_layers=28,
                                  tie_word_embeddings=False)),
+    # mistralai/Mistral-7B-v0.1: every layer slides a 4096-token window
+    "mistral-7b-v0.1": ("mistral", dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                                        num_key_value_heads=8, num_hidden_layers=32, vocab_size=32000,
+                                        max_position_embeddings=32768, rope_theta=10000.0, rms_norm_eps=1e-5,
+                                        sliding_window=4096, tie_word_embeddings=False)),
+    # google/gemma-2-9b: head dim 256, scores softcapped at 50, local (4096 window) and global layers alternating,
+    # queries scaled by 256 ** -0.5 (query_pre_attn_scalar); transformers runs it eager (sdpa has no softcap)
+    "gemma2-9b": ("gemma2", dict(hidden_size=3584, intermediate_size=14336, num_attention_heads=16,
+                                 num_key_value_heads=8, head_dim=256, num_hidden_layers=42, vocab_size=256000,
+                                 max_position_embeddings=8192, rms_norm_eps=1e-6, attn_logit_softcapping=50.0,
+                                 final_logit_softcapping=30.0, query_pre_attn_scalar=256, sliding_window=4096)),
+    # openai/gpt-oss-20b: 64/8 heads of 64, a sink logit per head, 128-token windows on every other layer,
+    # 32 experts (4 per token)
+    "gpt-oss-20b": ("gpt_oss", dict(hidden_size=2880, intermediate_size=2880, num_attention_heads=64,
+                                    num_key_value_heads=8, head_dim=64, num_hidden_layers=24, num_local_experts=32,
+                                    num_experts_per_tok=4, vocab_size=201088, sliding_window=128,
+                                    max_position_embeddings=131072, rms_norm_eps=1e-5, attention_bias=True,
+                                    tie_word_embeddings=False)),
 }
 
 # Config keys of width: (hidden, intermediate or None, query heads, KV heads or None).

@@ -179,3 +179,35 @@ def test_still_refused_by_name():
         warnings.simplefilter("ignore")
         report = flashpatch.apply(model)
     assert not report.patched and any("ALiBi" in r for r in report.reasons)
+
+
+@pytest.mark.parametrize("name,features,real", [
+    ("mistral-7b-v0.1", {"sliding_window": 2}, dict(num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                                                    sliding_window=4096, num_hidden_layers=32)),
+    ("gemma2-9b", {"sliding_window": 1, "softcap": 2},
+     dict(num_attention_heads=16, num_key_value_heads=8, head_dim=256, sliding_window=4096, num_hidden_layers=42,
+          attn_logit_softcapping=50.0, query_pre_attn_scalar=256)),
+    ("gpt-oss-20b", {"sliding_window": 1, "sinks": 2},
+     dict(num_attention_heads=64, num_key_value_heads=8, head_dim=64, sliding_window=128, num_hidden_layers=24,
+          num_local_experts=32)),
+])
+def test_feature_presets_carry_their_configs_and_are_served(name, features, real):
+    """The presets of the models that need windows, softcap and sinks: their checkpoints' attention config; two
+    blocks at a fraction of the width (head dims kept) are served with every feature and match the model's own
+    attention on a left-padded batch, windows shorter than the prompt included."""
+    from flashpatch.presets import build_model, preset
+
+    config = preset(name).config()
+    assert {key: getattr(config, key) for key in real} == real
+    window = 6  # shorter than the 24-token prompts, so the band is exercised
+    model = build_model(name, layers=2, scale=8, vocab_size=256, dtype=torch.float32, device=DEVICE,
+                        sliding_window=window, **({"num_local_experts": 4} if name == "gpt-oss-20b" else {}))
+    assert model.config.head_dim == real["head_dim"]
+    ids = torch.randint(0, 256, (2, 24), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    expected = logits(model, ids, mask)
+    with flashpatch.patched(model, fallback="error") as report:
+        assert report.patched and report.features == features, (report.reasons, report.features)
+        got = logits(model, ids, mask)
+    assert torch.allclose(got[mask.bool()], expected[mask.bool()], atol=1e-4, rtol=1e-4)
