@@ -242,11 +242,9 @@ def verify(
             loaded = load_model(model, dtype=DTYPES[dtype], device=device, layers=layers,
                                 trust_remote_code=trust_remote_code, device_map=device_map)
         tokens = text_tokens(loaded, text_data, opts)
-    config = loaded.model.config
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if limit and opts.context > limit:
-        out.print(f"[yellow]--context {opts.context} is past the model's {limit} positions: using {limit}.[/yellow]")
-        opts.context, opts.stride = limit, min(opts.stride, limit)
+    shortened = opts.fit_positions(loaded.model.config)
+    if shortened:
+        out.print(f"[yellow]{shortened}[/yellow]")
     report = serving_report(loaded.model)
     if not report.patched:
         _not_served(report, out)

@@ -45,6 +45,15 @@ class VerifyOptions:
         if self.min_top1 is not None and not 0 <= self.min_top1 <= 1:
             raise UsageError(f"--min-top1 {self.min_top1}: a fraction from 0 to 1 (0.98 = 98 %)")
 
+    def fit_positions(self, config) -> str | None:
+        """Shorten the windows to the model's positions where they are longer; what changed, or None."""
+        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        if not limit or self.context <= limit:
+            return None
+        message = f"--context {self.context} is past the model's {limit} positions: using {limit}."
+        self.context, self.stride = limit, min(self.stride, limit)
+        return message
+
 
 @dataclass
 class VerifyResult:

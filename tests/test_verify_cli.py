@@ -131,3 +131,14 @@ def test_cli_in_a_fresh_process_runs_the_kernels_on_cpu():
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     data = json.loads(res.stdout[res.stdout.index("{"):])
     assert data["verdict"] == "PASS" and data["kernel_path"] == "triton-interpreter"
+
+
+def test_windows_longer_than_the_models_positions_are_shortened():
+    from types import SimpleNamespace
+
+    from flashpatch.verify import VerifyOptions
+
+    opts = VerifyOptions(context=2048, stride=1024)
+    assert opts.fit_positions(SimpleNamespace(n_positions=4096)) is None and opts.context == 2048
+    assert "using 1024" in opts.fit_positions(SimpleNamespace(max_position_embeddings=1024))
+    assert (opts.context, opts.stride) == (1024, 1024)
