@@ -95,6 +95,7 @@ _KEY_ROWS = tl.constexpr(KEY_ROWS)
 SM90_BWD_HEAD_DIMS = (64, 80, 96, 128)
 KERNEL_HEAD_DIM = {64: 64, 80: 128, 96: 128, 128: 128}
 SHARED_MEMORY_LIMIT = 232448  # bytes of shared memory one H100/H200 block may use (227 KB)
+DQ_SCHEMES = ("block", "wg")
 DQ_WRITES = ("tma", "atomic")
 
 
@@ -103,7 +104,8 @@ class Sm90BwdConfig:
     block_m: int  # query rows per step (the N of S^T, the K of dV += P^T dO and dK += dS^T Q)
     num_stages: int  # Q/dO (and lse/delta) buffers in the ring
     num_consumers: int = 2  # consumer warpgroups; keys per program = 64 * num_consumers
-    dq_write: str = "tma"  # how a dQ share reaches dQaccum: see DQ_WRITES and the module docstring
+    dq: str = "block"  # which dQ share a consumer adds to dQaccum: see DQ_SCHEMES and the module docstring
+    dq_write: str = "tma"  # how it gets there: see DQ_WRITES and the module docstring
     consumer_regs: int = 240  # per thread, for the consumer warpgroups
     producer_regs: int = 24  # per thread, for the producer warp (and its warpgroup's padding)
 
@@ -111,32 +113,43 @@ class Sm90BwdConfig:
     def block_n(self) -> int:
         return KEY_ROWS * self.num_consumers
 
+    def dq_width(self, head_dim: int) -> int:
+        """Columns of the dQ share a consumer adds at once."""
+        width = KERNEL_HEAD_DIM.get(head_dim, head_dim)
+        return width // 2 if self.dq == "block" else width
+
     def shared_bytes(self, head_dim: int, element_size: int = 2) -> int:
         """K and V tiles, the Q/dO ring, dS^T tiles and (TMA dQ) float32 dQ tiles; lse/delta and barriers add a
         few hundred bytes."""
         width = KERNEL_HEAD_DIM.get(head_dim, head_dim)
         tiles = (2 * self.block_n + 2 * self.num_stages * self.block_m) * width * element_size
-        tiles += self.num_consumers * KEY_ROWS * self.block_m * element_size
+        ds_tiles = 2 if self.dq == "block" else 1
+        tiles += ds_tiles * self.block_n * self.block_m * element_size
         if self.dq_write == "tma":
-            tiles += self.num_consumers * self.block_m * width * 4
+            tiles += self.num_consumers * self.block_m * self.dq_width(head_dim) * 4
         return tiles + 2 * self.num_stages * self.block_m * 4
 
     def label(self) -> str:
-        return f"m{self.block_m}n{self.block_n}s{self.num_stages}+{self.dq_write}"
+        return f"m{self.block_m}n{self.block_n}s{self.num_stages}+dq_{self.dq}_{self.dq_write}"
 
 
 # Candidates per kernel head dim, the first is the default. Registers: 65536 per SM; with two consumers the kernel
 # starts at 168 per thread for its 12 warps, the producer's warpgroup drops to 24 and the consumers rise to 240.
-# d128: dK and dV take 128 of a consumer's registers, S^T and dP^T ([64, BLOCK_M] float32) 32 each at BLOCK_M 64,
-# and the dQ share ([BLOCK_M, 128] float32) another 64 while they are dead. d64 affords BLOCK_M = 128.
+# A consumer holds dK and dV ([64, head dim] float32 each: 128 registers at d128), S^T and dP^T ([64, BLOCK_M]
+# float32, 32 each at BLOCK_M 64) and then the dQ share ([BLOCK_M, head dim / 2] with "block", the whole head dim
+# with "wg"). BLOCK_M 128 doubles S^T and dP^T and spills at either head dim. The "block" dQ splits the head dim in
+# halves of 64 columns (a 128-byte swizzle row), so it serves d128 (and 80/96) only; at d64 "wg" adds twice the
+# dQ traffic of "block" for the same work.
 SM90_BWD_CONFIGS: dict[int, list[Sm90BwdConfig]] = {
-    64: [Sm90BwdConfig(128, 2),
-         Sm90BwdConfig(64, 2),
-         Sm90BwdConfig(128, 2, dq_write="atomic"),
-         Sm90BwdConfig(64, 3)],
+    64: [Sm90BwdConfig(64, 2, dq="wg"),
+         Sm90BwdConfig(64, 3, dq="wg"),
+         Sm90BwdConfig(64, 2, dq="wg", dq_write="atomic"),
+         Sm90BwdConfig(64, 2, num_consumers=1, dq="wg")],
     128: [Sm90BwdConfig(64, 2),
+          Sm90BwdConfig(64, 2, dq="wg"),
           Sm90BwdConfig(64, 2, dq_write="atomic"),
-          Sm90BwdConfig(64, 3, dq_write="atomic")],
+          Sm90BwdConfig(64, 3, dq_write="atomic"),
+          Sm90BwdConfig(64, 2, num_consumers=1, dq="wg")],
 }
 SM90_BWD_CONFIGS[80] = SM90_BWD_CONFIGS[96] = SM90_BWD_CONFIGS[128]
 
@@ -235,11 +248,9 @@ def _bwd_producer(desc_q, desc_do, desc_k, desc_v, desc_lse, desc_delta, q_smem,
                   CAUSAL: gl.constexpr):
     b, kv_h, n_block = _program_coords(heads_k, num_n_blocks)
     n0 = n_block * (_KEY_ROWS * NUM_CONSUMERS)
-    KV_BYTES: gl.constexpr = NUM_CONSUMERS * (desc_k.block_type.nbytes + desc_v.block_type.nbytes)
-    mbarrier.expect(kv_ready, KV_BYTES)
-    for w in gl.static_range(NUM_CONSUMERS):
-        _tma_load(desc_k, [b, kv_h, n0 + w * _KEY_ROWS, 0], kv_ready, k_smem.index(w))
-        _tma_load(desc_v, [b, kv_h, n0 + w * _KEY_ROWS, 0], kv_ready, v_smem.index(w))
+    mbarrier.expect(kv_ready, desc_k.block_type.nbytes + desc_v.block_type.nbytes)
+    _tma_load(desc_k, [b, kv_h, n0, 0], kv_ready, k_smem)
+    _tma_load(desc_v, [b, kv_h, n0, 0], kv_ready, v_smem)
     m_lo, m_hi = _query_blocks(n0, seq_q, seq_k, BLOCK_M, CAUSAL)
     n_m = m_hi - m_lo
     for i in range(group_size * n_m):
@@ -261,18 +272,20 @@ def _bwd_producer(desc_q, desc_do, desc_k, desc_v, desc_lse, desc_delta, q_smem,
 # Step 4: one query block of a consumer warpgroup.
 # ---------------------------------------------------------------------------------------------------------------
 @gluon.jit
-def _bwd_step(k_tile, v_tile, q_smem, do_smem, lse_smem, delta_smem, ds_tile, dq_tile, q_ready, do_ready, qdo_empty,
-              desc_dq, dq_acc_ptr, dk, dv, i, m0, dq_row, n0w, qk_scale, seq_k, causal_offset,
-              BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-              MASKED: gl.constexpr, DQ_TMA: gl.constexpr, s_layout: gl.constexpr, kv_layout: gl.constexpr,
-              op_layout: gl.constexpr, dq_layout: gl.constexpr):
+def _bwd_step(k_smem, v_tile, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, q_ready, do_ready, qdo_empty,
+              ds_full, ds_free, desc_dq, dq_acc_ptr, dk, dv, i, m0, dq_row, n0w, qk_scale, seq_k, causal_offset,
+              WG: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
+              NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, MASKED: gl.constexpr, DQ_BLOCK: gl.constexpr,
+              DQ_TMA: gl.constexpr, s_layout: gl.constexpr, op_layout: gl.constexpr, dq_layout: gl.constexpr):
     stage = i % NUM_STAGES
     phase = (i // NUM_STAGES) & 1
+    k_block = k_smem.reshape([NUM_CONSUMERS * _KEY_ROWS, HEAD_DIM])
+    k_tile = k_block.slice(WG * _KEY_ROWS, _KEY_ROWS)
     q_tile = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
     do_tile = do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
     cols: gl.constexpr = gl.SliceLayout(0, s_layout)  # one value per query of the block
 
-    # S^T = K Q^T and dP^T = V dO^T, both in flight at once.
+    # Step 4a: S^T = K Q^T and dP^T = V dO^T, both in flight at once.
     mbarrier.wait(q_ready.index(stage), phase)
     s_t = warpgroup_mma(k_tile, q_tile.permute((1, 0)), gl.zeros([_KEY_ROWS, BLOCK_M], gl.float32, s_layout),
                         use_acc=False, is_async=True)
@@ -281,7 +294,8 @@ def _bwd_step(k_tile, v_tile, q_smem, do_smem, lse_smem, delta_smem, ds_tile, dq
                          use_acc=False, is_async=True)
     s_t, dp_t = warpgroup_mma_wait(0, deps=(s_t, dp_t))
 
-    # P^T = exp2(S^T * scale * log2(e) - lse): rows past Sq and rows that saw no key have lse = +inf, so P = 0.
+    # Step 4b: P^T = exp2(S^T * scale * log2(e) - lse); rows past Sq and rows that saw no key have lse = +inf, so
+    # P = 0 there. dS^T = P^T * (dP^T - delta).
     lse = lse_smem.index(stage).load(cols)
     p_t = gl.exp2(s_t * qk_scale - gl.expand_dims(lse, 0))
     if MASKED:  # keys past Sk (TMA read zeros: their score is 0, not -inf) and, causal, keys after the query
@@ -292,33 +306,57 @@ def _bwd_step(k_tile, v_tile, q_smem, do_smem, lse_smem, delta_smem, ds_tile, dq
         else:
             visible = keys < seq_k - n0w
         p_t = gl.where(visible, p_t, 0.0)
-    # dS^T = P^T * (dP^T - delta)
     delta = delta_smem.index(stage).load(cols)
     ds_t = (p_t * (dp_t - gl.expand_dims(delta, 0))).to(q_tile.dtype)
+
+    # Step 4c: dV += P^T dO (P^T from registers); dS^T to shared memory, where it is the A operand of
+    # dK += dS^T Q as it lies and, viewed transposed, of dQ = dS K (so dK's operand holds no registers).
     p_op = gl.convert_layout(p_t.to(q_tile.dtype), op_layout)
     dv = warpgroup_mma(p_op, do_tile, dv, is_async=True)
-
-    # dS^T goes through shared memory: the A operand of dK += dS^T Q as it is, and of this block's dQ share
-    # dS K as a transposed view. Taken from there, dK's operand holds no registers while the dQ share does.
+    if DQ_BLOCK:  # two dS^T tiles of the whole key block, each consumer writing its own 64 rows
+        buf = i % 2
+        mbarrier.wait(ds_free.index(buf), ((i // 2) & 1) ^ 1)  # both consumers' dQ of two blocks ago read it
+        ds_block = ds_smem.index(buf)
+        ds_tile = ds_block.slice(WG * _KEY_ROWS, _KEY_ROWS)
+    else:
+        ds_tile = ds_smem.index(WG)
     ds_tile.store(ds_t)
     fence_async_shared()
+    if DQ_BLOCK:
+        mbarrier.arrive(ds_full.index(buf))
     dk = warpgroup_mma(ds_tile, q_tile, dk, is_async=True)
-    # dV done (dK may still run) before the dQ share takes its registers: P^T's operand registers are free then.
+    # dV done (dK may still run) before dQ takes its registers: P^T's operand registers are free by then.
     dv, p_op = warpgroup_mma_wait(1, deps=(dv, p_op))
-    dq = warpgroup_mma(ds_tile.permute((1, 0)), k_tile, gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout),
-                       use_acc=False, is_async=True)
+
+    # Step 4d: dQ. "block": every key of the block, this consumer's half of the head dim (the other consumer's
+    # dS^T rows are waited for); "wg": this consumer's 64 keys, the whole head dim.
+    if DQ_BLOCK:
+        HALF: gl.constexpr = HEAD_DIM // 2
+        mbarrier.wait(ds_full.index(buf), (i // 2) & 1)
+        k_cols = k_block.slice(WG * HALF, HALF, dim=1)
+        dq = warpgroup_mma(ds_block.permute((1, 0)), k_cols, gl.zeros([BLOCK_M, HALF], gl.float32, dq_layout),
+                           use_acc=False, is_async=True)
+        dq_col = WG * HALF
+    else:
+        dq = warpgroup_mma(ds_tile.permute((1, 0)), k_tile, gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout),
+                           use_acc=False, is_async=True)
+        dq_col = 0
     dk, dq = warpgroup_mma_wait(0, deps=(dk, dq))
+    if DQ_BLOCK:
+        mbarrier.arrive(ds_free.index(buf))
     mbarrier.arrive(qdo_empty.index(stage))  # Q, dO, lse and delta of this slot are no longer read
 
+    # Step 4e: the dQ share into dQaccum.
     if DQ_TMA:
+        dq_tile = dq_smem.index(WG)
         tma.store_wait(0)  # the last block's reduction has read the dQ tile
         dq_tile.store(dq)
         fence_async_shared()
-        _tma_reduce_add(desc_dq, [dq_row, 0], dq_tile)
+        _tma_reduce_add(desc_dq, [dq_row, dq_col], dq_tile)
     else:
         rows = gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_layout)), 1)
-        dcols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, dq_layout)), 0)
-        ptrs = dq_acc_ptr + dq_row.to(gl.int64) * HEAD_DIM + (rows * HEAD_DIM + dcols)
+        dcols = gl.expand_dims(gl.arange(0, dq.shape[1], layout=gl.SliceLayout(0, dq_layout)), 0)
+        ptrs = dq_acc_ptr + (dq_row.to(gl.int64) * HEAD_DIM + dq_col) + (rows * HEAD_DIM + dcols)
         gl.atomic_add(ptrs, dq, sem="relaxed")
     return dk, dv
 
@@ -327,18 +365,22 @@ def _bwd_step(k_tile, v_tile, q_smem, do_smem, lse_smem, delta_smem, ds_tile, dq
 # Step 5: a consumer warpgroup: its 64 keys over every query block of the group's heads, then dK and dV.
 # ---------------------------------------------------------------------------------------------------------------
 @gluon.jit
-def _bwd_consumer(desc_dk, desc_dv, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem,
-                  ds_smem, dq_smem, kv_ready, q_ready, do_ready, qdo_empty, qk_scale, sm_scale, seq_q, seq_k,
-                  heads_q, heads_k, group_size, padded_q, num_n_blocks,
+def _bwd_consumer(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem,
+                  ds_smem, dq_smem, kv_ready, q_ready, do_ready, qdo_empty, ds_full, ds_free, qk_scale, sm_scale,
+                  seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks, head_dim, stride_dkb,
+                  stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
                   WG: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
-                  NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, DQ_TMA: gl.constexpr):
+                  NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, DQ_BLOCK: gl.constexpr,
+                  DQ_TMA: gl.constexpr):
     # wgmma accumulators: 4 warps stacked along M (16 rows each), instruction N = the tile's N.
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_M, 16])
     kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, HEAD_DIM, 16])
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
-    dq_layout: gl.constexpr = kv_layout
+    DQ_WIDTH: gl.constexpr = HEAD_DIM // 2 if DQ_BLOCK else HEAD_DIM
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, DQ_WIDTH, 16])
 
     b, kv_h, n_block = _program_coords(heads_k, num_n_blocks)
     n0 = n_block * (_KEY_ROWS * NUM_CONSUMERS)
@@ -347,10 +389,7 @@ def _bwd_consumer(desc_dk, desc_dv, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem,
     m_lo, m_hi = _query_blocks(n0, seq_q, seq_k, BLOCK_M, CAUSAL)
     n_m = m_hi - m_lo
     n_masked = _masked_blocks(n0w, m_lo, m_hi, seq_q, seq_k, BLOCK_M, CAUSAL)
-    k_tile = k_smem.index(WG).reshape([_KEY_ROWS, HEAD_DIM])
-    v_tile = v_smem.index(WG).reshape([_KEY_ROWS, HEAD_DIM])
-    ds_tile = ds_smem.index(WG)
-    dq_tile = dq_smem.index(WG)
+    v_tile = v_smem.reshape([NUM_CONSUMERS * _KEY_ROWS, HEAD_DIM]).slice(WG * _KEY_ROWS, _KEY_ROWS)
 
     dk = gl.zeros([_KEY_ROWS, HEAD_DIM], gl.float32, kv_layout)
     dv = gl.zeros([_KEY_ROWS, HEAD_DIM], gl.float32, kv_layout)
@@ -359,72 +398,88 @@ def _bwd_consumer(desc_dk, desc_dv, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem,
         row0 = (b * heads_q + kv_h * group_size + g) * padded_q
         for j in range(n_masked):
             m0 = (m_lo + j) * BLOCK_M
-            dk, dv = _bwd_step(k_tile, v_tile, q_smem, do_smem, lse_smem, delta_smem, ds_tile, dq_tile, q_ready,
-                               do_ready, qdo_empty, desc_dq, dq_acc_ptr, dk, dv, g * n_m + j, m0, row0 + m0, n0w,
-                               qk_scale, seq_k, causal_offset, BLOCK_M, HEAD_DIM, NUM_STAGES, CAUSAL, True,
-                               DQ_TMA, s_layout, kv_layout, op_layout, dq_layout)
+            dk, dv = _bwd_step(k_smem, v_tile, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, q_ready,
+                               do_ready, qdo_empty, ds_full, ds_free, desc_dq, dq_acc_ptr, dk, dv, g * n_m + j, m0,
+                               row0 + m0, n0w, qk_scale, seq_k, causal_offset, WG, BLOCK_M, HEAD_DIM, NUM_STAGES,
+                               NUM_CONSUMERS, CAUSAL, True, DQ_BLOCK, DQ_TMA, s_layout, op_layout, dq_layout)
         for j in range(n_masked, n_m):
             m0 = (m_lo + j) * BLOCK_M
-            dk, dv = _bwd_step(k_tile, v_tile, q_smem, do_smem, lse_smem, delta_smem, ds_tile, dq_tile, q_ready,
-                               do_ready, qdo_empty, desc_dq, dq_acc_ptr, dk, dv, g * n_m + j, m0, row0 + m0, n0w,
-                               qk_scale, seq_k, causal_offset, BLOCK_M, HEAD_DIM, NUM_STAGES, CAUSAL, False,
-                               DQ_TMA, s_layout, kv_layout, op_layout, dq_layout)
+            dk, dv = _bwd_step(k_smem, v_tile, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, q_ready,
+                               do_ready, qdo_empty, ds_full, ds_free, desc_dq, dq_acc_ptr, dk, dv, g * n_m + j, m0,
+                               row0 + m0, n0w, qk_scale, seq_k, causal_offset, WG, BLOCK_M, HEAD_DIM, NUM_STAGES,
+                               NUM_CONSUMERS, CAUSAL, False, DQ_BLOCK, DQ_TMA, s_layout, op_layout, dq_layout)
 
-    # Epilogue: dK (scaled) and dV through this consumer's own K and V tiles; TMA clips rows past Sk.
-    k_out = k_smem.index(WG)
-    v_out = v_smem.index(WG)
-    k_tile.store((dk * sm_scale).to(k_tile.dtype))
-    v_tile.store(dv.to(v_tile.dtype))
-    fence_async_shared()
-    _tma_store(desc_dk, [b, kv_h, n0w, 0], k_out)
-    _tma_store(desc_dv, [b, kv_h, n0w, 0], v_out)
-    tma.store_wait(0)
+    # Step 5a: dK (scaled) and dV, straight from registers; rows past Sk and columns past the head dim are not
+    # stored.
+    rows = gl.expand_dims(n0w + gl.arange(0, _KEY_ROWS, layout=gl.SliceLayout(1, kv_layout)), 1)
+    dcols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_layout)), 0)
+    keep = (rows < seq_k) & (dcols < head_dim)
+    dk_base = dk_ptr + b.to(gl.int64) * stride_dkb + kv_h.to(gl.int64) * stride_dkh
+    gl.store(dk_base + rows.to(gl.int64) * stride_dks + dcols, (dk * sm_scale).to(dk_ptr.dtype.element_ty),
+             mask=keep)
+    dv_base = dv_ptr + b.to(gl.int64) * stride_dvb + kv_h.to(gl.int64) * stride_dvh
+    gl.store(dv_base + rows.to(gl.int64) * stride_dvs + dcols, dv.to(dv_ptr.dtype.element_ty), mask=keep)
+    if DQ_TMA:
+        tma.store_wait(0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Step 6: the kernel: shared memory, barriers, and the partitions.
 # ---------------------------------------------------------------------------------------------------------------
-@gluon.jit(do_not_specialize=["seq_q", "seq_k", "heads_q", "heads_k", "group_size", "padded_q", "num_n_blocks"])
-def _attn_bwd_sm90(desc_q, desc_k, desc_v, desc_do, desc_dk, desc_dv, desc_lse, desc_delta, desc_dq, dq_acc_ptr,
-                   qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks,
+# Lengths, head counts and strides are not specialised on (== 1, multiple of 16): one compile per config and dtype.
+@gluon.jit(do_not_specialize=["seq_q", "seq_k", "heads_q", "heads_k", "group_size", "padded_q", "num_n_blocks",
+                              "head_dim", "stride_dkb", "stride_dkh", "stride_dks", "stride_dvb", "stride_dvh",
+                              "stride_dvs"])
+def _attn_bwd_sm90(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, desc_dq, dq_acc_ptr, dk_ptr, dv_ptr,
+                   qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks, head_dim,
+                   stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
                    BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
-                   NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, DQ_TMA: gl.constexpr,
+                   NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, DQ_BLOCK: gl.constexpr, DQ_TMA: gl.constexpr,
                    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
     dtype: gl.constexpr = desc_q.dtype
-    k_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS, 1, 1, _KEY_ROWS, HEAD_DIM], desc_k.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS, 1, 1, _KEY_ROWS, HEAD_DIM], desc_v.layout)
+    k_smem = gl.allocate_shared_memory(dtype, desc_k.block_type.shape, desc_k.layout)  # the whole key block
+    v_smem = gl.allocate_shared_memory(dtype, desc_v.block_type.shape, desc_v.layout)
     q_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_M, HEAD_DIM], desc_q.layout)
     do_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_M, HEAD_DIM], desc_do.layout)
     lse_smem = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, BLOCK_M], desc_lse.layout)
     delta_smem = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, BLOCK_M], desc_delta.layout)
-    ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([_KEY_ROWS, BLOCK_M], dtype)
-    ds_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS, _KEY_ROWS, BLOCK_M], ds_layout)
+    if DQ_BLOCK:  # two tiles of the whole key block's dS^T
+        ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([NUM_CONSUMERS * _KEY_ROWS, BLOCK_M], dtype)
+        ds_smem = gl.allocate_shared_memory(dtype, [2, NUM_CONSUMERS * _KEY_ROWS, BLOCK_M], ds_layout)
+    else:  # one tile per consumer
+        ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([_KEY_ROWS, BLOCK_M], dtype)
+        ds_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS, _KEY_ROWS, BLOCK_M], ds_layout)
     if DQ_TMA:
-        dq_smem = gl.allocate_shared_memory(gl.float32, [NUM_CONSUMERS, BLOCK_M, HEAD_DIM], desc_dq.layout)
+        dq_smem = gl.allocate_shared_memory(gl.float32, [NUM_CONSUMERS] + desc_dq.block_type.shape, desc_dq.layout)
     else:
         dq_smem = ds_smem  # not used
     kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     do_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     qdo_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    ds_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    ds_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_ready, count=1)
     for i in gl.static_range(NUM_STAGES):
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(do_ready.index(i), count=1)
         mbarrier.init(qdo_empty.index(i), count=NUM_CONSUMERS)  # one arrive per consumer warpgroup
+    for i in gl.static_range(2):
+        mbarrier.init(ds_full.index(i), count=NUM_CONSUMERS)
+        mbarrier.init(ds_free.index(i), count=NUM_CONSUMERS)
     fence_async_shared()
 
     gl.static_assert(NUM_CONSUMERS == 1 or NUM_CONSUMERS == 2)
     if NUM_CONSUMERS == 2:
         gl.warp_specialize([
-            (_bwd_consumer, (desc_dk, desc_dv, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, do_smem, lse_smem,
-                             delta_smem, ds_smem, dq_smem, kv_ready, q_ready, do_ready, qdo_empty, qk_scale,
-                             sm_scale, seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks, 0,
-                             BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, DQ_TMA)),
-            (_bwd_consumer, (desc_dk, desc_dv, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, do_smem, lse_smem,
-                             delta_smem, ds_smem, dq_smem, kv_ready, q_ready, do_ready, qdo_empty, qk_scale,
-                             sm_scale, seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks, 1,
-                             BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, DQ_TMA)),
+            (_bwd_consumer, (dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, do_smem, lse_smem,
+                             delta_smem, ds_smem, dq_smem, kv_ready, q_ready, do_ready, qdo_empty, ds_full, ds_free,
+                             qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks,
+                             head_dim, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, 0, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, DQ_BLOCK, DQ_TMA)),
+            (_bwd_consumer, (dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, do_smem, lse_smem,
+                             delta_smem, ds_smem, dq_smem, kv_ready, q_ready, do_ready, qdo_empty, ds_full, ds_free,
+                             qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks,
+                             head_dim, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, 1, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, DQ_BLOCK, DQ_TMA)),
             (_bwd_producer, (desc_q, desc_do, desc_k, desc_v, desc_lse, desc_delta, q_smem, do_smem, k_smem, v_smem,
                              lse_smem, delta_smem, kv_ready, q_ready, do_ready, qdo_empty, seq_q, seq_k, heads_q,
                              heads_k, group_size, padded_q, num_n_blocks, BLOCK_M, NUM_STAGES, NUM_CONSUMERS,
@@ -432,10 +487,10 @@ def _attn_bwd_sm90(desc_q, desc_k, desc_v, desc_do, desc_dk, desc_dv, desc_lse, 
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([
-            (_bwd_consumer, (desc_dk, desc_dv, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, do_smem, lse_smem,
-                             delta_smem, ds_smem, dq_smem, kv_ready, q_ready, do_ready, qdo_empty, qk_scale,
-                             sm_scale, seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks, 0,
-                             BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, DQ_TMA)),
+            (_bwd_consumer, (dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, do_smem, lse_smem,
+                             delta_smem, ds_smem, dq_smem, kv_ready, q_ready, do_ready, qdo_empty, ds_full, ds_free,
+                             qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks,
+                             head_dim, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, 0, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, DQ_BLOCK, DQ_TMA)),
             (_bwd_producer, (desc_q, desc_do, desc_k, desc_v, desc_lse, desc_delta, q_smem, do_smem, k_smem, v_smem,
                              lse_smem, delta_smem, kv_ready, q_ready, do_ready, qdo_empty, seq_q, seq_k, heads_q,
                              heads_k, group_size, padded_q, num_n_blocks, BLOCK_M, NUM_STAGES, NUM_CONSUMERS,
@@ -464,25 +519,27 @@ def _row_descriptor(t: torch.Tensor, rows: int):
     return TensorDescriptor(t, [t.numel()], [1], [rows], layout)
 
 
-def _dq_descriptor(t: torch.Tensor, rows: int):
-    """dQaccum [rows of every head, kernel head dim], float32, reduced into `rows` at a time."""
-    layout = gl.NVMMASharedLayout.get_default_for([rows, t.shape[1]], gl.float32)
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [rows, t.shape[1]], layout)
+def _dq_descriptor(t: torch.Tensor, rows: int, cols: int):
+    """dQaccum [rows of every head, kernel head dim], float32, reduced into a [rows, cols] block at a time."""
+    layout = gl.NVMMASharedLayout.get_default_for([rows, cols], gl.float32)
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [rows, cols], layout)
 
 
 def _constexprs(config: Sm90BwdConfig, head_dim: int, causal: bool) -> dict:
     if config.num_consumers not in (1, 2):
         raise ValueError("num_consumers is 1 or 2")
-    if config.dq_write not in DQ_WRITES:
-        raise ValueError(f"dq_write is one of {DQ_WRITES}")
+    if config.dq not in DQ_SCHEMES or config.dq_write not in DQ_WRITES:
+        raise ValueError(f"dq is one of {DQ_SCHEMES}, dq_write one of {DQ_WRITES}")
+    if config.dq == "block" and (config.num_consumers != 2 or KERNEL_HEAD_DIM[head_dim] != 128):
+        raise ValueError("the block dQ needs two consumers and the 128-wide kernel")
     return dict(BLOCK_M=config.block_m, HEAD_DIM=KERNEL_HEAD_DIM[head_dim], NUM_STAGES=config.num_stages,
-                NUM_CONSUMERS=config.num_consumers, CAUSAL=causal, DQ_TMA=config.dq_write == "tma",
-                CONSUMER_REGS=config.consumer_regs, PRODUCER_REGS=config.producer_regs)
+                NUM_CONSUMERS=config.num_consumers, CAUSAL=causal, DQ_BLOCK=config.dq == "block",
+                DQ_TMA=config.dq_write == "tma", CONSUMER_REGS=config.consumer_regs,
+                PRODUCER_REGS=config.producer_regs)
 
 
 # (config, head_dim, causal, dtype) -> the compiled main kernel of the last launch, for inspection.
 COMPILED: dict = {}
-PREP_ROWS = 64  # rows per program of the prep and convert kernels (a multiple of every block_m divides... see below)
 
 
 def sm90_backward_eligible(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -529,10 +586,11 @@ def flash_attn_backward_sm90(grad_out, q, k, v, out, lse, *, causal: bool, scale
         BLOCK_M=prep_rows, BLOCK_D=triton.next_power_of_2(head_dim), DQ_WIDTH=width, num_warps=4)
     num_n_blocks = cdiv(seq_k, config.block_n)
     compiled = _attn_bwd_sm90[(num_n_blocks * batch * heads_k, )](
-        _descriptor(q, block_m, width), _descriptor(k, KEY_ROWS, width), _descriptor(v, KEY_ROWS, width),
-        _descriptor(grad_out, block_m, width), _descriptor(dk, KEY_ROWS, width), _descriptor(dv, KEY_ROWS, width),
-        _row_descriptor(lse2, block_m), _row_descriptor(delta, block_m), _dq_descriptor(dq_acc, block_m), dq_acc,
-        scale * LOG2E, scale, seq_q, seq_k, heads_q, heads_k, heads_q // heads_k, padded_q, num_n_blocks,
+        _descriptor(q, block_m, width), _descriptor(k, config.block_n, width), _descriptor(v, config.block_n, width),
+        _descriptor(grad_out, block_m, width), _row_descriptor(lse2, block_m), _row_descriptor(delta, block_m),
+        _dq_descriptor(dq_acc, block_m, config.dq_width(head_dim)), dq_acc, dk, dv,
+        scale * LOG2E, scale, seq_q, seq_k, heads_q, heads_k, heads_q // heads_k, padded_q, num_n_blocks, head_dim,
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         **_constexprs(config, head_dim, causal), num_warps=4)
     COMPILED[(config, head_dim, causal, q.dtype)] = compiled
     _bwd_dq_convert_kernel[(padded_q // prep_rows, batch * heads_q)](
@@ -558,15 +616,17 @@ def compile_sm90(config: Sm90BwdConfig, head_dim: int, *, causal: bool, dtype: t
 
     rows_t = torch.empty(block_m * 4, dtype=torch.float32)
     constexprs = _constexprs(config, head_dim, causal)
-    runtime = dict(desc_q=desc4(block_m), desc_k=desc4(KEY_ROWS), desc_v=desc4(KEY_ROWS), desc_do=desc4(block_m),
-                   desc_dk=desc4(KEY_ROWS), desc_dv=desc4(KEY_ROWS),
+    elem = {torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
+    runtime = dict(desc_q=desc4(block_m), desc_k=desc4(config.block_n), desc_v=desc4(config.block_n),
+                   desc_do=desc4(block_m), dk_ptr=elem, dv_ptr=elem,
                    desc_lse=mangle_type(_row_descriptor(rows_t, block_m)),
                    desc_delta=mangle_type(_row_descriptor(rows_t, block_m)),
-                   desc_dq=mangle_type(_dq_descriptor(torch.empty(block_m, width, dtype=torch.float32), block_m)),
+                   desc_dq=mangle_type(_dq_descriptor(torch.empty(block_m, width, dtype=torch.float32), block_m,
+                                                       config.dq_width(head_dim))),
                    dq_acc_ptr="*fp32", qk_scale="fp32", sm_scale="fp32")
     kernel = _attn_bwd_sm90
     names = kernel.arg_names
     signature = {n: "constexpr" if n in constexprs else runtime.get(n, "i32") for n in names}
     source = GluonASTSource(kernel, signature, constexprs={(names.index(n), ): v for n, v in constexprs.items()},
-                            attrs={(names.index("dq_acc_ptr"), ): [["tt.divisibility", 16]]})
+                            attrs={(names.index(n), ): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr")})
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
