@@ -113,10 +113,14 @@ class Sm90BwdConfig:
     def block_n(self) -> int:
         return KEY_ROWS * self.num_consumers
 
-    def dq_width(self, head_dim: int) -> int:
-        """Columns of the dQ share a consumer adds at once."""
+    def dq_split(self) -> int:
+        """0: "wg"; "block" with BLOCK_M 64: 1, the consumers split the head dim; with BLOCK_M 128: 2, the rows."""
+        return 0 if self.dq == "wg" else (1 if self.block_m == 64 else 2)
+
+    def dq_share(self, head_dim: int) -> tuple[int, int]:
+        """[rows, columns] of the dQ share a consumer adds at once."""
         width = KERNEL_HEAD_DIM.get(head_dim, head_dim)
-        return width // 2 if self.dq == "block" else width
+        return [(self.block_m, width), (self.block_m, width // 2), (self.block_m // 2, width)][self.dq_split()]
 
     def shared_bytes(self, head_dim: int, element_size: int = 2) -> int:
         """K and V tiles, the Q/dO ring, dS^T tiles and (TMA dQ) float32 dQ tiles; lse/delta and barriers add a
@@ -126,7 +130,8 @@ class Sm90BwdConfig:
         ds_tiles = 2 if self.dq == "block" else 1
         tiles += ds_tiles * self.block_n * self.block_m * element_size
         if self.dq_write == "tma":
-            tiles += self.num_consumers * self.block_m * self.dq_width(head_dim) * 4
+            rows, cols = self.dq_share(head_dim)
+            tiles += self.num_consumers * rows * cols * 4
         return tiles + 2 * self.num_stages * self.block_m * 4
 
     def label(self) -> str:
@@ -275,8 +280,9 @@ def _bwd_producer(desc_q, desc_do, desc_k, desc_v, desc_lse, desc_delta, q_smem,
 def _bwd_step(k_smem, v_tile, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, q_ready, do_ready, qdo_empty,
               ds_full, ds_free, desc_dq, dq_acc_ptr, dk, dv, i, m0, dq_row, n0w, qk_scale, seq_k, causal_offset,
               WG: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
-              NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, MASKED: gl.constexpr, DQ_BLOCK: gl.constexpr,
-              DQ_TMA: gl.constexpr, s_layout: gl.constexpr, op_layout: gl.constexpr, dq_layout: gl.constexpr):
+              NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, MASKED: gl.constexpr, DQ_SPLIT: gl.constexpr,
+              DQ_TMA: gl.constexpr, s_layout: gl.constexpr, op_layout: gl.constexpr, dq_layout: gl.constexpr,
+              dq_shape: gl.constexpr):
     stage = i % NUM_STAGES
     phase = (i // NUM_STAGES) & 1
     k_block = k_smem.reshape([NUM_CONSUMERS * _KEY_ROWS, HEAD_DIM])
@@ -313,7 +319,7 @@ def _bwd_step(k_smem, v_tile, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq
     # dK += dS^T Q as it lies and, viewed transposed, of dQ = dS K (so dK's operand holds no registers).
     p_op = gl.convert_layout(p_t.to(q_tile.dtype), op_layout)
     dv = warpgroup_mma(p_op, do_tile, dv, is_async=True)
-    if DQ_BLOCK:  # two dS^T tiles of the whole key block, each consumer writing its own 64 rows
+    if DQ_SPLIT != 0:  # two dS^T tiles of the whole key block, each consumer writing its own 64 rows
         buf = i % 2
         mbarrier.wait(ds_free.index(buf), ((i // 2) & 1) ^ 1)  # both consumers' dQ of two blocks ago read it
         ds_block = ds_smem.index(buf)
@@ -322,27 +328,30 @@ def _bwd_step(k_smem, v_tile, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq
         ds_tile = ds_smem.index(WG)
     ds_tile.store(ds_t)
     fence_async_shared()
-    if DQ_BLOCK:
+    if DQ_SPLIT != 0:
         mbarrier.arrive(ds_full.index(buf))
     dk = warpgroup_mma(ds_tile, q_tile, dk, is_async=True)
     # dV done (dK may still run) before dQ takes its registers: P^T's operand registers are free by then.
     dv, p_op = warpgroup_mma_wait(1, deps=(dv, p_op))
 
-    # Step 4d: dQ. "block": every key of the block, this consumer's half of the head dim (the other consumer's
-    # dS^T rows are waited for); "wg": this consumer's 64 keys, the whole head dim.
-    if DQ_BLOCK:
-        HALF: gl.constexpr = HEAD_DIM // 2
+    # Step 4d: this consumer's dQ share. "wg" (DQ_SPLIT 0): its own 64 keys, the whole [BLOCK_M, head dim].
+    # "block": every key of the block (the other consumer's dS^T rows are waited for) and half of the dQ block,
+    # split along the head dim (1: 64 columns, one 128-byte swizzle row of K) or the query rows (2: BLOCK_M 128).
+    dq_zero = gl.zeros(dq_shape, gl.float32, dq_layout)
+    DQ_ROW_OFF: gl.constexpr = WG * dq_shape[0] if DQ_SPLIT == 2 else 0  # of the share in the dQ block
+    DQ_COL: gl.constexpr = WG * dq_shape[1] if DQ_SPLIT == 1 else 0
+    if DQ_SPLIT == 1:
         mbarrier.wait(ds_full.index(buf), (i // 2) & 1)
-        k_cols = k_block.slice(WG * HALF, HALF, dim=1)
-        dq = warpgroup_mma(ds_block.permute((1, 0)), k_cols, gl.zeros([BLOCK_M, HALF], gl.float32, dq_layout),
+        dq = warpgroup_mma(ds_block.permute((1, 0)), k_block.slice(DQ_COL, dq_shape[1], dim=1), dq_zero,
                            use_acc=False, is_async=True)
-        dq_col = WG * HALF
+    elif DQ_SPLIT == 2:
+        mbarrier.wait(ds_full.index(buf), (i // 2) & 1)
+        dq = warpgroup_mma(ds_block.permute((1, 0)).slice(DQ_ROW_OFF, dq_shape[0]), k_block, dq_zero,
+                           use_acc=False, is_async=True)
     else:
-        dq = warpgroup_mma(ds_tile.permute((1, 0)), k_tile, gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout),
-                           use_acc=False, is_async=True)
-        dq_col = 0
+        dq = warpgroup_mma(ds_tile.permute((1, 0)), k_tile, dq_zero, use_acc=False, is_async=True)
     dk, dq = warpgroup_mma_wait(0, deps=(dk, dq))
-    if DQ_BLOCK:
+    if DQ_SPLIT != 0:
         mbarrier.arrive(ds_free.index(buf))
     mbarrier.arrive(qdo_empty.index(stage))  # Q, dO, lse and delta of this slot are no longer read
 
@@ -352,11 +361,11 @@ def _bwd_step(k_smem, v_tile, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq
         tma.store_wait(0)  # the last block's reduction has read the dQ tile
         dq_tile.store(dq)
         fence_async_shared()
-        _tma_reduce_add(desc_dq, [dq_row, dq_col], dq_tile)
+        _tma_reduce_add(desc_dq, [dq_row + DQ_ROW_OFF, DQ_COL], dq_tile)
     else:
-        rows = gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_layout)), 1)
-        dcols = gl.expand_dims(gl.arange(0, dq.shape[1], layout=gl.SliceLayout(0, dq_layout)), 0)
-        ptrs = dq_acc_ptr + (dq_row.to(gl.int64) * HEAD_DIM + dq_col) + (rows * HEAD_DIM + dcols)
+        rows = gl.expand_dims(gl.arange(0, dq_shape[0], layout=gl.SliceLayout(1, dq_layout)), 1)
+        dcols = gl.expand_dims(gl.arange(0, dq_shape[1], layout=gl.SliceLayout(0, dq_layout)), 0)
+        ptrs = dq_acc_ptr + ((dq_row + DQ_ROW_OFF).to(gl.int64) * HEAD_DIM + DQ_COL) + (rows * HEAD_DIM + dcols)
         gl.atomic_add(ptrs, dq, sem="relaxed")
     return dk, dv
 
@@ -370,7 +379,7 @@ def _bwd_consumer(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, d
                   seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks, head_dim, stride_dkb,
                   stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
                   WG: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
-                  NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, DQ_BLOCK: gl.constexpr,
+                  NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, DQ_SPLIT: gl.constexpr,
                   DQ_TMA: gl.constexpr):
     # wgmma accumulators: 4 warps stacked along M (16 rows each), instruction N = the tile's N.
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -378,9 +387,9 @@ def _bwd_consumer(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, d
     kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, HEAD_DIM, 16])
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
-    DQ_WIDTH: gl.constexpr = HEAD_DIM // 2 if DQ_BLOCK else HEAD_DIM
+    dq_shape: gl.constexpr = desc_dq.block_type.shape  # the dQ share: [rows, columns]
     dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, DQ_WIDTH, 16])
+                                                        instr_shape=[16, dq_shape[1], 16])
 
     b, kv_h, n_block = _program_coords(heads_k, num_n_blocks)
     n0 = n_block * (_KEY_ROWS * NUM_CONSUMERS)
@@ -401,13 +410,15 @@ def _bwd_consumer(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, d
             dk, dv = _bwd_step(k_smem, v_tile, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, q_ready,
                                do_ready, qdo_empty, ds_full, ds_free, desc_dq, dq_acc_ptr, dk, dv, g * n_m + j, m0,
                                row0 + m0, n0w, qk_scale, seq_k, causal_offset, WG, BLOCK_M, HEAD_DIM, NUM_STAGES,
-                               NUM_CONSUMERS, CAUSAL, True, DQ_BLOCK, DQ_TMA, s_layout, op_layout, dq_layout)
+                               NUM_CONSUMERS, CAUSAL, True, DQ_SPLIT, DQ_TMA, s_layout, op_layout, dq_layout,
+                               dq_shape)
         for j in range(n_masked, n_m):
             m0 = (m_lo + j) * BLOCK_M
             dk, dv = _bwd_step(k_smem, v_tile, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, q_ready,
                                do_ready, qdo_empty, ds_full, ds_free, desc_dq, dq_acc_ptr, dk, dv, g * n_m + j, m0,
                                row0 + m0, n0w, qk_scale, seq_k, causal_offset, WG, BLOCK_M, HEAD_DIM, NUM_STAGES,
-                               NUM_CONSUMERS, CAUSAL, False, DQ_BLOCK, DQ_TMA, s_layout, op_layout, dq_layout)
+                               NUM_CONSUMERS, CAUSAL, False, DQ_SPLIT, DQ_TMA, s_layout, op_layout, dq_layout,
+                               dq_shape)
 
     # Step 5a: dK (scaled) and dV, straight from registers; rows past Sk and columns past the head dim are not
     # stored.
@@ -434,7 +445,7 @@ def _attn_bwd_sm90(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, desc_d
                    qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks, head_dim,
                    stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
                    BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
-                   NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, DQ_BLOCK: gl.constexpr, DQ_TMA: gl.constexpr,
+                   NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, DQ_SPLIT: gl.constexpr, DQ_TMA: gl.constexpr,
                    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
     dtype: gl.constexpr = desc_q.dtype
     k_smem = gl.allocate_shared_memory(dtype, desc_k.block_type.shape, desc_k.layout)  # the whole key block
@@ -443,7 +454,7 @@ def _attn_bwd_sm90(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, desc_d
     do_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_M, HEAD_DIM], desc_do.layout)
     lse_smem = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, BLOCK_M], desc_lse.layout)
     delta_smem = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, BLOCK_M], desc_delta.layout)
-    if DQ_BLOCK:  # two tiles of the whole key block's dS^T
+    if DQ_SPLIT != 0:  # two tiles of the whole key block's dS^T
         ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([NUM_CONSUMERS * _KEY_ROWS, BLOCK_M], dtype)
         ds_smem = gl.allocate_shared_memory(dtype, [2, NUM_CONSUMERS * _KEY_ROWS, BLOCK_M], ds_layout)
     else:  # one tile per consumer
@@ -475,11 +486,13 @@ def _attn_bwd_sm90(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, desc_d
             (_bwd_consumer, (dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, do_smem, lse_smem,
                              delta_smem, ds_smem, dq_smem, kv_ready, q_ready, do_ready, qdo_empty, ds_full, ds_free,
                              qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks,
-                             head_dim, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, 0, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, DQ_BLOCK, DQ_TMA)),
+                             head_dim, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, 0,
+                             BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, DQ_SPLIT, DQ_TMA)),
             (_bwd_consumer, (dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, do_smem, lse_smem,
                              delta_smem, ds_smem, dq_smem, kv_ready, q_ready, do_ready, qdo_empty, ds_full, ds_free,
                              qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks,
-                             head_dim, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, 1, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, DQ_BLOCK, DQ_TMA)),
+                             head_dim, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, 1,
+                             BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, DQ_SPLIT, DQ_TMA)),
             (_bwd_producer, (desc_q, desc_do, desc_k, desc_v, desc_lse, desc_delta, q_smem, do_smem, k_smem, v_smem,
                              lse_smem, delta_smem, kv_ready, q_ready, do_ready, qdo_empty, seq_q, seq_k, heads_q,
                              heads_k, group_size, padded_q, num_n_blocks, BLOCK_M, NUM_STAGES, NUM_CONSUMERS,
@@ -490,7 +503,8 @@ def _attn_bwd_sm90(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, desc_d
             (_bwd_consumer, (dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, do_smem, lse_smem,
                              delta_smem, ds_smem, dq_smem, kv_ready, q_ready, do_ready, qdo_empty, ds_full, ds_free,
                              qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks,
-                             head_dim, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, 0, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, DQ_BLOCK, DQ_TMA)),
+                             head_dim, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, 0,
+                             BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, DQ_SPLIT, DQ_TMA)),
             (_bwd_producer, (desc_q, desc_do, desc_k, desc_v, desc_lse, desc_delta, q_smem, do_smem, k_smem, v_smem,
                              lse_smem, delta_smem, kv_ready, q_ready, do_ready, qdo_empty, seq_q, seq_k, heads_q,
                              heads_k, group_size, padded_q, num_n_blocks, BLOCK_M, NUM_STAGES, NUM_CONSUMERS,
@@ -538,10 +552,14 @@ def _constexprs(config: Sm90BwdConfig, head_dim: int, causal: bool) -> dict:
         raise ValueError("num_consumers is 1 or 2")
     if config.dq not in DQ_SCHEMES or config.dq_write not in DQ_WRITES:
         raise ValueError(f"dq is one of {DQ_SCHEMES}, dq_write one of {DQ_WRITES}")
-    if config.dq == "block" and (config.num_consumers != 2 or KERNEL_HEAD_DIM[head_dim] != 128):
-        raise ValueError("the block dQ needs two consumers and the 128-wide kernel")
+    if config.block_m not in (64, 128):
+        raise ValueError("block_m is 64 or 128")
+    if config.dq == "block" and config.num_consumers != 2:
+        raise ValueError("the block dQ needs two consumers")
+    if config.dq_split() == 1 and KERNEL_HEAD_DIM[head_dim] != 128:
+        raise ValueError("the block dQ at BLOCK_M 64 splits the head dim in 64-column halves: the 128-wide kernel")
     return dict(BLOCK_M=config.block_m, HEAD_DIM=KERNEL_HEAD_DIM[head_dim], NUM_STAGES=config.num_stages,
-                NUM_CONSUMERS=config.num_consumers, CAUSAL=causal, DQ_BLOCK=config.dq == "block",
+                NUM_CONSUMERS=config.num_consumers, CAUSAL=causal, DQ_SPLIT=config.dq_split(),
                 DQ_TMA=config.dq_write == "tma", CONSUMER_REGS=config.consumer_regs,
                 PRODUCER_REGS=config.producer_regs)
 
@@ -596,7 +614,7 @@ def flash_attn_backward_sm90(grad_out, q, k, v, out, lse, *, causal: bool, scale
     compiled = _attn_bwd_sm90[(num_n_blocks * batch * heads_k, )](
         _descriptor(q, block_m, width), _descriptor(k, config.block_n, width), _descriptor(v, config.block_n, width),
         _descriptor(grad_out, block_m, width), _row_descriptor(lse2, block_m), _row_descriptor(delta, block_m),
-        _dq_descriptor(dq_acc, block_m, config.dq_width(head_dim)), dq_acc, dk, dv,
+        _dq_descriptor(dq_acc, *config.dq_share(head_dim)), dq_acc, dk, dv,
         scale * LOG2E, scale, seq_q, seq_k, heads_q, heads_k, heads_q // heads_k, padded_q, num_n_blocks, head_dim,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         **_constexprs(config, head_dim, causal), num_warps=4)
@@ -629,8 +647,8 @@ def compile_sm90(config: Sm90BwdConfig, head_dim: int, *, causal: bool, dtype: t
                    desc_do=desc4(block_m), dk_ptr=elem, dv_ptr=elem,
                    desc_lse=mangle_type(_row_descriptor(rows_t, block_m)),
                    desc_delta=mangle_type(_row_descriptor(rows_t, block_m)),
-                   desc_dq=mangle_type(_dq_descriptor(torch.empty(block_m, width, dtype=torch.float32), block_m,
-                                                       config.dq_width(head_dim))),
+                   desc_dq=mangle_type(_dq_descriptor(torch.empty(block_m, width, dtype=torch.float32),
+                                                       *config.dq_share(head_dim))),
                    dq_acc_ptr="*fp32", qk_scale="fp32", sm_scale="fp32")
     kernel = _attn_bwd_sm90
     names = kernel.arg_names
