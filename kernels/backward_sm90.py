@@ -3,42 +3,46 @@
 It serves the plain backward on H100/H200 class GPUs: 16-bit q/k/v/out/grad_out with descriptor-legal strides
 (the [B, S, H, D] projections transformers hands over, viewed as [B, H, S, D]), head dim 64, 80, 96 or 128 (80 and
 96 run the 128-wide kernel: TMA zero-fills the missing columns on load and clips them on store), GQA, bottom-right
-causal and ragged lengths. No masks, dropout, windows, softcapping or sinks: those stay with backward.py. Entry
-points: `sm90_backward_eligible` and `flash_attn_backward_sm90`.
+causal and ragged lengths. No masks, dropout, windows, softcapping or sinks, and no head dim 256 (two [64, 256]
+float32 accumulators are all of a warpgroup's registers): those stay with backward.py. Entry points:
+`sm90_backward_eligible` and `flash_attn_backward_sm90`.
 
 Three launches:
 
   * prep (plain Triton): per query row delta = rowsum(dO * O) and lse in base 2, both into buffers padded to whole
     query blocks: padding rows and rows that saw no key (lse = -inf) get lse = +inf, so P = exp2(s - lse) = 0
     there and every gradient they touch is zero. It also zeroes dQaccum, the float32 dQ accumulator.
-  * the main kernel: one program per (batch, K/V head, key block of BLOCK_N = 64 * NUM_CONSUMERS keys). It holds
-    that block's K and V in shared memory and its dK, dV accumulators in registers, and walks the query blocks
-    (BLOCK_M rows) of every query head of the K/V head's GQA group: the group's dK/dV sums never leave registers,
-    no second pass or float32 dK/dV buffer. Causal programs skip the query blocks above their keys.
+  * the main kernel: one program per (batch, K/V head, key block of BLOCK_N = 64 * NUM_CONSUMERS keys), head-major
+    (a head's key blocks run together and share its Q and dO through L2). It holds the block's K and V in shared
+    memory and its dK, dV accumulators in registers, and walks the query blocks (BLOCK_M rows) of every query head
+    of the K/V head's GQA group in turn: the group's dK/dV sums never leave registers (no float32 dK/dV buffer, no
+    reduction launch; a program's work grows with the group). Causal programs skip the query blocks above their
+    keys, and only blocks that straddle the diagonal (or, non-causal, a key block past Sk) run the masked loop.
   * convert (plain Triton): dq = dQaccum * scale in q's dtype and layout.
 
 The main kernel is warp-specialised (gl.warp_specialize):
 
-  * a producer warp loads K and V once (one 64-key tile per consumer), then, per query block, Q with its lse and
-    dO with its delta into a ring of NUM_STAGES buffers: ready barriers carry the TMA bytes, one empty barrier per
-    slot takes an arrive from each consumer. Fresh barriers pass a wait on phase 1, so the first round falls
-    through.
+  * a producer warp loads K and V once, then, per query block, Q with its lse and dO with its delta into a ring of
+    NUM_STAGES slots: a ready barrier per tensor pair carries the TMA bytes, one empty barrier per slot takes an
+    arrive from each consumer. Fresh barriers pass a wait on phase 1, so the first round falls through.
   * NUM_CONSUMERS (1 or 2) consumer warpgroups, each owning 64 of the block's keys. Scores are computed
-    transposed, S^T = K Q^T ([keys, queries]), so P^T and dS^T come out of the accumulators in the orientation
-    dV += P^T dO and dK += dS^T Q take as register A operands; no register tile is ever transposed. Per query
-    block a consumer issues S^T and dP^T = V dO^T together (async wgmma), waits for S^T, forms
-    P^T = exp2(S^T * scale * log2(e) - lse) (causal/ragged blocks masked), issues dV += P^T dO, waits for dP^T,
-    forms dS^T = P^T * (dP^T - delta), issues dK += dS^T Q, and puts dS^T in shared memory for dQ.
-  * dQ ("wg" scheme): each consumer computes its keys' share dQ = dS K ([BLOCK_M, head dim], dS^T read back from
-    shared memory as a transposed view) and adds it to dQaccum: through a shared-memory tile and a TMA reduce-add
-    (cp.reduce.async.bulk: one instruction, the copy engine does the adds in L2; the tile is rewritten one query
-    block later, after a wait for that read) or with red.global.add from registers ("atomic").
-  * Register reallocation: the producer drops to PRODUCER_REGS, the consumers rise to CONSUMER_REGS (two
-    consumers: consumer 0 is the default partition, consumer 1 and the producer are workers).
+    transposed, S^T = K Q^T ([keys, queries]), so P^T comes out of its accumulator in the orientation
+    dV += P^T dO takes as a register A operand; no register tile is ever transposed. Per query block a consumer
+    issues S^T and dP^T = V dO^T together (async wgmma), forms P^T = exp2(S^T * scale * log2(e) - lse)
+    (causal/ragged blocks masked) and dS^T = P^T * (dP^T - delta), issues dV += P^T dO, stores dS^T to shared
+    memory and issues dK += dS^T Q from there (an operand that holds no registers), then its dQ share.
+  * dQ, one of two schemes. "block": the consumers exchange dS^T through shared memory (two tiles of the whole key
+    block in a ring, full/free mbarriers counting both consumers) and each computes half of the block's
+    dQ = dS K over all its keys: 64 columns of the head dim (BLOCK_M 64, d128) or 64 query rows (BLOCK_M 128).
+    "wg": each consumer computes its own keys' share over the whole block, twice the dQ traffic, no exchange.
+    The share reaches dQaccum through a shared-memory tile and a TMA reduce-add (cp.reduce.async.bulk: the adds
+    happen in L2; the tile is rewritten one query block later, after a wait for that read) or with vectorised
+    atomics from registers ("atomic").
+  * Register reallocation: the producer drops to PRODUCER_REGS, the consumers rise to CONSUMER_REGS (consumer 0
+    is the default partition, consumer 1 and the producer are workers).
 
-dK and dV leave through the K and V tiles of their consumer (each consumer alone reads its own) by TMA stores, dK
-scaled by the softmax scale; rows past Sk and columns past the head dim are clipped. dQ rows that no key reaches
-(causal with Sq > Sk) stay zero.
+dK (scaled by the softmax scale) and dV are stored straight from the accumulators, rows past Sk and columns past
+the head dim left out. dQ rows that no key reaches (causal with Sq > Sk) stay zero.
 """
 
 import inspect
@@ -140,20 +144,23 @@ class Sm90BwdConfig:
 
 # Candidates per kernel head dim, the first is the default. Registers: 65536 per SM; with two consumers the kernel
 # starts at 168 per thread for its 12 warps, the producer's warpgroup drops to 24 and the consumers rise to 240.
-# A consumer holds dK and dV ([64, head dim] float32 each: 128 registers at d128), S^T and dP^T ([64, BLOCK_M]
-# float32, 32 each at BLOCK_M 64) and then the dQ share ([BLOCK_M, head dim / 2] with "block", the whole head dim
-# with "wg"). BLOCK_M 128 doubles S^T and dP^T and spills at either head dim. The "block" dQ splits the head dim in
-# halves of 64 columns (a 128-byte swizzle row), so it serves d128 (and 80/96) only; at d64 "wg" adds twice the
-# dQ traffic of "block" for the same work.
+# A consumer holds dK and dV ([64, head dim] float32 each: 128 registers at d128, 64 at d64), S^T and dP^T
+# ([64, BLOCK_M] float32: 32 each at BLOCK_M 64, 64 at 128) and then its dQ share. So d128 takes BLOCK_M 64 (at
+# 128 it spills) and d64 affords 128. The "block" dQ adds half the dQ traffic of "wg" for the same work (at full
+# speed "wg" would reduce-add about 6 TB/s into L2) and splits the dQ block by 64-column halves of the head dim at
+# BLOCK_M 64 (d128 only: a half is one 128-byte swizzle row of K) or by 64-row halves at BLOCK_M 128. The one-
+# consumer rows (64 keys per program, 255 registers, one warpgroup issuing wgmma per SM) are there to be timed.
+# Shared memory: d128 m64 s3 "block" takes 231472 of 232448 bytes; d64 m128 s3 "block" does not fit.
 SM90_BWD_CONFIGS: dict[int, list[Sm90BwdConfig]] = {
-    64: [Sm90BwdConfig(64, 2, dq="wg"),
+    64: [Sm90BwdConfig(128, 2),
+         Sm90BwdConfig(64, 2, dq="wg"),
+         Sm90BwdConfig(128, 2, dq_write="atomic"),
          Sm90BwdConfig(64, 3, dq="wg"),
-         Sm90BwdConfig(64, 2, dq="wg", dq_write="atomic"),
          Sm90BwdConfig(64, 2, num_consumers=1, dq="wg")],
     128: [Sm90BwdConfig(64, 2),
+          Sm90BwdConfig(64, 3),
           Sm90BwdConfig(64, 2, dq="wg"),
           Sm90BwdConfig(64, 2, dq_write="atomic"),
-          Sm90BwdConfig(64, 3, dq_write="atomic"),
           Sm90BwdConfig(64, 2, num_consumers=1, dq="wg")],
 }
 SM90_BWD_CONFIGS[80] = SM90_BWD_CONFIGS[96] = SM90_BWD_CONFIGS[128]
