@@ -46,7 +46,6 @@ the head dim left out. dQ rows that no key reaches (causal with Sq > Sk) stay ze
 """
 
 import inspect
-import math
 from dataclasses import dataclass
 
 import torch

@@ -182,7 +182,8 @@ def run_compile_only(configs) -> int:
                 if "error" in row or row["shared"] > SHARED_MEMORY_LIMIT:
                     bad.append(f"{label} {'causal' if causal else 'full'} {row['dtype']}")
                 if "error" in row:
-                    log(f"compile {label:36s} {'causal' if causal else 'full  '} {row['dtype']:8s} ERROR {row['error']}")
+                    log(f"compile {label:36s} {'causal' if causal else 'full  '} {row['dtype']:8s} "
+                        f"ERROR {row['error']}")
                 else:
                     log(f"compile {label:36s} {'causal' if causal else 'full  '} {row['dtype']:8s} "
                         f"shared {row['shared']:6d}  regs {row.get('registers', '?')}  stack {row.get('stack', '?')}"

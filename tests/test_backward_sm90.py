@@ -22,8 +22,7 @@ except ImportError:  # an install of another checkout (without this kernel): onl
         raise
     pytest.skip("flashpatch.kernels has no backward_sm90 (an install of another checkout)", allow_module_level=True)
 
-from flashpatch.kernels.backward_sm90 import (SM90_BWD_CONFIGS, default_config, flash_attn_backward_sm90,
-                                              sm90_backward_eligible)
+from flashpatch.kernels.backward_sm90 import SM90_BWD_CONFIGS, flash_attn_backward_sm90, sm90_backward_eligible
 
 pytestmark = pytest.mark.gpu
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
