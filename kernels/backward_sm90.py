@@ -111,6 +111,7 @@ class Sm90BwdConfig:
     dq_write: str = "tma"  # how it gets there: see DQ_WRITES and the module docstring
     consumer_regs: int = 240  # per thread, for the consumer warpgroups
     producer_regs: int = 24  # per thread, for the producer warp (and its warpgroup's padding)
+    warp_specialize: bool = True  # False: one 8-warp partition loads its own blocks (Step 7; 128 keys, dQ "block")
 
     @property
     def block_n(self) -> int:
@@ -121,8 +122,10 @@ class Sm90BwdConfig:
         return 0 if self.dq == "wg" else (1 if self.block_m == 64 else 2)
 
     def dq_share(self, head_dim: int) -> tuple[int, int]:
-        """[rows, columns] of the dQ share a consumer adds at once."""
+        """[rows, columns] of the dQ share a consumer (without warp specialisation: the program) adds at once."""
         width = KERNEL_HEAD_DIM.get(head_dim, head_dim)
+        if not self.warp_specialize:
+            return self.block_m, width
         return [(self.block_m, width), (self.block_m, width // 2), (self.block_m // 2, width)][self.dq_split()]
 
     def shared_bytes(self, head_dim: int, element_size: int = 2) -> int:
@@ -130,15 +133,16 @@ class Sm90BwdConfig:
         few hundred bytes."""
         width = KERNEL_HEAD_DIM.get(head_dim, head_dim)
         tiles = (2 * self.block_n + 2 * self.num_stages * self.block_m) * width * element_size
-        ds_tiles = 2 if self.dq == "block" else 1
+        ds_tiles = 2 if self.dq == "block" and self.warp_specialize else 1
         tiles += ds_tiles * self.block_n * self.block_m * element_size
         if self.dq_write == "tma":
             rows, cols = self.dq_share(head_dim)
-            tiles += self.num_consumers * rows * cols * 4
+            tiles += (self.num_consumers if self.warp_specialize else 1) * rows * cols * 4
         return tiles + 2 * self.num_stages * self.block_m * 4
 
     def label(self) -> str:
-        return f"m{self.block_m}n{self.block_n}s{self.num_stages}+dq_{self.dq}_{self.dq_write}"
+        return (f"m{self.block_m}n{self.block_n}s{self.num_stages}+dq_{self.dq}_{self.dq_write}"
+                + ("" if self.warp_specialize else "+nows"))
 
 
 # Candidates per kernel head dim, the first is the default. Registers: 65536 per SM; with two consumers the kernel
@@ -148,19 +152,22 @@ class Sm90BwdConfig:
 # 128 it spills) and d64 affords 128. The "block" dQ adds half the dQ traffic of "wg" for the same work (at full
 # speed "wg" would reduce-add about 6 TB/s into L2) and splits the dQ block by 64-column halves of the head dim at
 # BLOCK_M 64 (d128 only: a half is one 128-byte swizzle row of K) or by 64-row halves at BLOCK_M 128. The one-
-# consumer rows (64 keys per program, 255 registers, one warpgroup issuing wgmma per SM) are there to be timed.
+# consumer rows (64 keys per program, 255 registers, one warpgroup issuing wgmma per SM) and the rows without warp
+# specialisation (Step 7: 255 registers, loads issued in line, both warpgroups in lockstep) are there to be timed.
 # Shared memory: d128 m64 s3 "block" takes 231472 of 232448 bytes; d64 m128 s3 "block" does not fit.
 SM90_BWD_CONFIGS: dict[int, list[Sm90BwdConfig]] = {
     64: [Sm90BwdConfig(128, 2),
          Sm90BwdConfig(64, 2, dq="wg"),
          Sm90BwdConfig(128, 2, dq_write="atomic"),
          Sm90BwdConfig(64, 3, dq="wg"),
-         Sm90BwdConfig(64, 2, num_consumers=1, dq="wg")],
+         Sm90BwdConfig(64, 2, num_consumers=1, dq="wg"),
+         Sm90BwdConfig(128, 2, warp_specialize=False)],
     128: [Sm90BwdConfig(64, 2),
           Sm90BwdConfig(64, 3),
           Sm90BwdConfig(64, 2, dq="wg"),
           Sm90BwdConfig(64, 2, dq_write="atomic"),
-          Sm90BwdConfig(64, 2, num_consumers=1, dq="wg")],
+          Sm90BwdConfig(64, 2, num_consumers=1, dq="wg"),
+          Sm90BwdConfig(64, 2, warp_specialize=False)],
 }
 SM90_BWD_CONFIGS[80] = SM90_BWD_CONFIGS[96] = SM90_BWD_CONFIGS[128]
 
@@ -519,7 +526,183 @@ def _attn_bwd_sm90(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, desc_d
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Step 7: the host side.
+# Step 7: the same work without warp specialisation: one partition of 8 warps (both warpgroups) owns the 128-key
+# block as one [128, ...] tile, issues its own TMA loads NUM_STAGES - 1 query blocks ahead, and runs the steps in
+# lockstep. No producer warp, so no register reallocation either: 255 registers a thread. The dQ accumulator
+# [BLOCK_M, head dim] spreads over the 8 warps (the two warpgroups take halves of the head dim at BLOCK_M 64,
+# of the rows at 128), which is the "block" split without an exchange protocol: the CTA barrier before the dQ
+# wgmma orders the dS^T stores.
+# ---------------------------------------------------------------------------------------------------------------
+@gluon.jit
+def _plain_load(desc_q, desc_do, desc_lse, desc_delta, q_smem, do_smem, lse_smem, delta_smem, ready, idx, total,
+                b, kv_h, heads_q, group_size, padded_q, m_lo, n_m, BLOCK_M: gl.constexpr, NUM_STAGES: gl.constexpr):
+    """Issue query block `idx`'s Q, dO, lse and delta into its slot (nothing past the last one)."""
+    valid = idx < total
+    safe = gl.minimum(idx, total - 1)
+    h = kv_h * group_size + safe // n_m
+    m0 = (m_lo + safe % n_m) * BLOCK_M
+    row = (b * heads_q + h) * padded_q + m0
+    stage = idx % NUM_STAGES
+    bar = ready.index(stage)
+    BYTES: gl.constexpr = (desc_q.block_type.nbytes + desc_do.block_type.nbytes + desc_lse.block_type.nbytes
+                           + desc_delta.block_type.nbytes)
+    mbarrier.expect(bar, BYTES, pred=valid)
+    _tma_load(desc_q, [b, h, m0, 0], bar, q_smem.index(stage), pred=valid)
+    _tma_load(desc_do, [b, h, m0, 0], bar, do_smem.index(stage), pred=valid)
+    _tma_load(desc_lse, [row], bar, lse_smem.index(stage), pred=valid)
+    _tma_load(desc_delta, [row], bar, delta_smem.index(stage), pred=valid)
+
+
+@gluon.jit
+def _plain_step(k_block, v_block, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, ready, desc_dq,
+                dq_acc_ptr, dk, dv, i, m0, dq_row, n0, qk_scale, seq_k, causal_offset,
+                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
+                CAUSAL: gl.constexpr, MASKED: gl.constexpr, DQ_TMA: gl.constexpr, s_layout: gl.constexpr,
+                op_layout: gl.constexpr, dq_layout: gl.constexpr):
+    """_bwd_step for the whole key block at once (its Steps 4a-4e)."""
+    stage = i % NUM_STAGES
+    q_tile = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
+    do_tile = do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
+    cols: gl.constexpr = gl.SliceLayout(0, s_layout)
+    mbarrier.wait(ready.index(stage), (i // NUM_STAGES) & 1)
+    s_t = warpgroup_mma(k_block, q_tile.permute((1, 0)), gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout),
+                        use_acc=False, is_async=True)
+    dp_t = warpgroup_mma(v_block, do_tile.permute((1, 0)), gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout),
+                         use_acc=False, is_async=True)
+    s_t, dp_t = warpgroup_mma_wait(0, deps=(s_t, dp_t))
+    lse = lse_smem.index(stage).load(cols)
+    p_t = gl.exp2(s_t * qk_scale - gl.expand_dims(lse, 0))
+    if MASKED:
+        keys = gl.expand_dims(gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout)), 1)
+        queries = gl.expand_dims(gl.arange(0, BLOCK_M, layout=cols), 0)
+        if CAUSAL:
+            visible = keys <= queries + (m0 + causal_offset - n0)
+        else:
+            visible = keys < seq_k - n0
+        p_t = gl.where(visible, p_t, 0.0)
+    delta = delta_smem.index(stage).load(cols)
+    ds_t = (p_t * (dp_t - gl.expand_dims(delta, 0))).to(q_tile.dtype)
+    p_op = gl.convert_layout(p_t.to(q_tile.dtype), op_layout)
+    dv = warpgroup_mma(p_op, do_tile, dv, is_async=True)
+    ds_smem.store(ds_t)
+    fence_async_shared()
+    dk = warpgroup_mma(ds_smem, q_tile, dk, is_async=True)
+    dv, p_op = warpgroup_mma_wait(1, deps=(dv, p_op))
+    dq = warpgroup_mma(ds_smem.permute((1, 0)), k_block, gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout),
+                       use_acc=False, is_async=True)
+    dk, dq = warpgroup_mma_wait(0, deps=(dk, dq))
+    if DQ_TMA:
+        tma.store_wait(0)
+        dq_smem.store(dq)
+        fence_async_shared()
+        _tma_reduce_add(desc_dq, [dq_row, 0], dq_smem)
+    else:
+        rows = gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_layout)), 1)
+        dcols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, dq_layout)), 0)
+        gl.atomic_add(dq_acc_ptr + dq_row.to(gl.int64) * HEAD_DIM + (rows * HEAD_DIM + dcols), dq, sem="relaxed")
+    return dk, dv
+
+
+@gluon.jit(do_not_specialize=["seq_q", "seq_k", "heads_q", "heads_k", "group_size", "padded_q", "num_n_blocks",
+                              "head_dim", "stride_dkb", "stride_dkh", "stride_dks", "stride_dvb", "stride_dvh",
+                              "stride_dvs"])
+def _attn_bwd_sm90_plain(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, desc_dq, dq_acc_ptr, dk_ptr, dv_ptr,
+                         qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks,
+                         head_dim, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
+                         BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
+                         CAUSAL: gl.constexpr, DQ_TMA: gl.constexpr):
+    dtype: gl.constexpr = desc_q.dtype
+    BLOCK_N: gl.constexpr = desc_k.block_type.shape[2]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1],
+                                                       instr_shape=[16, BLOCK_M, 16])
+    kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1],
+                                                        instr_shape=[16, HEAD_DIM, 16])
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
+    DQ_WARPS: gl.constexpr = [4, 2] if BLOCK_M == 64 else [8, 1]
+    # At d128 (BLOCK_M 64) ptxas spills about 70 values per block with n64 dQ instructions, 5 with n32 (measured).
+    DQ_N: gl.constexpr = 32 if HEAD_DIM == 128 and BLOCK_M == 64 else HEAD_DIM // DQ_WARPS[1]
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=DQ_WARPS,
+                                                        instr_shape=[16, DQ_N, 16])
+
+    # Step 7a: shared memory and barriers; K and V, and the first NUM_STAGES - 1 query blocks, on their way.
+    k_smem = gl.allocate_shared_memory(dtype, desc_k.block_type.shape, desc_k.layout)
+    v_smem = gl.allocate_shared_memory(dtype, desc_v.block_type.shape, desc_v.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_M, HEAD_DIM], desc_q.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_M, HEAD_DIM], desc_do.layout)
+    lse_smem = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, BLOCK_M], desc_lse.layout)
+    delta_smem = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, BLOCK_M], desc_delta.layout)
+    ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M],
+                                        gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype))
+    if DQ_TMA:
+        dq_smem = gl.allocate_shared_memory(gl.float32, desc_dq.block_type.shape, desc_dq.layout)
+    else:
+        dq_smem = ds_smem  # not used
+    kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_ready, count=1)
+    for st in gl.static_range(NUM_STAGES):
+        mbarrier.init(ready.index(st), count=1)
+    fence_async_shared()
+
+    b, kv_h, n_block = _program_coords(heads_k, num_n_blocks)
+    n0 = n_block * BLOCK_N
+    causal_offset = seq_k - seq_q
+    m_lo, m_hi = _query_blocks(n0, seq_q, seq_k, BLOCK_M, CAUSAL)
+    n_m = m_hi - m_lo
+    total = group_size * n_m
+    # The masked blocks for all BLOCK_N keys: those for its last 64 (the most masked) rows.
+    n_masked = _masked_blocks(n0 + BLOCK_N - _KEY_ROWS, m_lo, m_hi, seq_q, seq_k, BLOCK_M, CAUSAL)
+    mbarrier.expect(kv_ready, desc_k.block_type.nbytes + desc_v.block_type.nbytes)
+    _tma_load(desc_k, [b, kv_h, n0, 0], kv_ready, k_smem)
+    _tma_load(desc_v, [b, kv_h, n0, 0], kv_ready, v_smem)
+    for idx in gl.static_range(NUM_STAGES - 1):
+        _plain_load(desc_q, desc_do, desc_lse, desc_delta, q_smem, do_smem, lse_smem, delta_smem, ready, idx, total,
+                    b, kv_h, heads_q, group_size, padded_q, m_lo, n_m, BLOCK_M, NUM_STAGES)
+
+    # Step 7b: the query blocks; each first refills the slot its predecessor freed.
+    k_block = k_smem.reshape([BLOCK_N, HEAD_DIM])
+    v_block = v_smem.reshape([BLOCK_N, HEAD_DIM])
+    dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
+    dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
+    mbarrier.wait(kv_ready, 0)
+    for g in range(group_size):
+        row0 = (b * heads_q + kv_h * group_size + g) * padded_q
+        for j in range(n_masked):
+            i = g * n_m + j
+            _plain_load(desc_q, desc_do, desc_lse, desc_delta, q_smem, do_smem, lse_smem, delta_smem, ready,
+                        i + NUM_STAGES - 1, total, b, kv_h, heads_q, group_size, padded_q, m_lo, n_m, BLOCK_M,
+                        NUM_STAGES)
+            m0 = (m_lo + j) * BLOCK_M
+            dk, dv = _plain_step(k_block, v_block, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, ready,
+                                 desc_dq, dq_acc_ptr, dk, dv, i, m0, row0 + m0, n0, qk_scale, seq_k, causal_offset,
+                                 BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, True, DQ_TMA, s_layout, op_layout,
+                                 dq_layout)
+        for j in range(n_masked, n_m):
+            i = g * n_m + j
+            _plain_load(desc_q, desc_do, desc_lse, desc_delta, q_smem, do_smem, lse_smem, delta_smem, ready,
+                        i + NUM_STAGES - 1, total, b, kv_h, heads_q, group_size, padded_q, m_lo, n_m, BLOCK_M,
+                        NUM_STAGES)
+            m0 = (m_lo + j) * BLOCK_M
+            dk, dv = _plain_step(k_block, v_block, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, ready,
+                                 desc_dq, dq_acc_ptr, dk, dv, i, m0, row0 + m0, n0, qk_scale, seq_k, causal_offset,
+                                 BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, False, DQ_TMA, s_layout, op_layout,
+                                 dq_layout)
+
+    # Step 7c: dK (scaled) and dV from registers, as _bwd_consumer's Step 5a.
+    rows = gl.expand_dims(n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, kv_layout)), 1)
+    dcols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_layout)), 0)
+    keep = (rows < seq_k) & (dcols < head_dim)
+    dk_base = dk_ptr + b.to(gl.int64) * stride_dkb + kv_h.to(gl.int64) * stride_dkh
+    gl.store(dk_base + rows.to(gl.int64) * stride_dks + dcols, (dk * sm_scale).to(dk_ptr.dtype.element_ty),
+             mask=keep)
+    dv_base = dv_ptr + b.to(gl.int64) * stride_dvb + kv_h.to(gl.int64) * stride_dvh
+    gl.store(dv_base + rows.to(gl.int64) * stride_dvs + dcols, dv.to(dv_ptr.dtype.element_ty), mask=keep)
+    if DQ_TMA:
+        tma.store_wait(0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Step 8: the host side.
 # ---------------------------------------------------------------------------------------------------------------
 def _gl_dtype(dtype: torch.dtype):
     return {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16, torch.float32: gl.float32}[dtype]
@@ -562,6 +745,11 @@ def _constexprs(config: Sm90BwdConfig, head_dim: int, causal: bool) -> dict:
         raise ValueError("block_m is 64 or 128")
     if config.dq == "block" and config.num_consumers != 2:
         raise ValueError("the block dQ needs two consumers")
+    if not config.warp_specialize:
+        if config.num_consumers != 2 or config.dq != "block":
+            raise ValueError("without warp specialisation the program is two warpgroups with the block dQ")
+        return dict(BLOCK_M=config.block_m, HEAD_DIM=KERNEL_HEAD_DIM[head_dim], NUM_STAGES=config.num_stages,
+                    CAUSAL=causal, DQ_TMA=config.dq_write == "tma")
     if config.dq_split() == 1 and KERNEL_HEAD_DIM[head_dim] != 128:
         raise ValueError("the block dQ at BLOCK_M 64 splits the head dim in 64-column halves: the 128-wide kernel")
     return dict(BLOCK_M=config.block_m, HEAD_DIM=KERNEL_HEAD_DIM[head_dim], NUM_STAGES=config.num_stages,
@@ -617,13 +805,14 @@ def flash_attn_backward_sm90(grad_out, q, k, v, out, lse, *, causal: bool, scale
         grad_out.stride(1), grad_out.stride(2), heads_q, seq_q, padded_q, head_dim,
         BLOCK_M=prep_rows, BLOCK_D=triton.next_power_of_2(head_dim), DQ_WIDTH=width, num_warps=4)
     num_n_blocks = cdiv(seq_k, config.block_n)
-    compiled = _attn_bwd_sm90[(num_n_blocks * batch * heads_k, )](
+    kernel = _attn_bwd_sm90 if config.warp_specialize else _attn_bwd_sm90_plain
+    compiled = kernel[(num_n_blocks * batch * heads_k, )](
         _descriptor(q, block_m, width), _descriptor(k, config.block_n, width), _descriptor(v, config.block_n, width),
         _descriptor(grad_out, block_m, width), _row_descriptor(lse2, block_m), _row_descriptor(delta, block_m),
         _dq_descriptor(dq_acc, *config.dq_share(head_dim)), dq_acc, dk, dv,
         scale * LOG2E, scale, seq_q, seq_k, heads_q, heads_k, heads_q // heads_k, padded_q, num_n_blocks, head_dim,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        **_constexprs(config, head_dim, causal), num_warps=4)
+        **_constexprs(config, head_dim, causal), num_warps=4 if config.warp_specialize else 8)
     COMPILED[(config, head_dim, causal, q.dtype)] = compiled
     _bwd_dq_convert_kernel[(padded_q // prep_rows, batch * heads_q)](
         dq_acc, dq, dq.stride(0), dq.stride(1), dq.stride(2), heads_q, seq_q, padded_q, head_dim, scale,
@@ -656,9 +845,10 @@ def compile_sm90(config: Sm90BwdConfig, head_dim: int, *, causal: bool, dtype: t
                    desc_dq=mangle_type(_dq_descriptor(torch.empty(block_m, width, dtype=torch.float32),
                                                        *config.dq_share(head_dim))),
                    dq_acc_ptr="*fp32", qk_scale="fp32", sm_scale="fp32")
-    kernel = _attn_bwd_sm90
+    kernel = _attn_bwd_sm90 if config.warp_specialize else _attn_bwd_sm90_plain
     names = kernel.arg_names
     signature = {n: "constexpr" if n in constexprs else runtime.get(n, "i32") for n in names}
     source = GluonASTSource(kernel, signature, constexprs={(names.index(n), ): v for n, v in constexprs.items()},
                             attrs={(names.index(n), ): [["tt.divisibility", 16]] for n in names if n.endswith("_ptr")})
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=4 if config.warp_specialize else 8))
