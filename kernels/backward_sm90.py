@@ -41,6 +41,9 @@ The main kernel is warp-specialised (gl.warp_specialize):
   * Register reallocation: the producer drops to PRODUCER_REGS, the consumers rise to CONSUMER_REGS (consumer 0
     is the default partition, consumer 1 and the producer are workers).
 
+A variant without warp specialisation (warp_specialize=False, Step 7) runs the same steps in one 8-warp partition
+that owns the 128-key block as one tile and issues its own TMA loads NUM_STAGES - 1 query blocks ahead.
+
 dK (scaled by the softmax scale) and dV are stored straight from the accumulators, rows past Sk and columns past
 the head dim left out. dQ rows that no key reaches (causal with Sq > Sk) stay zero.
 """

@@ -100,8 +100,9 @@ def test_matches_float64(dtype, head_dim, causal, seq_q, seq_k, seed, poison_emp
 @pytest.mark.parametrize("index", range(MAX_CONFIGS))
 @pytest.mark.parametrize("causal", [False, True])
 def test_every_config(head_dim, index, causal, seed, poison_empty):
-    """Each candidate (dQ per block or per warpgroup, TMA reduce-add or atomics, stages, one or two consumers) on
-    GQA 32/8 in the projection layout with ragged ends, twice in a row (dQaccum starts from zero every call)."""
+    """Each candidate (dQ per block or per warpgroup, TMA reduce-add or atomics, stages, one or two consumers,
+    with and without warp specialisation) on GQA 32/8 in the projection layout with ragged ends, twice in a row
+    (dQaccum starts from zero every call)."""
     if index >= len(SM90_BWD_CONFIGS[head_dim]):
         pytest.skip("no such candidate")
     q, k, v = random_qkv(2, 32, 8, 700, 700, head_dim, torch.bfloat16, "cuda")
