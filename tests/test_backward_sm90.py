@@ -162,4 +162,5 @@ def test_eligibility():
     padded = torch.randn(1, 2, 16, 68, dtype=torch.float16, device="cuda")[..., :64]  # rows 136 bytes apart
     assert not sm90_backward_eligible(padded, q, k, v, q)  # grad_out
     assert not sm90_backward_eligible(q, q, k, v, padded)  # out
-    assert not sm90_backward_eligible(q, *random_qkv(1, 3, 2, 16, 16, 64, torch.float16, "cuda"), q)  # 3 % 2
+    q3, k2, v2 = random_qkv(1, 3, 2, 16, 16, 64, torch.float16, "cuda")
+    assert not sm90_backward_eligible(q3, q3, k2, v2, q3)  # 3 query heads over 2 K/V heads
