@@ -1,0 +1,166 @@
+"""The Gluon Hopper backward (kernels/backward_sm90.py) against float64 gradients on an sm90 GPU.
+
+FA2's rule for each of dq, dk, dv: |grad - ref64| <= 2 * |torch same-dtype grad - ref64| + eps, where ref64 is
+autograd through flashpatch.reference in float64 and the same-dtype grads are autograd through it in the inputs'
+dtype. The backward gets out (rounded to the inputs' dtype) and lse from float64, so only it is under test. Outputs
+are allocated by torch.empty, which the poison_empty fixture fills with NaN: an element the kernels fail to write
+shows. Compiling for sm90 without a GPU: scripts/sm90_backward_probe.py --compile-only.
+"""
+
+import random
+
+import pytest
+import torch
+
+from flashpatch.reference import reference_attention, visibility_mask
+from helpers import EPS, random_qkv
+
+try:
+    from flashpatch.kernels import backward_sm90
+except ImportError:  # an install of another checkout (without this kernel): only a GPU run must import it
+    if torch.cuda.is_available():
+        raise
+    pytest.skip("flashpatch.kernels has no backward_sm90 (an install of another checkout)", allow_module_level=True)
+
+from flashpatch.kernels.backward_sm90 import SM90_BWD_CONFIGS, flash_attn_backward_sm90, sm90_backward_eligible
+
+pytestmark = pytest.mark.gpu
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+needs_hopper = pytest.mark.skipif(not (HOPPER and backward_sm90.HAS_GLUON),
+                                  reason="needs an sm90 GPU and a Triton with Gluon")
+MAX_CONFIGS = max(len(configs) for configs in SM90_BWD_CONFIGS.values())
+
+
+@pytest.fixture
+def seed():
+    """Fresh inputs per test; the seed is printed, so a failure's captured output says how to replay it."""
+    value = random.randrange(2 ** 31)
+    torch.manual_seed(value)
+    print(f"seed {value}")
+    return value
+
+
+def bshd(t):
+    """The same values stored as [B, S, H, D] (as a projection leaves them) and viewed as [B, H, S, D]."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def forward_out_lse(q, k, v, causal, scale):
+    """What a forward hands the backward, from float64: out in q's dtype and layout, lse float32."""
+    out = torch.empty_like(q).copy_(reference_attention(q.double(), k.double(), v.double(), causal=causal,
+                                                        scale=scale))
+    group = q.shape[1] // k.shape[1]
+    scores = (q.double() @ k.double().repeat_interleave(group, 1).transpose(-1, -2)) * scale
+    mask = visibility_mask(q.shape[2], k.shape[2], causal=causal, key_padding_mask=None, device=q.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return out, torch.logsumexp(scores, -1).float()
+
+
+def autograd_grads(q, k, v, grad_out, causal, scale):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    reference_attention(*leaves, causal=causal, scale=scale).backward(grad_out)
+    return [t.grad for t in leaves]
+
+
+def check(q, k, v, causal, config=None):
+    scale = q.shape[-1] ** -0.5
+    grad_out = torch.randn_like(q)
+    out, lse = forward_out_lse(q, k, v, causal, scale)
+    if not sm90_backward_eligible(grad_out, q, k, v, out):
+        pytest.skip("the sm90 backward does not take these inputs")
+    ours = flash_attn_backward_sm90(grad_out, q, k, v, out, lse, causal=causal, scale=scale, config=config)
+    ref64 = autograd_grads(q.double(), k.double(), v.double(), grad_out.double(), causal, scale)
+    same = autograd_grads(q, k, v, grad_out, causal, scale)
+    for name, g, r, s, t in zip("qkv", ours, ref64, same, (q, k, v)):
+        assert g.shape == t.shape and g.dtype == t.dtype
+        assert g.stride() == t.stride(), f"d{name} is not laid out as {name}"
+        assert torch.isfinite(g).all(), f"d{name} has NaN/Inf (unwritten or broken rows)"
+        err = (g.double() - r).abs().max().item()
+        torch_err = (s.double() - r).abs().max().item()
+        assert err <= 2 * torch_err + EPS[q.dtype], f"d{name}: error {err:.3g} vs torch's own {torch_err:.3g}"
+    seq_q, seq_k = q.shape[2], k.shape[2]
+    if causal and seq_q > seq_k:  # bottom-right: the first Sq - Sk query rows see no key
+        assert (ours[0][:, :, :seq_q - seq_k] == 0).all(), "rows without keys must get a zero dq"
+
+
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seq_q,seq_k", [(1, 1), (17, 17), (255, 255), (1000, 1000), (77, 333), (300, 100),
+                                         (128, 2049)])
+def test_matches_float64(dtype, head_dim, causal, seq_q, seq_k, seed, poison_empty):
+    q, k, v = random_qkv(2, 4, 2, seq_q, seq_k, head_dim, dtype, "cuda")
+    check(q, k, v, causal)
+
+
+@needs_hopper
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("index", range(MAX_CONFIGS))
+@pytest.mark.parametrize("causal", [False, True])
+def test_every_config(head_dim, index, causal, seed, poison_empty):
+    """Each candidate (dQ per block or per warpgroup, TMA reduce-add or atomics, stages, one or two consumers,
+    with and without warp specialisation) on GQA 32/8 in the projection layout with ragged ends, twice in a row
+    (dQaccum starts from zero every call)."""
+    if index >= len(SM90_BWD_CONFIGS[head_dim]):
+        pytest.skip("no such candidate")
+    q, k, v = random_qkv(2, 32, 8, 700, 700, head_dim, torch.bfloat16, "cuda")
+    for _ in range(2):
+        check(bshd(q), bshd(k), bshd(v), causal, config=SM90_BWD_CONFIGS[head_dim][index])
+
+
+@needs_hopper
+@pytest.mark.parametrize("heads_q,heads_k", [(32, 8), (8, 1), (4, 4)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gqa_and_projection_layout(heads_q, heads_k, causal, dtype, seed, poison_empty):
+    """dk/dv summed over each K/V head's group of query heads; [B, S, H, D] memory in, the same layout out."""
+    q, k, v = random_qkv(2, heads_q, heads_k, 333, 513, 128, dtype, "cuda")
+    check(bshd(q), bshd(k), bshd(v), causal)
+
+
+@needs_hopper
+@pytest.mark.parametrize("seq_q,seq_k", [(300, 100), (129, 64), (1000, 1)])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_causal_rows_without_keys(seq_q, seq_k, head_dim, seed, poison_empty):
+    """Causal with Sq > Sk: the first Sq - Sk rows see no key (lse = -inf); their dq is exactly zero and no NaN
+    reaches the rows and keys that do take part."""
+    q, k, v = random_qkv(1, 8, 2, seq_q, seq_k, head_dim, torch.float16, "cuda")
+    check(bshd(q), bshd(k), bshd(v), True)
+
+
+@needs_hopper
+@pytest.mark.parametrize("head_dim", [80, 96])
+@pytest.mark.parametrize("causal", [False, True])
+def test_head_dims_80_96(head_dim, causal, seed, poison_empty):
+    """Served by the 128-wide kernel over descriptors of the true width (zero-filled loads, clipped stores)."""
+    q, k, v = random_qkv(2, 8, 2, 300, 300, head_dim, torch.bfloat16, "cuda")
+    check(bshd(q), bshd(k), bshd(v), causal)
+
+
+@needs_hopper
+@pytest.mark.parametrize("causal", [False, True])
+def test_long_rows_fp16(causal, seed, poison_empty):
+    """fp16 with many query blocks per key block and a ragged last key block (keys past Sk read as zeros by TMA
+    must get P = 0, not exp(-lse))."""
+    q, k, v = random_qkv(1, 4, 4, 2000, 1999, 128, torch.float16, "cuda")
+    check(q * 2, k * 2, v, causal)
+
+
+@needs_hopper
+def test_eligibility():
+    q, k, v = random_qkv(1, 2, 2, 16, 16, 64, torch.float16, "cuda")
+    assert sm90_backward_eligible(q, q, k, v, q) and sm90_backward_eligible(bshd(q), bshd(q), bshd(k), bshd(v), q)
+    assert not sm90_backward_eligible(q.float(), q.float(), k.float(), v.float(), q.float())
+    assert not sm90_backward_eligible(q, q, k.bfloat16(), v, q)  # mixed dtypes
+    for head_dim in (72, 256):
+        q2, k2, v2 = random_qkv(1, 2, 2, 16, 16, head_dim, torch.float16, "cuda")
+        assert not sm90_backward_eligible(q2, q2, k2, v2, q2)
+    q96, k96, v96 = random_qkv(1, 2, 2, 16, 16, 96, torch.float16, "cuda")
+    assert sm90_backward_eligible(q96, q96, k96, v96, q96)
+    padded = torch.randn(1, 2, 16, 68, dtype=torch.float16, device="cuda")[..., :64]  # rows 136 bytes apart
+    assert not sm90_backward_eligible(padded, q, k, v, q)  # grad_out
+    assert not sm90_backward_eligible(q, q, k, v, padded)  # out
+    q3, k2, v2 = random_qkv(1, 3, 2, 16, 16, 64, torch.float16, "cuda")
+    assert not sm90_backward_eligible(q3, q3, k2, v2, q3)  # 3 query heads over 2 K/V heads
