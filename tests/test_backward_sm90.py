@@ -7,24 +7,21 @@ are allocated by torch.empty, which the poison_empty fixture fills with NaN: an 
 shows. Compiling for sm90 without a GPU: scripts/sm90_backward_probe.py --compile-only.
 """
 
+import os
 import random
 
 import pytest
 import torch
 
+from flashpatch.kernels import backward_sm90
+from flashpatch.kernels.backward_sm90 import SM90_BWD_CONFIGS, flash_attn_backward_sm90, sm90_backward_eligible
 from flashpatch.reference import reference_attention, visibility_mask
 from helpers import EPS, random_qkv
 
-try:
-    from flashpatch.kernels import backward_sm90
-except ImportError:  # an install of another checkout (without this kernel): only a GPU run must import it
-    if torch.cuda.is_available():
-        raise
-    pytest.skip("flashpatch.kernels has no backward_sm90 (an install of another checkout)", allow_module_level=True)
-
-from flashpatch.kernels.backward_sm90 import SM90_BWD_CONFIGS, flash_attn_backward_sm90, sm90_backward_eligible
-
-pytestmark = pytest.mark.gpu
+# The kernel is not in the dispatch until these tests have passed on an sm90 GPU; until then they run on request.
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(os.environ.get("FLASHPATCH_SM90_BACKWARD") != "1",
+                                                  reason="the sm90 backward is not in the dispatch yet: "
+                                                         "FLASHPATCH_SM90_BACKWARD=1 runs its tests")]
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 needs_hopper = pytest.mark.skipif(not (HOPPER and backward_sm90.HAS_GLUON),
                                   reason="needs an sm90 GPU and a Triton with Gluon")
