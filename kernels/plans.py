@@ -178,11 +178,13 @@ def sm90_refusal(family, q, k, v, *, dropout_p, key_padding_mask, seqused_k, seg
 
 def sm90_candidates(family, q, k, v, **call) -> list:
     """The Gluon sm90 forward's configs where it can serve this call (`sm90_refusal` is None), else none."""
-    if sm90_refusal(family, q, k, v, **call) is not None:
-        return []
-    from . import forward_sm90
+    return [] if sm90_refusal(family, q, k, v, **call) is not None else _sm90_configs(q.shape[-1])
 
-    return list(forward_sm90.SM90_CONFIGS.get(head_dim_bucket(q.shape[-1]), ()))
+
+def _sm90_configs(head_dim: int) -> list:
+    from .forward_sm90 import SM90_CONFIGS
+
+    return list(SM90_CONFIGS.get(head_dim_bucket(head_dim), ()))
 
 
 def make_plan(q, k, v, *, causal, scale, key_padding_mask, dropout_p, seed, seqused_k, segment_ids, need_lse, family,
@@ -213,7 +215,7 @@ def make_plan(q, k, v, *, causal, scale, key_padding_mask, dropout_p, seed, sequ
         return noted(DecodePlan(q.shape, q.stride(), heads_k, q.dtype, causal=causal, scale=scale, **flags,
                           config=select_decode_config(family, head_dim, element_size), sm_count=sm_count,
                           need_lse=need_lse, split_warps=decode_split_warps(family, head_dim, element_size),
-                          **features), "few query rows: the decode kernel serves", keys="any")  # one plan as a cache grows
+                          **features), "few query rows: the decode kernel serves", keys="any")  # any cache length
     plain = key_padding_mask is None and seqused_k is None and segment_ids is None and not dropout_p
     plain_scores = band is None and not softcap and sinks is None  # what the TMA and Gluon kernels compute
 
@@ -244,15 +246,15 @@ def make_plan(q, k, v, *, causal, scale, key_padding_mask, dropout_p, seed, sequ
     refusal = sm90_refusal(family, q, k, v, dropout_p=dropout_p, key_padding_mask=key_padding_mask,
                            seqused_k=seqused_k, segment_ids=segment_ids, window=band, softcap=softcap, sinks=sinks)
     if refusal is None:
-        from .forward_sm90 import SM90_CONFIGS
-
-        candidates += SM90_CONFIGS.get(head_dim_bucket(head_dim), [])
+        candidates += _sm90_configs(head_dim)
     kind = "" if plain else "-masked"
     if not plain_scores:  # a window's band, tanh or the sink change what a tile costs: tuned apart
         kind += "-window" * (band is not None) + "-softcap" * bool(softcap) + "-sinks" * (sinks is not None)
     plan = plan_with(prefill_config(family, q, seq_k, causal, candidates, timed, plain, kind))
     if refusal is None and plan.kernel != Sm90Plan.kernel:
-        refusal = "timed slower for this length bucket" if autotune_enabled() else "FLASHPATCH_AUTOTUNE=0"
+        refusal = ("FLASHPATCH_AUTOTUNE=0" if not autotune_enabled()
+                   else "planned during CUDA graph capture (nothing timed)" if torch.cuda.is_current_stream_capturing()
+                   else "timed slower for this length bucket")
     return noted(plan, refusal)
 
 
