@@ -49,7 +49,6 @@ dK (scaled by the softmax scale) and dV are stored straight from the accumulator
 the head dim left out. dQ rows that no key reaches (causal with Sq > Sk) stay zero.
 """
 
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -57,33 +56,16 @@ import triton
 import triton.language as tl
 
 from .forward_tma import _descriptor_legal
+from .gluon_hopper import (HAS_GLUON, SHARED_MEMORY_LIMIT, TensorDescriptor, fence_async_shared, gl, gluon,
+                           mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+from .gluon_hopper import descriptor as _descriptor
+from .gluon_hopper import gl_dtype as _gl_dtype
+from .gluon_hopper import tma_load as _tma_load
+from .gluon_hopper import tma_store as _tma_store
 from .launch import cdiv
-
-try:
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                                  warpgroup_mma_wait)
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    # Written against Triton 3.6's Gluon (warp_specialize takes (function, args) pairs), as forward_sm90.py.
-    HAS_GLUON = "functions_and_args" in inspect.signature(gl.warp_specialize).parameters
-except ImportError:  # a Triton without Gluon: sm90_backward_eligible() is False and nothing here compiles
-
-    class _NoGluon:
-        constexpr = None
-
-        @staticmethod
-        def jit(fn=None, **_):
-            return fn if fn is not None else (lambda f: f)
-
-    gluon = gl = _NoGluon()
-    HAS_GLUON = False
+from .online_softmax import LOG2E
 
 if HAS_GLUON:
-    # Triton 3.6 names the TMA copies async_copy_global_to_shared / async_copy_shared_to_global; later releases
-    # call them async_load / async_store (and make the old names raise).
-    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
     if hasattr(tma, "async_atomic_add"):
         _tma_reduce_add = tma.async_atomic_add
     else:  # Triton 3.6 builds the TMA reduction (the op tl's descriptor atomic_add lowers to) but does not name it
@@ -96,12 +78,10 @@ if HAS_GLUON:
             _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord,
                                                       src.handle)
 
-LOG2E = 1.4426950408889634
 KEY_ROWS = 64  # keys per consumer warpgroup: one m64 wgmma row block of S^T
 _KEY_ROWS = tl.constexpr(KEY_ROWS)
 SM90_BWD_HEAD_DIMS = (64, 80, 96, 128)
 KERNEL_HEAD_DIM = {64: 64, 80: 128, 96: 128, 128: 128}
-SHARED_MEMORY_LIMIT = 232448  # bytes of shared memory one H100/H200 block may use (227 KB)
 DQ_SCHEMES = ("block", "wg")
 DQ_WRITES = ("tma", "atomic")
 
@@ -708,16 +688,6 @@ def _attn_bwd_sm90_plain(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, 
 # ---------------------------------------------------------------------------------------------------------------
 # Step 8: the host side.
 # ---------------------------------------------------------------------------------------------------------------
-def _gl_dtype(dtype: torch.dtype):
-    return {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16, torch.float32: gl.float32}[dtype]
-
-
-def _descriptor(t: torch.Tensor, rows: int, width: int | None = None):
-    """Over the [B, H, S, D] view as it is strided: no copy for a [B, S, H, D] projection either. `width`: the
-    block's head-dim extent (the kernel's), at least the tensor's; TMA zero-fills past the tensor's."""
-    block = [1, 1, rows, width or t.shape[-1]]
-    layout = gl.NVMMASharedLayout.get_default_for(block, _gl_dtype(t.dtype))
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
 
 
 def _row_descriptor(t: torch.Tensor, rows: int):
@@ -814,7 +784,8 @@ def flash_attn_backward_sm90(grad_out, q, k, v, out, lse, *, causal: bool, scale
         _descriptor(q, block_m, width), _descriptor(k, config.block_n, width), _descriptor(v, config.block_n, width),
         _descriptor(grad_out, block_m, width), _row_descriptor(lse2, block_m), _row_descriptor(delta, block_m),
         _dq_descriptor(dq_acc, *config.dq_share(head_dim)), dq_acc, dk, dv,
-        scale * LOG2E, scale, seq_q, seq_k, heads_q, heads_k, heads_q // heads_k, padded_q, num_n_blocks, head_dim,
+        scale * LOG2E.value, scale, seq_q, seq_k, heads_q, heads_k, heads_q // heads_k, padded_q, num_n_blocks,
+        head_dim,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         **_constexprs(config, head_dim, causal), num_warps=4 if config.warp_specialize else 8)
     COMPILED[(config, head_dim, causal, q.dtype)] = compiled

@@ -43,48 +43,25 @@ epilogue; "direct" stores O from registers with masked global stores (no buffer;
 zero-fill rows past Sq/Sk and columns past the head dim, TMA stores clip them, key columns past Sk are masked.
 """
 
-import inspect
 import math
 from dataclasses import dataclass
 
 import torch
 
 from .forward_tma import _descriptor_legal
+from .gluon_hopper import (HAS_GLUON, SHARED_MEMORY_LIMIT, TensorDescriptor, fence_async_shared, gl, gluon,
+                           mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+from .gluon_hopper import descriptor as _descriptor
+from .gluon_hopper import gl_dtype as _gl_dtype
+from .gluon_hopper import tma_load as _tma_load
+from .gluon_hopper import tma_store as _tma_store
+from .online_softmax import LOG2E
 
-try:
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                                  warpgroup_mma_wait)
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    # The kernel is written against Triton 3.6's Gluon, whose warp_specialize takes (function, args) pairs;
-    # earlier releases had another signature.
-    HAS_GLUON = "functions_and_args" in inspect.signature(gl.warp_specialize).parameters
-except ImportError:  # a Triton without Gluon: sm90_eligible() is False and nothing here compiles
-
-    class _NoGluon:
-        constexpr = None
-
-        @staticmethod
-        def jit(fn=None, **_):
-            return fn if fn is not None else (lambda f: f)
-
-    gluon = gl = _NoGluon()
-    HAS_GLUON = False
-
-if HAS_GLUON:
-    # Triton 3.6 names the TMA copies async_copy_global_to_shared / async_copy_shared_to_global; later releases
-    # call them async_load / async_store (and make the old names raise).
-    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
-
-LOG2E = 1.4426950408889634
 CONSUMER_ROWS = 64  # query rows per consumer warpgroup: one m64 wgmma row block
 NUM_CONSUMERS = 2  # consumer warpgroups per program unless a config says otherwise
 SM90_HEAD_DIMS = (64, 80, 96, 128, 256)
 # The kernel width that serves a head dim: 80 and 96 run the 128-wide kernel over descriptors of the true width.
 KERNEL_HEAD_DIM = {64: 64, 80: 128, 96: 128, 128: 128, 256: 256}
-SHARED_MEMORY_LIMIT = 232448  # bytes of shared memory one H100/H200 block may use (227 KB)
 L2_KV_BYTES = 32 << 20  # K/V bytes one causal L2 section keeps resident (H100/H200 have 50 MB of L2)
 EPILOGUES = ("q_tile", "o_tile", "direct")
 
@@ -746,16 +723,6 @@ def _attn_fwd_sm90(desc_q, desc_k, desc_v, desc_o, out_ptr, lse_ptr, counter_ptr
 # ---------------------------------------------------------------------------------------------------------------
 # Step 7: the host side.
 # ---------------------------------------------------------------------------------------------------------------
-def _gl_dtype(dtype: torch.dtype):
-    return {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[dtype]
-
-
-def _descriptor(t: torch.Tensor, rows: int, width: int | None = None):
-    """Over the [B, H, S, D] view as it is strided: no copy for a [B, S, H, D] projection either. `width`: the
-    block's head-dim extent (the kernel's), at least the tensor's; TMA zero-fills past the tensor's."""
-    block = [1, 1, rows, width or t.shape[-1]]
-    layout = gl.NVMMASharedLayout.get_default_for(block, _gl_dtype(t.dtype))
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
 
 
 _EPILOGUE_CODES = {name: i for i, name in enumerate(EPILOGUES)}
@@ -891,7 +858,7 @@ def flash_attn_forward_sm90(q, k, v, *, causal: bool, scale: float, need_lse: bo
         _descriptor(q, CONSUMER_ROWS, width), _descriptor(k, config.block_n, width),
         _descriptor(v, config.block_n, width), _descriptor(out, CONSUMER_ROWS, width), out, lse_arg, counter, kpm,
         seqused_k if seqused_k is not None else counter, segment_ids if segment_ids is not None else counter,
-        scale * LOG2E, seq_q, seq_k, heads_q, heads_q // heads_k, num_m_blocks, num_tiles, batch_heads,
+        scale * LOG2E.value, seq_q, seq_k, heads_q, heads_q // heads_k, num_m_blocks, num_tiles, batch_heads,
         _l2_heads(batch_heads, heads_q // heads_k, seq_k, head_dim, q.element_size()), out.stride(0),
         out.stride(1), out.stride(2), head_dim, kpm.stride(0) if key_padding_mask is not None else 0,
         segment_ids.stride(0) if segment_ids is not None else 0,
