@@ -49,10 +49,9 @@ from dataclasses import dataclass
 import torch
 
 from .forward_tma import _descriptor_legal
-from .gluon_hopper import (HAS_GLUON, SHARED_MEMORY_LIMIT, TensorDescriptor, fence_async_shared, gl, gluon,
-                           mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+from .gluon_hopper import (HAS_GLUON, SHARED_MEMORY_LIMIT, fence_async_shared, gl, gluon, mbarrier, tma,
+                           warpgroup_mma, warpgroup_mma_wait)
 from .gluon_hopper import descriptor as _descriptor
-from .gluon_hopper import gl_dtype as _gl_dtype
 from .gluon_hopper import tma_load as _tma_load
 from .gluon_hopper import tma_store as _tma_store
 from .online_softmax import LOG2E

@@ -1,4 +1,5 @@
 import os
+import random
 
 import pytest
 import torch
@@ -26,6 +27,15 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device():
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture
+def seed():
+    """Fresh inputs per test; the seed is printed, so a failure's captured output says how to replay it."""
+    value = random.randrange(2 ** 31)
+    torch.manual_seed(value)
+    print(f"seed {value}")
+    return value
 
 
 @pytest.fixture

@@ -1,5 +1,11 @@
-"""Shared checks: FA2's pass rule against a float64 reference."""
+"""Shared checks: FA2's pass rule against a float64 reference; layouts; compiling sm90 kernels without a GPU."""
 
+import json
+import os
+import subprocess
+import sys
+
+import pytest
 import torch
 
 from flashpatch.reference import reference_attention
@@ -29,3 +35,45 @@ def assert_fa2_rule(out, q, k, v, **kw):
     torch_err = (ref_same.double() - ref64).abs().max().item()
     assert err <= 2 * torch_err + EPS[q.dtype], f"error {err:.3g} vs torch's own {torch_err:.3g}"
     return err, torch_err
+
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+def bshd(t):
+    """The same values stored as [B, S, H, D] (as a projection leaves them) and viewed as [B, H, S, D]."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+# Errors that mean this Triton's Gluon API differs from the one the kernels are written for, not a broken kernel.
+API_MISMATCH = ("ImportError", "ModuleNotFoundError", "AttributeError", "TypeError")
+
+
+def compile_in_subprocess(script: str, cases) -> dict:
+    """Runs `script` (argv[1]: the cases as JSON) outside the interpreter conftest turns on without CUDA and merges
+    the JSON objects it prints, one line each; skips when it prints {"import_error": ...} (no Gluon here)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(cases)], capture_output=True, text=True, env=env,
+                          timeout=1800)
+    report = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("{"):
+            report.update(json.loads(line))
+    if "import_error" in report:
+        pytest.skip(f"cannot compile Gluon here: {report['import_error']}")
+    if done.returncode != 0 and not report:
+        pytest.fail(f"compile subprocess failed:\n{done.stderr[-3000:]}")
+    return report
+
+
+def compiled_row(report: dict, key: str) -> dict:
+    """One case's row of `compile_in_subprocess`, failing on a compile error and skipping on a Gluon API mismatch."""
+    import triton
+
+    row = report.get(key)
+    assert row is not None, "the compile subprocess stopped before this case"
+    if "error" in row:
+        if row["error_type"] in API_MISMATCH:
+            pytest.skip(f"Triton {triton.__version__}: Gluon API mismatch: {row['error']}")
+        pytest.fail(row["error"])
+    return row

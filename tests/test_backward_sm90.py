@@ -8,7 +8,6 @@ shows. Compiling for sm90 without a GPU: scripts/sm90_backward_probe.py --compil
 """
 
 import os
-import random
 
 import pytest
 import torch
@@ -16,30 +15,15 @@ import torch
 from flashpatch.kernels import backward_sm90
 from flashpatch.kernels.backward_sm90 import SM90_BWD_CONFIGS, flash_attn_backward_sm90, sm90_backward_eligible
 from flashpatch.reference import reference_attention, visibility_mask
-from helpers import EPS, random_qkv
+from helpers import EPS, HOPPER, bshd, random_qkv
 
 # The kernel is not in the dispatch until these tests have passed on an sm90 GPU; until then they run on request.
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(os.environ.get("FLASHPATCH_SM90_BACKWARD") != "1",
                                                   reason="the sm90 backward is not in the dispatch yet: "
                                                          "FLASHPATCH_SM90_BACKWARD=1 runs its tests")]
-HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 needs_hopper = pytest.mark.skipif(not (HOPPER and backward_sm90.HAS_GLUON),
                                   reason="needs an sm90 GPU and a Triton with Gluon")
 MAX_CONFIGS = max(len(configs) for configs in SM90_BWD_CONFIGS.values())
-
-
-@pytest.fixture
-def seed():
-    """Fresh inputs per test; the seed is printed, so a failure's captured output says how to replay it."""
-    value = random.randrange(2 ** 31)
-    torch.manual_seed(value)
-    print(f"seed {value}")
-    return value
-
-
-def bshd(t):
-    """The same values stored as [B, S, H, D] (as a projection leaves them) and viewed as [B, H, S, D]."""
-    return t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def forward_out_lse(q, k, v, causal, scale):

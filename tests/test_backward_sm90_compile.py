@@ -3,14 +3,10 @@ ptxas): every config, causal and not, within shared memory, with wgmma and TMA i
 them all, outside the interpreter conftest turns on without CUDA. On a Triton whose Gluon API differs from the one
 the kernel is written for (3.6's), the cases skip."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
 from flashpatch.kernels.backward_sm90 import SHARED_MEMORY_LIMIT, SM90_BWD_CONFIGS
+from helpers import compile_in_subprocess, compiled_row
 
 CASES = [(d, i, causal) for d in sorted(SM90_BWD_CONFIGS) for i in range(len(SM90_BWD_CONFIGS[d]))
          for causal in (False, True)]
@@ -36,36 +32,17 @@ for d, i, causal in json.loads(sys.argv[1]):
                "error_type": type(e).__name__}
     print(json.dumps({f"{d}-{i}-{causal}": row}), flush=True)
 """
-API_MISMATCH = ("ImportError", "ModuleNotFoundError", "AttributeError", "TypeError")
 
 
 @pytest.fixture(scope="module")
 def compiled():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, json.dumps(CASES)], capture_output=True, text=True,
-                          env=env, timeout=1800)
-    report = {}
-    for line in done.stdout.splitlines():
-        if line.startswith("{"):
-            report.update(json.loads(line))
-    if "import_error" in report:
-        pytest.skip(f"cannot compile Gluon here: {report['import_error']}")
-    if done.returncode != 0 and not report:
-        pytest.fail(f"compile subprocess failed:\n{done.stderr[-3000:]}")
-    return report
+    return compile_in_subprocess(COMPILE_SCRIPT, CASES)
 
 
 @pytest.mark.parametrize("head_dim,index,causal", CASES,
                          ids=[f"d{d}-{SM90_BWD_CONFIGS[d][i].label()}-{'causal' if c else 'full'}"
                               for d, i, c in CASES])
 def test_compiles_for_sm90(head_dim, index, causal, compiled):
-    import triton
-
-    row = compiled.get(f"{head_dim}-{index}-{causal}")
-    assert row is not None, "the compile subprocess stopped before this case"
-    if "error" in row:
-        if row["error_type"] in API_MISMATCH:
-            pytest.skip(f"Triton {triton.__version__}: Gluon API mismatch: {row['error']}")
-        pytest.fail(row["error"])
+    row = compiled_row(compiled, f"{head_dim}-{index}-{causal}")
     assert 0 < row["shared"] <= SHARED_MEMORY_LIMIT
     assert row["wgmma"] > 0 and row["tma"] > 0

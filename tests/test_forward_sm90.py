@@ -6,12 +6,6 @@ candidate config (and the mask variants) with Triton's bundled ptxas and checks 
 of the dynamic schedule, and no spills inside the key loops).
 """
 
-import json
-import os
-import random
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -19,26 +13,11 @@ from flashpatch.kernels import forward_sm90
 from flashpatch.kernels.forward_sm90 import (KERNEL_HEAD_DIM, SHARED_MEMORY_LIMIT, SM90_CONFIGS,
                                              flash_attn_forward_sm90, sm90_eligible)
 from flashpatch.reference import visibility_mask
-from helpers import assert_fa2_rule, random_qkv
+from helpers import HOPPER, assert_fa2_rule, bshd, compile_in_subprocess, compiled_row, random_qkv
 
-HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 needs_hopper = pytest.mark.skipif(not (HOPPER and forward_sm90.HAS_GLUON),
                                   reason="needs an sm90 GPU and a Triton with Gluon")
 MAX_CONFIGS = max(len(configs) for configs in SM90_CONFIGS.values())
-
-
-@pytest.fixture
-def seed():
-    """Fresh inputs per test; the seed is printed, so a failure's captured output says how to replay it."""
-    value = random.randrange(2 ** 31)
-    torch.manual_seed(value)
-    print(f"seed {value}")
-    return value
-
-
-def bshd(t):
-    """The same values stored as [B, S, H, D] (as a projection leaves them) and viewed as [B, H, S, D]."""
-    return t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def expected_lse(q, k, causal, scale, **masks):
@@ -225,24 +204,9 @@ for d, i, causal, masks in cases:
     print(json.dumps({key: row}), flush=True)
 """
 
-# Errors that mean this Triton's Gluon API differs from the one the kernel is written for, not a broken kernel.
-API_MISMATCH = ("ImportError", "ModuleNotFoundError", "AttributeError", "TypeError")
-
-
 @pytest.fixture(scope="module")
 def compiled_report():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, json.dumps(COMPILE_CASES)], capture_output=True,
-                          text=True, env=env, timeout=1800)
-    report = {}
-    for line in done.stdout.splitlines():
-        if line.startswith("{"):
-            report.update(json.loads(line))
-    if "import_error" in report:
-        pytest.skip(f"cannot compile Gluon here: {report['import_error']}")
-    if done.returncode != 0 and not report:
-        pytest.fail(f"compile subprocess failed:\n{done.stderr[-3000:]}")
-    return report
+    return compile_in_subprocess(COMPILE_SCRIPT, COMPILE_CASES)
 
 
 @pytest.mark.parametrize("head_dim,index,causal,masks", COMPILE_CASES,
@@ -251,12 +215,7 @@ def compiled_report():
 def test_compiles_for_sm90(head_dim, index, causal, masks, compiled_report):
     import triton
 
-    row = compiled_report.get(f"{head_dim}-{index}-{causal}-{masks}")
-    assert row is not None, "the compile subprocess stopped before this case"
-    if "error" in row:
-        if row["error_type"] in API_MISMATCH:
-            pytest.skip(f"Triton {triton.__version__}: Gluon API mismatch: {row['error']}")
-        pytest.fail(row["error"])
+    row = compiled_row(compiled_report, f"{head_dim}-{index}-{causal}-{masks}")
     config = SM90_CONFIGS[head_dim][index]
     assert row["shared"] <= SHARED_MEMORY_LIMIT
     assert row["shared"] >= config.shared_bytes(head_dim)  # Q tiles, both rings (and the O tiles) are all there

@@ -6,14 +6,9 @@ import torch
 from flashpatch.kernels import TileConfig, flash_attn_forward
 from flashpatch.kernels import forward_tma
 from flashpatch.kernels.forward_tma import flash_attn_forward_tma, tma_eligible
-from helpers import assert_fa2_rule, random_qkv
+from helpers import assert_fa2_rule, bshd, random_qkv
 
 TMA_TILES = TileConfig(32, 16, 4, 1, tma=True)  # small tiles: short sequences still cross blocks and the diagonal
-
-
-def bshd(t):
-    """The same values stored as [B, S, H, D] (q from a projection) and viewed as [B, H, S, D]."""
-    return t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 @pytest.mark.parametrize("causal", [False, True])
