@@ -33,26 +33,21 @@ timing cell starts after --budget seconds.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from contextlib import contextmanager
 
 import torch
 
 os.environ.setdefault("FLASHPATCH_AUTOTUNE", "0")  # the portable forward's table row: no timing of candidates
-# This checkout's kernels, whatever an editable install elsewhere points flashpatch.kernels at.
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from kernels import backward_sm90  # noqa: E402
-from kernels.backward_sm90 import (SHARED_MEMORY_LIMIT, SM90_BWD_CONFIGS, default_config,  # noqa: E402
-                                   flash_attn_backward_sm90, sm90_backward_eligible)
+from flashpatch.kernels import backward_sm90  # noqa: E402
+from flashpatch.kernels.backward_sm90 import (SHARED_MEMORY_LIMIT, SM90_BWD_CONFIGS, default_config,  # noqa: E402
+                                              flash_attn_backward_sm90, sm90_backward_eligible)
+from probe_support import STATE, log, make_qkv, poisoned_empty, save, watchdog  # noqa: E402
 
 EPS = {torch.float16: 1e-4, torch.bfloat16: 1e-3}  # slack on FA2's 2x rule, as tests/helpers.py
 # (batch, heads_q, heads_k, seq_q, seq_k, layout): ragged tails, one key, Sq < Sk and Sq > Sk, GQA, many blocks.
@@ -61,20 +56,6 @@ CHECK_CASES = [(2, 4, 4, 1000, 1000, "bhsd"), (1, 2, 2, 1, 1, "bhsd"), (1, 2, 1,
                (2, 32, 8, 640, 640, "bshd"), (2, 8, 1, 200, 513, "bshd"), (1, 4, 4, 2048, 2048, "bshd")]
 BENCH_LENGTHS = (1024, 2048, 4096, 8192, 16384)
 HEADS = 32
-
-STATE = {"started": time.time(), "results": {}, "out": None}
-
-
-def log(msg: str) -> None:
-    print(f"[{time.time() - STATE['started']:6.1f}s] {msg}", flush=True)
-
-
-def save() -> None:
-    if STATE["out"]:
-        os.makedirs(os.path.dirname(os.path.abspath(STATE["out"])), exist_ok=True)
-        with open(STATE["out"], "w") as f:
-            json.dump(STATE["results"], f, indent=1, default=str)
-
 
 def variant_label(head_dim, config):
     return f"d{head_dim}:{config.label()}"
@@ -126,7 +107,7 @@ def ptxas_info(ptx: str) -> dict:
 
 
 def compile_report(config, head_dim, causal, dtype) -> dict:
-    from kernels.forward_sm90 import loop_census, ptx_census, resource_usage
+    from flashpatch.kernels.forward_sm90 import loop_census, ptx_census, resource_usage
 
     compiled = backward_sm90.compile_sm90(config, head_dim, causal=causal, dtype=dtype)
     loops = loop_census(compiled)
@@ -203,52 +184,6 @@ def run_compile_only(configs) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # GPU: checks
 # ---------------------------------------------------------------------------------------------------------------
-@contextmanager
-def watchdog(seconds: float, what: str):
-    """Exit the process (after saving) if the block does not finish: a hung kernel never returns."""
-    def fire():
-        log(f"HANG: {what} did not finish in {seconds:.0f} s; exiting (rerun with --skip for that config)")
-        STATE["results"]["hang"] = what
-        save()
-        os._exit(3)
-
-    timer = threading.Timer(seconds, fire)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-        torch.cuda.synchronize()
-    finally:
-        timer.cancel()
-
-
-@contextmanager
-def poisoned_empty():
-    """torch.empty returns NaN-filled tensors, so any element a kernel fails to write shows."""
-    real = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-
-    torch.empty = empty
-    try:
-        yield
-    finally:
-        torch.empty = real
-
-
-def make_qkv(batch, heads_q, heads_k, seq_q, seq_k, head_dim, dtype, layout, device="cuda"):
-    def one(heads, seq):
-        if layout == "bshd":  # what transformers hands over: [B, S, H, D] memory viewed as [B, H, S, D]
-            return torch.randn(batch, seq, heads, head_dim, device=device, dtype=dtype).transpose(1, 2)
-        return torch.randn(batch, heads, seq, head_dim, device=device, dtype=dtype)
-
-    return one(heads_q, seq_q), one(heads_k, seq_k), one(heads_k, seq_k)
-
-
 def reference_out_lse(q, k, v, causal, scale):
     """out (in q's dtype, q's layout) and lse (float32) from float64: what a forward would hand the backward."""
     from flashpatch.reference import reference_attention, visibility_mask
@@ -362,9 +297,9 @@ def run_bench(configs, head_dims, failed, hang_seconds, budget, batch_arg, token
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import flashpatch
-    from kernels.backward import flash_attn_backward
-    from kernels.config import select_backward_config
-    from kernels.forward_sm90 import flash_attn_forward_sm90
+    from flashpatch.kernels.backward import flash_attn_backward
+    from flashpatch.kernels.config import select_backward_config
+    from flashpatch.kernels.forward_sm90 import flash_attn_forward_sm90
 
     rows = STATE["results"].setdefault("bench", [])
     for head_dim in head_dims:

@@ -26,12 +26,9 @@ Usage (after `pip install --no-deps -e .`):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import threading
 import time
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from flashpatch.kernels import forward_sm90
 from flashpatch.kernels.forward_sm90 import SM90_CONFIGS, default_config, flash_attn_forward_sm90, sm90_eligible
 from flashpatch.reference import reference_attention, visibility_mask
+from probe_support import STATE, log, make_qkv, poisoned_empty, save, watchdog
 
 EPS = {torch.float16: 1e-4, torch.bfloat16: 1e-3}  # slack on FA2's 2x rule, as tests/helpers.py
 # (batch, heads_q, heads_k, seq_q, seq_k, layout): ragged tails, one key, Sq < Sk and Sq > Sk, GQA, many tiles.
@@ -49,66 +47,6 @@ CHECK_CASES = [(2, 4, 4, 1000, 1000, "bhsd"), (1, 2, 2, 1, 1, "bhsd"), (1, 2, 1,
                (2, 32, 8, 640, 640, "bshd"), (2, 8, 1, 200, 513, "bshd"), (1, 4, 4, 2048, 2048, "bshd")]
 BENCH_LENGTHS = (1024, 2048, 4096, 8192, 16384)
 BATCH, HEADS = 8, 32
-
-STATE = {"started": time.time(), "results": {}, "out": None}
-
-
-def log(msg: str) -> None:
-    print(f"[{time.time() - STATE['started']:6.1f}s] {msg}", flush=True)
-
-
-def save() -> None:
-    if STATE["out"]:
-        os.makedirs(os.path.dirname(os.path.abspath(STATE["out"])), exist_ok=True)
-        with open(STATE["out"], "w") as f:
-            json.dump(STATE["results"], f, indent=1, default=str)
-
-
-@contextmanager
-def watchdog(seconds: float, what: str):
-    """Exit the process (after saving) if the block does not finish: a hung kernel never returns."""
-    def fire():
-        log(f"HANG: {what} did not finish in {seconds:.0f} s; exiting (rerun with --skip for that config)")
-        STATE["results"]["hang"] = what
-        save()
-        os._exit(3)
-
-    timer = threading.Timer(seconds, fire)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-        torch.cuda.synchronize()
-    finally:
-        timer.cancel()
-
-
-@contextmanager
-def poisoned_empty():
-    """torch.empty returns NaN-filled tensors, so any element a kernel fails to write shows."""
-    real = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-
-    torch.empty = empty
-    try:
-        yield
-    finally:
-        torch.empty = real
-
-
-def make_qkv(batch, heads_q, heads_k, seq_q, seq_k, head_dim, dtype, layout):
-    def one(heads, seq):
-        if layout == "bshd":  # what transformers hands over: [B, S, H, D] memory viewed as [B, H, S, D]
-            return torch.randn(batch, seq, heads, head_dim, device="cuda", dtype=dtype).transpose(1, 2)
-        return torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=dtype)
-
-    return one(heads_q, seq_q), one(heads_k, seq_k), one(heads_k, seq_k)
-
 
 def expected_lse(q, k, causal, scale, **masks):
     group = q.shape[1] // k.shape[1]
