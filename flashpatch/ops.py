@@ -136,14 +136,13 @@ def reset_caches() -> None:
 
 def _backward(grad_out, q, k, v, out, lse, causal, scale, key_padding_mask, dropout_p, seed, segment_ids=None,
               window=None, softcap=None, sinks=None):
-    """(dq, dk, dv, dsinks or None) from the Triton backward."""
+    """(dq, dk, dv, dsinks or None) from the Triton backward the route picks for the device (kernels/plans.py)."""
     path, _, index = device_info(q)
-    config = kernels().select_backward_config(path.family, q.shape[-1], q.element_size())
     with device_guard(index):
-        dq, dk, dv, dsinks = kernels().flash_attn_backward(
-            grad_out, q, k, v, out, lse, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
-            config=config, dropout_p=dropout_p, seed=seed, segment_ids=segment_ids, window=window,
-            softcap=float(softcap or 0.0), sinks=sinks)
+        dq, dk, dv, dsinks = kernels().plans.backward(
+            grad_out, q, k, v, out, lse, causal=causal, scale=scale, family=path.family,
+            key_padding_mask=key_padding_mask, dropout_p=dropout_p, seed=seed, segment_ids=segment_ids,
+            window=window, softcap=softcap, sinks=sinks)
     return dq, dk, dv, (None if dsinks is None else dsinks.to(sinks.dtype))
 
 

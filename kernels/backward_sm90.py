@@ -5,8 +5,9 @@ It serves the plain backward on H100/H200 class GPUs: 16-bit q/k/v/out/grad_out 
 96 run the 128-wide kernel: TMA zero-fills the missing columns on load and clips them on store), GQA, bottom-right
 causal and ragged lengths. No masks, dropout, windows, softcapping or sinks, and no head dim 256 (two [64, 256]
 float32 accumulators are all of a warpgroup's registers): those stay with backward.py. Entry points:
-`sm90_backward_eligible` and `flash_attn_backward_sm90`. Not in the dispatch yet: every config compiles for sm90
-(scripts/sm90_backward_probe.py --compile-only); its GPU checks are tests/test_backward_sm90.py and the probe.
+`sm90_backward_eligible` and `flash_attn_backward_sm90`; kernels/plans.py's `backward` routes Hopper training
+calls here (FLASHPATCH_SM90_BACKWARD=0 keeps them on backward.py). GPU checks: tests/test_backward_sm90.py and
+scripts/sm90_backward_probe.py; compiling for sm90 without a GPU: the probe's --compile-only.
 
 Three launches:
 

@@ -19,8 +19,10 @@ import torch
 
 from .autotune import AUTOTUNER, time_ms, tune_key
 from .autotune import enabled as autotune_enabled
+from .backward import flash_attn_backward
 from .config import (SHORT_Q_BLOCK_M, TileConfig, decode_split_warps, decode_splits, head_dim_bucket,
-                     select_config, select_decode_config, tune_candidates, uses_decode_kernel)
+                     select_backward_config, select_config, select_decode_config, tune_candidates,
+                     uses_decode_kernel)
 from .decode import DecodePlan
 from .forward import ForwardPlan
 from .forward_tma import _descriptor_legal, flash_attn_forward_tma, tma_eligible
@@ -30,6 +32,10 @@ from .online_softmax import kernel_window
 # on the H200 on its own (tests/test_forward_sm90.py, scripts/sm90_forward_probe.py); serving whole models through
 # the autotuner becomes the default once the GPU suite has run with it.
 GLUON_SWITCH = "FLASHPATCH_GLUON"
+
+
+# "0" keeps sm90 backwards on the portable kernels (kernels/backward.py) instead of the Gluon sm90 backward.
+SM90_BACKWARD_SWITCH = "FLASHPATCH_SM90_BACKWARD"
 
 
 class PlanCache:
@@ -55,6 +61,7 @@ class PlanCache:
 
 
 PLANS = PlanCache()
+BACKWARDS: dict[str, dict] = {}  # the backward kernel each kind of call got, for plans_in_use
 
 
 @functools.lru_cache(maxsize=1024)  # a decode step asks every call: a cached answer costs a fifth of the rule's
@@ -187,6 +194,16 @@ def _sm90_configs(head_dim: int) -> list:
     return list(SM90_CONFIGS.get(head_dim_bucket(head_dim), ()))
 
 
+def call_summary(q, k, causal, key_padding_mask, seqused_k, segment_ids, band, softcap, sinks, dropout_p) -> dict:
+    """A kind of call in the words `plans_in_use` reports: shape, keys, dtype, causal, masks, features."""
+    return dict(q=tuple(q.shape), keys=k.shape[2], kv_heads=k.shape[1], dtype=str(q.dtype).removeprefix("torch."),
+                causal=causal, masks=[name for name, t in (("key_padding_mask", key_padding_mask),
+                                                          ("seqused_k", seqused_k), ("segment_ids", segment_ids))
+                                      if t is not None],
+                features=[name for name, on in (("window", band is not None), ("softcap", softcap),
+                                                ("sinks", sinks is not None), ("dropout", dropout_p)) if on])
+
+
 def make_plan(q, k, v, *, causal, scale, key_padding_mask, dropout_p, seed, seqused_k, segment_ids, need_lse, family,
               sm_count, window=None, softcap=None, sinks=None):
     """The plan for a validated call's kind: the decode kernel for few query rows, else a forward kernel with the
@@ -200,12 +217,7 @@ def make_plan(q, k, v, *, causal, scale, key_padding_mask, dropout_p, seed, sequ
     softcap = float(softcap or 0.0)
     flags = dict(has_kpm=key_padding_mask is not None, has_seqused=seqused_k is not None)
     features = dict(window=window, softcap=softcap, has_sinks=sinks is not None)
-    call = dict(q=tuple(q.shape), keys=seq_k, kv_heads=heads_k, dtype=str(q.dtype).removeprefix("torch."),
-                causal=causal, masks=[name for name, t in (("key_padding_mask", key_padding_mask),
-                                                          ("seqused_k", seqused_k), ("segment_ids", segment_ids))
-                                      if t is not None],
-                features=[name for name, on in (("window", band is not None), ("softcap", softcap),
-                                                ("sinks", sinks is not None), ("dropout", dropout_p)) if on])
+    call = call_summary(q, k, causal, key_padding_mask, seqused_k, segment_ids, band, softcap, sinks, dropout_p)
 
     def noted(plan, why_not_gluon: str | None, **call_changes):
         plan.call, plan.why_not_gluon = dict(call, **call_changes), why_not_gluon
@@ -258,11 +270,59 @@ def make_plan(q, k, v, *, causal, scale, key_padding_mask, dropout_p, seed, sequ
     return noted(plan, refusal)
 
 
+def sm90_backward_refusal(family, grad_out, q, k, v, out, *, key_padding_mask, dropout_p, segment_ids, window,
+                          softcap, sinks) -> str | None:
+    """Why the Gluon sm90 backward (kernels/backward_sm90.py) does not serve this backward, in a few words, or None
+    when it does: Hopper, Gluon, 16-bit, head dim 64/80/96/128, descriptor-legal views, no masks, dropout, window,
+    softcapping or sinks, deterministic algorithms off (its dQ adds land in any order), and
+    FLASHPATCH_SM90_BACKWARD not "0"."""
+    if family != "sm90":
+        return "not a Hopper (sm90) GPU"
+    for feature, present in (("a key padding mask", key_padding_mask is not None), ("dropout", dropout_p),
+                             ("segment ids", segment_ids is not None), ("a sliding window", window is not None),
+                             ("softcapping", softcap), ("sinks", sinks is not None)):
+        if present:
+            return f"{feature} (the portable backward serves it)"
+    if os.environ.get(SM90_BACKWARD_SWITCH) == "0":
+        return f"{SM90_BACKWARD_SWITCH}=0"
+    if torch.are_deterministic_algorithms_enabled():
+        return "deterministic algorithms requested (its dQ adds land in any order)"
+    from . import backward_sm90
+
+    if not backward_sm90.HAS_GLUON:
+        return "this Triton has no Gluon"
+    if not backward_sm90.sm90_backward_eligible(grad_out, q, k, v, out):
+        return "dtype, head dim or strides (16-bit, head dim 64/80/96/128, TMA-legal views)"
+    return None
+
+
+def backward(grad_out, q, k, v, out, lse, *, causal, scale, family, key_padding_mask=None, dropout_p=0.0, seed=0,
+             segment_ids=None, window=None, softcap=None, sinks=None):
+    """(dq, dk, dv, dsinks or None) for a forward's (out, lse): the Gluon sm90 backward where it serves the call
+    (`sm90_backward_refusal` is None), else the portable backward with the tile table's row. Each kind of call's
+    choice is listed by `plans_in_use`."""
+    refusal = sm90_backward_refusal(family, grad_out, q, k, v, out, key_padding_mask=key_padding_mask,
+                                    dropout_p=dropout_p, segment_ids=segment_ids, window=window, softcap=softcap,
+                                    sinks=sinks)
+    band = kernel_window(causal, window)
+    call = call_summary(q, k, causal, key_padding_mask, None, segment_ids, band, softcap, sinks, dropout_p)
+    BACKWARDS[repr(call)] = dict(call, kernel="portable-backward" if refusal else "gluon-sm90-backward",
+                                 why_not_gluon=refusal)
+    if refusal is None:
+        from .backward_sm90 import flash_attn_backward_sm90
+
+        return (*flash_attn_backward_sm90(grad_out, q, k, v, out, lse, causal=causal, scale=scale), None)
+    config = select_backward_config(family, q.shape[-1], q.element_size())
+    return flash_attn_backward(grad_out, q, k, v, out, lse, causal=causal, scale=scale,
+                               key_padding_mask=key_padding_mask, config=config, dropout_p=dropout_p, seed=seed,
+                               segment_ids=segment_ids, window=window, softcap=float(softcap or 0.0), sinks=sinks)
+
+
 def plans_in_use() -> list[dict]:
     """The kinds of call this process has planned: each call's shape, dtype, masks and features, the kernel that
-    serves it and, where that is not the Gluon sm90 forward, why."""
+    serves it and, where that is not a Gluon sm90 kernel, why; forward plans first, then the backwards run."""
     return [dict(plan.call, kernel=plan.kernel, why_not_gluon=plan.why_not_gluon) for plan in PLANS.plans.values()
-            if hasattr(plan, "call")]
+            if hasattr(plan, "call")] + list(BACKWARDS.values())
 
 
 def prefill_config(family: str, q, seq_k: int, causal: bool, candidates: list, timed, plain: bool,
@@ -281,4 +341,5 @@ def prefill_config(family: str, q, seq_k: int, causal: bool, candidates: list, t
 def reset() -> None:
     """Forget every plan and tile choice held in memory (tests; a changed FLASHPATH_AUTOTUNE or FLASHPATCH_TMA)."""
     PLANS.clear()
+    BACKWARDS.clear()
     AUTOTUNER.choices.clear()

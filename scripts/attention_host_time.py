@@ -7,10 +7,16 @@ for the call's kind in place. Only public entry points are used, so the script t
 
 Usage (GPU): python3 scripts/attention_host_time.py [--calls 2000]
 
---python-only (any machine, GPU-free): the Python part of the decode call alone. The kernels run in Triton's
-interpreter once to make the plan, then every held plan's `run` is replaced by a stub returning a preallocated
-output, so what is timed is the adapter, validation and plan lookup (median of 7 timings of 20,000 calls). It
-reaches the plans through `flashpatch.kernels.plans.PLANS`, or `flashpatch.ops._PLANS` in older checkouts.
+--python-only (any machine, GPU-free): the Python part of both calls alone. The kernels run in Triton's interpreter
+once per call to make its plan, then that plan's `run` is replaced by a stub returning a preallocated output, so
+what is timed is the adapter, validation and plan lookup (median of 7 timings of 20,000 calls). The decode call is
+the GPU row's (float32 on the CPU); the prefill call is a Llama-2-7B attention block (32 heads, head dim 128,
+vocabulary and MLP shrunk: the attention module is the same) with 128 bfloat16 tokens, causal, no mask, in the
+projections' [B, S, H, D] layout: like the GPU row's 512 tokens it has more query rows than the decode kernel takes
+(SHORT_Q_BLOCK_M), so it is a prefill plan keyed by its key length, looked up on every call before any validation.
+What the stub hides is which plan the GPU call gets (on an sm90 GPU the autotuner's choice: a pointer-kernel plan
+launched through flashpatch's cached launcher, or a TMA / Gluon one launched through Triton's own) and that launch.
+It reaches the plans through `flashpatch.kernels.plans.PLANS`, or `flashpatch.ops._PLANS` in older checkouts.
 """
 
 import argparse
@@ -54,23 +60,28 @@ def block(preset: str, heads: int, head_dim: int, seq_q: int, seq_k: int):
     return attention, q, k, v
 
 
-def python_part_us() -> float:
-    model = build_model("gpt2", layers=1, dtype=torch.float32, device="cpu")
+def held_plans() -> dict:
+    try:
+        from flashpatch.kernels.plans import PLANS
+        return PLANS.plans
+    except ImportError:
+        from flashpatch.ops import _PLANS
+        return _PLANS
+
+
+def python_part_us(preset: str, heads: int, head_dim: int, seq_q: int, seq_k: int, dtype, **overrides) -> float:
+    model = build_model(preset, layers=1, dtype=dtype, device="cpu", **overrides)
     attention = next(m for m in model.modules() if type(m).__name__.endswith("Attention"))
-    q = torch.randn(1, 1, 12, 64).transpose(1, 2)
-    k, v = (torch.randn(1, 600, 12, 64).transpose(1, 2) for _ in range(2))
+    q = torch.randn(1, seq_q, heads, head_dim, dtype=dtype).transpose(1, 2)
+    k, v = (torch.randn(1, seq_k, heads, head_dim, dtype=dtype).transpose(1, 2) for _ in range(2))
     flashpatch.apply(model, fallback="error")
     with torch.no_grad():
+        before = set(map(id, held_plans().values()))
         flashpatch_attention_forward(attention, q, k, v, None)  # makes the plan, in the interpreter
-        try:
-            from flashpatch.kernels.plans import PLANS
-            held = PLANS.plans.values()
-        except ImportError:
-            from flashpatch.ops import _PLANS
-            held = _PLANS.values()
-        out = torch.empty(1, 1, 12, 64)
-        for plan in held:
-            type(plan).run = lambda self, *args, **kwargs: (out, None)
+        made = [plan for plan in held_plans().values() if id(plan) not in before]
+        assert len(made) == 1, f"the first call made {len(made)} plans"
+        out = torch.empty(1, seq_q, heads, head_dim, dtype=dtype)
+        type(made[0]).run = lambda self, *args, **kwargs: (out, None)
         runs = []
         for _ in range(7):
             start = time.perf_counter()
@@ -83,10 +94,14 @@ def python_part_us() -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000)
-    parser.add_argument("--python-only", action="store_true", help="the decode call's Python part, on a CPU")
+    parser.add_argument("--python-only", action="store_true", help="the calls' Python part, on a CPU")
     args = parser.parse_args()
     if args.python_only:
-        print(f"flashpatch at {flashpatch.__file__}: decode call, Python part {python_part_us():.2f} us")
+        decode = python_part_us("gpt2", 12, 64, 1, 600, torch.float32)
+        prefill = python_part_us("llama2-7b", 32, 128, 128, 128, torch.bfloat16, vocab_size=256,
+                                 intermediate_size=256)
+        print(f"flashpatch at {flashpatch.__file__}: Python part, decode call {decode:.2f} us, "
+              f"prefill call {prefill:.2f} us")
         return
     print(f"torch {torch.__version__}, flashpatch at {flashpatch.__file__}, {torch.cuda.get_device_name()}")
     print("| call | transformers sdpa us | flashpatch adapter us | ratio |\n|---|---|---|---|")

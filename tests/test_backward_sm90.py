@@ -7,8 +7,6 @@ are allocated by torch.empty, which the poison_empty fixture fills with NaN: an 
 shows. Compiling for sm90 without a GPU: scripts/sm90_backward_probe.py --compile-only.
 """
 
-import os
-
 import pytest
 import torch
 
@@ -17,10 +15,7 @@ from flashpatch.kernels.backward_sm90 import SM90_BWD_CONFIGS, flash_attn_backwa
 from flashpatch.reference import reference_attention, visibility_mask
 from helpers import EPS, HOPPER, bshd, random_qkv
 
-# The kernel is not in the dispatch until these tests have passed on an sm90 GPU; until then they run on request.
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(os.environ.get("FLASHPATCH_SM90_BACKWARD") != "1",
-                                                  reason="the sm90 backward is not in the dispatch yet: "
-                                                         "FLASHPATCH_SM90_BACKWARD=1 runs its tests")]
+pytestmark = pytest.mark.gpu
 needs_hopper = pytest.mark.skipif(not (HOPPER and backward_sm90.HAS_GLUON),
                                   reason="needs an sm90 GPU and a Triton with Gluon")
 MAX_CONFIGS = max(len(configs) for configs in SM90_BWD_CONFIGS.values())

@@ -39,17 +39,25 @@ def test_second_gpu_device_guard():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
-def test_backward_real_sizes(dtype, head_dim, monkeypatch):
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("route", ["default", "portable"])
+def test_backward_real_sizes(dtype, head_dim, causal, route, monkeypatch):
+    """Through flashpatch.attention's autograd: the backward the route picks (on Hopper the Gluon sm90 backward for
+    head dims up to 128) and the portable one (FLASHPATCH_SM90_BACKWARD=0), each named by kernels_used()."""
     from flashpatch import ops
+    from flashpatch.kernels.plans import SM90_BACKWARD_SWITCH
     from flashpatch.reference import reference_attention
 
     monkeypatch.setattr(ops, "_reference_backward", lambda *a, **k: pytest.fail("PyTorch fallback ran"))
-    q, k, v = random_qkv(2, 16, 4, 1024, 1024, head_dim, dtype, "cuda")
+    if route == "portable":
+        monkeypatch.setenv(SM90_BACKWARD_SWITCH, "0")
+    ops.reset_caches()
+    q, k, v = random_qkv(2, 16, 4, 1000, 1000, head_dim, dtype, "cuda")
     grad_out = torch.randn_like(q)
 
     def grads(fn, *tensors):
         leaves = [t.detach().clone().requires_grad_() for t in tensors]
-        fn(*leaves, causal=True).backward(grad_out.to(leaves[0].dtype))
+        fn(*leaves, causal=causal).backward(grad_out.to(leaves[0].dtype))
         return [t.grad.double() for t in leaves]
 
     ours = grads(flashpatch.attention, q, k, v)
@@ -57,6 +65,9 @@ def test_backward_real_sizes(dtype, head_dim, monkeypatch):
     same = grads(reference_attention, q, k, v)
     for g, r, s in zip(ours, ref, same):
         assert (g - r).abs().max() <= 2 * (s - r).abs().max() + 1e-2
+    backward = [u for u in flashpatch.kernels_used() if u["kernel"].endswith("-backward")]
+    sm90 = torch.cuda.get_device_capability()[0] == 9 and route == "default" and head_dim <= 128
+    assert [u["kernel"] for u in backward] == ["gluon-sm90-backward" if sm90 else "portable-backward"], backward
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

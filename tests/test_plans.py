@@ -79,6 +79,48 @@ def test_the_gluon_refusal_names_its_reason(monkeypatch):
     assert plans.sm90_refusal("sm90", q, k, v, **call).startswith("off by default")
 
 
+def test_the_sm90_backward_refusal_names_its_reason(monkeypatch):
+    """Each reason a backward stays on the portable kernels, in the words kernels_used() reports; a plain Hopper
+    call is served (refusal None) unless switched off or deterministic algorithms are asked for."""
+    from flashpatch.kernels import backward_sm90
+
+    q = k = v = torch.zeros(1, 1, 64, 128, dtype=torch.bfloat16)
+    call = dict(key_padding_mask=None, dropout_p=0.0, segment_ids=None, window=None, softcap=None, sinks=None)
+    assert plans.sm90_backward_refusal("sm80", q, q, k, v, q, **call) == "not a Hopper (sm90) GPU"
+    for change, words in ((dict(key_padding_mask=torch.ones(1, 64, dtype=torch.bool)), "a key padding mask"),
+                          (dict(dropout_p=0.1), "dropout"), (dict(segment_ids=torch.zeros(1, 64)), "segment ids"),
+                          (dict(window=(63, 0)), "a sliding window"), (dict(softcap=30.0), "softcapping"),
+                          (dict(sinks=torch.zeros(1)), "sinks")):
+        assert plans.sm90_backward_refusal("sm90", q, q, k, v, q, **dict(call, **change)).startswith(words)
+    monkeypatch.setattr(backward_sm90, "HAS_GLUON", True)
+    monkeypatch.setattr(backward_sm90, "sm90_backward_eligible", lambda *tensors: False)
+    assert plans.sm90_backward_refusal("sm90", q, q, k, v, q, **call).startswith("dtype, head dim or strides")
+    monkeypatch.setattr(backward_sm90, "sm90_backward_eligible", lambda *tensors: True)
+    assert plans.sm90_backward_refusal("sm90", q, q, k, v, q, **call) is None
+    monkeypatch.setenv(plans.SM90_BACKWARD_SWITCH, "0")
+    assert plans.sm90_backward_refusal("sm90", q, q, k, v, q, **call) == "FLASHPATCH_SM90_BACKWARD=0"
+    monkeypatch.delenv(plans.SM90_BACKWARD_SWITCH)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert plans.sm90_backward_refusal("sm90", q, q, k, v, q, **call).startswith("deterministic")
+
+
+def test_kernels_used_lists_the_backward_of_each_kind_of_training_call(device):
+    """A backward is listed after the forward plans, with the kernel that ran it and why it was not the Gluon one."""
+    import flashpatch
+    from flashpatch import ops
+
+    ops.reset_caches()
+    q, k, v = (torch.randn(1, 2, 24, 16, device=device, requires_grad=True) for _ in range(3))
+    flashpatch.attention(q, k, v, causal=True).sum().backward()
+    backward = [u for u in flashpatch.kernels_used() if u["kernel"].endswith("-backward")]
+    assert backward == [dict(q=(1, 2, 24, 16), keys=24, kv_heads=2, dtype="float32", causal=True, masks=[],
+                             features=[], kernel="portable-backward", why_not_gluon=backward[0]["why_not_gluon"])]
+    assert backward[0]["why_not_gluon"] in ("not a Hopper (sm90) GPU", "dtype, head dim or strides (16-bit, head "
+                                            "dim 64/80/96/128, TMA-legal views)")
+    ops.reset_caches()
+    assert flashpatch.kernels_used() == []
+
+
 def test_kernels_used_lists_each_kind_of_call_with_its_kernel(device):
     import flashpatch
     from flashpatch import ops
