@@ -59,7 +59,7 @@ def gather_info() -> dict:
             from flashpatch.kernels import forward_sm90
             from flashpatch.kernels.plans import GLUON_SWITCH
 
-            info["sm90_gluon"] = {"available": forward_sm90.HAS_GLUON, "switch": f"{GLUON_SWITCH}=1 adds it to the candidates",
+            info["sm90_gluon"] = {"available": forward_sm90.HAS_GLUON, "switch": f"{GLUON_SWITCH}=0 leaves it out of the candidates",
                                   "candidates": {f"head_dim={d}": [c.label() for c in cands]
                                                  for d, cands in forward_sm90.SM90_CONFIGS.items()}}
         from flashpatch.kernels.autotune import cache_file, enabled

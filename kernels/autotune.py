@@ -84,11 +84,12 @@ class Autotuner:
 
     def pick(self, family: str, key: str, candidates: list[TileConfig], time_ms) -> TileConfig:
         """The fastest candidate for `key` (timing each with `time_ms(cfg)` the first time), or the first
-        candidate, the table's row, when tuning is off."""
+        candidate, the table's row, when tuning is off. A remembered choice that is not among this call's candidates
+        (another checkout's cache, a kernel switched off since) is timed afresh."""
         if not enabled() or len(candidates) == 1:
             return candidates[0]
         known = self._load(family)
-        if key in known:
+        if key in known and known[key] in candidates:
             return known[key]
         timings = []
         for cfg in candidates:

@@ -764,7 +764,7 @@ def _tile_counter(device: torch.device) -> torch.Tensor:
     """The dynamic schedule's tile counter: zero before every launch, as each launch leaves it. One per stream, so
     launches that may overlap never share one."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (index, torch.cuda.current_stream(index).cuda_stream)
+    key = (index, torch._C._cuda_getCurrentRawStream(index))
     if key not in _COUNTERS:
         _COUNTERS[key] = torch.zeros(1, device=device, dtype=torch.int32)
     return _COUNTERS[key]

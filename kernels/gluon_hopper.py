@@ -1,6 +1,7 @@
 """What the Gluon sm90 kernels (forward_sm90.py, backward_sm90.py) share: Gluon's Hopper layer as Triton 3.6 names it,
 stand-ins where Triton has no Gluon, and the host-side tensor descriptors over [B, H, S, D] views."""
 
+import functools
 import inspect
 
 import torch
@@ -42,9 +43,15 @@ def gl_dtype(dtype: torch.dtype):
     return {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16, torch.float32: gl.float32}[dtype]
 
 
+@functools.lru_cache(maxsize=64)
+def _shared_layout(rows: int, width: int, dtype: torch.dtype):
+    """The swizzled shared-memory layout of a [1, 1, rows, width] block, worked out once (about 5 us a call)."""
+    return gl.NVMMASharedLayout.get_default_for([1, 1, rows, width], gl_dtype(dtype))
+
+
 def descriptor(t: torch.Tensor, rows: int, width: int | None = None):
     """Over the [B, H, S, D] view as it is strided: no copy for a [B, S, H, D] projection either. `width`: the
     block's head-dim extent (the kernel's), at least the tensor's; TMA zero-fills past the tensor's."""
-    block = [1, 1, rows, width or t.shape[-1]]
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl_dtype(t.dtype))
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
+    width = width or t.shape[-1]
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, width],
+                            _shared_layout(rows, width, t.dtype))

@@ -28,9 +28,8 @@ from .forward import ForwardPlan
 from .forward_tma import _descriptor_legal, flash_attn_forward_tma, tma_eligible
 from .online_softmax import kernel_window
 
-# "1" adds the Gluon sm90 forward (kernels/forward_sm90.py) to sm90 calls' autotuning candidates. The kernel is proven
-# on the H200 on its own (tests/test_forward_sm90.py, scripts/sm90_forward_probe.py); serving whole models through
-# the autotuner becomes the default once the GPU suite has run with it.
+# "0" leaves the Gluon sm90 forward (kernels/forward_sm90.py) out of sm90 calls' autotuning candidates, so the portable
+# kernels serve alone (the Gluon kernel's GPU proof: tests/test_forward_sm90.py, scripts/sm90_forward_probe.py).
 GLUON_SWITCH = "FLASHPATCH_GLUON"
 
 
@@ -168,15 +167,15 @@ def sm90_refusal(family, q, k, v, *, dropout_p, key_padding_mask, seqused_k, seg
                  softcap=None, sinks=None) -> str | None:
     """Why the Gluon sm90 forward is not among this call's candidates, in a few words, or None when it is (Hopper,
     Gluon, 16-bit, its head dims, descriptor-legal views, no dropout, sliding window, softcapping or sinks, and
-    FLASHPATCH_GLUON=1). `window` as `kernel_window` gives it (None: bounds nothing)."""
+    FLASHPATCH_GLUON not "0"). `window` as `kernel_window` gives it (None: bounds nothing)."""
     if family != "sm90":
         return "not a Hopper (sm90) GPU"
     for feature, present in (("dropout", dropout_p), ("a sliding window", window is not None),
                              ("softcapping", softcap), ("sinks", sinks is not None)):
         if present:
             return f"{feature} (the portable kernels serve it)"
-    if os.environ.get(GLUON_SWITCH) != "1":
-        return f"off by default ({GLUON_SWITCH}=1 adds it)"
+    if os.environ.get(GLUON_SWITCH) == "0":
+        return f"{GLUON_SWITCH}=0"
     from . import forward_sm90
 
     return forward_sm90.sm90_refusal(q, k, v, key_padding_mask=key_padding_mask, seqused_k=seqused_k,

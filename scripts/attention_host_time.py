@@ -7,6 +7,12 @@ for the call's kind in place. Only public entry points are used, so the script t
 
 Usage (GPU): python3 scripts/attention_host_time.py [--calls 2000]
 
+The last column names what served the call after the warm-up: the kind of plan the call's kind left (`decode`,
+`portable`: launched through flashpatch's cached launcher; `tma`, `gluon-sm90`: through Triton's own launcher, tensor
+descriptors built per call), or "no plan" where every call takes the general route (1dcab52 with a TMA tile); the
+prefill row adds the autotuner's choice for its length bucket, which the disk cache (~/.cache/flashpatch, or
+FLASHPATCH_CACHE_DIR) may have brought from an earlier process, and the FLASHPATCH_* switches set.
+
 --python-only (any machine, GPU-free): the Python part of both calls alone. The kernels run in Triton's interpreter
 once per call to make its plan, then that plan's `run` is replaced by a stub returning a preallocated output, so
 what is timed is the adapter, validation and plan lookup (median of 7 timings of 20,000 calls). The decode call is
@@ -91,6 +97,22 @@ def python_part_us(preset: str, heads: int, head_dim: int, seq_q: int, seq_k: in
     return statistics.median(runs)
 
 
+def served_by(made: list) -> str:
+    """What the plans a row's calls left say of the route (older checkouts' plans have no `kernel` name)."""
+    if not made:
+        return "no plan: the general route every call"
+    return ", ".join(getattr(plan, "kernel", type(plan).__name__) for plan in made)
+
+
+def tuned(seq: int) -> str:
+    """The autotuner's choices held for this length bucket (loaded from disk or timed in this process)."""
+    from flashpatch.kernels import AUTOTUNER
+
+    bucket = f"-q{1 << (seq - 1).bit_length()}-k{1 << (seq - 1).bit_length()}"
+    return "; ".join(f"{key}: {cfg}" for family in AUTOTUNER.choices.values() for key, cfg in family.items()
+                     if bucket in key) or "none (tile table's row)"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000)
@@ -104,14 +126,20 @@ def main():
               f"prefill call {prefill:.2f} us")
         return
     print(f"torch {torch.__version__}, flashpatch at {flashpatch.__file__}, {torch.cuda.get_device_name()}")
-    print("| call | transformers sdpa us | flashpatch adapter us | ratio |\n|---|---|---|---|")
+    switches = {name: value for name, value in os.environ.items() if name.startswith("FLASHPATCH_")}
+    print(f"FLASHPATCH_* switches: {switches or 'none set'}")
+    print("| call | transformers sdpa us | flashpatch adapter us | ratio | served by |\n|---|---|---|---|---|")
     for name, shape in (("decode, GPT-2 block, 600 keys", ("gpt2", 12, 64, 1, 600)),
                         ("prefill, Llama-2-7B block, 512 tokens", ("llama2-7b", 32, 128, 512, 512))):
         module, q, k, v = block(*shape)
         with torch.no_grad():
             sdpa = host_us(lambda: sdpa_attention_forward(module, q, k, v, None, is_causal=True), args.calls)
+            before = set(map(id, held_plans().values()))
             ours = host_us(lambda: flashpatch_attention_forward(module, q, k, v, None), args.calls)
-        print(f"| {name} | {sdpa:.1f} | {ours:.1f} | {ours / sdpa:.2f} |", flush=True)
+        route = served_by([plan for plan in held_plans().values() if id(plan) not in before])
+        if shape[3] > 16:
+            route += f" (autotune: {tuned(shape[3])})"
+        print(f"| {name} | {sdpa:.1f} | {ours:.1f} | {ours / sdpa:.2f} | {route} |", flush=True)
 
 
 if __name__ == "__main__":

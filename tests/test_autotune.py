@@ -42,6 +42,19 @@ def test_picks_the_fastest_and_remembers_it_across_processes():
     assert Autotuner().pick("sm90", key, CANDIDATES, timer(times, again)) == fastest and again == []
 
 
+def test_a_remembered_choice_outside_the_candidates_is_timed_afresh():
+    """A choice on disk that this call cannot take (another checkout's cache, a kernel switched off since) never
+    serves it: the candidates are timed and the new choice replaces it."""
+    key = tune_key(128, "bfloat16", True, 512, 512)
+    Autotuner().pick("sm90", key, CANDIDATES[1:], timer({CANDIDATES[1]: 1.0, CANDIDATES[2]: 2.0}, []))
+    calls = []
+    times = {CANDIDATES[0]: 1.0, CANDIDATES[2]: 2.0}
+    assert Autotuner().pick("sm90", key, [CANDIDATES[0], CANDIDATES[2]], timer(times, calls)) == CANDIDATES[0]
+    assert calls == [CANDIDATES[0], CANDIDATES[2]]
+    assert Autotuner().pick("sm90", key, [CANDIDATES[0], CANDIDATES[2]], timer(times, calls)) == CANDIDATES[0]
+    assert len(calls) == 2
+
+
 def test_keys_bucket_lengths_and_separate_dtype_and_causality():
     assert tune_key(128, "bfloat16", True, 3000, 3000) == tune_key(128, "bfloat16", True, 4096, 2049)
     assert tune_key(128, "bfloat16", True, 3000, 3000) != tune_key(128, "bfloat16", True, 5000, 3000)

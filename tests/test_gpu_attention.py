@@ -279,7 +279,7 @@ def test_float32_rows_compile_fit_every_family_and_are_correct(head_dim, poison_
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_plans_route_plain_calls_to_the_gluon_forward_on_hopper(causal, head_dim, monkeypatch, poison_empty):
-    """On sm90 (FLASHPATCH_GLUON=1) the Gluon forward is an autotuning candidate of plain 16-bit calls; chosen, its
+    """On sm90 the Gluon forward is an autotuning candidate of plain 16-bit calls; chosen, its
     plan serves them
     (forward and the lse the backward reads), and a view its descriptors can't take runs the pointer kernel."""
     from flashpatch import ops
@@ -288,7 +288,7 @@ def test_plans_route_plain_calls_to_the_gluon_forward_on_hopper(causal, head_dim
     if torch.cuda.get_device_capability()[0] != 9 or not forward_sm90.HAS_GLUON:
         pytest.skip("needs a Hopper GPU and Triton's Gluon")
     ops.reset_caches()
-    monkeypatch.setenv(plans.GLUON_SWITCH, "1")
+    monkeypatch.delenv(plans.GLUON_SWITCH, raising=False)
     monkeypatch.setattr(AUTOTUNER, "pick", lambda family, key, candidates, timed: next(
         c for c in candidates if isinstance(c, forward_sm90.Sm90Config)))
     q = torch.randn(2, 700, 8, head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)  # transformers' layout

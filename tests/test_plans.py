@@ -40,10 +40,10 @@ def test_an_sm90_plan_serves_calls_in_transformers_layout_and_falls_back_for_vie
     assert calls[-1] == "pointer"
 
 
-@pytest.mark.parametrize("switch,expected", [(None, False), ("0", False), ("1", True)])
-def test_the_gluon_forward_joins_the_candidates_only_when_switched_on(monkeypatch, switch, expected):
-    """FLASHPATCH_GLUON=1 adds the Gluon sm90 configs to an sm90 call's autotuning candidates (where the kernel can
-    take the call); without it the portable kernels serve alone."""
+@pytest.mark.parametrize("switch,expected", [(None, True), ("0", False), ("1", True)])
+def test_the_gluon_forward_joins_the_candidates_unless_switched_off(monkeypatch, switch, expected):
+    """The Gluon sm90 configs are among an sm90 call's autotuning candidates (where the kernel can take the call);
+    with FLASHPATCH_GLUON=0 the portable kernels serve alone."""
     from flashpatch.kernels import forward_sm90
 
     monkeypatch.setattr(forward_sm90, "sm90_refusal", lambda q, k, v, **masks: None)
@@ -67,7 +67,7 @@ def test_the_gluon_refusal_names_its_reason(monkeypatch):
 
     q = k = v = torch.zeros(1, 1, 64, 128, dtype=torch.bfloat16)
     call = dict(dropout_p=0.0, key_padding_mask=None, seqused_k=None, segment_ids=None)
-    monkeypatch.setenv(plans.GLUON_SWITCH, "1")
+    monkeypatch.delenv(plans.GLUON_SWITCH, raising=False)
     assert plans.sm90_refusal("sm80", q, k, v, **call) == "not a Hopper (sm90) GPU"
     for change, words in ((dict(dropout_p=0.1), "dropout"), (dict(window=(63, 0)), "a sliding window"),
                           (dict(softcap=30.0), "softcapping"), (dict(sinks=torch.zeros(1)), "sinks")):
@@ -75,8 +75,8 @@ def test_the_gluon_refusal_names_its_reason(monkeypatch):
     assert plans.sm90_refusal("sm90", q, k, v, **call) in ("not a Hopper (sm90) GPU", "this Triton has no Gluon")
     monkeypatch.setattr(forward_sm90, "sm90_refusal", lambda q, k, v, **masks: None)
     assert plans.sm90_refusal("sm90", q, k, v, **call) is None
-    monkeypatch.delenv(plans.GLUON_SWITCH)
-    assert plans.sm90_refusal("sm90", q, k, v, **call).startswith("off by default")
+    monkeypatch.setenv(plans.GLUON_SWITCH, "0")
+    assert plans.sm90_refusal("sm90", q, k, v, **call) == "FLASHPATCH_GLUON=0"
 
 
 def test_the_sm90_backward_refusal_names_its_reason(monkeypatch):
