@@ -586,12 +586,16 @@ def _bench_kernels(lengths: str | None, head_dims: str, json_path: str | None, o
         raise UsageError("bench kernels needs a CUDA GPU (the CPU interpreter's speed means nothing)")
     from flashpatch.bench.kernels import run_kernel_tables
 
-    with _progress("forward, backward and decode kernels", None, out) as update:
-        tables, data = run_kernel_tables(length_list, dims, progress=update)
-    for title, text in tables:
+    def on_table(title, text, data):  # each table as it is done, and the JSON so far: a cut-short run keeps both
         out.print(title)
         out.print(text)
-    _write_json(data, json_path)
+        if json_path != "-":
+            _write_json(data, json_path)
+
+    with _progress("forward, backward and decode kernels", None, out) as update:
+        _, data = run_kernel_tables(length_list, dims, progress=update, on_table=on_table)
+    if json_path == "-":
+        _write_json(data, json_path)
 
 
 if __name__ == "__main__":
