@@ -117,6 +117,21 @@ def test_prompts_file(tmp_path):
     assert data["agreement"]["impls"]["flashpatch"]["top1_agreement"] >= 0.99
 
 
+def test_a_baseline_transformers_does_not_switch_to_is_unavailable_by_name(monkeypatch):
+    """A model whose attention transformers will not switch (GPT-J in 5.17 warns and stays eager) gets no row
+    labelled with an implementation it did not run."""
+    from flashpatch.bench.switch import each_implementation
+    from flashpatch.presets import build_model
+
+    model = build_model("tiny-llama", dtype=torch.float32, device=DEVICE, scale=2)
+    real = type(model).set_attn_implementation
+    monkeypatch.setattr(type(model), "set_attn_implementation", lambda self, name: real(self, name)
+                        if name != "sdpa" else None)
+    got = dict(each_implementation(model, ("eager", "sdpa")))
+    assert got["eager"] is None and got["flashpatch"] is None
+    assert got["sdpa"].startswith("unavailable: transformers keeps this model on")
+
+
 def test_agreement_sees_a_wrong_kernel(monkeypatch):
     """The teacher-forced check measures the attention: a kernel with the wrong scale shows up in it."""
     from flashpatch import adapter

@@ -21,9 +21,14 @@ def implementation_switcher(model, baselines):
     for name in baselines:
         try:
             model.set_attn_implementation(name)
-            names.append(name)
         except (ValueError, ImportError) as exc:
             unavailable[name] = f"unavailable: {exc}".splitlines()[0][:160]
+            continue
+        if model.config._attn_implementation != name:  # transformers warned and kept the model as it was (GPT-J)
+            unavailable[name] = (f"unavailable: transformers keeps this model on "
+                                 f"{model.config._attn_implementation!r} (no switching its attention)")
+        else:
+            names.append(name)
     model.set_attn_implementation(original)
 
     def switch(name):
