@@ -175,15 +175,33 @@ def text_tokens(loaded: LoadedModel, text: str, opts: VerifyOptions) -> list[int
     return ids
 
 
+@contextlib.contextmanager
+def exact_baseline(model, report: PatchReport):
+    """The model on an attention implementation that computes what its config asks, for the unpatched side; yields
+    that implementation's name. transformers' sdpa entry drops logit softcapping (SDPA has none), yet 5.17 lets
+    Gemma 2 load with it: there the baseline is eager. The model's own implementation is restored afterwards."""
+    original = model.config._attn_implementation
+    if report.features.get("softcap") and original == "sdpa":
+        model.set_attn_implementation("eager")
+    try:
+        yield model.config._attn_implementation
+    finally:
+        model.set_attn_implementation(original)
+
+
 def run_verify(loaded: LoadedModel, tokens: list[int], text_source: str, opts: VerifyOptions,
                progress: Callable[[int, int], None] | None = None) -> VerifyResult:
     """Unpatched vs patched over the same windows of `tokens` (`text_tokens`) and greedy generation."""
+    report = serving_report(loaded.model)
+    with exact_baseline(loaded.model, report) as baseline_impl:
+        return _compare(loaded, tokens, text_source, opts, progress, report, baseline_impl)
+
+
+def _compare(loaded, tokens, text_source, opts, progress, report, baseline_impl) -> VerifyResult:
     model = loaded.model
     device = next(model.parameters()).device
     ids = torch.tensor(tokens, device=device)
     windows = strided_windows(len(ids), opts.context, opts.stride)
-    baseline_impl = model.config._attn_implementation
-    report = serving_report(model)
     fallbacks = Counter()
 
     nll = {"base": 0.0, "patched": 0.0}

@@ -142,3 +142,22 @@ def test_windows_longer_than_the_models_positions_are_shortened():
     assert opts.fit_positions(SimpleNamespace(n_positions=4096)) is None and opts.context == 2048
     assert "using 1024" in opts.fit_positions(SimpleNamespace(max_position_embeddings=1024))
     assert (opts.context, opts.stride) == (1024, 1024)
+
+
+@pytest.mark.parametrize("impl,features,expected", [("sdpa", {"softcap": 2}, "eager"), ("sdpa", {}, "sdpa"),
+                                                    ("eager", {"softcap": 2}, "eager"),
+                                                    ("sdpa", {"sliding_window": 1}, "sdpa")])
+def test_the_baseline_computes_what_the_config_asks(impl, features, expected):
+    """sdpa drops logit softcapping (transformers 5.17 still loads Gemma 2 with it): verify's unpatched side runs
+    eager then, and the model gets its own implementation back afterwards."""
+    from types import SimpleNamespace
+
+    from flashpatch.patch import PatchReport
+    from flashpatch.verify import exact_baseline
+
+    model = SimpleNamespace(config=SimpleNamespace(_attn_implementation=impl))
+    model.set_attn_implementation = lambda name: setattr(model.config, "_attn_implementation", name)
+    report = PatchReport("M", "m", "m", True, impl, 1, 64, {}, features=features)
+    with exact_baseline(model, report) as baseline:
+        assert baseline == expected and model.config._attn_implementation == expected
+    assert model.config._attn_implementation == impl

@@ -2,7 +2,8 @@
 query_pre_attn_scalar ** -0.5 instead of head_dim ** -0.5; Gemma 2 also caps the scores,
 attn_logit_softcapping * tanh(scores / attn_logit_softcapping), after the scale.
 
-transformers refuses sdpa for Gemma 2 (it cannot softcap): calls flashpatch cannot serve fall back to eager.
+SDPA cannot softcap: transformers 5.24 refuses sdpa for Gemma 2, 5.17 loads it with sdpa and drops the cap. Calls
+flashpatch cannot serve fall back to eager.
 """
 
 from .base import ArchSpec, layer_features
