@@ -123,8 +123,9 @@ def _window_of(left: int, right: int):
 
 def kernels_used() -> list[dict]:
     """What served this process's attention calls, one entry per kind of call (shape, dtype, causal, masks, features):
-    `kernel` ("gluon-sm90", "portable", "tma" or "decode") and `why_not_gluon`, the reason the Gluon sm90 forward
-    did not serve it (None where it did). Calls of a kind not seen yet, or after `reset_caches`, are not listed."""
+    `kernel` ("gluon-sm90", "portable", "tma" or "decode" for forwards, then "gluon-sm90-backward" or
+    "portable-backward" for the backwards run) and `why_not_gluon`, the reason the Gluon sm90 kernel did not serve
+    it (None where it did). Calls of a kind not seen yet, or after `reset_caches`, are not listed."""
     return kernels().plans.plans_in_use()
 
 

@@ -60,7 +60,7 @@ class PlanCache:
 
 
 PLANS = PlanCache()
-BACKWARDS: dict[str, dict] = {}  # the backward kernel each kind of call got, for plans_in_use
+BACKWARDS: dict[str, dict] = {}  # the backward kernel each kind of call got, for plans_in_use (emptied as PLANS)
 
 
 @functools.lru_cache(maxsize=1024)  # a decode step asks every call: a cached answer costs a fifth of the rule's
@@ -305,6 +305,8 @@ def backward(grad_out, q, k, v, out, lse, *, causal, scale, family, key_padding_
                                     sinks=sinks)
     band = kernel_window(causal, window)
     call = call_summary(q, k, causal, key_padding_mask, None, segment_ids, band, softcap, sinks, dropout_p)
+    if len(BACKWARDS) >= PLANS.limit:
+        BACKWARDS.clear()
     BACKWARDS[repr(call)] = dict(call, kernel="portable-backward" if refusal else "gluon-sm90-backward",
                                  why_not_gluon=refusal)
     if refusal is None:
