@@ -3,8 +3,9 @@
 It serves the plain backward on H100/H200 class GPUs: 16-bit q/k/v/out/grad_out with descriptor-legal strides
 (the [B, S, H, D] projections transformers hands over, viewed as [B, H, S, D]), head dim 64, 80, 96 or 128 (80 and
 96 run the 128-wide kernel: TMA zero-fills the missing columns on load and clips them on store), GQA, bottom-right
-causal and ragged lengths. No masks, dropout, windows, softcapping or sinks, and no head dim 256 (two [64, 256]
-float32 accumulators are all of a warpgroup's registers): those stay with backward.py. Entry points:
+causal, ragged lengths and (warp-specialised configs) a key padding mask. No segment ids, dropout, windows,
+softcapping or sinks, and no head dim 256 (two [64, 256] float32 accumulators are all of a warpgroup's registers):
+those stay with backward.py. Entry points:
 `sm90_backward_eligible` and `flash_attn_backward_sm90`; kernels/plans.py's `backward` routes Hopper training
 calls here (FLASHPATCH_SM90_BACKWARD=0 keeps them on backward.py). GPU checks: tests/test_backward_sm90.py and
 scripts/sm90_backward_probe.py; compiling for sm90 without a GPU: the probe's --compile-only.
@@ -19,7 +20,8 @@ Three launches:
     memory and its dK, dV accumulators in registers, and walks the query blocks (BLOCK_M rows) of every query head
     of the K/V head's GQA group in turn: the group's dK/dV sums never leave registers (no float32 dK/dV buffer, no
     reduction launch; a program's work grows with the group). Causal programs skip the query blocks above their
-    keys, and only blocks that straddle the diagonal (or, non-causal, a key block past Sk) run the masked loop.
+    keys, and only blocks that straddle the diagonal (or, non-causal, a key block past Sk) run the masked loop;
+    with a key padding mask, every block of a consumer whose 64 keys hold padding does (P = 0 for padding keys).
   * convert (plain Triton): dq = dQaccum * scale in q's dtype and layout.
 
 The main kernel is warp-specialised (gl.warp_specialize):
@@ -275,10 +277,10 @@ def _bwd_producer(desc_q, desc_do, desc_k, desc_v, desc_lse, desc_delta, q_smem,
 @gluon.jit
 def _bwd_step(k_smem, v_tile, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, q_ready, do_ready, qdo_empty,
               ds_full, ds_free, desc_dq, dq_acc_ptr, dk, dv, i, m0, dq_row, n0w, qk_scale, seq_k, causal_offset,
-              WG: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
+              key_keep, WG: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
               NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, MASKED: gl.constexpr, DQ_SPLIT: gl.constexpr,
-              DQ_TMA: gl.constexpr, s_layout: gl.constexpr, op_layout: gl.constexpr, dq_layout: gl.constexpr,
-              dq_shape: gl.constexpr):
+              DQ_TMA: gl.constexpr, HAS_KPM: gl.constexpr, s_layout: gl.constexpr, op_layout: gl.constexpr,
+              dq_layout: gl.constexpr, dq_shape: gl.constexpr):
     stage = i % NUM_STAGES
     phase = (i // NUM_STAGES) & 1
     k_block = k_smem.reshape([NUM_CONSUMERS * _KEY_ROWS, HEAD_DIM])
@@ -307,6 +309,8 @@ def _bwd_step(k_smem, v_tile, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq
             visible = keys <= queries + (m0 + causal_offset - n0w)
         else:
             visible = keys < seq_k - n0w
+        if HAS_KPM:  # padding keys: P = 0 (the forward's lse left them out), so dK = dV = 0 there
+            visible = visible & key_keep
         p_t = gl.where(visible, p_t, 0.0)
     delta = delta_smem.index(stage).load(cols)
     ds_t = (p_t * (dp_t - gl.expand_dims(delta, 0))).to(q_tile.dtype)
@@ -373,10 +377,10 @@ def _bwd_step(k_smem, v_tile, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq
 def _bwd_consumer(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem,
                   ds_smem, dq_smem, kv_ready, q_ready, do_ready, qdo_empty, ds_full, ds_free, qk_scale, sm_scale,
                   seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks, head_dim, stride_dkb,
-                  stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
+                  stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, kpm_ptr, stride_mb, stride_mn,
                   WG: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
                   NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, DQ_SPLIT: gl.constexpr,
-                  DQ_TMA: gl.constexpr):
+                  DQ_TMA: gl.constexpr, HAS_KPM: gl.constexpr):
     # wgmma accumulators: 4 warps stacked along M (16 rows each), instruction N = the tile's N.
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_M, 16])
@@ -394,6 +398,17 @@ def _bwd_consumer(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, d
     m_lo, m_hi = _query_blocks(n0, seq_q, seq_k, BLOCK_M, CAUSAL)
     n_m = m_hi - m_lo
     n_masked = _masked_blocks(n0w, m_lo, m_hi, seq_q, seq_k, BLOCK_M, CAUSAL)
+    # The key padding mask of this consumer's 64 keys, read once: where one of them is padding every query block
+    # takes the masked step.
+    key_idx = n0w + gl.arange(0, _KEY_ROWS, layout=gl.SliceLayout(1, s_layout))
+    if HAS_KPM:
+        attend = gl.load(kpm_ptr + b.to(gl.int64) * stride_mb + key_idx.to(gl.int64) * stride_mn,
+                         mask=key_idx < seq_k, other=1)
+        n_padding = gl.sum(gl.where(attend == 0, 1, 0), axis=0)
+        n_masked = gl.where(n_padding > 0, n_m, n_masked)
+        key_keep = gl.expand_dims(attend != 0, 1)
+    else:
+        key_keep = gl.expand_dims(key_idx < seq_k, 1)  # not read
     v_tile = v_smem.reshape([NUM_CONSUMERS * _KEY_ROWS, HEAD_DIM]).slice(WG * _KEY_ROWS, _KEY_ROWS)
 
     dk = gl.zeros([_KEY_ROWS, HEAD_DIM], gl.float32, kv_layout)
@@ -405,16 +420,16 @@ def _bwd_consumer(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, d
             m0 = (m_lo + j) * BLOCK_M
             dk, dv = _bwd_step(k_smem, v_tile, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, q_ready,
                                do_ready, qdo_empty, ds_full, ds_free, desc_dq, dq_acc_ptr, dk, dv, g * n_m + j, m0,
-                               row0 + m0, n0w, qk_scale, seq_k, causal_offset, WG, BLOCK_M, HEAD_DIM, NUM_STAGES,
-                               NUM_CONSUMERS, CAUSAL, True, DQ_SPLIT, DQ_TMA, s_layout, op_layout, dq_layout,
-                               dq_shape)
+                               row0 + m0, n0w, qk_scale, seq_k, causal_offset, key_keep, WG, BLOCK_M, HEAD_DIM,
+                               NUM_STAGES, NUM_CONSUMERS, CAUSAL, True, DQ_SPLIT, DQ_TMA, HAS_KPM, s_layout,
+                               op_layout, dq_layout, dq_shape)
         for j in range(n_masked, n_m):
             m0 = (m_lo + j) * BLOCK_M
             dk, dv = _bwd_step(k_smem, v_tile, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, q_ready,
                                do_ready, qdo_empty, ds_full, ds_free, desc_dq, dq_acc_ptr, dk, dv, g * n_m + j, m0,
-                               row0 + m0, n0w, qk_scale, seq_k, causal_offset, WG, BLOCK_M, HEAD_DIM, NUM_STAGES,
-                               NUM_CONSUMERS, CAUSAL, False, DQ_SPLIT, DQ_TMA, s_layout, op_layout, dq_layout,
-                               dq_shape)
+                               row0 + m0, n0w, qk_scale, seq_k, causal_offset, key_keep, WG, BLOCK_M, HEAD_DIM,
+                               NUM_STAGES, NUM_CONSUMERS, CAUSAL, False, DQ_SPLIT, DQ_TMA, HAS_KPM, s_layout,
+                               op_layout, dq_layout, dq_shape)
 
     # Step 5a: dK (scaled) and dV, straight from registers; rows past Sk and columns past the head dim are not
     # stored.
@@ -436,13 +451,13 @@ def _bwd_consumer(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, d
 # Lengths, head counts and strides are not specialised on (== 1, multiple of 16): one compile per config and dtype.
 @gluon.jit(do_not_specialize=["seq_q", "seq_k", "heads_q", "heads_k", "group_size", "padded_q", "num_n_blocks",
                               "head_dim", "stride_dkb", "stride_dkh", "stride_dks", "stride_dvb", "stride_dvh",
-                              "stride_dvs"])
+                              "stride_dvs", "stride_mb", "stride_mn"])
 def _attn_bwd_sm90(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, desc_dq, dq_acc_ptr, dk_ptr, dv_ptr,
                    qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks, head_dim,
-                   stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
-                   BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
+                   stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, kpm_ptr, stride_mb,
+                   stride_mn, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
                    NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, DQ_SPLIT: gl.constexpr, DQ_TMA: gl.constexpr,
-                   CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                   HAS_KPM: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
     dtype: gl.constexpr = desc_q.dtype
     k_smem = gl.allocate_shared_memory(dtype, desc_k.block_type.shape, desc_k.layout)  # the whole key block
     v_smem = gl.allocate_shared_memory(dtype, desc_v.block_type.shape, desc_v.layout)
@@ -482,13 +497,15 @@ def _attn_bwd_sm90(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, desc_d
             (_bwd_consumer, (dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, do_smem, lse_smem,
                              delta_smem, ds_smem, dq_smem, kv_ready, q_ready, do_ready, qdo_empty, ds_full, ds_free,
                              qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks,
-                             head_dim, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, 0,
-                             BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, DQ_SPLIT, DQ_TMA)),
+                             head_dim, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
+                             kpm_ptr, stride_mb, stride_mn, 0, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS,
+                             CAUSAL, DQ_SPLIT, DQ_TMA, HAS_KPM)),
             (_bwd_consumer, (dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, do_smem, lse_smem,
                              delta_smem, ds_smem, dq_smem, kv_ready, q_ready, do_ready, qdo_empty, ds_full, ds_free,
                              qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks,
-                             head_dim, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, 1,
-                             BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, DQ_SPLIT, DQ_TMA)),
+                             head_dim, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
+                             kpm_ptr, stride_mb, stride_mn, 1, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS,
+                             CAUSAL, DQ_SPLIT, DQ_TMA, HAS_KPM)),
             (_bwd_producer, (desc_q, desc_do, desc_k, desc_v, desc_lse, desc_delta, q_smem, do_smem, k_smem, v_smem,
                              lse_smem, delta_smem, kv_ready, q_ready, do_ready, qdo_empty, seq_q, seq_k, heads_q,
                              heads_k, group_size, padded_q, num_n_blocks, BLOCK_M, NUM_STAGES, NUM_CONSUMERS,
@@ -499,8 +516,9 @@ def _attn_bwd_sm90(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, desc_d
             (_bwd_consumer, (dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, do_smem, lse_smem,
                              delta_smem, ds_smem, dq_smem, kv_ready, q_ready, do_ready, qdo_empty, ds_full, ds_free,
                              qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks,
-                             head_dim, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, 0,
-                             BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, DQ_SPLIT, DQ_TMA)),
+                             head_dim, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
+                             kpm_ptr, stride_mb, stride_mn, 0, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS,
+                             CAUSAL, DQ_SPLIT, DQ_TMA, HAS_KPM)),
             (_bwd_producer, (desc_q, desc_do, desc_k, desc_v, desc_lse, desc_delta, q_smem, do_smem, k_smem, v_smem,
                              lse_smem, delta_smem, kv_ready, q_ready, do_ready, qdo_empty, seq_q, seq_k, heads_q,
                              heads_k, group_size, padded_q, num_n_blocks, BLOCK_M, NUM_STAGES, NUM_CONSUMERS,
@@ -709,7 +727,7 @@ def _empty_as(t: torch.Tensor) -> torch.Tensor:
         [order.index(d) for d in range(t.dim())])
 
 
-def _constexprs(config: Sm90BwdConfig, head_dim: int, causal: bool) -> dict:
+def _constexprs(config: Sm90BwdConfig, head_dim: int, causal: bool, key_padding_mask: bool = False) -> dict:
     if config.num_consumers not in (1, 2):
         raise ValueError("num_consumers is 1 or 2")
     if config.dq not in DQ_SCHEMES or config.dq_write not in DQ_WRITES:
@@ -721,13 +739,15 @@ def _constexprs(config: Sm90BwdConfig, head_dim: int, causal: bool) -> dict:
     if not config.warp_specialize:
         if config.num_consumers != 2 or config.dq != "block":
             raise ValueError("without warp specialisation the program is two warpgroups with the block dQ")
+        if key_padding_mask:
+            raise ValueError("the kernel without warp specialisation takes no key padding mask")
         return dict(BLOCK_M=config.block_m, HEAD_DIM=KERNEL_HEAD_DIM[head_dim], NUM_STAGES=config.num_stages,
                     CAUSAL=causal, DQ_TMA=config.dq_write == "tma")
     if config.dq_split() == 1 and KERNEL_HEAD_DIM[head_dim] != 128:
         raise ValueError("the block dQ at BLOCK_M 64 splits the head dim in 64-column halves: the 128-wide kernel")
     return dict(BLOCK_M=config.block_m, HEAD_DIM=KERNEL_HEAD_DIM[head_dim], NUM_STAGES=config.num_stages,
                 NUM_CONSUMERS=config.num_consumers, CAUSAL=causal, DQ_SPLIT=config.dq_split(),
-                DQ_TMA=config.dq_write == "tma", CONSUMER_REGS=config.consumer_regs,
+                DQ_TMA=config.dq_write == "tma", HAS_KPM=key_padding_mask, CONSUMER_REGS=config.consumer_regs,
                 PRODUCER_REGS=config.producer_regs)
 
 
@@ -750,10 +770,12 @@ def sm90_backward_eligible(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
 
 
 def flash_attn_backward_sm90(grad_out, q, k, v, out, lse, *, causal: bool, scale: float,
-                             config: Sm90BwdConfig | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                             config: Sm90BwdConfig | None = None, key_padding_mask: torch.Tensor | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) for a forward that returned `out` and `lse` (float32 [B, Hq, Sq], natural log of the scaled
     scores' sum-exp, -inf for rows that saw no key). q, out, grad_out: [B, Hq, Sq, D]; k, v: [B, Hkv, Sk, D];
-    dq, dk, dv come in the layouts of q, k, v; dk/dv are summed over each K/V head's group of query heads."""
+    dq, dk, dv come in the layouts of q, k, v; dk/dv are summed over each K/V head's group of query heads.
+    key_padding_mask: bool [B, Sk], True = attend, as the forward had it (warp-specialised configs only)."""
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
     config = config or default_config(head_dim)
@@ -778,6 +800,11 @@ def flash_attn_backward_sm90(grad_out, q, k, v, out, lse, *, causal: bool, scale
         grad_out.stride(1), grad_out.stride(2), heads_q, seq_q, padded_q, head_dim,
         BLOCK_M=prep_rows, BLOCK_D=triton.next_power_of_2(head_dim), DQ_WIDTH=width, num_warps=4)
     num_n_blocks = cdiv(seq_k, config.block_n)
+    constexprs = _constexprs(config, head_dim, causal, key_padding_mask is not None)
+    masks = ()  # the plain kernel has no mask arguments
+    if config.warp_specialize:
+        kpm = dq_acc if key_padding_mask is None else key_padding_mask.view(torch.uint8)  # never read without HAS_KPM
+        masks = (kpm, *(kpm.stride() if key_padding_mask is not None else (0, 0)))
     kernel = _attn_bwd_sm90 if config.warp_specialize else _attn_bwd_sm90_plain
     compiled = kernel[(num_n_blocks * batch * heads_k, )](
         _descriptor(q, block_m, width), _descriptor(k, config.block_n, width), _descriptor(v, config.block_n, width),
@@ -785,9 +812,10 @@ def flash_attn_backward_sm90(grad_out, q, k, v, out, lse, *, causal: bool, scale
         _dq_descriptor(dq_acc, *config.dq_share(head_dim)), dq_acc, dk, dv,
         scale * LOG2E.value, scale, seq_q, seq_k, heads_q, heads_k, heads_q // heads_k, padded_q, num_n_blocks,
         head_dim,
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        **_constexprs(config, head_dim, causal), num_warps=4 if config.warp_specialize else 8)
-    COMPILED[(config, head_dim, causal, q.dtype)] = compiled
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), *masks,
+        **constexprs, num_warps=4 if config.warp_specialize else 8)
+    COMPILED[(config, head_dim, causal, q.dtype) + (("key_padding_mask", ) if key_padding_mask is not None else ())] = \
+        compiled
     _bwd_dq_convert_kernel[(padded_q // prep_rows, batch * heads_q)](
         dq_acc, dq, dq.stride(0), dq.stride(1), dq.stride(2), heads_q, seq_q, padded_q, head_dim, scale,
         BLOCK_M=prep_rows, DQ_WIDTH=width, num_warps=4)
@@ -797,7 +825,8 @@ def flash_attn_backward_sm90(grad_out, q, k, v, out, lse, *, causal: bool, scale
 # ---------------------------------------------------------------------------------------------------------------
 # Compiling without a GPU, for tests and inspection (Triton's bundled ptxas).
 # ---------------------------------------------------------------------------------------------------------------
-def compile_sm90(config: Sm90BwdConfig, head_dim: int, *, causal: bool, dtype: torch.dtype = torch.bfloat16):
+def compile_sm90(config: Sm90BwdConfig, head_dim: int, *, causal: bool, dtype: torch.dtype = torch.bfloat16,
+                 key_padding_mask: bool = False):
     """The main kernel compiled for an sm90 target as a launch with `config` would compile it."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -810,7 +839,7 @@ def compile_sm90(config: Sm90BwdConfig, head_dim: int, *, causal: bool, dtype: t
         return mangle_type(_descriptor(torch.empty(1, 1, rows, head_dim, dtype=dtype), rows, width))
 
     rows_t = torch.empty(block_m * 4, dtype=torch.float32)
-    constexprs = _constexprs(config, head_dim, causal)
+    constexprs = _constexprs(config, head_dim, causal, key_padding_mask)
     elem = {torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
     runtime = dict(desc_q=desc4(block_m), desc_k=desc4(config.block_n), desc_v=desc4(config.block_n),
                    desc_do=desc4(block_m), dk_ptr=elem, dv_ptr=elem,
@@ -818,7 +847,7 @@ def compile_sm90(config: Sm90BwdConfig, head_dim: int, *, causal: bool, dtype: t
                    desc_delta=mangle_type(_row_descriptor(rows_t, block_m)),
                    desc_dq=mangle_type(_dq_descriptor(torch.empty(block_m, width, dtype=torch.float32),
                                                        *config.dq_share(head_dim))),
-                   dq_acc_ptr="*fp32", qk_scale="fp32", sm_scale="fp32")
+                   dq_acc_ptr="*fp32", kpm_ptr="*u8", qk_scale="fp32", sm_scale="fp32")
     kernel = _attn_bwd_sm90 if config.warp_specialize else _attn_bwd_sm90_plain
     names = kernel.arg_names
     signature = {n: "constexpr" if n in constexprs else runtime.get(n, "i32") for n in names}

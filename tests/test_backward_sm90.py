@@ -21,33 +21,36 @@ needs_hopper = pytest.mark.skipif(not (HOPPER and backward_sm90.HAS_GLUON),
 MAX_CONFIGS = max(len(configs) for configs in SM90_BWD_CONFIGS.values())
 
 
-def forward_out_lse(q, k, v, causal, scale):
+def forward_out_lse(q, k, v, causal, scale, key_padding_mask=None):
     """What a forward hands the backward, from float64: out in q's dtype and layout, lse float32."""
     out = torch.empty_like(q).copy_(reference_attention(q.double(), k.double(), v.double(), causal=causal,
-                                                        scale=scale))
+                                                        scale=scale, key_padding_mask=key_padding_mask))
     group = q.shape[1] // k.shape[1]
     scores = (q.double() @ k.double().repeat_interleave(group, 1).transpose(-1, -2)) * scale
-    mask = visibility_mask(q.shape[2], k.shape[2], causal=causal, key_padding_mask=None, device=q.device)
+    mask = visibility_mask(q.shape[2], k.shape[2], causal=causal, key_padding_mask=key_padding_mask,
+                           device=q.device)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return out, torch.logsumexp(scores, -1).float()
 
 
-def autograd_grads(q, k, v, grad_out, causal, scale):
+def autograd_grads(q, k, v, grad_out, causal, scale, key_padding_mask=None):
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    reference_attention(*leaves, causal=causal, scale=scale).backward(grad_out)
+    out = reference_attention(*leaves, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
+    out.backward(grad_out)
     return [t.grad for t in leaves]
 
 
-def check(q, k, v, causal, config=None):
+def check(q, k, v, causal, config=None, key_padding_mask=None):
     scale = q.shape[-1] ** -0.5
     grad_out = torch.randn_like(q)
-    out, lse = forward_out_lse(q, k, v, causal, scale)
+    out, lse = forward_out_lse(q, k, v, causal, scale, key_padding_mask)
     if not sm90_backward_eligible(grad_out, q, k, v, out):
         pytest.skip("the sm90 backward does not take these inputs")
-    ours = flash_attn_backward_sm90(grad_out, q, k, v, out, lse, causal=causal, scale=scale, config=config)
-    ref64 = autograd_grads(q.double(), k.double(), v.double(), grad_out.double(), causal, scale)
-    same = autograd_grads(q, k, v, grad_out, causal, scale)
+    ours = flash_attn_backward_sm90(grad_out, q, k, v, out, lse, causal=causal, scale=scale, config=config,
+                                    key_padding_mask=key_padding_mask)
+    ref64 = autograd_grads(q.double(), k.double(), v.double(), grad_out.double(), causal, scale, key_padding_mask)
+    same = autograd_grads(q, k, v, grad_out, causal, scale, key_padding_mask)
     for name, g, r, s, t in zip("qkv", ours, ref64, same, (q, k, v)):
         assert g.shape == t.shape and g.dtype == t.dtype
         assert g.stride() == t.stride(), f"d{name} is not laid out as {name}"
@@ -55,6 +58,9 @@ def check(q, k, v, causal, config=None):
         err = (g.double() - r).abs().max().item()
         torch_err = (s.double() - r).abs().max().item()
         assert err <= 2 * torch_err + EPS[q.dtype], f"d{name}: error {err:.3g} vs torch's own {torch_err:.3g}"
+    if key_padding_mask is not None:  # padding keys get no gradient
+        padding = ~key_padding_mask[:, None, :, None]
+        assert (ours[1].masked_select(padding) == 0).all() and (ours[2].masked_select(padding) == 0).all()
     seq_q, seq_k = q.shape[2], k.shape[2]
     if causal and seq_q > seq_k:  # bottom-right: the first Sq - Sk query rows see no key
         assert (ours[0][:, :, :seq_q - seq_k] == 0).all(), "rows without keys must get a zero dq"
@@ -140,3 +146,44 @@ def test_eligibility():
     assert not sm90_backward_eligible(q, q, k, v, padded)  # out
     q3, k2, v2 = random_qkv(1, 3, 2, 16, 16, 64, torch.float16, "cuda")
     assert not sm90_backward_eligible(q3, q3, k2, v2, q3)  # 3 query heads over 2 K/V heads
+
+
+def padding_mask(kind: str, batch: int, seq_k: int) -> torch.Tensor:
+    """bool [B, Sk], True = attend: left or right padding of random lengths (batch 0 keeps every key, the last
+    keeps one or none), or random holes."""
+    if kind == "holes":
+        return torch.rand(batch, seq_k, device="cuda") > 0.3
+    lengths = torch.randint(1, seq_k + 1, (batch,), device="cuda")
+    lengths[0] = seq_k
+    lengths[-1] = 0 if kind == "right" else 1
+    keys = torch.arange(seq_k, device="cuda")[None]
+    return keys >= seq_k - lengths[:, None] if kind == "left" else keys < lengths[:, None]
+
+
+@needs_hopper
+@pytest.mark.parametrize("kind", ["left", "right", "holes"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("seq_q,seq_k", [(333, 513), (700, 700), (64, 1)])
+def test_key_padding_mask(kind, causal, head_dim, seq_q, seq_k, seed, poison_empty):
+    """P = 0 for padding keys in every query block of a key block that holds one (their dK, dV exactly zero); a
+    batch whose keys are all padding gets zero gradients, not NaN. GQA 8/2, the projection layout."""
+    q, k, v = random_qkv(3, 8, 2, seq_q, seq_k, head_dim, torch.bfloat16, "cuda")
+    check(bshd(q), bshd(k), bshd(v), causal, key_padding_mask=padding_mask(kind, 3, seq_k))
+
+
+@needs_hopper
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("index", range(MAX_CONFIGS))
+def test_key_padding_mask_every_config(head_dim, index, seed, poison_empty):
+    """Each warp-specialised candidate with a padded batch; the kernel without warp specialisation refuses one."""
+    if index >= len(SM90_BWD_CONFIGS[head_dim]):
+        pytest.skip("no such candidate")
+    config = SM90_BWD_CONFIGS[head_dim][index]
+    q, k, v = random_qkv(2, 8, 4, 500, 500, head_dim, torch.float16, "cuda")
+    mask = padding_mask("right", 2, 500)
+    if not config.warp_specialize:
+        with pytest.raises(ValueError, match="no key padding mask"):
+            check(q, k, v, False, config=config, key_padding_mask=mask)
+        return
+    check(q, k, v, False, config=config, key_padding_mask=mask)
