@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .config import BackwardConfig
-from .forward import dropout_keep, same_segment
+from .forward import dropout_keep, same_segment, segment_planes, segment_span
 from .launch import CachedLauncher, cdiv, next_power_of_2
 from .online_softmax import LOG2E, in_band, kernel_window, tanh, window_key_range
 
@@ -71,13 +71,16 @@ def _dkdv_steps(
     dk, dv, k, v, q_base, do_base, LSE, DELTA, seg_base, cols, offs_m, offs_d,
     stride_qm, stride_qd, stride_dom, stride_dod,
     qk_scale, seq_q, seq_k, head_dim, causal_offset, seed, row_head, dropout_p, start_m, end_m,
-    cap_log2, win_left, win_right,
+    seg_lo, seg_hi, cap_log2, win_left, win_right,
     BLOCK_M: tl.constexpr, MASK: tl.constexpr, BOUNDARY: tl.constexpr, HAS_SEG: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr = False,
     WINDOW: tl.constexpr = False,
 ):
-    """Accumulate dK^T-side sums over query blocks [start_m, end_m) of one query head. MASK: the causal diagonal, or
-    with WINDOW a band edge. BOUNDARY: this key block runs past seq_k (keys there get P = 0)."""
+    """Accumulate dK^T-side sums over the query blocks of [start_m, end_m) within [seg_lo, seg_hi) (the rows that
+    can share this key block's segments; seg_lo a multiple of BLOCK_M) of one query head. MASK: the causal
+    diagonal, or with WINDOW a band edge. BOUNDARY: this key block runs past seq_k (keys there get P = 0)."""
+    if HAS_SEG:
+        start_m, end_m = tl.maximum(start_m, seg_lo), tl.minimum(end_m, seg_hi)
     for m0 in range(start_m, end_m, BLOCK_M):
         rows = m0 + offs_m
         ld_mask = rows[None, :] < seq_q
@@ -125,7 +128,7 @@ def _flash_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    stride_mb, stride_mn, stride_sb,
+    stride_mb, stride_mn, stride_sb, stride_sp,
     num_heads_q, num_heads_k, group_size, seq_q, seq_k, head_dim, dropout_p, cap_log2, win_left, win_right, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -150,6 +153,9 @@ def _flash_bwd_dkdv_kernel(
     v = tl.load(V + b.to(tl.int64) * stride_vb + kv_h * stride_vh + cols[:, None] * stride_vn
                 + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
     seg_base = SEG + b * stride_sb
+    seg_lo, seg_hi = 0, seq_q
+    if HAS_SEG:  # only the query blocks of this key block's own sequences
+        seg_lo, seg_hi = segment_span(seg_base, stride_sp, n0, BLOCK_N, seq_k, BLOCK_M)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -180,29 +186,29 @@ def _flash_bwd_dkdv_kernel(
             dk, dv = _dkdv_steps(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, seg_base, cols,
                                  offs_m, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, seq_q, seq_k,
                                  head_dim, causal_offset, seed, b * num_heads_q + h, dropout_p, start_m, full_m,
-                                 cap_log2, win_left, win_right,
+                                 seg_lo, seg_hi, cap_log2, win_left, win_right,
                                  BLOCK_M, True, BOUNDARY, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, True)
             dk, dv = _dkdv_steps(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, seg_base, cols,
                                  offs_m, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, seq_q, seq_k,
                                  head_dim, causal_offset, seed, b * num_heads_q + h, dropout_p, full_m, full_end,
-                                 cap_log2, win_left, win_right,
+                                 seg_lo, seg_hi, cap_log2, win_left, win_right,
                                  BLOCK_M, False, BOUNDARY, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, True)
             dk, dv = _dkdv_steps(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, seg_base, cols,
                                  offs_m, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, seq_q, seq_k,
                                  head_dim, causal_offset, seed, b * num_heads_q + h, dropout_p, full_end, end_m,
-                                 cap_log2, win_left, win_right,
+                                 seg_lo, seg_hi, cap_log2, win_left, win_right,
                                  BLOCK_M, True, BOUNDARY, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, True)
         else:
             if CAUSAL:
                 dk, dv = _dkdv_steps(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, seg_base,
                                      cols, offs_m, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale,
                                      seq_q, seq_k, head_dim, causal_offset, seed, b * num_heads_q + h, dropout_p,
-                                     start_m, full_m, cap_log2, win_left, win_right,
+                                     start_m, full_m, seg_lo, seg_hi, cap_log2, win_left, win_right,
                                      BLOCK_M, True, False, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, False)
             dk, dv = _dkdv_steps(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, seg_base, cols,
                                  offs_m, offs_d, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, seq_q, seq_k,
                                  head_dim, causal_offset, seed, b * num_heads_q + h, dropout_p, full_m, end_m,
-                                 cap_log2, win_left, win_right,
+                                 seg_lo, seg_hi, cap_log2, win_left, win_right,
                                  BLOCK_M, False, BOUNDARY, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, False)
     if HAS_KPM:  # a padded key gets no gradient; nothing else in this program depends on it
         keep = tl.load(KPM + b * stride_mb + cols * stride_mn, mask=cols < seq_k, other=0) != 0
@@ -220,13 +226,16 @@ def _dq_steps(
     dq, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
     qk_scale, seq_k, head_dim, causal_offset, seed, row_head, dropout_p, start_n, end_n,
-    cap_log2, win_left, win_right,
+    seg_lo, seg_hi, cap_log2, win_left, win_right,
     BLOCK_N: tl.constexpr, MASK: tl.constexpr, BOUNDARY: tl.constexpr, HAS_KPM: tl.constexpr,
     HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr = False,
     WINDOW: tl.constexpr = False,
 ):
-    """Accumulate dQ over key blocks [start_n, end_n). MASK: the causal diagonal, or with WINDOW a band edge.
+    """Accumulate dQ over the key blocks of [start_n, end_n) within [seg_lo, seg_hi) (the keys that can share this
+    query block's segments; seg_lo a multiple of BLOCK_N). MASK: the causal diagonal, or with WINDOW a band edge.
     BOUNDARY: the blocks run past seq_k (keys there get P = 0)."""
+    if HAS_SEG:
+        start_n, end_n = tl.maximum(start_n, seg_lo), tl.minimum(end_n, seg_hi)
     for n0 in range(start_n, end_n, BLOCK_N):
         cols = n0 + offs_n
         ld_mask = (cols[None, :] < seq_k) & (offs_d[:, None] < head_dim)
@@ -269,7 +278,7 @@ def _flash_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    stride_mb, stride_mn, stride_sb,
+    stride_mb, stride_mn, stride_sb, stride_sp,
     num_heads_q, group_size, seq_q, seq_k, head_dim, dropout_p, cap_log2, win_left, win_right, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -299,6 +308,9 @@ def _flash_bwd_dq_kernel(
     v_base = V + b.to(tl.int64) * stride_vb + kv_h * stride_vh
     kpm_base = KPM + b * stride_mb
     seg_base = SEG + b * stride_sb
+    seg_lo, seg_hi = 0, seq_k
+    if HAS_SEG:  # only the key blocks of this query block's own sequences
+        seg_lo, seg_hi = segment_span(seg_base, stride_sp, m0, BLOCK_M, seq_q, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     causal_offset = seq_k - seq_q
@@ -306,15 +318,18 @@ def _flash_bwd_dq_kernel(
         lo, full_lo, full_hi, hi = window_key_range(m0, causal_offset, seq_k, win_left, win_right, BLOCK_M, BLOCK_N)
         dq = _dq_steps(dq, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
                        stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, seq_k, head_dim,
-                       causal_offset, seed, pid_bh, dropout_p, lo, full_lo, cap_log2, win_left, win_right,
+                       causal_offset, seed, pid_bh, dropout_p, lo, full_lo,
+                       seg_lo, seg_hi, cap_log2, win_left, win_right,
                        BLOCK_N, True, True, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, True)
         dq = _dq_steps(dq, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
                        stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, seq_k, head_dim,
-                       causal_offset, seed, pid_bh, dropout_p, full_lo, full_hi, cap_log2, win_left, win_right,
+                       causal_offset, seed, pid_bh, dropout_p, full_lo, full_hi,
+                       seg_lo, seg_hi, cap_log2, win_left, win_right,
                        BLOCK_N, False, False, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, True)
         dq = _dq_steps(dq, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
                        stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, seq_k, head_dim,
-                       causal_offset, seed, pid_bh, dropout_p, full_hi, hi, cap_log2, win_left, win_right,
+                       causal_offset, seed, pid_bh, dropout_p, full_hi, hi,
+                       seg_lo, seg_hi, cap_log2, win_left, win_right,
                        BLOCK_N, True, True, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, True)
     else:
         full_n = tl.cdiv(seq_k, BLOCK_N) * BLOCK_N
@@ -327,16 +342,18 @@ def _flash_bwd_dq_kernel(
             full_n = tl.minimum(tl.maximum(m0 + 1 + causal_offset, 0) // BLOCK_N * BLOCK_N, end_n)
             dq = _dq_steps(dq, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
                            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, seq_k, head_dim,
-                           causal_offset, seed, pid_bh, dropout_p, full_n, end_n, cap_log2, win_left, win_right,
+                           causal_offset, seed, pid_bh, dropout_p, full_n, end_n,
+                           seg_lo, seg_hi, cap_log2, win_left, win_right,
                            BLOCK_N, True, False, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, False)
         dq = _dq_steps(dq, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
                        stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, seq_k, head_dim,
-                       causal_offset, seed, pid_bh, dropout_p, 0, full_n, cap_log2, win_left, win_right,
+                       causal_offset, seed, pid_bh, dropout_p, 0, full_n, seg_lo, seg_hi, cap_log2, win_left, win_right,
                        BLOCK_N, False, False, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, False)
         if BOUNDARY:
             dq = _dq_steps(dq, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
                            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, seq_k, head_dim,
-                           causal_offset, seed, pid_bh, dropout_p, full_n, seq_k, cap_log2, win_left, win_right,
+                           causal_offset, seed, pid_bh, dropout_p, full_n, seq_k,
+                           seg_lo, seg_hi, cap_log2, win_left, win_right,
                            BLOCK_N, False, True, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, False)
 
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm
@@ -379,7 +396,10 @@ def flash_attn_backward(
                   DROPOUT=dropout_p > 0, SOFTCAP=bool(softcap), WINDOW=band is not None)
     lse = lse.contiguous()
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    seg, stride_sb = (delta, 0) if segment_ids is None else (segment_ids, segment_ids.stride(0))
+    seg, stride_sb, stride_sp = delta, 0, 0  # never read without HAS_SEG
+    if segment_ids is not None:
+        seg = segment_planes(segment_ids)
+        stride_sp, stride_sb = seg.stride(0), seg.stride(1)
     dkdv, dq_tiles = config.dkdv, config.dq
     # A ragged key length without the causal diagonal: the last key block masks keys past seq_k (BOUNDARY), the
     # rest need not. dK/dV: whole key blocks in one launch, the ragged block's programs in a second; dQ: a flag for
@@ -391,14 +411,14 @@ def flash_attn_backward(
         if blocks:
             _launch_dkdv((blocks, batch * heads_k),
                 q, k, v, grad_out, lse, delta, dk, dv, kpm, seg, qk_scale, scale,
-                *strides, *dk.stride(), *dv.stride(), stride_mb, stride_mn, stride_sb,
+                *strides, *dk.stride(), *dv.stride(), stride_mb, stride_mn, stride_sb, stride_sp,
                 heads_q, heads_k, heads_q // heads_k, seq_q, seq_k, head_dim, dropout_p, cap_log2, win_left,
                 win_right, seed,
                 BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, num_warps=dkdv.num_warps, num_stages=dkdv.num_stages,
                 BOUNDARY=boundary, **common)
     _launch_dq((cdiv(seq_q, dq_tiles.block_m), batch * heads_q),
         q, k, v, grad_out, lse, delta, dq, kpm, seg, qk_scale, scale,
-        *strides, *dq.stride(), stride_mb, stride_mn, stride_sb,
+        *strides, *dq.stride(), stride_mb, stride_mn, stride_sb, stride_sp,
         heads_q, heads_q // heads_k, seq_q, seq_k, head_dim, dropout_p, cap_log2, win_left, win_right, seed,
         BLOCK_M=dq_tiles.block_m, BLOCK_N=dq_tiles.block_n, num_warps=dq_tiles.num_warps,
         num_stages=dq_tiles.num_stages, BOUNDARY=band is None and not causal and seq_k % dq_tiles.block_n != 0,

@@ -34,6 +34,31 @@ def same_segment(seg_base, rows, cols, seq_len):
 
 
 @triton.jit
+def segment_span(seg_base, stride_sp, first, count, seq_len, BLOCK: tl.constexpr):
+    """[lo, hi): the positions whose segment ids the `count` positions from `first` can share, from
+    `segment_planes`' run bounds; lo rounded down to a multiple of BLOCK (the loops' step). Blocks outside it are
+    skipped: for packed sequences a tile meets only its own sequences' blocks."""
+    lo = tl.load(seg_base + stride_sp + first)
+    hi = tl.load(seg_base + 2 * stride_sp + tl.minimum(first + count, seq_len) - 1)
+    return lo // BLOCK * BLOCK, hi
+
+
+def segment_planes(segment_ids: torch.Tensor) -> torch.Tensor:
+    """int32 [3, B, S] for the kernels' SEG argument: the segment ids, then for each position the first and one past
+    the last position of its run of equal ids. In a row whose ids never decrease (packed sequences numbered in
+    order) a run is a whole segment, so a tile's runs bound the keys it can see; a row whose ids do decrease gets
+    [0, S) for every position (nothing skipped, the kernels' per-element test alone)."""
+    seg = segment_ids.to(torch.int32).contiguous()
+    batch, seq = seg.shape
+    planes = torch.empty((3, batch, seq), device=seg.device, dtype=torch.int32)
+    planes[0] = seg
+    ordered = (seg[:, 1:] >= seg[:, :-1]).all(dim=1, keepdim=True)
+    planes[1] = torch.where(ordered, torch.searchsorted(seg, seg, side="left", out_int32=True), 0)
+    planes[2] = torch.where(ordered, torch.searchsorted(seg, seg, side="right", out_int32=True), seq)
+    return planes
+
+
+@triton.jit
 def _attend_block(
     acc, l_i, m_i, q,
     k_base, v_base, kpm_base, seg_base,
@@ -92,7 +117,7 @@ def _flash_fwd_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    stride_mb, stride_mn, stride_sb,
+    stride_mb, stride_mn, stride_sb, stride_sp,
     num_heads, group_size, seq_q, seq_k, head_dim,
     split_len, stride_os, stride_ls, dropout_p, cap_log2, win_left, win_right, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -163,6 +188,11 @@ def _flash_fwd_kernel(
         unmasked_hi, hi = key_range(pid_m * BLOCK_M, causal_offset, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
         lo = pid_s * split_len  # this program's share of the keys (flash-decoding splits), a multiple of BLOCK_N
         hi = tl.minimum(hi, lo + split_len)
+        if HAS_SEG:  # only the key blocks of the tile's own sequences
+            seg_lo, seg_hi = segment_span(seg_base, stride_sp, pid_m * BLOCK_M, BLOCK_M, seq_q, BLOCK_N)
+            lo = tl.maximum(lo, seg_lo)
+            hi = tl.minimum(hi, seg_hi)
+            unmasked_hi = tl.minimum(unmasked_hi, hi // BLOCK_N * BLOCK_N)  # the masked loop starts on a block
         unmasked_hi = tl.maximum(tl.minimum(unmasked_hi, hi), lo)
 
         for start_n in range(lo, unmasked_hi, BLOCK_N):
@@ -302,13 +332,16 @@ class ForwardPlan:
             stride_mb, stride_mn = kpm.stride()
         else:
             kpm, stride_mb, stride_mn = out, 0, 0  # never read without HAS_KPM
-        stride_sb = 0 if segment_ids is None else segment_ids.stride(0)
+        seg, stride_sb, stride_sp = out, 0, 0  # never read without HAS_SEG
+        if segment_ids is not None:
+            seg = segment_planes(segment_ids)
+            stride_sp, stride_sb = seg.stride(0), seg.stride(1)
         kv_strides = (*k.stride(), *v.stride())
-        mask_strides = (stride_mb, stride_mn, stride_sb)
+        mask_strides = (stride_mb, stride_mn, stride_sb, stride_sp)
         _launch_forward.launch_planned(
             self.variants, self.grid,
             (q, k, v, o_dst, lse_dst, kpm, out if seqused_k is None else seqused_k,
-             out if segment_ids is None else segment_ids, out if sinks is None else sinks),
+             seg, out if sinks is None else sinks),
             (*self.head_scalars, *kv_strides, *self.out_scalars, *mask_strides, *self.tail_scalars, seed),
             self.constexprs, (*kv_strides, *mask_strides, seed))
         if splits > 1:

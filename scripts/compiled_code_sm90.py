@@ -18,7 +18,7 @@ from flashpatch.kernels.forward import _flash_fwd_kernel as kernel
 
 POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32", "KPM": "*fp32",
             "SEQUSED": "*fp32", "SEG": "*fp32", "SINKS": "*fp32"}
-UNALIGNED = ("stride_mb", "stride_mn", "stride_sb")  # the unused mask strides are 0 or 1 in a plain call
+UNALIGNED = ("stride_mb", "stride_mn", "stride_sb", "stride_sp")  # unused mask strides: 0 or 1 in a plain call
 
 
 def compile_sm90(block_m: int, block_n: int, num_warps: int, num_stages: int, causal: bool, head_dim: int = 128):

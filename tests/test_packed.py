@@ -96,3 +96,38 @@ def test_packed_batch_under_torch_compile_falls_back_correctly():
         torch._dynamo.reset()
         got = torch.compile(model, backend="eager", fullgraph=True)(ids, position_ids=positions, use_cache=False).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_segment_planes_bound_each_position_by_its_run():
+    """The kernels skip blocks outside a tile's runs: each position's run of equal ids is its segment where the ids
+    never decrease; a row whose ids decrease (a segment in two runs) gets the whole row."""
+    from flashpatch.kernels.forward import segment_planes
+
+    ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2], [5, 5, 7, 7, 7, 7, 9, 9], [0, 0, 1, 1, 0, 0, 2, 2]])
+    planes = segment_planes(ids)
+    assert planes.dtype == torch.int32 and planes.shape == (3, 3, 8) and planes.is_contiguous()
+    assert planes[0].tolist() == ids.tolist()
+    assert planes[1, 0].tolist() == [0, 0, 0, 3, 3, 5, 5, 5] and planes[2, 0].tolist() == [3, 3, 3, 5, 5, 8, 8, 8]
+    assert planes[1, 1].tolist() == [0, 0, 2, 2, 2, 2, 6, 6] and planes[2, 1].tolist() == [2, 2, 6, 6, 6, 6, 8, 8]
+    assert planes[1, 2].tolist() == [0] * 8 and planes[2, 2].tolist() == [8] * 8
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("layout", ["short", "one-long", "unordered", "split-segment"])
+def test_many_segments_forward_and_backward(layout, causal, device, poison_empty):
+    """Rows of many short sequences, so that most key (query) blocks lie outside a tile's sequences and are
+    skipped; one sequence spanning many blocks; ids that decrease; a segment id in two runs (nothing skipped)."""
+    seq = 203
+    lengths = {"short": [3, 17, 1, 30, 2, 45, 9, 64, 32], "one-long": [5, 190, 8]}.get(layout)
+    if lengths is not None:
+        ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None].repeat(2, 1)
+        ids[1] = ids[1].flip(0).neg() + ids[1].max()  # the same runs in reverse order, still non-decreasing
+    elif layout == "unordered":
+        ids = (torch.arange(seq) // 25 * 7 % 5)[None].repeat(2, 1)  # runs of 25 with ids 0, 2, 4, 1, 3, 0, ...
+    else:
+        ids = torch.cat([torch.zeros(60), torch.ones(80), torch.zeros(63)]).long()[None].repeat(2, 1)
+    ids = ids.to(device)
+    q, k, v = random_qkv(2, 4, 2, seq, seq, 32, torch.float32, device)
+    out = flashpatch.attention(q, k, v, causal=causal, segment_ids=ids)
+    assert_fa2_rule(out, q, k, v, causal=causal, segment_ids=ids)
+    check(q, k, v, causal=causal, segment_ids=ids)
