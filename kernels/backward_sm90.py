@@ -3,9 +3,9 @@
 It serves the plain backward on H100/H200 class GPUs: 16-bit q/k/v/out/grad_out with descriptor-legal strides
 (the [B, S, H, D] projections transformers hands over, viewed as [B, H, S, D]), head dim 64, 80, 96 or 128 (80 and
 96 run the 128-wide kernel: TMA zero-fills the missing columns on load and clips them on store), GQA, bottom-right
-causal, ragged lengths and (warp-specialised configs) a key padding mask. No segment ids, dropout, windows,
-softcapping or sinks, and no head dim 256 (two [64, 256] float32 accumulators are all of a warpgroup's registers):
-those stay with backward.py. Entry points:
+causal, ragged lengths and (warp-specialised configs) a key padding mask and packed segment ids. No dropout,
+windows, softcapping or sinks, and no head dim 256 (two [64, 256] float32 accumulators are all of a warpgroup's
+registers): those stay with backward.py. Entry points:
 `sm90_backward_eligible` and `flash_attn_backward_sm90`; kernels/plans.py's `backward` routes Hopper training
 calls here (FLASHPATCH_SM90_BACKWARD=0 keeps them on backward.py). GPU checks: tests/test_backward_sm90.py and
 scripts/sm90_backward_probe.py; compiling for sm90 without a GPU: the probe's --compile-only.
@@ -21,7 +21,9 @@ Three launches:
     of the K/V head's GQA group in turn: the group's dK/dV sums never leave registers (no float32 dK/dV buffer, no
     reduction launch; a program's work grows with the group). Causal programs skip the query blocks above their
     keys, and only blocks that straddle the diagonal (or, non-causal, a key block past Sk) run the masked loop;
-    with a key padding mask, every block of a consumer whose 64 keys hold padding does (P = 0 for padding keys).
+    with a key padding mask, every block of a consumer whose 64 keys hold padding does (P = 0 for padding keys);
+    with segment ids, the producer and the consumers visit only the query blocks of the key block's own packed
+    sequences (`segment_planes`' run bounds), every one of them masked by segment.
   * convert (plain Triton): dq = dQaccum * scale in q's dtype and layout.
 
 The main kernel is warp-specialised (gl.warp_specialize):
@@ -64,6 +66,7 @@ from .gluon_hopper import (HAS_GLUON, SHARED_MEMORY_LIMIT, TensorDescriptor, fen
 from .gluon_hopper import descriptor as _descriptor
 from .gluon_hopper import tma_load as _tma_load
 from .launch import cdiv
+from .forward import segment_planes
 from .online_softmax import LOG2E
 
 if HAS_GLUON:
@@ -228,6 +231,15 @@ def _query_blocks(n0, seq_q, seq_k, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr)
 
 
 @gluon.jit
+def _segment_query_blocks(m_lo, m_hi, seg_ptr, stride_sp, n0, seq_k, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr):
+    """[m_lo, m_hi) narrowed to the query blocks that hold rows of the key block's own packed sequences: the run
+    bounds of `segment_planes` (planes 1 and 2 of seg_ptr) at its first and last key."""
+    lo = gl.load(seg_ptr + stride_sp + n0)
+    hi = gl.load(seg_ptr + 2 * stride_sp + gl.minimum(n0 + BLOCK_N, seq_k) - 1)
+    return gl.maximum(m_lo, lo // BLOCK_M), gl.minimum(m_hi, (hi + BLOCK_M - 1) // BLOCK_M)
+
+
+@gluon.jit
 def _masked_blocks(n0w, m_lo, m_hi, seq_q, seq_k, BLOCK_M: gl.constexpr, CAUSAL: gl.constexpr):
     """How many of the query blocks [m_lo, m_hi) need a mask for the 64 keys from n0w: causal, those that do not
     see every one of them (they come first); otherwise all of them when some of the keys lie past Sk, else none."""
@@ -246,15 +258,18 @@ def _masked_blocks(n0w, m_lo, m_hi, seq_q, seq_k, BLOCK_M: gl.constexpr, CAUSAL:
 @gluon.jit
 def _bwd_producer(desc_q, desc_do, desc_k, desc_v, desc_lse, desc_delta, q_smem, do_smem, k_smem, v_smem, lse_smem,
                   delta_smem, kv_ready, q_ready, do_ready, qdo_empty, seq_q, seq_k, heads_q, heads_k, group_size,
-                  padded_q, num_n_blocks,
+                  padded_q, num_n_blocks, seg_ptr, stride_sb, stride_sp,
                   BLOCK_M: gl.constexpr, NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
-                  CAUSAL: gl.constexpr):
+                  CAUSAL: gl.constexpr, HAS_SEG: gl.constexpr):
     b, kv_h, n_block = _program_coords(heads_k, num_n_blocks)
     n0 = n_block * (_KEY_ROWS * NUM_CONSUMERS)
     mbarrier.expect(kv_ready, desc_k.block_type.nbytes + desc_v.block_type.nbytes)
     _tma_load(desc_k, [b, kv_h, n0, 0], kv_ready, k_smem)
     _tma_load(desc_v, [b, kv_h, n0, 0], kv_ready, v_smem)
     m_lo, m_hi = _query_blocks(n0, seq_q, seq_k, BLOCK_M, CAUSAL)
+    if HAS_SEG:  # the consumers narrow their loops alike
+        m_lo, m_hi = _segment_query_blocks(m_lo, m_hi, seg_ptr + b.to(gl.int64) * stride_sb, stride_sp, n0, seq_k,
+                                           _KEY_ROWS * NUM_CONSUMERS, BLOCK_M)
     n_m = m_hi - m_lo
     for i in range(group_size * n_m):
         h = kv_h * group_size + i // n_m
@@ -277,10 +292,10 @@ def _bwd_producer(desc_q, desc_do, desc_k, desc_v, desc_lse, desc_delta, q_smem,
 @gluon.jit
 def _bwd_step(k_smem, v_tile, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, q_ready, do_ready, qdo_empty,
               ds_full, ds_free, desc_dq, dq_acc_ptr, dk, dv, i, m0, dq_row, n0w, qk_scale, seq_k, causal_offset,
-              key_keep, WG: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
-              NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, MASKED: gl.constexpr, DQ_SPLIT: gl.constexpr,
-              DQ_TMA: gl.constexpr, HAS_KPM: gl.constexpr, s_layout: gl.constexpr, op_layout: gl.constexpr,
-              dq_layout: gl.constexpr, dq_shape: gl.constexpr):
+              key_keep, key_seg, seg_row, seq_q, WG: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+              NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, MASKED: gl.constexpr,
+              DQ_SPLIT: gl.constexpr, DQ_TMA: gl.constexpr, HAS_KPM: gl.constexpr, HAS_SEG: gl.constexpr,
+              s_layout: gl.constexpr, op_layout: gl.constexpr, dq_layout: gl.constexpr, dq_shape: gl.constexpr):
     stage = i % NUM_STAGES
     phase = (i // NUM_STAGES) & 1
     k_block = k_smem.reshape([NUM_CONSUMERS * _KEY_ROWS, HEAD_DIM])
@@ -311,6 +326,10 @@ def _bwd_step(k_smem, v_tile, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq
             visible = keys < seq_k - n0w
         if HAS_KPM:  # padding keys: P = 0 (the forward's lse left them out), so dK = dV = 0 there
             visible = visible & key_keep
+        if HAS_SEG:  # packed sequences: a key and a query of different segments
+            rows = m0 + gl.arange(0, BLOCK_M, layout=cols)
+            query_seg = gl.load(seg_row + rows, mask=rows < seq_q, other=-2)
+            visible = visible & (key_seg == gl.expand_dims(query_seg, 0))
         p_t = gl.where(visible, p_t, 0.0)
     delta = delta_smem.index(stage).load(cols)
     ds_t = (p_t * (dp_t - gl.expand_dims(delta, 0))).to(q_tile.dtype)
@@ -378,9 +397,10 @@ def _bwd_consumer(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, d
                   ds_smem, dq_smem, kv_ready, q_ready, do_ready, qdo_empty, ds_full, ds_free, qk_scale, sm_scale,
                   seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks, head_dim, stride_dkb,
                   stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, kpm_ptr, stride_mb, stride_mn,
+                  seg_ptr, stride_sb, stride_sp,
                   WG: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
                   NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, DQ_SPLIT: gl.constexpr,
-                  DQ_TMA: gl.constexpr, HAS_KPM: gl.constexpr):
+                  DQ_TMA: gl.constexpr, HAS_KPM: gl.constexpr, HAS_SEG: gl.constexpr):
     # wgmma accumulators: 4 warps stacked along M (16 rows each), instruction N = the tile's N.
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_M, 16])
@@ -396,6 +416,10 @@ def _bwd_consumer(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, d
     n0w = n0 + WG * _KEY_ROWS
     causal_offset = seq_k - seq_q
     m_lo, m_hi = _query_blocks(n0, seq_q, seq_k, BLOCK_M, CAUSAL)
+    seg_row = seg_ptr + b.to(gl.int64) * stride_sb  # this batch row's segment ids (plane 0)
+    if HAS_SEG:  # the producer's query blocks: those of the key block's own sequences
+        m_lo, m_hi = _segment_query_blocks(m_lo, m_hi, seg_row, stride_sp, n0, seq_k, _KEY_ROWS * NUM_CONSUMERS,
+                                           BLOCK_M)
     n_m = m_hi - m_lo
     n_masked = _masked_blocks(n0w, m_lo, m_hi, seq_q, seq_k, BLOCK_M, CAUSAL)
     # The key padding mask of this consumer's 64 keys, read once: where one of them is padding every query block
@@ -409,6 +433,10 @@ def _bwd_consumer(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, d
         key_keep = gl.expand_dims(attend != 0, 1)
     else:
         key_keep = gl.expand_dims(key_idx < seq_k, 1)  # not read
+    key_seg = gl.expand_dims(key_idx, 1)  # not read without HAS_SEG
+    if HAS_SEG:  # every query block compares segments
+        key_seg = gl.expand_dims(gl.load(seg_row + key_idx, mask=key_idx < seq_k, other=-1), 1)
+        n_masked = n_m
     v_tile = v_smem.reshape([NUM_CONSUMERS * _KEY_ROWS, HEAD_DIM]).slice(WG * _KEY_ROWS, _KEY_ROWS)
 
     dk = gl.zeros([_KEY_ROWS, HEAD_DIM], gl.float32, kv_layout)
@@ -420,16 +448,16 @@ def _bwd_consumer(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, d
             m0 = (m_lo + j) * BLOCK_M
             dk, dv = _bwd_step(k_smem, v_tile, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, q_ready,
                                do_ready, qdo_empty, ds_full, ds_free, desc_dq, dq_acc_ptr, dk, dv, g * n_m + j, m0,
-                               row0 + m0, n0w, qk_scale, seq_k, causal_offset, key_keep, WG, BLOCK_M, HEAD_DIM,
-                               NUM_STAGES, NUM_CONSUMERS, CAUSAL, True, DQ_SPLIT, DQ_TMA, HAS_KPM, s_layout,
-                               op_layout, dq_layout, dq_shape)
+                               row0 + m0, n0w, qk_scale, seq_k, causal_offset, key_keep, key_seg, seg_row, seq_q,
+                               WG, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, True, DQ_SPLIT, DQ_TMA,
+                               HAS_KPM, HAS_SEG, s_layout, op_layout, dq_layout, dq_shape)
         for j in range(n_masked, n_m):
             m0 = (m_lo + j) * BLOCK_M
             dk, dv = _bwd_step(k_smem, v_tile, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, q_ready,
                                do_ready, qdo_empty, ds_full, ds_free, desc_dq, dq_acc_ptr, dk, dv, g * n_m + j, m0,
-                               row0 + m0, n0w, qk_scale, seq_k, causal_offset, key_keep, WG, BLOCK_M, HEAD_DIM,
-                               NUM_STAGES, NUM_CONSUMERS, CAUSAL, False, DQ_SPLIT, DQ_TMA, HAS_KPM, s_layout,
-                               op_layout, dq_layout, dq_shape)
+                               row0 + m0, n0w, qk_scale, seq_k, causal_offset, key_keep, key_seg, seg_row, seq_q,
+                               WG, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, False, DQ_SPLIT, DQ_TMA,
+                               HAS_KPM, HAS_SEG, s_layout, op_layout, dq_layout, dq_shape)
 
     # Step 5a: dK (scaled) and dV, straight from registers; rows past Sk and columns past the head dim are not
     # stored.
@@ -451,13 +479,14 @@ def _bwd_consumer(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, d
 # Lengths, head counts and strides are not specialised on (== 1, multiple of 16): one compile per config and dtype.
 @gluon.jit(do_not_specialize=["seq_q", "seq_k", "heads_q", "heads_k", "group_size", "padded_q", "num_n_blocks",
                               "head_dim", "stride_dkb", "stride_dkh", "stride_dks", "stride_dvb", "stride_dvh",
-                              "stride_dvs", "stride_mb", "stride_mn"])
+                              "stride_dvs", "stride_mb", "stride_mn", "stride_sb", "stride_sp"])
 def _attn_bwd_sm90(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, desc_dq, dq_acc_ptr, dk_ptr, dv_ptr,
                    qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks, head_dim,
                    stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, kpm_ptr, stride_mb,
-                   stride_mn, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
-                   NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, DQ_SPLIT: gl.constexpr, DQ_TMA: gl.constexpr,
-                   HAS_KPM: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                   stride_mn, seg_ptr, stride_sb, stride_sp, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+                   NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr,
+                   DQ_SPLIT: gl.constexpr, DQ_TMA: gl.constexpr, HAS_KPM: gl.constexpr, HAS_SEG: gl.constexpr,
+                   CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
     dtype: gl.constexpr = desc_q.dtype
     k_smem = gl.allocate_shared_memory(dtype, desc_k.block_type.shape, desc_k.layout)  # the whole key block
     v_smem = gl.allocate_shared_memory(dtype, desc_v.block_type.shape, desc_v.layout)
@@ -498,18 +527,18 @@ def _attn_bwd_sm90(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, desc_d
                              delta_smem, ds_smem, dq_smem, kv_ready, q_ready, do_ready, qdo_empty, ds_full, ds_free,
                              qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks,
                              head_dim, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
-                             kpm_ptr, stride_mb, stride_mn, 0, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS,
-                             CAUSAL, DQ_SPLIT, DQ_TMA, HAS_KPM)),
+                             kpm_ptr, stride_mb, stride_mn, seg_ptr, stride_sb, stride_sp, 0, BLOCK_M, HEAD_DIM,
+                             NUM_STAGES, NUM_CONSUMERS, CAUSAL, DQ_SPLIT, DQ_TMA, HAS_KPM, HAS_SEG)),
             (_bwd_consumer, (dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, do_smem, lse_smem,
                              delta_smem, ds_smem, dq_smem, kv_ready, q_ready, do_ready, qdo_empty, ds_full, ds_free,
                              qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks,
                              head_dim, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
-                             kpm_ptr, stride_mb, stride_mn, 1, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS,
-                             CAUSAL, DQ_SPLIT, DQ_TMA, HAS_KPM)),
+                             kpm_ptr, stride_mb, stride_mn, seg_ptr, stride_sb, stride_sp, 1, BLOCK_M, HEAD_DIM,
+                             NUM_STAGES, NUM_CONSUMERS, CAUSAL, DQ_SPLIT, DQ_TMA, HAS_KPM, HAS_SEG)),
             (_bwd_producer, (desc_q, desc_do, desc_k, desc_v, desc_lse, desc_delta, q_smem, do_smem, k_smem, v_smem,
                              lse_smem, delta_smem, kv_ready, q_ready, do_ready, qdo_empty, seq_q, seq_k, heads_q,
-                             heads_k, group_size, padded_q, num_n_blocks, BLOCK_M, NUM_STAGES, NUM_CONSUMERS,
-                             CAUSAL)),
+                             heads_k, group_size, padded_q, num_n_blocks, seg_ptr, stride_sb, stride_sp, BLOCK_M,
+                             NUM_STAGES, NUM_CONSUMERS, CAUSAL, HAS_SEG)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([
@@ -517,12 +546,12 @@ def _attn_bwd_sm90(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, desc_d
                              delta_smem, ds_smem, dq_smem, kv_ready, q_ready, do_ready, qdo_empty, ds_full, ds_free,
                              qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks,
                              head_dim, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
-                             kpm_ptr, stride_mb, stride_mn, 0, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS,
-                             CAUSAL, DQ_SPLIT, DQ_TMA, HAS_KPM)),
+                             kpm_ptr, stride_mb, stride_mn, seg_ptr, stride_sb, stride_sp, 0, BLOCK_M, HEAD_DIM,
+                             NUM_STAGES, NUM_CONSUMERS, CAUSAL, DQ_SPLIT, DQ_TMA, HAS_KPM, HAS_SEG)),
             (_bwd_producer, (desc_q, desc_do, desc_k, desc_v, desc_lse, desc_delta, q_smem, do_smem, k_smem, v_smem,
                              lse_smem, delta_smem, kv_ready, q_ready, do_ready, qdo_empty, seq_q, seq_k, heads_q,
-                             heads_k, group_size, padded_q, num_n_blocks, BLOCK_M, NUM_STAGES, NUM_CONSUMERS,
-                             CAUSAL)),
+                             heads_k, group_size, padded_q, num_n_blocks, seg_ptr, stride_sb, stride_sp, BLOCK_M,
+                             NUM_STAGES, NUM_CONSUMERS, CAUSAL, HAS_SEG)),
         ], [1], [PRODUCER_REGS])
 
 
@@ -727,7 +756,8 @@ def _empty_as(t: torch.Tensor) -> torch.Tensor:
         [order.index(d) for d in range(t.dim())])
 
 
-def _constexprs(config: Sm90BwdConfig, head_dim: int, causal: bool, key_padding_mask: bool = False) -> dict:
+def _constexprs(config: Sm90BwdConfig, head_dim: int, causal: bool, key_padding_mask: bool = False,
+                segment_ids: bool = False) -> dict:
     if config.num_consumers not in (1, 2):
         raise ValueError("num_consumers is 1 or 2")
     if config.dq not in DQ_SCHEMES or config.dq_write not in DQ_WRITES:
@@ -739,16 +769,16 @@ def _constexprs(config: Sm90BwdConfig, head_dim: int, causal: bool, key_padding_
     if not config.warp_specialize:
         if config.num_consumers != 2 or config.dq != "block":
             raise ValueError("without warp specialisation the program is two warpgroups with the block dQ")
-        if key_padding_mask:
-            raise ValueError("the kernel without warp specialisation takes no key padding mask")
+        if key_padding_mask or segment_ids:
+            raise ValueError("the kernel without warp specialisation takes no key padding mask or segment ids")
         return dict(BLOCK_M=config.block_m, HEAD_DIM=KERNEL_HEAD_DIM[head_dim], NUM_STAGES=config.num_stages,
                     CAUSAL=causal, DQ_TMA=config.dq_write == "tma")
     if config.dq_split() == 1 and KERNEL_HEAD_DIM[head_dim] != 128:
         raise ValueError("the block dQ at BLOCK_M 64 splits the head dim in 64-column halves: the 128-wide kernel")
     return dict(BLOCK_M=config.block_m, HEAD_DIM=KERNEL_HEAD_DIM[head_dim], NUM_STAGES=config.num_stages,
                 NUM_CONSUMERS=config.num_consumers, CAUSAL=causal, DQ_SPLIT=config.dq_split(),
-                DQ_TMA=config.dq_write == "tma", HAS_KPM=key_padding_mask, CONSUMER_REGS=config.consumer_regs,
-                PRODUCER_REGS=config.producer_regs)
+                DQ_TMA=config.dq_write == "tma", HAS_KPM=key_padding_mask, HAS_SEG=segment_ids,
+                CONSUMER_REGS=config.consumer_regs, PRODUCER_REGS=config.producer_regs)
 
 
 # (config, head_dim, causal, dtype) -> the compiled main kernel of the last launch, for inspection.
@@ -770,12 +800,14 @@ def sm90_backward_eligible(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
 
 
 def flash_attn_backward_sm90(grad_out, q, k, v, out, lse, *, causal: bool, scale: float,
-                             config: Sm90BwdConfig | None = None, key_padding_mask: torch.Tensor | None = None
+                             config: Sm90BwdConfig | None = None, key_padding_mask: torch.Tensor | None = None,
+                             segment_ids: torch.Tensor | None = None
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) for a forward that returned `out` and `lse` (float32 [B, Hq, Sq], natural log of the scaled
     scores' sum-exp, -inf for rows that saw no key). q, out, grad_out: [B, Hq, Sq, D]; k, v: [B, Hkv, Sk, D];
     dq, dk, dv come in the layouts of q, k, v; dk/dv are summed over each K/V head's group of query heads.
-    key_padding_mask: bool [B, Sk], True = attend, as the forward had it (warp-specialised configs only)."""
+    key_padding_mask: bool [B, Sk], True = attend, as the forward had it; segment_ids: int [B, S] (Sq == Sk),
+    packed sequences, a query sees the keys of its own segment only (both: warp-specialised configs only)."""
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
     config = config or default_config(head_dim)
@@ -800,11 +832,13 @@ def flash_attn_backward_sm90(grad_out, q, k, v, out, lse, *, causal: bool, scale
         grad_out.stride(1), grad_out.stride(2), heads_q, seq_q, padded_q, head_dim,
         BLOCK_M=prep_rows, BLOCK_D=triton.next_power_of_2(head_dim), DQ_WIDTH=width, num_warps=4)
     num_n_blocks = cdiv(seq_k, config.block_n)
-    constexprs = _constexprs(config, head_dim, causal, key_padding_mask is not None)
+    constexprs = _constexprs(config, head_dim, causal, key_padding_mask is not None, segment_ids is not None)
     masks = ()  # the plain kernel has no mask arguments
-    if config.warp_specialize:
-        kpm = dq_acc if key_padding_mask is None else key_padding_mask.view(torch.uint8)  # never read without HAS_KPM
-        masks = (kpm, *(kpm.stride() if key_padding_mask is not None else (0, 0)))
+    if config.warp_specialize:  # a mask never read without its HAS_ flag is a stand-in pointer with strides 0
+        kpm = dq_acc if key_padding_mask is None else key_padding_mask.view(torch.uint8)
+        seg = dq_acc if segment_ids is None else segment_planes(segment_ids)
+        masks = (kpm, *(kpm.stride() if key_padding_mask is not None else (0, 0)),
+                 seg, *((seg.stride(1), seg.stride(0)) if segment_ids is not None else (0, 0)))
     kernel = _attn_bwd_sm90 if config.warp_specialize else _attn_bwd_sm90_plain
     compiled = kernel[(num_n_blocks * batch * heads_k, )](
         _descriptor(q, block_m, width), _descriptor(k, config.block_n, width), _descriptor(v, config.block_n, width),
@@ -814,8 +848,9 @@ def flash_attn_backward_sm90(grad_out, q, k, v, out, lse, *, causal: bool, scale
         head_dim,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), *masks,
         **constexprs, num_warps=4 if config.warp_specialize else 8)
-    COMPILED[(config, head_dim, causal, q.dtype) + (("key_padding_mask", ) if key_padding_mask is not None else ())] = \
-        compiled
+    masked = tuple(name for name, t in (("key_padding_mask", key_padding_mask), ("segment_ids", segment_ids))
+                   if t is not None)
+    COMPILED[(config, head_dim, causal, q.dtype) + ((masked, ) if masked else ())] = compiled
     _bwd_dq_convert_kernel[(padded_q // prep_rows, batch * heads_q)](
         dq_acc, dq, dq.stride(0), dq.stride(1), dq.stride(2), heads_q, seq_q, padded_q, head_dim, scale,
         BLOCK_M=prep_rows, DQ_WIDTH=width, num_warps=4)
@@ -826,7 +861,7 @@ def flash_attn_backward_sm90(grad_out, q, k, v, out, lse, *, causal: bool, scale
 # Compiling without a GPU, for tests and inspection (Triton's bundled ptxas).
 # ---------------------------------------------------------------------------------------------------------------
 def compile_sm90(config: Sm90BwdConfig, head_dim: int, *, causal: bool, dtype: torch.dtype = torch.bfloat16,
-                 key_padding_mask: bool = False):
+                 key_padding_mask: bool = False, segment_ids: bool = False):
     """The main kernel compiled for an sm90 target as a launch with `config` would compile it."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -839,7 +874,7 @@ def compile_sm90(config: Sm90BwdConfig, head_dim: int, *, causal: bool, dtype: t
         return mangle_type(_descriptor(torch.empty(1, 1, rows, head_dim, dtype=dtype), rows, width))
 
     rows_t = torch.empty(block_m * 4, dtype=torch.float32)
-    constexprs = _constexprs(config, head_dim, causal, key_padding_mask)
+    constexprs = _constexprs(config, head_dim, causal, key_padding_mask, segment_ids)
     elem = {torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
     runtime = dict(desc_q=desc4(block_m), desc_k=desc4(config.block_n), desc_v=desc4(config.block_n),
                    desc_do=desc4(block_m), dk_ptr=elem, dv_ptr=elem,
@@ -847,7 +882,7 @@ def compile_sm90(config: Sm90BwdConfig, head_dim: int, *, causal: bool, dtype: t
                    desc_delta=mangle_type(_row_descriptor(rows_t, block_m)),
                    desc_dq=mangle_type(_dq_descriptor(torch.empty(block_m, width, dtype=torch.float32),
                                                        *config.dq_share(head_dim))),
-                   dq_acc_ptr="*fp32", kpm_ptr="*u8", qk_scale="fp32", sm_scale="fp32")
+                   dq_acc_ptr="*fp32", kpm_ptr="*u8", seg_ptr="*i32", qk_scale="fp32", sm_scale="fp32")
     kernel = _attn_bwd_sm90 if config.warp_specialize else _attn_bwd_sm90_plain
     names = kernel.arg_names
     signature = {n: "constexpr" if n in constexprs else runtime.get(n, "i32") for n in names}

@@ -21,36 +21,37 @@ needs_hopper = pytest.mark.skipif(not (HOPPER and backward_sm90.HAS_GLUON),
 MAX_CONFIGS = max(len(configs) for configs in SM90_BWD_CONFIGS.values())
 
 
-def forward_out_lse(q, k, v, causal, scale, key_padding_mask=None):
-    """What a forward hands the backward, from float64: out in q's dtype and layout, lse float32."""
+def forward_out_lse(q, k, v, causal, scale, **masks):
+    """What a forward hands the backward, from float64: out in q's dtype and layout, lse float32. masks:
+    key_padding_mask, segment_ids."""
     out = torch.empty_like(q).copy_(reference_attention(q.double(), k.double(), v.double(), causal=causal,
-                                                        scale=scale, key_padding_mask=key_padding_mask))
+                                                        scale=scale, **masks))
     group = q.shape[1] // k.shape[1]
     scores = (q.double() @ k.double().repeat_interleave(group, 1).transpose(-1, -2)) * scale
-    mask = visibility_mask(q.shape[2], k.shape[2], causal=causal, key_padding_mask=key_padding_mask,
-                           device=q.device)
+    mask = visibility_mask(q.shape[2], k.shape[2], causal=causal, key_padding_mask=masks.get("key_padding_mask"),
+                           segment_ids=masks.get("segment_ids"), device=q.device)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return out, torch.logsumexp(scores, -1).float()
 
 
-def autograd_grads(q, k, v, grad_out, causal, scale, key_padding_mask=None):
+def autograd_grads(q, k, v, grad_out, causal, scale, **masks):
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out = reference_attention(*leaves, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
-    out.backward(grad_out)
+    reference_attention(*leaves, causal=causal, scale=scale, **masks).backward(grad_out)
     return [t.grad for t in leaves]
 
 
-def check(q, k, v, causal, config=None, key_padding_mask=None):
+def check(q, k, v, causal, config=None, **masks):
+    """masks: key_padding_mask, segment_ids (None or absent: none)."""
+    masks = {name: t for name, t in masks.items() if t is not None}
     scale = q.shape[-1] ** -0.5
     grad_out = torch.randn_like(q)
-    out, lse = forward_out_lse(q, k, v, causal, scale, key_padding_mask)
+    out, lse = forward_out_lse(q, k, v, causal, scale, **masks)
     if not sm90_backward_eligible(grad_out, q, k, v, out):
         pytest.skip("the sm90 backward does not take these inputs")
-    ours = flash_attn_backward_sm90(grad_out, q, k, v, out, lse, causal=causal, scale=scale, config=config,
-                                    key_padding_mask=key_padding_mask)
-    ref64 = autograd_grads(q.double(), k.double(), v.double(), grad_out.double(), causal, scale, key_padding_mask)
-    same = autograd_grads(q, k, v, grad_out, causal, scale, key_padding_mask)
+    ours = flash_attn_backward_sm90(grad_out, q, k, v, out, lse, causal=causal, scale=scale, config=config, **masks)
+    ref64 = autograd_grads(q.double(), k.double(), v.double(), grad_out.double(), causal, scale, **masks)
+    same = autograd_grads(q, k, v, grad_out, causal, scale, **masks)
     for name, g, r, s, t in zip("qkv", ours, ref64, same, (q, k, v)):
         assert g.shape == t.shape and g.dtype == t.dtype
         assert g.stride() == t.stride(), f"d{name} is not laid out as {name}"
@@ -58,8 +59,8 @@ def check(q, k, v, causal, config=None, key_padding_mask=None):
         err = (g.double() - r).abs().max().item()
         torch_err = (s.double() - r).abs().max().item()
         assert err <= 2 * torch_err + EPS[q.dtype], f"d{name}: error {err:.3g} vs torch's own {torch_err:.3g}"
-    if key_padding_mask is not None:  # padding keys get no gradient
-        padding = ~key_padding_mask[:, None, :, None]
+    if "key_padding_mask" in masks:  # padding keys get no gradient
+        padding = ~masks["key_padding_mask"][:, None, :, None]
         assert (ours[1].masked_select(padding) == 0).all() and (ours[2].masked_select(padding) == 0).all()
     seq_q, seq_k = q.shape[2], k.shape[2]
     if causal and seq_q > seq_k:  # bottom-right: the first Sq - Sk query rows see no key
@@ -187,3 +188,38 @@ def test_key_padding_mask_every_config(head_dim, index, seed, poison_empty):
             check(q, k, v, False, config=config, key_padding_mask=mask)
         return
     check(q, k, v, False, config=config, key_padding_mask=mask)
+
+
+def packed_ids(batch: int, seq: int, lengths=None) -> torch.Tensor:
+    """int32 [B, S]: sequences end to end, ids 0, 1, 2, ... (what position_ids restarting give): random lengths
+    (a few long, many short) or the lengths given, repeated to fill the row."""
+    rows = []
+    for _ in range(batch):
+        sizes = lengths or torch.randint(1, max(2, seq // 3), (seq, )).tolist()
+        ids = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))[:seq]
+        rows.append(torch.cat([ids, ids.new_full((seq - len(ids), ), len(sizes))]))
+    return torch.stack(rows).to(device="cuda", dtype=torch.int32)
+
+
+@needs_hopper
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("seq,lengths", [(700, None), (1000, [5, 300, 1, 129, 64, 500]), (257, [257]),
+                                         (600, [1] * 600)])
+def test_segment_ids(causal, head_dim, seq, lengths, seed, poison_empty):
+    """Packed sequences: P = 0 between segments, and the query blocks outside a key block's own sequences are
+    skipped (a segment of one token each, one segment for the whole row, random lengths). GQA 8/2, the projection
+    layout."""
+    q, k, v = random_qkv(2, 8, 2, seq, seq, head_dim, torch.bfloat16, "cuda")
+    check(bshd(q), bshd(k), bshd(v), causal, segment_ids=packed_ids(2, seq, lengths))
+
+
+@needs_hopper
+@pytest.mark.parametrize("causal", [False, True])
+def test_segment_ids_out_of_order_and_with_padding(causal, seed, poison_empty):
+    """Segment ids that decrease along the row (nothing skipped: each row's runs are not its segments) and a key
+    padding mask on top."""
+    q, k, v = random_qkv(2, 4, 4, 500, 500, 128, torch.float16, "cuda")
+    ids = (torch.arange(500, device="cuda") // 70 * 3 % 4).to(torch.int32)[None].repeat(2, 1)
+    mask = padding_mask("holes", 2, 500)
+    check(q, k, v, causal, segment_ids=ids, key_padding_mask=mask)
