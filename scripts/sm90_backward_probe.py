@@ -15,9 +15,10 @@
          lengths, bottom-right causal with Sq < Sk and Sq > Sk (rows without keys must get dq = 0 exactly), GQA
          32/8 and 8/1, the [B, S, H, D] projection layout, every output poisoned with NaN first. out and lse come
          from float64 (out rounded to the inputs' dtype), so only the backward is under test. The warp-specialised
-         configs run every case a second time with a right-padding key mask (a batch keeping every key, one none,
-         the others a random length; padding keys must get dk = dv = 0 exactly). One line per config: ok, or FAIL
-         with the worst err/bound, or the compile error.
+         configs run every case again with a right-padding key mask (a batch keeping every key, one none, the
+         others a random length; padding keys must get dk = dv = 0 exactly) and, where Sq == Sk, with packed
+         segment ids of random lengths. One line per config: ok, or FAIL with the worst err/bound, or the compile
+         error.
       2. Times fwd+bwd and the backward alone, bf16, 32 heads and 16K tokens (batch = 16384 / N; --batch fixes it
          instead), N = 1K..16K, head dims 128 and 64, causal and not: every config that passed its checks (only
          each head dim's default with --defaults-only) beside SDPA forced to cuDNN and to FlashAttention-2 and
@@ -186,28 +187,37 @@ def run_compile_only(configs) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # GPU: checks
 # ---------------------------------------------------------------------------------------------------------------
-def reference_out_lse(q, k, v, causal, scale, key_padding_mask=None):
-    """out (in q's dtype, q's layout) and lse (float32) from float64: what a forward would hand the backward."""
+def reference_out_lse(q, k, v, causal, scale, **masks):
+    """out (in q's dtype, q's layout) and lse (float32) from float64: what a forward would hand the backward.
+    masks: key_padding_mask, segment_ids."""
     from flashpatch.reference import reference_attention, visibility_mask
 
-    out = reference_attention(q.double(), k.double(), v.double(), causal=causal, scale=scale,
-                              key_padding_mask=key_padding_mask)
+    out = reference_attention(q.double(), k.double(), v.double(), causal=causal, scale=scale, **masks)
     out = torch.empty_like(q).copy_(out)
     group = q.shape[1] // k.shape[1]
     scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double().repeat_interleave(group, 1)) * scale
-    mask = visibility_mask(q.shape[2], k.shape[2], causal=causal, key_padding_mask=key_padding_mask,
-                           device=q.device)
+    mask = visibility_mask(q.shape[2], k.shape[2], causal=causal, key_padding_mask=masks.get("key_padding_mask"),
+                           segment_ids=masks.get("segment_ids"), device=q.device)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return out, torch.logsumexp(scores, -1).float()
 
 
-def reference_grads(q, k, v, grad_out, causal, scale, key_padding_mask=None):
+def reference_grads(q, k, v, grad_out, causal, scale, **masks):
     from flashpatch.reference import reference_attention
 
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    reference_attention(*leaves, causal=causal, scale=scale, key_padding_mask=key_padding_mask).backward(grad_out)
+    reference_attention(*leaves, causal=causal, scale=scale, **masks).backward(grad_out)
     return [t.grad for t in leaves]
+
+
+def packed_segments(batch, seq):
+    """int32 [B, S]: random lengths end to end, ids 0, 1, 2, ... (position_ids restarting)."""
+    rows = []
+    for _ in range(batch):
+        lengths = torch.randint(1, max(2, seq // 2), (seq, ))
+        rows.append(torch.repeat_interleave(torch.arange(seq), lengths)[:seq])
+    return torch.stack(rows).to(device="cuda", dtype=torch.int32)
 
 
 def right_padding(batch, seq_k):
@@ -217,20 +227,21 @@ def right_padding(batch, seq_k):
     return torch.arange(seq_k, device="cuda")[None] < lengths[:, None]
 
 
-def check_case(config, head_dim, case, causal, dtype, hang_seconds, label, padded=False):
+def check_case(config, head_dim, case, causal, dtype, hang_seconds, label, masked=""):
+    """masked: "" (none), "padded" (a right-padding key mask) or "packed" (segment ids; Sq == Sk cases only)."""
     batch, heads_q, heads_k, seq_q, seq_k, layout = case
     q, k, v = make_qkv(batch, heads_q, heads_k, seq_q, seq_k, head_dim, dtype, layout)
     grad_out = torch.randn_like(q)
     scale = head_dim ** -0.5
-    mask = right_padding(batch, seq_k) if padded else None
-    out, lse = reference_out_lse(q, k, v, causal, scale, mask)
-    with watchdog(hang_seconds, f"check {label} causal={causal} {dtype} case={case} padded={padded}"), \
-            poisoned_empty():
+    masks = {"padded": lambda: dict(key_padding_mask=right_padding(batch, seq_k)),
+             "packed": lambda: dict(segment_ids=packed_segments(batch, seq_q))}.get(masked, dict)()
+    out, lse = reference_out_lse(q, k, v, causal, scale, **masks)
+    with watchdog(hang_seconds, f"check {label} causal={causal} {dtype} case={case} {masked}"), poisoned_empty():
         ours = flash_attn_backward_sm90(grad_out, q, k, v, out, lse, causal=causal, scale=scale, config=config,
-                                        key_padding_mask=mask)
-    ref64 = reference_grads(q.double(), k.double(), v.double(), grad_out.double(), causal, scale, mask)
-    same = reference_grads(q, k, v, grad_out, causal, scale, mask)
-    row = {"case": case, "padded": padded, "ok": True}
+                                        **masks)
+    ref64 = reference_grads(q.double(), k.double(), v.double(), grad_out.double(), causal, scale, **masks)
+    same = reference_grads(q, k, v, grad_out, causal, scale, **masks)
+    row = {"case": case, "masked": masked, "ok": True}
     for name, g, r, s, t in zip("qkv", ours, ref64, same, (q, k, v)):
         err = (g.double() - r).abs().max().item() if g.numel() else 0.0
         torch_err = (s.double() - r).abs().max().item() if g.numel() else 0.0
@@ -242,8 +253,8 @@ def check_case(config, head_dim, case, causal, dtype, hang_seconds, label, padde
     if causal and seq_q > seq_k:  # the first Sq - Sk query rows see no key: exactly zero dq
         row["empty_rows_zero"] = bool((ours[0][:, :, :seq_q - seq_k] == 0).all())
         row["ok"] = row["ok"] and row["empty_rows_zero"]
-    if padded:  # padding keys get exactly zero dk and dv
-        padding = ~mask[:, None, :, None]
+    if masked == "padded":  # padding keys get exactly zero dk and dv
+        padding = ~masks["key_padding_mask"][:, None, :, None]
         row["padding_keys_zero"] = bool((ours[1].masked_select(padding) == 0).all()
                                         and (ours[2].masked_select(padding) == 0).all())
         row["ok"] = row["ok"] and row["padding_keys_zero"]
@@ -273,9 +284,11 @@ def run_checks(configs, hang_seconds):
         for causal in (False, True):
             rows, error = [], None
             try:
-                for padded in (False, True) if config.warp_specialize else (False, ):  # key padding: ws only
+                for masked in ("", "padded", "packed") if config.warp_specialize else ("", ):  # masks: ws only
                     for case in CHECK_CASES:
-                        rows.append(check_case(config, head_dim, case, causal, dtype, hang_seconds, label, padded))
+                        if masked != "packed" or case[3] == case[4]:  # segment ids: Sq == Sk
+                            rows.append(check_case(config, head_dim, case, causal, dtype, hang_seconds, label,
+                                                   masked))
             except Exception as e:  # a compile error or a launch failure: one line, then the next variant
                 lines = str(e).strip().splitlines()
                 error = f"{type(e).__name__}: {lines[-1] if lines else ''}"[:300]
