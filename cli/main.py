@@ -343,6 +343,8 @@ def bench(
     json_path: str = typer.Option(None, "--json", help="Write rows as JSON to this file ('-': stdout)."),
     plot_path: str = typer.Option(None, "--plot", help="Write a PNG: tokens/s and peak memory vs context."),
     head_dims: str = typer.Option("64,128", "--head-dims", help="bench kernels: head dims."),
+    tables: str = typer.Option(None, "--tables", help="bench kernels: which tables, comma-separated (forward, "
+                                                      "fwd-bwd, backward, decode; default all)."),
 ):
     """Generation tokens/sec and memory, baselines vs flashpatch: by context (--contexts), or over batches of
     mixed-length, left-padded prompts (--lengths, --prompts). Also `bench train` (fine-tuning steps) and
@@ -355,7 +357,9 @@ def bench(
             if batched or seed is not None:
                 raise UsageError("--lengths, --prompts and --seed choose generation prompts; bench kernels times the "
                                  "op at --contexts")
-            return _bench_kernels(contexts, head_dims, json_path, out)
+            return _bench_kernels(contexts, head_dims, tables, json_path, out)
+        if tables is not None:
+            raise UsageError("--tables picks bench kernels' tables; generation benchmarks have one table")
         from flashpatch.bench.batched import batched_workload
 
         workload = batched_workload(contexts, lengths, prompts, seed, plot_path) if batched else None
@@ -575,13 +579,19 @@ def bench_train(
         raise typer.Exit(EXIT_CODES["NOT SERVED"])
 
 
-def _bench_kernels(lengths: str | None, head_dims: str, json_path: str | None, out: Console):
+def _bench_kernels(lengths: str | None, head_dims: str, tables: str | None, json_path: str | None, out: Console):
     import torch
+
+    from flashpatch.bench.kernels import KERNEL_TABLES
 
     length_list = int_list("--contexts", lengths) if lengths else None
     dims = int_list("--head-dims", head_dims, minimum=8)
     if any(d % 8 or d > 256 for d in dims):
         raise UsageError(f"--head-dims {head_dims!r}: multiples of 8 up to 256")
+    picked = KERNEL_TABLES if tables is None else tuple(t.strip() for t in tables.split(",") if t.strip())
+    unknown = [t for t in picked if t not in KERNEL_TABLES]
+    if unknown or not picked:
+        raise UsageError(f"--tables {tables!r}: a comma-separated choice of {', '.join(KERNEL_TABLES)}")
     if not torch.cuda.is_available():
         raise UsageError("bench kernels needs a CUDA GPU (the CPU interpreter's speed means nothing)")
     from flashpatch.bench.kernels import run_kernel_tables
@@ -593,7 +603,7 @@ def _bench_kernels(lengths: str | None, head_dims: str, json_path: str | None, o
             _write_json(data, json_path)
 
     with _progress("forward, backward and decode kernels", None, out) as update:
-        _, data = run_kernel_tables(length_list, dims, progress=update, on_table=on_table)
+        _, data = run_kernel_tables(length_list, dims, progress=update, on_table=on_table, tables=picked)
     if json_path == "-":
         _write_json(data, json_path)
 

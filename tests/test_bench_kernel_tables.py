@@ -14,7 +14,7 @@ class FakeRow:
         return {"name": self.name}
 
 
-def test_each_table_is_handed_over_when_done(monkeypatch):
+def fake_measurements(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     monkeypatch.setattr(kernels, "bench_forward", lambda impls, **kw: [FakeRow("fwd")])
     monkeypatch.setattr(kernels, "bench_backward",
@@ -23,6 +23,10 @@ def test_each_table_is_handed_over_when_done(monkeypatch):
                         lambda impls, cuda_graph=False, **kw: [FakeRow("graph" if cuda_graph else "decode")])
     monkeypatch.setattr(kernels, "markdown_table", lambda rows, impls: f"table of {rows[0].name}")
     monkeypatch.setattr(kernels, "decode_markdown", lambda rows, impls: f"table of {rows[0].name}")
+
+
+def test_each_table_is_handed_over_when_done(monkeypatch):
+    fake_measurements(monkeypatch)
     seen = []
     tables, data = kernels.run_kernel_tables([512], (64,), on_table=lambda title, text, so_far: seen.append(
         (text, so_far["partial"], sorted(k for k in so_far if k != "partial"))))
@@ -32,3 +36,16 @@ def test_each_table_is_handed_over_when_done(monkeypatch):
     assert seen[0][2] == ["rows"] and len(seen[-1][2]) == 5
     assert [text for _, text in tables] == [text for text, _, _ in seen]
     assert data["partial"] is False and data["backward_rows"] == [{"name": "bwd"}]
+
+
+def test_only_the_tables_asked_for_are_measured(monkeypatch):
+    fake_measurements(monkeypatch)
+    totals = []
+    tables, data = kernels.run_kernel_tables([512], (64,), tables=("fwd-bwd", "decode"),
+                                             progress=lambda *args: totals.append(args))
+    assert [text for _, text in tables] == ["table of train", "table of decode", "table of graph"]
+    assert sorted(k for k in data if k != "partial") == ["decode_graph_rows", "decode_rows", "forward_backward_rows"]
+    assert data["partial"] is False
+    everything = []
+    kernels.run_kernel_tables([512], (64,), progress=lambda *args: everything.append(args))
+    assert 0 < totals[0][1] < everything[0][1]

@@ -68,6 +68,8 @@ def folders(tmp_path_factory):
     (["bench", "--baselines", "sdpa,foo", "--contexts", "16"], ["--baselines", "'foo'"]),
     (["bench", "--repeats", "0"], ["--repeats 0"]),
     (["bench", "kernels", "--head-dims", "12"], ["--head-dims"]),
+    (["bench", "kernels", "--tables", "forward,decodes"], ["--tables", "fwd-bwd"]),
+    (["bench", "--tables", "forward"], ["--tables", "bench kernels"]),
     (["verify", "tiny-lama", "--text", WIKITEXT], ["'tiny-lama'", "did you mean 'tiny-llama'"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, needles):

@@ -311,12 +311,16 @@ def decode_sweep(candidates, cases=((1, 1024), (1, 4096), (1, 131072), (8, 16384
     return results
 
 
-def run_kernel_tables(lengths=None, head_dims=(64, 128), progress=None, on_table=None
+# `bench kernels --tables`: forward, forward + backward, backward alone, decode (eager calls and CUDA-graph replays).
+KERNEL_TABLES = ("forward", "fwd-bwd", "backward", "decode")
+
+
+def run_kernel_tables(lengths=None, head_dims=(64, 128), progress=None, on_table=None, tables=KERNEL_TABLES
                       ) -> tuple[list[tuple[str, str]], dict]:
-    """`flashpatch bench kernels`: forward, forward + backward, backward alone, then decode (eager calls and CUDA-graph
-    replays), each against SDPA's backends and FlexAttention. Returns ([(title, markdown table)], JSON data).
-    `progress(0, total)` is called first, then `progress()` per cell; `on_table(title, table, data)` as each table
-    is done (data: the rows so far, "partial" true until the last), so a run cut short keeps what it measured."""
+    """`flashpatch bench kernels`: the `tables` of KERNEL_TABLES asked for, in that order, each against SDPA's
+    backends and FlexAttention. Returns ([(title, markdown table)], JSON data). `progress(0, total)` is called
+    first, then `progress()` per cell; `on_table(title, table, data)` as each table is done (data: the rows so
+    far, "partial" true until the last), so a run cut short keeps what it measured."""
     impls = ["flashpatch"] + [f"sdpa-{b}" for b in SDPA_BACKENDS] + ["flex"]
     decode_impls = impls[:-1]  # FlexAttention would compile per cache length
     if torch.cuda.get_device_capability() >= (9, 0):
@@ -325,28 +329,31 @@ def run_kernel_tables(lengths=None, head_dims=(64, 128), progress=None, on_table
     batches = (1, 8, 32)
     cells = len(lengths) * len(head_dims) * 2
     step = progress or (lambda *args: None)
-    step(0, cells * (len(impls) + 2 * len(BACKWARD_IMPLS)) + 2 * len(DECODE_CACHES) * len(batches) * len(decode_impls))
+    step(0, cells * (len(impls) * ("forward" in tables) + len(BACKWARD_IMPLS) * (("fwd-bwd" in tables)
+                                                                           + ("backward" in tables)))
+         + 2 * len(DECODE_CACHES) * len(batches) * len(decode_impls) * ("decode" in tables))
     grid = dict(lengths=lengths, head_dims=head_dims, progress=step)
     sections = [
-        ("rows", "Forward, batch 8, 32 heads, bf16 (TFLOPS):",
+        ("forward", "rows", "Forward, batch 8, 32 heads, bf16 (TFLOPS):",
          lambda: bench_forward(impls, **grid), lambda rows: markdown_table(rows, impls)),
-        ("forward_backward_rows", "Forward + backward (TFLOPS count 3.5x the forward's FLOPs):",
+        ("fwd-bwd", "forward_backward_rows", "Forward + backward (TFLOPS count 3.5x the forward's FLOPs):",
          lambda: bench_backward(**grid), lambda rows: markdown_table(rows, BACKWARD_IMPLS)),
-        ("backward_rows", "Backward alone (2.5x the forward's FLOPs):",
+        ("backward", "backward_rows", "Backward alone (2.5x the forward's FLOPs):",
          lambda: bench_backward(backward_only=True, **grid), lambda rows: markdown_table(rows, BACKWARD_IMPLS)),
-        ("decode_rows", "Decode, one query token, 32 heads, head dim 128, bf16 (TB/s of K/V read), calls back to back "
+        ("decode", "decode_rows", "Decode, one query token, 32 heads, head dim 128, bf16 (TB/s of K/V read), calls back to back "
          "(host launch cost included):", lambda: bench_decode(decode_impls, batches=batches, progress=step),
          lambda rows: decode_markdown(rows, decode_impls)),
-        ("decode_graph_rows", "The same, timed as CUDA-graph replays (GPU time alone, every backend alike):",
+        ("decode", "decode_graph_rows", "The same, timed as CUDA-graph replays (GPU time alone, every backend alike):",
          lambda: bench_decode(decode_impls, batches=batches, progress=step, cuda_graph=True),
          lambda rows: decode_markdown(rows, decode_impls)),
     ]
-    tables, data = [], {"partial": True}
-    for key, title, measure, render in sections:
+    sections = [section for section in sections if section[0] in tables]
+    done, data = [], {"partial": True}
+    for _, key, title, measure, render in sections:
         rows = measure()
-        tables.append((title, render(rows)))
+        done.append((title, render(rows)))
         data[key] = [r.to_dict() for r in rows]
-        data["partial"] = key != sections[-1][0]
+        data["partial"] = key != sections[-1][1]
         if on_table:
-            on_table(title, tables[-1][1], data)
-    return tables, data
+            on_table(title, done[-1][1], data)
+    return done, data
