@@ -132,6 +132,17 @@ def test_a_baseline_transformers_does_not_switch_to_is_unavailable_by_name(monke
     assert got["sdpa"].startswith("unavailable: transformers keeps this model on")
 
 
+def test_sdpa_is_no_baseline_for_a_softcapped_model():
+    """sdpa drops logit softcapping, so it is not the model's attention: unavailable by name, eager stays."""
+    from flashpatch.bench.switch import each_implementation
+    from flashpatch.presets import build_model
+
+    model = build_model("tiny-llama", dtype=torch.float32, device=DEVICE, scale=2)
+    model.config.attn_logit_softcapping = 30.0
+    got = dict(each_implementation(model, ("eager", "sdpa")))
+    assert got["eager"] is None and got["sdpa"].startswith("unavailable: sdpa drops this model's logit softcapping")
+
+
 def test_agreement_sees_a_wrong_kernel(monkeypatch):
     """The teacher-forced check measures the attention: a kernel with the wrong scale shows up in it."""
     from flashpatch import adapter

@@ -18,7 +18,12 @@ def implementation_switcher(model, baselines):
     restored at the end, and a flashpatch run that fell back anyway fails loudly."""
     original = model.config._attn_implementation
     names, unavailable, reports = [], {}, []
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     for name in baselines:
+        if name == "sdpa" and getattr(text_config, "attn_logit_softcapping", None):
+            # transformers 5.17 loads Gemma 2 with sdpa, whose entry drops the cap: a different attention
+            unavailable[name] = "unavailable: sdpa drops this model's logit softcapping (compare with eager)"
+            continue
         try:
             model.set_attn_implementation(name)
         except (ValueError, ImportError) as exc:
