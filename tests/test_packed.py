@@ -131,3 +131,14 @@ def test_many_segments_forward_and_backward(layout, causal, device, poison_empty
     out = flashpatch.attention(q, k, v, causal=causal, segment_ids=ids)
     assert_fa2_rule(out, q, k, v, causal=causal, segment_ids=ids)
     check(q, k, v, causal=causal, segment_ids=ids)
+
+
+@pytest.mark.parametrize("window", [(20, 0), (40, 7)])
+def test_many_segments_with_a_window(window, device, poison_empty):
+    """A sliding window inside packed sequences: the band's blocks and the sequences' blocks, both narrowed."""
+    lengths = [3, 17, 1, 30, 2, 45, 9, 64, 32]
+    ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None].to(device)
+    q, k, v = random_qkv(1, 4, 2, 203, 203, 32, torch.float32, device)
+    out = flashpatch.attention(q, k, v, causal=window[1] == 0, segment_ids=ids, window=window)
+    assert_fa2_rule(out, q, k, v, causal=window[1] == 0, segment_ids=ids, window=window)
+    check(q, k, v, causal=window[1] == 0, segment_ids=ids, window=window)
