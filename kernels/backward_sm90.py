@@ -54,6 +54,7 @@ dK (scaled by the softmax scale) and dV are stored straight from the accumulator
 the head dim left out. dQ rows that no key reaches (causal with Sq > Sk) stay zero.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -65,7 +66,7 @@ from .gluon_hopper import (HAS_GLUON, SHARED_MEMORY_LIMIT, TensorDescriptor, fen
                            mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
 from .gluon_hopper import descriptor as _descriptor
 from .gluon_hopper import tma_load as _tma_load
-from .launch import cdiv
+from .launch import CachedLauncher, cdiv
 from .forward import segment_planes
 from .online_softmax import LOG2E
 
@@ -736,16 +737,22 @@ def _attn_bwd_sm90_plain(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, 
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)
+def _float32_layout(rows: int, cols: int | None):
+    """The shared layout of a float32 [rows] (cols None: unswizzled) or [rows, cols] block, worked out once."""
+    if cols is None:
+        return gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
+    return gl.NVMMASharedLayout.get_default_for([rows, cols], gl.float32)
+
+
 def _row_descriptor(t: torch.Tensor, rows: int):
     """A flat float32 vector (lse, delta) read `rows` at a time."""
-    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
-    return TensorDescriptor(t, [t.numel()], [1], [rows], layout)
+    return TensorDescriptor(t, [t.numel()], [1], [rows], _float32_layout(rows, None))
 
 
 def _dq_descriptor(t: torch.Tensor, rows: int, cols: int):
     """dQaccum [rows of every head, kernel head dim], float32, reduced into a [rows, cols] block at a time."""
-    layout = gl.NVMMASharedLayout.get_default_for([rows, cols], gl.float32)
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [rows, cols], layout)
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [rows, cols], _float32_layout(rows, cols))
 
 
 def _empty_as(t: torch.Tensor) -> torch.Tensor:
@@ -781,8 +788,10 @@ def _constexprs(config: Sm90BwdConfig, head_dim: int, causal: bool, key_padding_
                 CONSUMER_REGS=config.consumer_regs, PRODUCER_REGS=config.producer_regs)
 
 
-# (config, head_dim, causal, dtype) -> the compiled main kernel of the last launch, for inspection.
+# (config, head_dim, causal, dtype[, masks]) -> the compiled main kernel of the last launch, for inspection.
 COMPILED: dict = {}
+_launch_prep = CachedLauncher(_bwd_prep_kernel)  # plain Triton: launched without the JIT's per-call binding
+_launch_convert = CachedLauncher(_bwd_dq_convert_kernel)
 
 
 def sm90_backward_eligible(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -827,7 +836,7 @@ def flash_attn_backward_sm90(grad_out, q, k, v, out, lse, *, causal: bool, scale
     dq_acc = torch.empty((rows_all, width), device=q.device, dtype=torch.float32)
     lse = lse.contiguous()
     prep_rows = min(block_m, 64)  # divides padded_q
-    _bwd_prep_kernel[(padded_q // prep_rows, batch * heads_q)](
+    _launch_prep((padded_q // prep_rows, batch * heads_q),
         out, grad_out, lse, delta, lse2, dq_acc, out.stride(0), out.stride(1), out.stride(2), grad_out.stride(0),
         grad_out.stride(1), grad_out.stride(2), heads_q, seq_q, padded_q, head_dim,
         BLOCK_M=prep_rows, BLOCK_D=triton.next_power_of_2(head_dim), DQ_WIDTH=width, num_warps=4)
@@ -851,7 +860,7 @@ def flash_attn_backward_sm90(grad_out, q, k, v, out, lse, *, causal: bool, scale
     masked = tuple(name for name, t in (("key_padding_mask", key_padding_mask), ("segment_ids", segment_ids))
                    if t is not None)
     COMPILED[(config, head_dim, causal, q.dtype) + ((masked, ) if masked else ())] = compiled
-    _bwd_dq_convert_kernel[(padded_q // prep_rows, batch * heads_q)](
+    _launch_convert((padded_q // prep_rows, batch * heads_q),
         dq_acc, dq, dq.stride(0), dq.stride(1), dq.stride(2), heads_q, seq_q, padded_q, head_dim, scale,
         BLOCK_M=prep_rows, DQ_WIDTH=width, num_warps=4)
     return dq, dk, dv
