@@ -104,6 +104,47 @@ def test_the_sm90_backward_refusal_names_its_reason(monkeypatch):
     assert plans.sm90_backward_refusal("sm90", q, q, k, v, q, **call).startswith("deterministic")
 
 
+def test_a_hopper_training_call_reaches_the_sm90_backward(monkeypatch):
+    """flashpatch.attention's backward on an sm90 device, plain: the Gluon backward gets the call's tensors, causal
+    and scale; with a key padding mask the portable one does. The kernels are stand-ins (no GPU here)."""
+    import flashpatch
+    from flashpatch import ops
+    from flashpatch.dispatch import KernelPath
+    from flashpatch.kernels import backward_sm90
+
+    calls = []
+
+    def sm90(grad_out, q, k, v, out, lse, *, causal, scale):
+        calls.append(("sm90", causal, scale, q.shape, k.shape))
+        return torch.full_like(q, 1.0), torch.full_like(k, 2.0), torch.full_like(v, 3.0)
+
+    def portable(grad_out, q, k, v, out, lse, *, key_padding_mask, **kw):
+        calls.append(("portable", key_padding_mask is not None))
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None
+
+    monkeypatch.setattr(backward_sm90, "HAS_GLUON", True)
+    monkeypatch.setattr(backward_sm90, "sm90_backward_eligible", lambda *tensors: True)
+    monkeypatch.setattr(backward_sm90, "flash_attn_backward_sm90", sm90)
+    monkeypatch.setattr(plans, "flash_attn_backward", portable)
+    real_info = ops.device_info
+    monkeypatch.setattr(ops, "device_info", lambda q: (KernelPath("triton-sm90", "sm90", "test"),
+                                                       *real_info(q)[1:]))
+    ops.reset_caches()
+    q = torch.randn(1, 4, 24, 16, requires_grad=True)
+    k, v = (torch.randn(1, 2, 24, 16, requires_grad=True) for _ in range(2))
+    flashpatch.attention(q, k, v, causal=True, scale=0.3).sum().backward()
+    assert calls == [("sm90", True, 0.3, (1, 4, 24, 16), (1, 2, 24, 16))]
+    assert (q.grad == 1.0).all() and (k.grad == 2.0).all() and (v.grad == 3.0).all()
+    calls.clear()
+    mask = torch.ones(1, 24, dtype=torch.bool)
+    flashpatch.attention(q, k, v, causal=True, key_padding_mask=mask).sum().backward()
+    assert calls == [("portable", True)]
+    kinds = [(u["kernel"], u["why_not_gluon"]) for u in flashpatch.kernels_used() if u["kernel"].endswith("-backward")]
+    assert kinds == [("gluon-sm90-backward", None),
+                     ("portable-backward", "a key padding mask (the portable backward serves it)")]
+    ops.reset_caches()
+
+
 def test_kernels_used_lists_the_backward_of_each_kind_of_training_call(device):
     """A backward is listed after the forward plans, with the kernel that ran it and why it was not the Gluon one."""
     import flashpatch
