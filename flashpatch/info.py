@@ -62,6 +62,14 @@ def gather_info() -> dict:
             info["sm90_gluon"] = {"available": forward_sm90.HAS_GLUON, "switch": f"{GLUON_SWITCH}=0 leaves it out of the candidates",
                                   "candidates": {f"head_dim={d}": [c.label() for c in cands]
                                                  for d, cands in forward_sm90.SM90_CONFIGS.items()}}
+            from flashpatch.kernels import backward_sm90
+            from flashpatch.kernels.plans import SM90_BACKWARD_SWITCH
+
+            # the Gluon backward: plain 16-bit training calls (kernels/backward_sm90.py), one config per head dim
+            info["sm90_gluon_backward"] = {
+                "available": backward_sm90.HAS_GLUON, "switch": f"{SM90_BACKWARD_SWITCH}=0 keeps the portable backward",
+                "config": {f"head_dim={d}": backward_sm90.default_config(d).label()
+                           for d in backward_sm90.SM90_BWD_HEAD_DIMS}}
         from flashpatch.kernels.autotune import cache_file, enabled
 
         info["autotune"] = {"enabled": enabled(), "cache": cache_file(family),

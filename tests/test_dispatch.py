@@ -140,6 +140,9 @@ def test_info_prints_every_table_for_the_gpu_family(monkeypatch):
     assert result.exit_code == 0
     assert "backward tiles head_dim<=64" in result.output and "tma=True" in result.output
     assert "fp8 tiles head_dim=128" in result.output and data["fp8_tiles"]["head_dim=64"]
+    backward = data["sm90_gluon_backward"]
+    assert set(backward["config"]) == {"head_dim=64", "head_dim=80", "head_dim=96", "head_dim=128"}
+    assert backward["switch"].startswith("FLASHPATCH_SM90_BACKWARD=0")
 
 
 def test_unusable_reason_is_marked_constant_as_assume_constant_result_would():
