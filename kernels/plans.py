@@ -60,7 +60,7 @@ class PlanCache:
 
 
 PLANS = PlanCache()
-BACKWARDS: dict[str, dict] = {}  # the backward kernel each kind of call got, for plans_in_use (emptied as PLANS)
+BACKWARDS: dict[tuple, dict] = {}  # the backward kernel each kind of call got, for plans_in_use (emptied as PLANS)
 
 
 @functools.lru_cache(maxsize=1024)  # a decode step asks every call: a cached answer costs a fifth of the rule's
@@ -303,12 +303,15 @@ def backward(grad_out, q, k, v, out, lse, *, causal, scale, family, key_padding_
     refusal = sm90_backward_refusal(family, grad_out, q, k, v, out, key_padding_mask=key_padding_mask,
                                     dropout_p=dropout_p, segment_ids=segment_ids, window=window, softcap=softcap,
                                     sinks=sinks)
-    band = kernel_window(causal, window)
-    call = call_summary(q, k, causal, key_padding_mask, None, segment_ids, band, softcap, sinks, dropout_p)
-    if len(BACKWARDS) >= PLANS.limit:
-        BACKWARDS.clear()
-    BACKWARDS[repr(call)] = dict(call, kernel="portable-backward" if refusal else "gluon-sm90-backward",
-                                 why_not_gluon=refusal)
+    kind = (tuple(q.shape), tuple(k.shape), q.dtype, causal, key_padding_mask is None, segment_ids is None, window,
+            bool(softcap), sinks is None, bool(dropout_p), refusal)
+    if kind not in BACKWARDS:  # described once per kind: a training step asks every layer
+        if len(BACKWARDS) >= PLANS.limit:
+            BACKWARDS.clear()
+        call = call_summary(q, k, causal, key_padding_mask, None, segment_ids, kernel_window(causal, window),
+                            softcap, sinks, dropout_p)
+        BACKWARDS[kind] = dict(call, kernel="portable-backward" if refusal else "gluon-sm90-backward",
+                               why_not_gluon=refusal)
     if refusal is None:
         from .backward_sm90 import flash_attn_backward_sm90
 
