@@ -272,13 +272,12 @@ def make_plan(q, k, v, *, causal, scale, key_padding_mask, dropout_p, seed, sequ
 def sm90_backward_refusal(family, grad_out, q, k, v, out, *, key_padding_mask, dropout_p, segment_ids, window,
                           softcap, sinks) -> str | None:
     """Why the Gluon sm90 backward (kernels/backward_sm90.py) does not serve this backward, in a few words, or None
-    when it does: Hopper, Gluon, 16-bit, head dim 64/80/96/128, descriptor-legal views, no masks, dropout, window,
-    softcapping or sinks, deterministic algorithms off (its dQ adds land in any order), and
-    FLASHPATCH_SM90_BACKWARD not "0"."""
+    when it does: Hopper, Gluon, 16-bit, head dim 64/80/96/128, descriptor-legal views, no dropout, window,
+    softcapping or sinks (key padding masks and segment ids it takes), deterministic algorithms off (its dQ adds
+    land in any order), and FLASHPATCH_SM90_BACKWARD not "0"."""
     if family != "sm90":
         return "not a Hopper (sm90) GPU"
-    for feature, present in (("a key padding mask", key_padding_mask is not None), ("dropout", dropout_p),
-                             ("segment ids", segment_ids is not None), ("a sliding window", window is not None),
+    for feature, present in (("dropout", dropout_p), ("a sliding window", window is not None),
                              ("softcapping", softcap), ("sinks", sinks is not None)):
         if present:
             return f"{feature} (the portable backward serves it)"
@@ -315,7 +314,8 @@ def backward(grad_out, q, k, v, out, lse, *, causal, scale, family, key_padding_
     if refusal is None:
         from .backward_sm90 import flash_attn_backward_sm90
 
-        return (*flash_attn_backward_sm90(grad_out, q, k, v, out, lse, causal=causal, scale=scale), None)
+        return (*flash_attn_backward_sm90(grad_out, q, k, v, out, lse, causal=causal, scale=scale,
+                                          key_padding_mask=key_padding_mask, segment_ids=segment_ids), None)
     config = select_backward_config(family, q.shape[-1], q.element_size())
     return flash_attn_backward(grad_out, q, k, v, out, lse, causal=causal, scale=scale,
                                key_padding_mask=key_padding_mask, config=config, dropout_p=dropout_p, seed=seed,

@@ -87,16 +87,16 @@ def test_the_sm90_backward_refusal_names_its_reason(monkeypatch):
     q = k = v = torch.zeros(1, 1, 64, 128, dtype=torch.bfloat16)
     call = dict(key_padding_mask=None, dropout_p=0.0, segment_ids=None, window=None, softcap=None, sinks=None)
     assert plans.sm90_backward_refusal("sm80", q, q, k, v, q, **call) == "not a Hopper (sm90) GPU"
-    for change, words in ((dict(key_padding_mask=torch.ones(1, 64, dtype=torch.bool)), "a key padding mask"),
-                          (dict(dropout_p=0.1), "dropout"), (dict(segment_ids=torch.zeros(1, 64)), "segment ids"),
-                          (dict(window=(63, 0)), "a sliding window"), (dict(softcap=30.0), "softcapping"),
-                          (dict(sinks=torch.zeros(1)), "sinks")):
+    for change, words in ((dict(dropout_p=0.1), "dropout"), (dict(window=(63, 0)), "a sliding window"),
+                          (dict(softcap=30.0), "softcapping"), (dict(sinks=torch.zeros(1)), "sinks")):
         assert plans.sm90_backward_refusal("sm90", q, q, k, v, q, **dict(call, **change)).startswith(words)
     monkeypatch.setattr(backward_sm90, "HAS_GLUON", True)
     monkeypatch.setattr(backward_sm90, "sm90_backward_eligible", lambda *tensors: False)
     assert plans.sm90_backward_refusal("sm90", q, q, k, v, q, **call).startswith("dtype, head dim or strides")
     monkeypatch.setattr(backward_sm90, "sm90_backward_eligible", lambda *tensors: True)
     assert plans.sm90_backward_refusal("sm90", q, q, k, v, q, **call) is None
+    masks = dict(key_padding_mask=torch.ones(1, 64, dtype=torch.bool), segment_ids=torch.zeros(1, 64))
+    assert plans.sm90_backward_refusal("sm90", q, q, k, v, q, **dict(call, **masks)) is None
     monkeypatch.setenv(plans.SM90_BACKWARD_SWITCH, "0")
     assert plans.sm90_backward_refusal("sm90", q, q, k, v, q, **call) == "FLASHPATCH_SM90_BACKWARD=0"
     monkeypatch.delenv(plans.SM90_BACKWARD_SWITCH)
@@ -104,9 +104,10 @@ def test_the_sm90_backward_refusal_names_its_reason(monkeypatch):
     assert plans.sm90_backward_refusal("sm90", q, q, k, v, q, **call).startswith("deterministic")
 
 
-def test_a_hopper_training_call_reaches_the_sm90_backward(monkeypatch):
+def test_a_hopper_training_call_reaches_the_sm90_backward(monkeypatch, device):
     """flashpatch.attention's backward on an sm90 device, plain: the Gluon backward gets the call's tensors, causal
-    and scale; with a key padding mask the portable one does. The kernels are stand-ins (no GPU here)."""
+    and scale, and a key padding mask or segment ids with them; with dropout the portable one does. The kernels are
+    stand-ins; the forward is real (the interpreter on a CPU)."""
     import flashpatch
     from flashpatch import ops
     from flashpatch.dispatch import KernelPath
@@ -114,12 +115,12 @@ def test_a_hopper_training_call_reaches_the_sm90_backward(monkeypatch):
 
     calls = []
 
-    def sm90(grad_out, q, k, v, out, lse, *, causal, scale):
-        calls.append(("sm90", causal, scale, q.shape, k.shape))
+    def sm90(grad_out, q, k, v, out, lse, *, causal, scale, key_padding_mask, segment_ids):
+        calls.append(("sm90", causal, scale, q.shape, k.shape, key_padding_mask is not None, segment_ids is not None))
         return torch.full_like(q, 1.0), torch.full_like(k, 2.0), torch.full_like(v, 3.0)
 
-    def portable(grad_out, q, k, v, out, lse, *, key_padding_mask, **kw):
-        calls.append(("portable", key_padding_mask is not None))
+    def portable(grad_out, q, k, v, out, lse, *, dropout_p, **kw):
+        calls.append(("portable", dropout_p))
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None
 
     monkeypatch.setattr(backward_sm90, "HAS_GLUON", True)
@@ -130,18 +131,22 @@ def test_a_hopper_training_call_reaches_the_sm90_backward(monkeypatch):
     monkeypatch.setattr(ops, "device_info", lambda q: (KernelPath("triton-sm90", "sm90", "test"),
                                                        *real_info(q)[1:]))
     ops.reset_caches()
-    q = torch.randn(1, 4, 24, 16, requires_grad=True)
-    k, v = (torch.randn(1, 2, 24, 16, requires_grad=True) for _ in range(2))
+    q = torch.randn(1, 4, 24, 16, device=device, requires_grad=True)
+    k, v = (torch.randn(1, 2, 24, 16, device=device, requires_grad=True) for _ in range(2))
     flashpatch.attention(q, k, v, causal=True, scale=0.3).sum().backward()
-    assert calls == [("sm90", True, 0.3, (1, 4, 24, 16), (1, 2, 24, 16))]
+    assert calls == [("sm90", True, 0.3, (1, 4, 24, 16), (1, 2, 24, 16), False, False)]
     assert (q.grad == 1.0).all() and (k.grad == 2.0).all() and (v.grad == 3.0).all()
     calls.clear()
-    mask = torch.ones(1, 24, dtype=torch.bool)
+    mask = torch.ones(1, 24, dtype=torch.bool, device=device)
+    mask[0, -3:] = False
     flashpatch.attention(q, k, v, causal=True, key_padding_mask=mask).sum().backward()
-    assert calls == [("portable", True)]
+    segments = torch.tensor([[0] * 10 + [1] * 14], device=device)
+    flashpatch.attention(q, k, v, causal=True, segment_ids=segments).sum().backward()
+    flashpatch.attention(q, k, v, causal=True, dropout_p=0.5).sum().backward()
+    assert [c[-2:] for c in calls] == [(True, False), (False, True), ("portable", 0.5)]
     kinds = [(u["kernel"], u["why_not_gluon"]) for u in flashpatch.kernels_used() if u["kernel"].endswith("-backward")]
-    assert kinds == [("gluon-sm90-backward", None),
-                     ("portable-backward", "a key padding mask (the portable backward serves it)")]
+    assert kinds == [("gluon-sm90-backward", None)] * 3 + [
+        ("portable-backward", "dropout (the portable backward serves it)")]
     ops.reset_caches()
 
 
