@@ -49,3 +49,15 @@ def test_only_the_tables_asked_for_are_measured(monkeypatch):
     everything = []
     kernels.run_kernel_tables([512], (64,), progress=lambda *args: everything.append(args))
     assert 0 < totals[0][1] < everything[0][1]
+
+
+def test_decode_table_has_a_row_per_kv_heads_batch_and_cache():
+    """MHA rows first, then GQA; the ratio is the baseline's time over flashpatch's; a failed cell says why."""
+    rows = [kernels.DecodeRow("flashpatch", 1, 4096, 10.0, 2.0, None, 8),
+            kernels.DecodeRow("sdpa-cudnn", 1, 4096, 30.0, 0.7, None, 8),
+            kernels.DecodeRow("flashpatch", 1, 4096, 20.0, 1.5, None, 32),
+            kernels.DecodeRow("sdpa-cudnn", 1, 4096, None, None, "OOM", 32)]
+    lines = kernels.decode_markdown(rows, ["flashpatch", "sdpa-cudnn"]).splitlines()
+    assert lines[0].startswith("| KV heads | batch | cache |")
+    assert lines[2] == "| 32 | 1 | 4096 | 1.50 | OOM | - | 20.0 |"
+    assert lines[3] == "| 8 | 1 | 4096 | 2.00 | 0.70 | 3.00x | 10.0 |"

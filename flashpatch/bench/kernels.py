@@ -41,10 +41,11 @@ def _sdpa_fn(backend: str, q, k, v, causal):
 
     chosen = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[backend]
+    gqa = k.shape[1] != q.shape[1]  # K/V heads shared by groups of query heads, read without copies
 
     def run():
         with sdpa_kernel(chosen):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
 
     return run
 
@@ -213,6 +214,7 @@ class DecodeRow:
     us: float | None
     tb_s: float | None  # bytes of K and V read / time
     error: str | None = None
+    kv_heads: int = 32
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -223,8 +225,9 @@ def kv_bytes(batch, heads_k, cache, head_dim, element_size=2) -> float:
 
 
 def bench_decode(impls, caches=DECODE_CACHES, batches=(1, 8, 32), heads=32, head_dim=128, dtype=torch.bfloat16,
-                 max_kv_gib=24.0, progress=None, cuda_graph=False) -> list[DecodeRow]:
-    """One query token against a KV cache of N: time and TB/s of K/V read (caches over max_kv_gib are skipped).
+                 max_kv_gib=66.0, progress=None, cuda_graph=False, kv_heads=(32, 8)) -> list[DecodeRow]:
+    """One query token against a KV cache of N: time and TB/s of K/V read (caches over max_kv_gib are skipped),
+    for each count of K/V heads in kv_heads (32 of 32: MHA; 8: Llama-3's GQA groups of 4).
 
     cuda_graph=True times replays of a CUDA graph of the call (`do_bench_cudagraph`): GPU time alone, without
     any backend's host launch cost; False times eager calls back to back, host cost included where it dominates.
@@ -232,47 +235,48 @@ def bench_decode(impls, caches=DECODE_CACHES, batches=(1, 8, 32), heads=32, head
     import triton
 
     rows = []
-    for batch in batches:
-        for n in caches:
-            nbytes = kv_bytes(batch, heads, n, head_dim)
-            if nbytes / 2**30 > max_kv_gib:
-                rows += [DecodeRow(i, batch, n, None, None, f"skipped: K/V {nbytes / 2**30:.0f} GiB") for i in impls]
-                continue
-            q = torch.randn(batch, heads, 1, head_dim, device="cuda", dtype=dtype)
-            k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", dtype=dtype) for _ in range(2))
-            for impl in impls:
-                try:
-                    fn = make_fn(impl, q, k, v, False)  # one query at the end of the cache: causal = full
-                    fn()
-                    if cuda_graph:
-                        ms = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
-                    else:
-                        ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-                    rows.append(DecodeRow(impl, batch, n, ms * 1e3, nbytes / (ms * 1e-3) / 1e12))
-                except Exception as exc:
-                    reason = "OOM" if isinstance(exc, torch.OutOfMemoryError) else f"{type(exc).__name__}: {exc}"
-                    rows.append(DecodeRow(impl, batch, n, None, None, reason.splitlines()[0][:120]))
-                if progress is not None:
-                    progress()
-            del q, k, v
-            torch.cuda.empty_cache()
+    for heads_k, batch, n in ((h, b, n) for h in kv_heads for b in batches for n in caches):
+        nbytes = kv_bytes(batch, heads_k, n, head_dim)
+        if nbytes / 2**30 > max_kv_gib:
+            rows += [DecodeRow(i, batch, n, None, None, f"skipped: K/V {nbytes / 2**30:.0f} GiB", heads_k)
+                     for i in impls]
+            continue
+        q = torch.randn(batch, heads, 1, head_dim, device="cuda", dtype=dtype)
+        k, v = (torch.randn(batch, heads_k, n, head_dim, device="cuda", dtype=dtype) for _ in range(2))
+        for impl in impls:
+            try:
+                fn = make_fn(impl, q, k, v, False)  # one query at the end of the cache: causal = full
+                fn()
+                if cuda_graph:
+                    ms = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+                else:
+                    ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+                rows.append(DecodeRow(impl, batch, n, ms * 1e3, nbytes / (ms * 1e-3) / 1e12, None, heads_k))
+            except Exception as exc:
+                reason = "OOM" if isinstance(exc, torch.OutOfMemoryError) else f"{type(exc).__name__}: {exc}"
+                rows.append(DecodeRow(impl, batch, n, None, None, reason.splitlines()[0][:120], heads_k))
+            if progress is not None:
+                progress()
+        del q, k, v
+        torch.cuda.empty_cache()
     return rows
 
 
 def decode_markdown(rows: list[DecodeRow], impls) -> str:
     others = [i for i in impls if i != "flashpatch"]
-    lines = ["| batch | cache | " + " | ".join(f"{i} TB/s" for i in impls) + " | "
+    lines = ["| KV heads | batch | cache | " + " | ".join(f"{i} TB/s" for i in impls) + " | "
              + " | ".join(f"vs {i}" for i in others) + " | flashpatch us |",
-             "|" + "---|" * (3 + len(impls) + len(others))]
-    keyed = {(r.impl, r.batch, r.cache): r for r in rows}
-    for batch, n in sorted({(r.batch, r.cache) for r in rows}):
-        cells = [keyed.get((i, batch, n)) for i in impls]
-        fmt = [f"{r.tb_s:.2f}" if r and r.tb_s else (r.error.split(':')[0] if r and r.error else "-") for r in cells]
-        ours = keyed.get(("flashpatch", batch, n))
-        ratios = [f"{keyed[(i, batch, n)].us / ours.us:.2f}x" if ours and ours.us and keyed.get((i, batch, n))
-                  and keyed[(i, batch, n)].us else "-" for i in others]
+             "|" + "---|" * (4 + len(impls) + len(others))]
+    keyed = {(r.impl, r.kv_heads, r.batch, r.cache): r for r in rows}
+    for cell in sorted({(r.kv_heads, r.batch, r.cache) for r in rows}, key=lambda c: (-c[0], c[1], c[2])):
+        found = [keyed.get((i, *cell)) for i in impls]
+        fmt = [f"{r.tb_s:.2f}" if r and r.tb_s else (r.error.split(':')[0] if r and r.error else "-") for r in found]
+        ours = keyed.get(("flashpatch", *cell))
+        ratios = [f"{keyed[(i, *cell)].us / ours.us:.2f}x" if ours and ours.us and keyed.get((i, *cell))
+                  and keyed[(i, *cell)].us else "-" for i in others]
         us = f"{ours.us:.1f}" if ours and ours.us else "-"
-        lines.append(f"| {batch} | {n} | " + " | ".join(fmt) + " | " + " | ".join(ratios) + f" | {us} |")
+        lines.append("| " + " | ".join(map(str, cell)) + " | " + " | ".join(fmt) + " | " + " | ".join(ratios)
+                     + f" | {us} |")
     return "\n".join(lines)
 
 
@@ -331,7 +335,7 @@ def run_kernel_tables(lengths=None, head_dims=(64, 128), progress=None, on_table
     step = progress or (lambda *args: None)
     step(0, cells * (len(impls) * ("forward" in tables) + len(BACKWARD_IMPLS) * (("fwd-bwd" in tables)
                                                                            + ("backward" in tables)))
-         + 2 * len(DECODE_CACHES) * len(batches) * len(decode_impls) * ("decode" in tables))
+         + 2 * 2 * len(DECODE_CACHES) * len(batches) * len(decode_impls) * ("decode" in tables))
     grid = dict(lengths=lengths, head_dims=head_dims, progress=step)
     sections = [
         ("forward", "rows", "Forward, batch 8, 32 heads, bf16 (TFLOPS):",
@@ -340,7 +344,8 @@ def run_kernel_tables(lengths=None, head_dims=(64, 128), progress=None, on_table
          lambda: bench_backward(**grid), lambda rows: markdown_table(rows, BACKWARD_IMPLS)),
         ("backward", "backward_rows", "Backward alone (2.5x the forward's FLOPs):",
          lambda: bench_backward(backward_only=True, **grid), lambda rows: markdown_table(rows, BACKWARD_IMPLS)),
-        ("decode", "decode_rows", "Decode, one query token, 32 heads, head dim 128, bf16 (TB/s of K/V read), calls back to back "
+        ("decode", "decode_rows", "Decode, one query token, 32 heads (32 or 8 K/V heads), head dim 128, bf16 (TB/s of K/V read), "
+         "calls back to back "
          "(host launch cost included):", lambda: bench_decode(decode_impls, batches=batches, progress=step),
          lambda rows: decode_markdown(rows, decode_impls)),
         ("decode", "decode_graph_rows", "The same, timed as CUDA-graph replays (GPU time alone, every backend alike):",
