@@ -141,14 +141,17 @@ def _key_value_table(title: str, rows) -> Table:
     return table
 
 
-def _print_table(out: Console, header, body, title=None, caption=None):
-    """Rows of a benchmark: right-justified columns, no box, every cell escaped."""
+def _print_table(out: Console, header, body, title=None, caption=None, notes=()):
+    """Rows of a benchmark: right-justified columns, no box, every cell escaped; then `notes` (what a cell's word
+    stands for), a line each."""
     table = Table(title=title, caption=caption, box=None, padding=(0, 1), pad_edge=False)
     for h in header:
         table.add_column(h, justify="right", overflow="fold")
     for cells in body:
         table.add_row(*(escape(c) for c in cells))
     out.print(table)
+    for note in notes:
+        out.print(escape(note), highlight=False)
 
 
 def _not_served(report, out: Console):
@@ -384,7 +387,7 @@ def bench(
             context_list = int_list("--contexts", contexts or ("512,1024,2048,4096,8192,16384" if on_gpu else "32,64"))
         from flashpatch.bench.generate import (attention_names, bench_generation, markdown, plot, positions_needed,
                                                terminal_table)
-        from flashpatch.bench.switch import any_not_served
+        from flashpatch.bench.switch import any_not_served, error_notes
 
         baseline_list = tuple(name_list("--baselines", baselines, attention_names()))
         if batched:
@@ -417,7 +420,8 @@ def bench(
     _print_table(out, *terminal_table(rows, baseline_list),
                  title=f"flashpatch bench: {model}, {dtype}, batch {batch}, {new_tokens} new tokens, {cache} cache",
                  caption="cold = unseen prompt lengths, warm = the same call repeated; x = flashpatch's speedup "
-                         "over the row (median of per-repeat ratios); decode in tokens/s")
+                         "over the row (median of per-repeat ratios); decode in tokens/s",
+                 notes=error_notes(rows))
     save(rows)
     if plot_path:
         plot(rows, plot_path, f"{model} ({dtype}, batch {batch}, {new_tokens} new tokens, {cache} cache)")
@@ -432,7 +436,7 @@ def _bench_batched(spec: str, workload, out: Console, *, new_tokens, batch, dtyp
     """`bench MODEL --lengths LO-HI | --prompts FILE`: batches of mixed-length, left-padded prompts."""
     from flashpatch.bench.batched import batch_plan, plan_lines
     from flashpatch.bench.generate import batch_markdown, batch_table, bench_batched_generation
-    from flashpatch.bench.switch import any_not_served
+    from flashpatch.bench.switch import any_not_served, error_notes
     from flashpatch.loading import DTYPES, load_model
     from flashpatch.verify import EXIT_CODES, serving_report
 
@@ -466,7 +470,7 @@ def _bench_batched(spec: str, workload, out: Console, *, new_tokens, batch, dtyp
                        f"new tokens, {cache} cache",
                  caption="cold = fresh batches of unseen padded lengths, warm = one batch repeated; tok/s = real "
                          "new tokens per second; x = flashpatch's speedup over the row (median of per-run ratios); "
-                         "prefill (real prompt tokens) and decode in tokens/s")
+                         "prefill (real prompt tokens) and decode in tokens/s", notes=error_notes(rows))
     _print_agreement(agreement, plan, out)
     save(rows, agreement)
     if any_not_served(rows):
@@ -533,7 +537,7 @@ def bench_train(
         steps = steps or (3 if on_gpu else 1)
         model = model or ("llama2-7b" if on_gpu else "tiny-llama")
         from flashpatch.bench.generate import attention_names
-        from flashpatch.bench.switch import any_not_served
+        from flashpatch.bench.switch import any_not_served, error_notes
         from flashpatch.bench.train import (bench_layouts, draw_lengths, layout_markdown, layout_table,
                                             loss_agreement, loss_agreement_lines, random_sequences)
 
@@ -566,7 +570,8 @@ def bench_train(
                        f"step, AdamW, {steps} timed step{'' if steps == 1 else 's'}",
                  caption="tok/s = real (non-pad) tokens per second of forward + backward + optimizer step; x = "
                          "flashpatch's speedup over the row; loss = the first step's, every implementation from "
-                         "the same weights")
+                         "the same weights",
+                 notes=error_notes(rows))
     agreement = loss_agreement(rows, baseline_list[0] if baseline_list else None)
     for line in loss_agreement_lines(agreement):
         out.print(line, highlight=False)

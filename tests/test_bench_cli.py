@@ -70,8 +70,9 @@ def test_a_failing_cell_is_recorded_and_the_run_completes(tmp_path, monkeypatch)
 
 
 def test_setup_tunes_each_bucket_and_cold_cells_stay_unseen(tmp_path, monkeypatch):
-    """The per-context warm-up prefills once in the context's power-of-two length bucket (what flashpatch's
-    autotuner keys on), and still no cold cell meets a KV length its implementation has seen."""
+    """The per-context warm-up generates once in the context's power-of-two length bucket (what flashpatch's
+    autotuner keys on), with the run's decode steps (the decode kernels' first compiles), and still no cold cell
+    meets a KV length its implementation has seen."""
     real, calls = bench_generate._generate_once, []
 
     def recording(model, prompt, new_tokens, cache_kwargs=None):
@@ -90,7 +91,7 @@ def test_setup_tunes_each_bucket_and_cold_cells_stay_unseen(tmp_path, monkeypatc
         mine = [c[1:] for c in calls if c[0] == impl]
         for context in contexts:
             bucket = 1 << (context - 1).bit_length()
-            assert any(bucket // 2 < length <= bucket and tokens == 1 for length, tokens in mine), (impl, context)
+            assert any(bucket // 2 < length <= bucket and tokens == 4 for length, tokens in mine), (impl, context)
     cells = [(r["impl"], length) for r in rows for length in r["prompt_lengths"]]
     assert len(cells) == 2 * len(contexts) * 3
     for impl, length in cells:
@@ -105,14 +106,22 @@ def test_implementations_alternate_repeat_by_repeat(tmp_path, monkeypatch):
     """Dynamic cache: within a context and regime, each repeat runs every implementation in turn (a drifting host
     moves them alike), the order rotating so that none always follows the same one; the rows still come out
     grouped by implementation, each with its repeats' own rates."""
-    real, order = bench_generate._generate_once, []
+    real, real_warmup, order, warming = bench_generate._generate_once, bench_generate._context_warmup, [], []
 
     def recording(model, prompt, new_tokens, cache_kwargs=None):
-        if new_tokens == 4:  # the cells' calls (warm-ups generate 8 or 1 tokens)
+        if new_tokens == 4 and not warming:  # the cells' calls (first-use calls generate 8 tokens)
             order.append(model.config._attn_implementation)
         return real(model, prompt, new_tokens, cache_kwargs)
 
+    def warmup(*args):
+        warming.append(True)
+        try:
+            return real_warmup(*args)
+        finally:
+            warming.pop()
+
     monkeypatch.setattr(bench_generate, "_generate_once", recording)
+    monkeypatch.setattr(bench_generate, "_context_warmup", warmup)
     out = tmp_path / "bench.json"
     result = runner.invoke(app, [*ARGS[:3], "24", *ARGS[4:], "--repeats", "4", "--json", str(out)])
     assert result.exit_code == 0, result.output
@@ -192,3 +201,20 @@ def test_device_map_auto_run(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert dispatched == [1]
     assert all(r["error"] is None for r in json.loads(out.read_text())["rows"])
+
+
+def test_a_cell_without_a_measurement_shows_a_word_and_its_reason_goes_under_the_table():
+    """A baseline transformers refuses, or an OOM: the tok/s cell says 'unavailable' / the exception's name, and
+    the whole reason is one line below the table, so the table keeps its 80 columns."""
+    from flashpatch.bench.generate import GenRow, terminal_table
+    from flashpatch.bench.switch import cell_word, error_notes
+
+    reason = "unavailable: sdpa drops this model's logit softcapping (compare with eager)"
+    rows = [GenRow("sdpa", 2048, "warm", [], error=reason), GenRow("sdpa", 4096, "warm", [], error=reason),
+            GenRow("eager", 4096, "warm", [], error="OOM")]
+    rows += [GenRow("flashpatch", n, "warm", [n], 10.0, 100.0, 90.0, 1.0, e2e_runs_tok_s=[90.0]) for n in (2048, 4096)]
+    assert cell_word(reason) == "unavailable" and cell_word("OOM") == "OOM" and cell_word(None) == "-"
+    assert error_notes(rows) == [f"sdpa: {reason}"]
+    header, cells = terminal_table(rows, ["eager", "sdpa"])
+    speeds = {(c[0], c[2]): c[header.index("tok/s")] for c in cells}
+    assert speeds[("2048", "sdpa")] == "unavailable" and speeds[("4096", "eager")] == "OOM"

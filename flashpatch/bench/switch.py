@@ -77,6 +77,18 @@ def failure_line(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
 
 
+def cell_word(error: str | None) -> str:
+    """What a table cell shows for a row without a measurement: its error's first words ("unavailable", "OOM",
+    "not served", an exception's name); the whole line goes under the table (`error_notes`), so columns stay narrow."""
+    return error.split(":", 1)[0] if error else "-"
+
+
+def error_notes(rows) -> list[str]:
+    """'impl: error' once per distinct error whose cell shows less than the whole line."""
+    notes = [f"{r.impl}: {r.error}" for r in rows if r.error and cell_word(r.error) != r.error]
+    return list(dict.fromkeys(notes))
+
+
 def any_not_served(rows) -> bool:
     """Whether a flashpatch row failed as not served: it would have run the model's own attention."""
     return any(r.impl == "flashpatch" and (r.error or "").startswith("not served") for r in rows)

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .switch import each_implementation, failure_line
+from .switch import cell_word, each_implementation, failure_line
 
 LAYOUTS = ("padded", "packed")
 
@@ -222,7 +222,7 @@ def layout_table(rows: list[TrainRow], baselines) -> tuple[list[str], list[list[
             if impl != "flashpatch" and ours and ours.tokens_per_s and r.tokens_per_s:
                 ratio = f"{ours.tokens_per_s / r.tokens_per_s:.2f}"
             shape = f"{r.batch}x{r.context}" if r.batch else "-"
-            speed = f"{r.tokens_per_s:.1f}" if r.tokens_per_s is not None else (r.error or "-")
+            speed = f"{r.tokens_per_s:.1f}" if r.tokens_per_s is not None else cell_word(r.error)
             cells.append([layout, impl, shape, speed, ratio, _fmt(r.step_ms, ".1f"), _fmt(r.peak_mib, ".0f"),
                           _fmt(r.loss, ".6f")])
     return header, cells
