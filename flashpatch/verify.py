@@ -82,7 +82,7 @@ class VerifyResult:
     layers_patched: int = 0
     reasons: list = field(default_factory=list)  # why flashpatch left the model as it is
     fallbacks: dict = field(default_factory=dict)  # calls that ran the model's own attention: reason -> count
-    kernels: list = field(default_factory=list)  # flashpatch.kernels_used(): the kernel per kind of call, and why
+    kernels: list = field(default_factory=list)  # flashpatch.kernels_used(): the process's kinds of call, kernel, why
     tolerance_pct: float = 0.1
     min_top1: float | None = None
 
