@@ -61,6 +61,12 @@ def config_from_row(row: dict):
 class Autotuner:
     def __init__(self):
         self.choices: dict[str, dict[str, TileConfig]] = {}  # family -> key -> config
+        self.timings: dict[tuple[str, str], dict[str, float]] = {}  # (family, key) -> {label: ms}, timed here
+
+    def describe(self, family: str, key: str) -> dict:
+        """How `key`'s choice was made, for kernels_used(): its candidates' timings (ms, inf: failed to run) where
+        this process timed them, else None (read from the cache file)."""
+        return {"bucket": key, "timed_ms": self.timings.get((family, key))}
 
     def _load(self, family: str) -> dict[str, TileConfig]:
         if family not in self.choices:
@@ -98,6 +104,7 @@ class Autotuner:
             except Exception as exc:  # a candidate this GPU can't run (resources): never chosen
                 timings.append((math.inf, cfg))
                 warnings.warn(f"flashpatch: tile candidate {cfg} failed to run ({type(exc).__name__})", stacklevel=3)
+        self.timings[(family, key)] = {cfg.label(): round(ms, 4) for ms, cfg in timings}
         best_ms, best = min(timings, key=lambda t: t[0])
         if math.isinf(best_ms):
             return candidates[0]

@@ -18,6 +18,11 @@ class TileConfig:
     tma: bool = False  # the tensor-descriptor kernel (kernels/forward_tma.py) where a call allows it
     warp_specialize: bool = False  # TMA kernel only: Triton's producer/consumer warp groups for the unmasked loop
 
+    def label(self) -> str:
+        """'m128n64w8s3' (BLOCK_M, BLOCK_N, warps, stages), '+tma' / '+ws' for the TMA kernel's rows."""
+        return (f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}" + "+tma" * self.tma
+                + "+ws" * self.warp_specialize)
+
 
 # Per compute-capability family, per padded head dim (64, 128, 256).
 # sm90 rows won a tile sweep on an H100 (`flashpatch.bench.kernels.tile_sweep`); sm80/sm86 rows follow the

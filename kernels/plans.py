@@ -223,10 +223,12 @@ def make_plan(q, k, v, *, causal, scale, key_padding_mask, dropout_p, seed, sequ
         return plan
 
     if segment_ids is None and uses_decode_kernel(seq_q, heads_q // heads_k, head_dim, dropout_p, element_size):
+        config = select_decode_config(family, head_dim, element_size)
         return noted(DecodePlan(q.shape, q.stride(), heads_k, q.dtype, causal=causal, scale=scale, **flags,
-                          config=select_decode_config(family, head_dim, element_size), sm_count=sm_count,
+                          config=config, sm_count=sm_count,
                           need_lse=need_lse, split_warps=decode_split_warps(family, head_dim, element_size),
-                          **features), "few query rows: the decode kernel serves", keys="any")  # any cache length
+                          **features), "few query rows: the decode kernel serves", keys="any",  # any cache length
+                     tile=config.label(), tuning=None)
     plain = key_padding_mask is None and seqused_k is None and segment_ids is None and not dropout_p
     plain_scores = band is None and not softcap and sinks is None  # what the TMA and Gluon kernels compute
 
@@ -252,7 +254,8 @@ def make_plan(q, k, v, *, causal, scale, key_padding_mask, dropout_p, seed, sequ
     untuned = ("no GPU" if family is None or not q.is_cuda else "float32" if element_size == 4
                else f"at most {SHORT_Q_BLOCK_M} query rows" if seq_q <= SHORT_Q_BLOCK_M else None)
     if untuned:
-        return noted(plan_with(select_config(family, head_dim, seq_q, element_size)), untuned)
+        config = select_config(family, head_dim, seq_q, element_size)
+        return noted(plan_with(config), untuned, tile=config.label(), tuning=None)
     candidates = [c for c in tune_candidates(family, head_dim) if (plain and plain_scores) or not c.tma]
     refusal = sm90_refusal(family, q, k, v, dropout_p=dropout_p, key_padding_mask=key_padding_mask,
                            seqused_k=seqused_k, segment_ids=segment_ids, window=band, softcap=softcap, sinks=sinks)
@@ -261,12 +264,13 @@ def make_plan(q, k, v, *, causal, scale, key_padding_mask, dropout_p, seed, sequ
     kind = "" if plain else "-masked"
     if not plain_scores:  # a window's band, tanh or the sink change what a tile costs: tuned apart
         kind += "-window" * (band is not None) + "-softcap" * bool(softcap) + "-sinks" * (sinks is not None)
-    plan = plan_with(prefill_config(family, q, seq_k, causal, candidates, timed, plain, kind))
+    config, tuning = prefill_config(family, q, seq_k, causal, candidates, timed, plain, kind)
+    plan = plan_with(config)
     if refusal is None and plan.kernel != Sm90Plan.kernel:
         refusal = ("FLASHPATCH_AUTOTUNE=0" if not autotune_enabled()
                    else "planned during CUDA graph capture (nothing timed)" if torch.cuda.is_current_stream_capturing()
                    else "timed slower for this length bucket")
-    return noted(plan, refusal)
+    return noted(plan, refusal, tile=config.label(), tuning=tuning)
 
 
 def sm90_backward_refusal(family, grad_out, q, k, v, out, *, key_padding_mask, dropout_p, segment_ids, window,
@@ -324,7 +328,9 @@ def backward(grad_out, q, k, v, out, lse, *, causal, scale, family, key_padding_
 
 def plans_in_use() -> list[dict]:
     """The kinds of call this process has planned: each call's shape, dtype, masks and features, the kernel that
-    serves it and, where that is not a Gluon sm90 kernel, why; forward plans first, then the backwards run."""
+    serves it and, where that is not a Gluon sm90 kernel, why; for forward plans also the tile config (`tile`) and
+    how it was chosen (`tuning`: the length bucket and, where this process timed them, every candidate's ms; None
+    where nothing was tuned). Forward plans first, then the backwards run."""
     return [dict(plan.call, kernel=plan.kernel, why_not_gluon=plan.why_not_gluon) for plan in PLANS.plans.values()
             if hasattr(plan, "call")] + list(BACKWARDS.values())
 
@@ -333,13 +339,15 @@ def prefill_config(family: str, q, seq_k: int, causal: bool, candidates: list, t
                    kind: str | None = None):
     """The first candidate (the table's row) while a CUDA graph is being captured (nothing can be timed), else the
     autotuned choice for this length bucket (`timed(config)` -> ms), remembered on disk. `kind`: the key's suffix
-    ("" for plain calls, "-masked" for others unless given)."""
+    ("" for plain calls, "-masked" for others unless given). Returns (config, how it was chosen: the autotuner's
+    `describe`, or None where nothing was tuned)."""
     if torch.cuda.is_current_stream_capturing():
-        return candidates[0]
+        return candidates[0], None
     key = tune_key(head_dim_bucket(q.shape[-1]), str(q.dtype).removeprefix("torch."), causal, q.shape[2], seq_k)
     if kind is None:
         kind = "" if plain else "-masked"
-    return AUTOTUNER.pick(family, key + kind, candidates, timed)
+    config = AUTOTUNER.pick(family, key + kind, candidates, timed)
+    return config, (AUTOTUNER.describe(family, key + kind) if autotune_enabled() and len(candidates) > 1 else None)
 
 
 def reset() -> None:
@@ -347,3 +355,4 @@ def reset() -> None:
     PLANS.clear()
     BACKWARDS.clear()
     AUTOTUNER.choices.clear()
+    AUTOTUNER.timings.clear()

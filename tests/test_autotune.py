@@ -29,13 +29,16 @@ def test_picks_the_fastest_and_remembers_it_across_processes():
     fastest = CANDIDATES[2]
     times = {CANDIDATES[0]: 2.0, CANDIDATES[1]: 3.0, fastest: 1.5}
     key = tune_key(64, "bfloat16", True, 3000, 3000)
-    assert Autotuner().pick("sm90", key, CANDIDATES, timer(times, calls)) == fastest
+    tuner = Autotuner()
+    assert tuner.pick("sm90", key, CANDIDATES, timer(times, calls)) == fastest
     assert calls == CANDIDATES
+    assert tuner.describe("sm90", key) == {"bucket": key, "timed_ms": {c.label(): times[c] for c in CANDIDATES}}
     on_disk = json.load(open(cache_file("sm90")))
     assert on_disk[key] == {"kernel": "TileConfig", "block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3,
                             "tma": False, "warp_specialize": False}
-    again = []  # a new process: read from disk, nothing timed
-    assert Autotuner().pick("sm90", key, CANDIDATES, timer(times, again)) == fastest and again == []
+    again, reader = [], Autotuner()  # a new process: read from disk, nothing timed
+    assert reader.pick("sm90", key, CANDIDATES, timer(times, again)) == fastest and again == []
+    assert reader.describe("sm90", key) == {"bucket": key, "timed_ms": None}
     for field in ("kernel", "tma", "warp_specialize"):  # a cache written before those fields still reads
         del on_disk[key][field]
     json.dump(on_disk, open(cache_file("sm90"), "w"))
@@ -94,11 +97,12 @@ def test_prefill_tiles_are_tuned_per_length_bucket_and_call_kind(monkeypatch):
     capturing = [False]
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
     candidates = tune_candidates("sm90", 128)
-    assert plans.prefill_config("sm90", FakeQuery(), 300, True, candidates, None, True) == candidates[-1]
+    config, tuning = plans.prefill_config("sm90", FakeQuery(), 300, True, candidates, None, True)
+    assert config == candidates[-1] and tuning["bucket"] == "d128-bfloat16-causal-q512-k512"
     plans.prefill_config("sm90", FakeQuery(), 300, True, candidates, None, False)
     assert asked == ["d128-bfloat16-causal-q512-k512", "d128-bfloat16-causal-q512-k512-masked"]
     capturing[0] = True
-    assert plans.prefill_config("sm90", FakeQuery(), 300, True, candidates, None, True) == candidates[0]
+    assert plans.prefill_config("sm90", FakeQuery(), 300, True, candidates, None, True) == (candidates[0], None)
     assert len(asked) == 2
 
 

@@ -29,13 +29,14 @@ def test_each_table_is_handed_over_when_done(monkeypatch):
     fake_measurements(monkeypatch)
     seen = []
     tables, data = kernels.run_kernel_tables([512], (64,), on_table=lambda title, text, so_far: seen.append(
-        (text, so_far["partial"], sorted(k for k in so_far if k != "partial"))))
+        (text, so_far["partial"], sorted(k for k in so_far if k not in ("partial", "kernels_used")))))
     assert [text for text, _, _ in seen] == ["table of fwd", "table of train", "table of bwd", "table of decode",
                                              "table of graph"]
     assert [partial for _, partial, _ in seen] == [True, True, True, True, False]
     assert seen[0][2] == ["rows"] and len(seen[-1][2]) == 5
     assert [text for _, text in tables] == [text for text, _, _ in seen]
     assert data["partial"] is False and data["backward_rows"] == [{"name": "bwd"}]
+    assert isinstance(data["kernels_used"], list)  # what served flashpatch's cells (none here: faked)
 
 
 def test_only_the_tables_asked_for_are_measured(monkeypatch):
@@ -44,7 +45,8 @@ def test_only_the_tables_asked_for_are_measured(monkeypatch):
     tables, data = kernels.run_kernel_tables([512], (64,), tables=("fwd-bwd", "decode"),
                                              progress=lambda *args: totals.append(args))
     assert [text for _, text in tables] == ["table of train", "table of decode", "table of graph"]
-    assert sorted(k for k in data if k != "partial") == ["decode_graph_rows", "decode_rows", "forward_backward_rows"]
+    assert sorted(k for k in data if k not in ("partial", "kernels_used")) == ["decode_graph_rows", "decode_rows",
+                                                                             "forward_backward_rows"]
     assert data["partial"] is False
     everything = []
     kernels.run_kernel_tables([512], (64,), progress=lambda *args: everything.append(args))

@@ -180,9 +180,10 @@ def test_kernels_used_lists_each_kind_of_call_with_its_kernel(device):
         1, 40, dtype=torch.bool, device=device))
     used = flashpatch.kernels_used()
     assert [u["kernel"] for u in used] == ["portable", "decode", "portable"]
-    assert used[0] | {"why_not_gluon": None} == dict(q=(1, 2, 40, 32), keys=40, kv_heads=1, dtype="float32",
-                                                    causal=True, masks=[], features=[], kernel="portable",
-                                                    why_not_gluon=None)
+    assert used[0] | {"why_not_gluon": None, "tile": None} == dict(
+        q=(1, 2, 40, 32), keys=40, kv_heads=1, dtype="float32", causal=True, masks=[], features=[], kernel="portable",
+        why_not_gluon=None, tile=None, tuning=None)  # float32, or no GPU: nothing tuned
+    assert all(u["tile"].startswith("m") for u in used)  # e.g. m64n32w4s2, the tile table's row
     assert used[0]["why_not_gluon"] in ("no GPU", "float32")
     assert used[1]["keys"] == "any" and used[1]["why_not_gluon"].startswith("few query rows")
     assert used[2]["masks"] == ["key_padding_mask"] and used[2]["features"] == ["window", "softcap"]

@@ -324,7 +324,10 @@ def run_kernel_tables(lengths=None, head_dims=(64, 128), progress=None, on_table
     """`flashpatch bench kernels`: the `tables` of KERNEL_TABLES asked for, in that order, each against SDPA's
     backends and FlexAttention. Returns ([(title, markdown table)], JSON data). `progress(0, total)` is called
     first, then `progress()` per cell; `on_table(title, table, data)` as each table is done (data: the rows so
-    far, "partial" true until the last), so a run cut short keeps what it measured."""
+    far, "partial" true until the last, "kernels_used": what served flashpatch's cells and how its tiles were
+    chosen), so a run cut short keeps what it measured."""
+    import flashpatch
+
     impls = ["flashpatch"] + [f"sdpa-{b}" for b in SDPA_BACKENDS] + ["flex"]
     decode_impls = impls[:-1]  # FlexAttention would compile per cache length
     if torch.cuda.get_device_capability() >= (9, 0):
@@ -358,6 +361,7 @@ def run_kernel_tables(lengths=None, head_dims=(64, 128), progress=None, on_table
         rows = measure()
         done.append((title, render(rows)))
         data[key] = [r.to_dict() for r in rows]
+        data["kernels_used"] = flashpatch.kernels_used()  # each kind of call's kernel, tile and tuning timings
         data["partial"] = key != sections[-1][1]
         if on_table:
             on_table(title, done[-1][1], data)
