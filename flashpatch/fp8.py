@@ -52,7 +52,8 @@ def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
 
         candidates = triton_kernels.fp8_candidates(path.family, head_dim)
         if len(candidates) > 1 and not torch.cuda.is_current_stream_capturing():
-            key = triton_kernels.tune_key(head_dim, "float8_e4m3fn", causal, q.shape[2], k.shape[2])
+            key = triton_kernels.tune_key(head_dim, "float8_e4m3fn", causal, q.shape[2], k.shape[2],
+                                          q.shape[0] * q.shape[1])
             pick = triton_kernels.AUTOTUNER.pick(path.family, key, candidates,
                                                  lambda cfg: triton_kernels.autotune.time_ms(lambda: launch(cfg)))
             return launch(pick)

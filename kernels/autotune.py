@@ -1,6 +1,7 @@
 """Choosing among a few tile candidates by timing them once, remembered on disk across processes.
 
-Keyed by GPU family, head-dim bucket, dtype, causal and power-of-two length buckets; the first call
+Keyed by GPU family, head-dim bucket, dtype, causal and power-of-two buckets of the lengths and of batch x heads;
+the first call
 with a new key times every candidate on the caller's own tensors, later calls (and later processes)
 read the answer. FLASHPATCH_AUTOTUNE=0 turns it off (the tile table's row is used). The decode path
 never tunes: its launches must stay cheap and graph-capturable.
@@ -29,8 +30,11 @@ def _bucket(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
-def tune_key(head_dim_bucket: int, dtype: str, causal: bool, seq_q: int, seq_k: int) -> str:
-    return f"d{head_dim_bucket}-{dtype}-{'causal' if causal else 'full'}-q{_bucket(seq_q)}-k{_bucket(seq_k)}"
+def tune_key(head_dim_bucket: int, dtype: str, causal: bool, seq_q: int, seq_k: int, rows: int | None = None) -> str:
+    """rows: batch x query heads, bucketed too: how many tiles a length gives the SMs decides which candidate
+    fills them best (a batch-1 prefill's 512 tiles of 2K tokens against a batch-8 training call's 4096)."""
+    key = f"d{head_dim_bucket}-{dtype}-{'causal' if causal else 'full'}-q{_bucket(seq_q)}-k{_bucket(seq_k)}"
+    return key if rows is None else f"{key}-bh{_bucket(rows)}"
 
 
 def cache_file(family: str) -> str:

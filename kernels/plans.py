@@ -207,8 +207,8 @@ def make_plan(q, k, v, *, causal, scale, key_padding_mask, dropout_p, seed, sequ
               sm_count, window=None, softcap=None, sinks=None):
     """The plan for a validated call's kind: the decode kernel for few query rows, else a forward kernel with the
     tile table's row, or on a GPU the fastest of the candidates that can serve the call (the portable kernel's tiles,
-    the TMA kernel's, the Gluon sm90 kernel's), timed once per length bucket (kernels/autotune.py). Calls with a
-    sliding window, softcapping or sinks run the portable kernels only."""
+    the TMA kernel's, the Gluon sm90 kernel's), timed once per bucket of lengths and batch x heads
+    (kernels/autotune.py). Calls with a sliding window, softcapping or sinks run the portable kernels only."""
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
     element_size = q.element_size()
@@ -269,7 +269,7 @@ def make_plan(q, k, v, *, causal, scale, key_padding_mask, dropout_p, seed, sequ
     if refusal is None and plan.kernel != Sm90Plan.kernel:
         refusal = ("FLASHPATCH_AUTOTUNE=0" if not autotune_enabled()
                    else "planned during CUDA graph capture (nothing timed)" if torch.cuda.is_current_stream_capturing()
-                   else "timed slower for this length bucket")
+                   else "timed slower for this bucket of lengths and batch x heads")
     return noted(plan, refusal, tile=config.label(), tuning=tuning)
 
 
@@ -329,7 +329,7 @@ def backward(grad_out, q, k, v, out, lse, *, causal, scale, family, key_padding_
 def plans_in_use() -> list[dict]:
     """The kinds of call this process has planned: each call's shape, dtype, masks and features, the kernel that
     serves it and, where that is not a Gluon sm90 kernel, why; for forward plans also the tile config (`tile`) and
-    how it was chosen (`tuning`: the length bucket and, where this process timed them, every candidate's ms; None
+    how it was chosen (`tuning`: the autotune bucket and, where this process timed them, every candidate's ms; None
     where nothing was tuned). Forward plans first, then the backwards run."""
     return [dict(plan.call, kernel=plan.kernel, why_not_gluon=plan.why_not_gluon) for plan in PLANS.plans.values()
             if hasattr(plan, "call")] + list(BACKWARDS.values())
@@ -338,12 +338,13 @@ def plans_in_use() -> list[dict]:
 def prefill_config(family: str, q, seq_k: int, causal: bool, candidates: list, timed, plain: bool,
                    kind: str | None = None):
     """The first candidate (the table's row) while a CUDA graph is being captured (nothing can be timed), else the
-    autotuned choice for this length bucket (`timed(config)` -> ms), remembered on disk. `kind`: the key's suffix
-    ("" for plain calls, "-masked" for others unless given). Returns (config, how it was chosen: the autotuner's
+    autotuned choice for this bucket of lengths and batch x heads (`timed(config)` -> ms), remembered on disk.
+    `kind`: the key's suffix ("" for plain calls, "-masked" for others unless given). Returns (config, how it was chosen: the autotuner's
     `describe`, or None where nothing was tuned)."""
     if torch.cuda.is_current_stream_capturing():
         return candidates[0], None
-    key = tune_key(head_dim_bucket(q.shape[-1]), str(q.dtype).removeprefix("torch."), causal, q.shape[2], seq_k)
+    key = tune_key(head_dim_bucket(q.shape[-1]), str(q.dtype).removeprefix("torch."), causal, q.shape[2], seq_k,
+                   q.shape[0] * q.shape[1])
     if kind is None:
         kind = "" if plain else "-masked"
     config = AUTOTUNER.pick(family, key + kind, candidates, timed)

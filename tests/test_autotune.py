@@ -63,6 +63,9 @@ def test_keys_bucket_lengths_and_separate_dtype_and_causality():
     assert tune_key(128, "bfloat16", True, 3000, 3000) != tune_key(128, "bfloat16", True, 5000, 3000)
     assert tune_key(128, "bfloat16", True, 100, 100) != tune_key(128, "float16", True, 100, 100)
     assert tune_key(128, "bfloat16", True, 100, 100) != tune_key(128, "bfloat16", False, 100, 100)
+    # batch x heads: a batch-1 prefill and a batch-8 call of 32 heads fill the SMs differently
+    assert tune_key(128, "bfloat16", True, 2048, 2048, 32) != tune_key(128, "bfloat16", True, 2048, 2048, 256)
+    assert tune_key(128, "bfloat16", True, 2048, 2048, 200) == tune_key(128, "bfloat16", True, 2048, 2048, 256)
 
 
 def test_switched_off_uses_the_table_row_without_timing(monkeypatch):
@@ -98,9 +101,9 @@ def test_prefill_tiles_are_tuned_per_length_bucket_and_call_kind(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
     candidates = tune_candidates("sm90", 128)
     config, tuning = plans.prefill_config("sm90", FakeQuery(), 300, True, candidates, None, True)
-    assert config == candidates[-1] and tuning["bucket"] == "d128-bfloat16-causal-q512-k512"
+    assert config == candidates[-1] and tuning["bucket"] == "d128-bfloat16-causal-q512-k512-bh8"
     plans.prefill_config("sm90", FakeQuery(), 300, True, candidates, None, False)
-    assert asked == ["d128-bfloat16-causal-q512-k512", "d128-bfloat16-causal-q512-k512-masked"]
+    assert asked == ["d128-bfloat16-causal-q512-k512-bh8", "d128-bfloat16-causal-q512-k512-bh8-masked"]
     capturing[0] = True
     assert plans.prefill_config("sm90", FakeQuery(), 300, True, candidates, None, True) == (candidates[0], None)
     assert len(asked) == 2
