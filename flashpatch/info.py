@@ -65,7 +65,7 @@ def gather_info() -> dict:
             from flashpatch.kernels import backward_sm90
             from flashpatch.kernels.plans import SM90_BACKWARD_SWITCH
 
-            # the Gluon backward: 16-bit training calls, padded and packed too (kernels/backward_sm90.py), a config per head dim
+            # the Gluon backward (kernels/backward_sm90.py): 16-bit training calls, padded and packed too
             info["sm90_gluon_backward"] = {
                 "available": backward_sm90.HAS_GLUON, "switch": f"{SM90_BACKWARD_SWITCH}=0 keeps the portable backward",
                 "config": {f"head_dim={d}": backward_sm90.default_config(d).label()

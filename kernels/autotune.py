@@ -1,9 +1,8 @@
 """Choosing among a few tile candidates by timing them once, remembered on disk across processes.
 
 Keyed by GPU family, head-dim bucket, dtype, causal and power-of-two buckets of the lengths and of batch x heads;
-the first call
-with a new key times every candidate on the caller's own tensors, later calls (and later processes)
-read the answer. FLASHPATCH_AUTOTUNE=0 turns it off (the tile table's row is used). The decode path
+the first call with a new key times every candidate on the caller's own tensors, later calls (and later
+processes) read the answer. FLASHPATCH_AUTOTUNE=0 turns it off (the tile table's row is used). The decode path
 never tunes: its launches must stay cheap and graph-capturable.
 """
 

@@ -339,8 +339,8 @@ def prefill_config(family: str, q, seq_k: int, causal: bool, candidates: list, t
                    kind: str | None = None):
     """The first candidate (the table's row) while a CUDA graph is being captured (nothing can be timed), else the
     autotuned choice for this bucket of lengths and batch x heads (`timed(config)` -> ms), remembered on disk.
-    `kind`: the key's suffix ("" for plain calls, "-masked" for others unless given). Returns (config, how it was chosen: the autotuner's
-    `describe`, or None where nothing was tuned)."""
+    `kind`: the key's suffix ("" for plain calls, "-masked" for others unless given). Returns (config, how it was
+    chosen: the autotuner's `describe`, or None where nothing was tuned)."""
     if torch.cuda.is_current_stream_capturing():
         return candidates[0], None
     key = tune_key(head_dim_bucket(q.shape[-1]), str(q.dtype).removeprefix("torch."), causal, q.shape[2], seq_k,
