@@ -4,8 +4,9 @@ It serves the forward on H100/H200 class GPUs: 16-bit q/k/v with descriptor-lega
 projections transformers hands over, viewed as [B, H, S, D]), head dim 64, 80, 96, 128 or 256 (80 and 96 run
 the 128-wide kernel: TMA zero-fills the missing columns on load and clips them on store), GQA by index,
 bottom-right causal, ragged lengths, optional log-sum-exp, and the masks transformers hands over: a key-padding
-mask, `seqused_k` (a static cache's filled length per batch) and packed `segment_ids`. No dropout or key
-splits: those stay with forward.py. Entry points: `sm90_eligible` and `flash_attn_forward_sm90`.
+mask, `seqused_k` (a static cache's filled length per batch) and packed `segment_ids`; and tanh logit
+softcapping (`softcap`, a compile-time value: Gemma 2's 50). No dropout, windows, sinks or key splits: those
+stay with forward.py. Entry points: `sm90_eligible` and `flash_attn_forward_sm90`.
 
 One program owns BLOCK_M = 64 * num_consumers query rows of one (batch, head) and walks that head's keys:
 
@@ -327,11 +328,30 @@ def _load_key_masks(kpm_base, seg_base, start_n, seq_k, BLOCK_N: gl.constexpr, s
 
 
 @gluon.jit
+def _tanh(x):
+    """online_softmax.tanh in Gluon (the same formula, so both kernels cap alike): an odd polynomial below 0.25,
+    (1 - e) / (1 + e) with e = exp(-2|x|) above."""
+    a = gl.abs(x)
+    e = gl.exp2(a * (-2.0 * 1.4426950408889634))
+    big = (1.0 - e) / (1.0 + e)
+    a2 = a * a
+    small = a * (1.0 + a2 * (-0.3333333333333333 + a2 * (0.13333333333333333 + a2 * (-0.05396825396825397
+                                                                                   + a2 * 0.021869488536155203))))
+    t = gl.where(a < 0.25, small, big)
+    return gl.where(x < 0, -t, t)
+
+
+@gluon.jit
 def _softmax_step(s, m_i, l_i, qk_scale, start_n, row0, seq_k, causal_offset, masked, keep, seg_k, seg_q,
                   ROWS: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, HAS_KPM: gl.constexpr,
-                  HAS_SEG: gl.constexpr, s_layout: gl.constexpr):
+                  HAS_SEG: gl.constexpr, SOFTCAP: gl.constexpr, s_layout: gl.constexpr):
     """Online softmax of one block in base 2. m_i is the running max of raw scores; scaling is folded into one
-    FFMA per score. Returns p (fp32), the rescale factor alpha for O and l, and the new m_i, l_i."""
+    FFMA per score. Returns p (fp32), the rescale factor alpha for O and l, and the new m_i, l_i. SOFTCAP (a
+    constexpr, 0.0: none): the scores become SOFTCAP * tanh(s * scale / SOFTCAP), in base 2 (qk_scale is then
+    scale / SOFTCAP, applied inside the tanh), and m_i their running max."""
+    if SOFTCAP != 0.0:
+        s = _tanh(s * qk_scale) * (SOFTCAP * 1.4426950408889634)
+        qk_scale = qk_scale * 0.0 + 1.0  # the capped scores are scaled already
     if masked:  # the diagonal block(s) and the ragged tail: keys past Sk (TMA reads zeros there) and future keys
         # One bound per row, relative to the block: key column c is visible iff c < limit.
         cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
@@ -367,7 +387,7 @@ def _rescale(acc, alpha, o_rows: gl.constexpr):
 def _key_loop_plain(q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, acc, m_i, l_i, kv_count, n_blocks,
                     n_unmasked, qk_scale, row0, seq_k, causal_offset, kpm_base, seg_base, seg_q,
                     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                    HAS_KPM: gl.constexpr, HAS_SEG: gl.constexpr, s_layout: gl.constexpr,
+                    HAS_KPM: gl.constexpr, HAS_SEG: gl.constexpr, SOFTCAP: gl.constexpr, s_layout: gl.constexpr,
                     o_layout: gl.constexpr, p_layout: gl.constexpr):
     """S(j), softmax(j), PV(j) in turn; the other consumer warpgroups fill the tensor cores meanwhile."""
     ROWS: gl.constexpr = q_mma.shape[0]
@@ -382,7 +402,7 @@ def _key_loop_plain(q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, a
         mbarrier.arrive(k_empty.index(stage))
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, j * BLOCK_N, row0, seq_k, causal_offset,
                                            j >= n_unmasked, keep, seg_k, seg_q, ROWS, BLOCK_N, CAUSAL, HAS_KPM,
-                                           HAS_SEG, s_layout)
+                                           HAS_SEG, SOFTCAP, s_layout)
         acc = _rescale(acc, alpha, gl.SliceLayout(1, o_layout))
         p_op = gl.convert_layout(p.to(k_smem.dtype), p_layout)
         mbarrier.wait(v_ready.index(stage), phase)
@@ -399,7 +419,8 @@ def _overlapped_step(q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, 
                      seg_q, WG: gl.constexpr, NUM_CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr,
                      HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                      PINGPONG: gl.constexpr, MASKED: gl.constexpr, HAS_KPM: gl.constexpr, HAS_SEG: gl.constexpr,
-                     PIN: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
+                     SOFTCAP: gl.constexpr, PIN: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
+                     p_layout: gl.constexpr):
     """One block of the overlapped schedule: `count` is the block's place in the K/V ring, P(j-1) comes in as
     p_op and P(j) goes out."""
     ROWS: gl.constexpr = q_mma.shape[0]
@@ -424,7 +445,8 @@ def _overlapped_step(q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, 
         keep, seg_k = _load_key_masks(kpm_base, seg_base, start_n, seq_k, BLOCK_N, s_layout, True, HAS_KPM,
                                       HAS_SEG)
     p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, start_n, row0, seq_k, causal_offset, MASKED, keep,
-                                       seg_k, seg_q, s.shape[0], BLOCK_N, CAUSAL, HAS_KPM, HAS_SEG, s_layout)
+                                       seg_k, seg_q, s.shape[0], BLOCK_N, CAUSAL, HAS_KPM, HAS_SEG, SOFTCAP,
+                                       s_layout)
     if PIN:
         # The wait for V(j) (PV(j) runs in the next step) sits between the softmax and the wait for PV(j-1):
         # its spin loop is a block boundary that ptxas does not schedule the PV wait across. Without it ptxas
@@ -444,8 +466,9 @@ def _key_loop_overlapped(q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_emp
                          seg_q,
                          WG: gl.constexpr, NUM_CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr,
                          HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                         PINGPONG: gl.constexpr, HAS_KPM: gl.constexpr, HAS_SEG: gl.constexpr, PIN: gl.constexpr,
-                         s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
+                         PINGPONG: gl.constexpr, HAS_KPM: gl.constexpr, HAS_SEG: gl.constexpr,
+                         SOFTCAP: gl.constexpr, PIN: gl.constexpr, s_layout: gl.constexpr,
+                         o_layout: gl.constexpr, p_layout: gl.constexpr):
     """Needs n_blocks >= 1. Iteration j issues S(j) and PV(j-1) together, waits for S(j) only, runs softmax(j)
     while PV(j-1) runs, then waits for PV(j-1) and rescales O. P(j) is carried into the next iteration. The
     blocks that need no causal/ragged mask run in a loop of their own, which holds no mask code (and lets the
@@ -461,7 +484,8 @@ def _key_loop_overlapped(q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_emp
     s = warpgroup_mma_wait(0, deps=(s,))
     mbarrier.arrive(k_empty.index(stage))
     p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, 0, row0, seq_k, causal_offset, 0 >= n_unmasked,
-                                       keep, seg_k, seg_q, ROWS, BLOCK_N, CAUSAL, HAS_KPM, HAS_SEG, s_layout)
+                                       keep, seg_k, seg_q, ROWS, BLOCK_N, CAUSAL, HAS_KPM, HAS_SEG, SOFTCAP,
+                                       s_layout)
     p_op = gl.convert_layout(p.to(k_smem.dtype), p_layout)
     if PIN:  # each step waits for the V its successor uses
         mbarrier.wait(v_ready.index(stage), phase)
@@ -470,13 +494,13 @@ def _key_loop_overlapped(q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_emp
         acc, p_op, m_i, l_i, turn_count = _overlapped_step(
             q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turns, acc, p_op, m_i, l_i, kv_count + j,
             turn_count, j * BLOCK_N, qk_scale, row0, seq_k, causal_offset, kpm_base, seg_base, seg_q,
-            WG, NUM_CONSUMERS, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, PINGPONG, False, HAS_KPM, HAS_SEG, PIN,
+            WG, NUM_CONSUMERS, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, PINGPONG, False, HAS_KPM, HAS_SEG, SOFTCAP, PIN,
             s_layout, o_layout, p_layout)
     for j in range(split, n_blocks):
         acc, p_op, m_i, l_i, turn_count = _overlapped_step(
             q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turns, acc, p_op, m_i, l_i, kv_count + j,
             turn_count, j * BLOCK_N, qk_scale, row0, seq_k, causal_offset, kpm_base, seg_base, seg_q,
-            WG, NUM_CONSUMERS, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, PINGPONG, True, HAS_KPM, HAS_SEG, PIN,
+            WG, NUM_CONSUMERS, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, PINGPONG, True, HAS_KPM, HAS_SEG, SOFTCAP, PIN,
             s_layout, o_layout, p_layout)
     last = (kv_count + n_blocks - 1) % NUM_STAGES
     if not PIN:
@@ -501,7 +525,7 @@ def _consume_tile(desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, q_sme
                   NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr,
                   OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, WRITE_LSE: gl.constexpr, SECTIONS: gl.constexpr,
                   WAIT_Q: gl.constexpr, EPILOGUE: gl.constexpr, HAS_KPM: gl.constexpr,
-                  HAS_SEQUSED: gl.constexpr, HAS_SEG: gl.constexpr):
+                  HAS_SEQUSED: gl.constexpr, HAS_SEG: gl.constexpr, SOFTCAP: gl.constexpr):
     ROWS: gl.constexpr = BLOCK_M // NUM_CONSUMERS
     # wgmma accumulators: 4 warps stacked along M (16 rows each), instruction N = the tile's N.
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -541,14 +565,14 @@ def _consume_tile(desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, q_sme
             acc, m_i, l_i, turn_count = _key_loop_overlapped(
                 q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turns, acc, m_i, l_i, kv_count,
                 turn_count, n_blocks, n_unmasked, qk_scale, row0, seq_k, causal_offset, kpm_base, seg_base, seg_q,
-                WG, NUM_CONSUMERS, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, PINGPONG, HAS_KPM, HAS_SEG, OVERLAP == 2,
-                s_layout, o_layout, p_layout)
+                WG, NUM_CONSUMERS, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, PINGPONG, HAS_KPM, HAS_SEG, SOFTCAP,
+                OVERLAP == 2, s_layout, o_layout, p_layout)
     else:
         acc, m_i, l_i = _key_loop_plain(q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, acc, m_i,
                                         l_i, kv_count, n_blocks, n_unmasked, qk_scale, row0, seq_k,
                                         causal_offset, kpm_base, seg_base, seg_q, BLOCK_N,
-                                        HEAD_DIM, NUM_STAGES, CAUSAL, HAS_KPM, HAS_SEG, s_layout, o_layout,
-                                        p_layout)
+                                        HEAD_DIM, NUM_STAGES, CAUSAL, HAS_KPM, HAS_SEG, SOFTCAP, s_layout,
+                                        o_layout, p_layout)
     if EPILOGUE != 0:  # O does not go through the Q buffer: the next tile's Q may load now
         mbarrier.arrive(q_empty.index(WG))
 
@@ -574,7 +598,10 @@ def _consume_tile(desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, q_sme
         gl.store(ptrs, out, mask=gl.expand_dims(rows < seq_q, 1) & gl.expand_dims(cols < head_dim, 0))
     if WRITE_LSE:
         rows = row0 + gl.arange(0, ROWS, layout=s_rows)
-        m_scaled = gl.where(seen, m_i * qk_scale, 0.0)
+        m_log2 = m_i * qk_scale
+        if SOFTCAP != 0.0:  # softcapped scores are in base 2 already
+            m_log2 = m_i
+        m_scaled = gl.where(seen, m_log2, 0.0)
         lse = gl.where(seen, (m_scaled + gl.log2(gl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
         gl.store(lse_ptr + (b * heads_q + h).to(gl.int64) * seq_q + rows, lse, mask=rows < seq_q)
     if EPILOGUE == 0:
@@ -591,7 +618,8 @@ def _consumer(desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, q_smem, o
               WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
               NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, OVERLAP: gl.constexpr,
               PINGPONG: gl.constexpr, WRITE_LSE: gl.constexpr, SECTIONS: gl.constexpr, DYNAMIC: gl.constexpr,
-              EPILOGUE: gl.constexpr, HAS_KPM: gl.constexpr, HAS_SEQUSED: gl.constexpr, HAS_SEG: gl.constexpr):
+              EPILOGUE: gl.constexpr, HAS_KPM: gl.constexpr, HAS_SEQUSED: gl.constexpr, HAS_SEG: gl.constexpr,
+              SOFTCAP: gl.constexpr):
     kv_count = 0
     tile_count = 0
     turn_count = 0
@@ -605,7 +633,7 @@ def _consumer(desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, q_smem, o
                 qk_scale, seq_q, seq_k, heads_q, num_m_blocks, batch_heads, l2_heads, stride_ob, stride_oh,
                 stride_os, head_dim, stride_kpm_b, stride_seg_b, WG, BLOCK_M, BLOCK_N, HEAD_DIM,
                 NUM_STAGES, NUM_CONSUMERS, CAUSAL, OVERLAP, PINGPONG, WRITE_LSE, SECTIONS, False, EPILOGUE,
-                HAS_KPM, HAS_SEQUSED, HAS_SEG)
+                HAS_KPM, HAS_SEQUSED, HAS_SEG, SOFTCAP)
             tile_count += 1
             mbarrier.wait(q_ready.index(WG), tile_count & 1)
             tile = _get_tile(tile_slots.index(WG))
@@ -617,7 +645,7 @@ def _consumer(desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, q_smem, o
                 qk_scale, seq_q, seq_k, heads_q, num_m_blocks, batch_heads, l2_heads, stride_ob, stride_oh,
                 stride_os, head_dim, stride_kpm_b, stride_seg_b, WG, BLOCK_M, BLOCK_N, HEAD_DIM,
                 NUM_STAGES, NUM_CONSUMERS, CAUSAL, OVERLAP, PINGPONG, WRITE_LSE, SECTIONS, True, EPILOGUE,
-                HAS_KPM, HAS_SEQUSED, HAS_SEG)
+                HAS_KPM, HAS_SEQUSED, HAS_SEG, SOFTCAP)
             tile_count += 1
     if EPILOGUE == 1:
         tma.store_wait(0)
@@ -637,7 +665,7 @@ def _attn_fwd_sm90(desc_q, desc_k, desc_v, desc_o, out_ptr, lse_ptr, counter_ptr
                    PINGPONG: gl.constexpr, WRITE_LSE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                    PRODUCER_REGS: gl.constexpr, SECTIONS: gl.constexpr, DYNAMIC: gl.constexpr,
                    EPILOGUE: gl.constexpr, HAS_KPM: gl.constexpr, HAS_SEQUSED: gl.constexpr,
-                   HAS_SEG: gl.constexpr):
+                   HAS_SEG: gl.constexpr, SOFTCAP: gl.constexpr):
     dtype: gl.constexpr = desc_q.dtype
     ROWS: gl.constexpr = desc_q.block_type.shape[2]
     BLOCK_M: gl.constexpr = ROWS * NUM_CONSUMERS
@@ -680,13 +708,13 @@ def _attn_fwd_sm90(desc_q, desc_k, desc_v, desc_o, out_ptr, lse_ptr, counter_ptr
                          seq_k, heads_q, num_m_blocks, num_tiles, batch_heads, l2_heads, stride_ob, stride_oh,
                          stride_os, head_dim, stride_kpm_b, stride_seg_b, 0, BLOCK_M, BLOCK_N,
                          HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, OVERLAP, PINGPONG, WRITE_LSE, SECTIONS,
-                         DYNAMIC, EPILOGUE, HAS_KPM, HAS_SEQUSED, HAS_SEG)),
+                         DYNAMIC, EPILOGUE, HAS_KPM, HAS_SEQUSED, HAS_SEG, SOFTCAP)),
             (_consumer, (desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, q_smem, o_smem, k_smem, v_smem,
                          q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turns, tile_slots, qk_scale, seq_q,
                          seq_k, heads_q, num_m_blocks, num_tiles, batch_heads, l2_heads, stride_ob, stride_oh,
                          stride_os, head_dim, stride_kpm_b, stride_seg_b, 1, BLOCK_M, BLOCK_N,
                          HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, OVERLAP, PINGPONG, WRITE_LSE, SECTIONS,
-                         DYNAMIC, EPILOGUE, HAS_KPM, HAS_SEQUSED, HAS_SEG)),
+                         DYNAMIC, EPILOGUE, HAS_KPM, HAS_SEQUSED, HAS_SEG, SOFTCAP)),
             (_producer, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
                          v_ready, v_empty, tile_slots, counter_ptr, seqused_ptr, seq_q, seq_k, heads_q, group_size,
                          num_m_blocks, num_tiles, batch_heads, l2_heads, BLOCK_M, BLOCK_N, NUM_STAGES,
@@ -703,19 +731,19 @@ def _attn_fwd_sm90(desc_q, desc_k, desc_v, desc_o, out_ptr, lse_ptr, counter_ptr
                          seq_k, heads_q, num_m_blocks, num_tiles, batch_heads, l2_heads, stride_ob, stride_oh,
                          stride_os, head_dim, stride_kpm_b, stride_seg_b, 0, BLOCK_M, BLOCK_N,
                          HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, OVERLAP, PINGPONG, WRITE_LSE, SECTIONS,
-                         DYNAMIC, EPILOGUE, HAS_KPM, HAS_SEQUSED, HAS_SEG)),
+                         DYNAMIC, EPILOGUE, HAS_KPM, HAS_SEQUSED, HAS_SEG, SOFTCAP)),
             (_consumer, (desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, q_smem, o_smem, k_smem, v_smem,
                          q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turns, tile_slots, qk_scale, seq_q,
                          seq_k, heads_q, num_m_blocks, num_tiles, batch_heads, l2_heads, stride_ob, stride_oh,
                          stride_os, head_dim, stride_kpm_b, stride_seg_b, 1, BLOCK_M, BLOCK_N,
                          HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, OVERLAP, PINGPONG, WRITE_LSE, SECTIONS,
-                         DYNAMIC, EPILOGUE, HAS_KPM, HAS_SEQUSED, HAS_SEG)),
+                         DYNAMIC, EPILOGUE, HAS_KPM, HAS_SEQUSED, HAS_SEG, SOFTCAP)),
             (_consumer, (desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, q_smem, o_smem, k_smem, v_smem,
                          q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turns, tile_slots, qk_scale, seq_q,
                          seq_k, heads_q, num_m_blocks, num_tiles, batch_heads, l2_heads, stride_ob, stride_oh,
                          stride_os, head_dim, stride_kpm_b, stride_seg_b, 2, BLOCK_M, BLOCK_N,
                          HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, OVERLAP, PINGPONG, WRITE_LSE, SECTIONS,
-                         DYNAMIC, EPILOGUE, HAS_KPM, HAS_SEQUSED, HAS_SEG)),
+                         DYNAMIC, EPILOGUE, HAS_KPM, HAS_SEQUSED, HAS_SEG, SOFTCAP)),
         ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
 
 
@@ -728,7 +756,7 @@ _EPILOGUE_CODES = {name: i for i, name in enumerate(EPILOGUES)}
 
 
 def _constexprs(config: Sm90Config, head_dim: int, causal: bool, need_lse: bool, has_kpm: bool = False,
-                has_seqused: bool = False, has_seg: bool = False) -> dict:
+                has_seqused: bool = False, has_seg: bool = False, softcap: float = 0.0) -> dict:
     if config.pingpong and not config.overlap:
         raise ValueError("pingpong needs overlap")
     if config.dynamic and not config.persistent:
@@ -743,7 +771,7 @@ def _constexprs(config: Sm90Config, head_dim: int, causal: bool, need_lse: bool,
                 PINGPONG=config.pingpong, WRITE_LSE=need_lse, CONSUMER_REGS=config.consumer_regs,
                 PRODUCER_REGS=config.producer_regs, SECTIONS=causal and config.persistent, DYNAMIC=config.dynamic,
                 EPILOGUE=_EPILOGUE_CODES[config.epilogue], HAS_KPM=has_kpm, HAS_SEQUSED=has_seqused,
-                HAS_SEG=has_seg)
+                HAS_SEG=has_seg, SOFTCAP=float(softcap or 0.0))
 
 
 _SM_COUNT: dict = {}
@@ -819,15 +847,16 @@ def sm90_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_padd
 
 def flash_attn_forward_sm90(q, k, v, *, causal: bool, scale: float, need_lse: bool = True,
                             config: Sm90Config | None = None, key_padding_mask: torch.Tensor | None = None,
-                            seqused_k: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None
-                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                            seqused_k: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                            softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """q: [B, Hq, Sq, D], k/v: [B, Hkv, Sk, D]. Returns out [B, Hq, Sq, D] (memory [B, Sq, Hq, D], q's dtype)
     and lse float32 [B, Hq, Sq] (natural log of the scaled scores' sum-exp; -inf for rows that see no key),
     or None for lse with need_lse=False.
 
     key_padding_mask: bool [B, Sk], True = attend. seqused_k: int32 [B] on the device: keys >= seqused_k[b]
     do not exist and causal alignment is to seqused_k[b]. segment_ids: int32 [B, S] (Sq == Sk), unit inner
-    stride: a query sees only the keys of its own segment."""
+    stride: a query sees only the keys of its own segment. softcap > 0: scores softcap * tanh(scale * q.k /
+    softcap) (Gemma 2's logit softcapping), the lse of the capped scores; each value compiles its own kernel."""
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
     config = config or default_config(head_dim)
@@ -857,14 +886,15 @@ def flash_attn_forward_sm90(q, k, v, *, causal: bool, scale: float, need_lse: bo
         _descriptor(q, CONSUMER_ROWS, width), _descriptor(k, config.block_n, width),
         _descriptor(v, config.block_n, width), _descriptor(out, CONSUMER_ROWS, width), out, lse_arg, counter, kpm,
         seqused_k if seqused_k is not None else counter, segment_ids if segment_ids is not None else counter,
-        scale * LOG2E.value, seq_q, seq_k, heads_q, heads_q // heads_k, num_m_blocks, num_tiles, batch_heads,
+        scale / softcap if softcap else scale * LOG2E.value, seq_q, seq_k, heads_q, heads_q // heads_k, num_m_blocks,
+        num_tiles, batch_heads,
         _l2_heads(batch_heads, heads_q // heads_k, seq_k, head_dim, q.element_size()), out.stride(0),
         out.stride(1), out.stride(2), head_dim, kpm.stride(0) if key_padding_mask is not None else 0,
         segment_ids.stride(0) if segment_ids is not None else 0,
         **_constexprs(config, head_dim, causal, need_lse, key_padding_mask is not None, seqused_k is not None,
-                      segment_ids is not None), num_warps=4)
+                      segment_ids is not None, softcap), num_warps=4)
     masks = tuple(name for name, t in (("key_padding_mask", key_padding_mask), ("seqused_k", seqused_k),
-                                       ("segment_ids", segment_ids)) if t is not None)
+                                       ("segment_ids", segment_ids), ("softcap", softcap or None)) if t is not None)
     COMPILED[(config, head_dim, causal, q.dtype, need_lse) + ((masks, ) if masks else ())] = compiled
     return out, lse
 
@@ -874,7 +904,7 @@ def flash_attn_forward_sm90(q, k, v, *, causal: bool, scale: float, need_lse: bo
 # ---------------------------------------------------------------------------------------------------------------
 def compile_sm90(config: Sm90Config, head_dim: int, *, causal: bool, dtype: torch.dtype = torch.bfloat16,
                  need_lse: bool = True, key_padding_mask: bool = False, seqused_k: bool = False,
-                 segment_ids: bool = False):
+                 segment_ids: bool = False, softcap: float = 0.0):
     """The kernel compiled for an sm90 target as a launch with `config` (and the named masks) would compile it."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -887,7 +917,7 @@ def compile_sm90(config: Sm90Config, head_dim: int, *, causal: bool, dtype: torc
         return mangle_type(_descriptor(torch.empty(1, 1, rows, head_dim, dtype=dtype), rows, width))
 
     kernel = _attn_fwd_sm90
-    constexprs = _constexprs(config, head_dim, causal, need_lse, key_padding_mask, seqused_k, segment_ids)
+    constexprs = _constexprs(config, head_dim, causal, need_lse, key_padding_mask, seqused_k, segment_ids, softcap)
     elem = {torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
     runtime = dict(desc_q=desc_type(CONSUMER_ROWS), desc_k=desc_type(config.block_n),
                    desc_v=desc_type(config.block_n), desc_o=desc_type(CONSUMER_ROWS), out_ptr=elem,

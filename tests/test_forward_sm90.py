@@ -20,9 +20,11 @@ needs_hopper = pytest.mark.skipif(not (HOPPER and forward_sm90.HAS_GLUON),
 MAX_CONFIGS = max(len(configs) for configs in SM90_CONFIGS.values())
 
 
-def expected_lse(q, k, causal, scale, **masks):
+def expected_lse(q, k, causal, scale, softcap=None, **masks):
     group = q.shape[1] // k.shape[1]
     scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double().repeat_interleave(group, 1)) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     mask = visibility_mask(q.shape[2], k.shape[2], causal=causal, device=q.device,
                            key_padding_mask=masks.get("key_padding_mask"), seqused_k=masks.get("seqused_k"),
                            segment_ids=masks.get("segment_ids"))
@@ -31,18 +33,18 @@ def expected_lse(q, k, causal, scale, **masks):
     return torch.logsumexp(scores, -1)
 
 
-def check(q, k, v, causal, config=None, need_lse=True, **masks):
+def check(q, k, v, causal, config=None, need_lse=True, softcap=None, **masks):
     scale = q.shape[-1] ** -0.5
     assert sm90_eligible(q, k, v, **masks)
     out, lse = flash_attn_forward_sm90(q, k, v, causal=causal, scale=scale, need_lse=need_lse, config=config,
-                                       **masks)
+                                       softcap=softcap or 0.0, **masks)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert out.transpose(1, 2).is_contiguous()  # memory [B, Sq, Hq, D]
-    assert_fa2_rule(out, q, k, v, causal=causal, scale=scale, **masks)
+    assert_fa2_rule(out, q, k, v, causal=causal, scale=scale, softcap=softcap, **masks)
     if not need_lse:
         assert lse is None
         return
-    want = expected_lse(q, k, causal, scale, **masks)
+    want = expected_lse(q, k, causal, scale, softcap, **masks)
     finite = torch.isfinite(want)
     assert torch.equal(torch.isfinite(lse), finite)  # rows that see no key: -inf
     torch.testing.assert_close(lse.double()[finite], want[finite], atol=2e-3, rtol=1e-3)
@@ -108,6 +110,33 @@ def test_masks(head_dim, causal, kinds, dynamic, seed, poison_empty):
     seq_q, seq_k = (333, 333) if "seg" in kinds else (200, 517)
     q, k, v = random_qkv(3, 4, 2, seq_q, seq_k, head_dim, torch.bfloat16, "cuda")
     check(bshd(q), bshd(k), bshd(v), causal, config=config, **random_masks(3, seq_q, seq_k, "cuda", kinds))
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seq_q,seq_k", [(17, 17), (255, 255), (77, 333), (1000, 1000)])
+@pytest.mark.parametrize("softcap", [2.0, 50.0])
+def test_softcap_matches_float64(dtype, head_dim, causal, seq_q, seq_k, softcap, seed, poison_empty):
+    """Scores softcap * tanh(s / softcap), and the lse of the capped scores. Inputs scaled up by 4 so that the
+    scores reach the cap of 2 (Gemma 2's 50 then changes little: its own check)."""
+    q, k, v = random_qkv(2, 4, 2, seq_q, seq_k, head_dim, dtype, "cuda")
+    check(q * 4, k * 4, v, causal, softcap=softcap)
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("head_dim", [128, 256])
+@pytest.mark.parametrize("index", range(MAX_CONFIGS))
+@pytest.mark.parametrize("kinds", ["", "kpm,seg"])
+def test_softcap_every_config_and_masks(head_dim, index, kinds, seed, poison_empty):
+    if index >= len(SM90_CONFIGS[head_dim]):
+        pytest.skip("no such candidate")
+    q, k, v = random_qkv(3, 4, 2, 500, 500, head_dim, torch.bfloat16, "cuda")
+    check(bshd(q) * 4, bshd(k) * 4, bshd(v), True, config=SM90_CONFIGS[head_dim][index], softcap=2.0,
+          **random_masks(3, 500, 500, "cuda", kinds))
 
 
 @pytest.mark.gpu
@@ -180,6 +209,9 @@ COMPILE_CASES += [(d, 0, False, "") for d in KERNEL_DIMS]
 COMPILE_CASES += [(128, 0, True, "key_padding_mask"), (128, 0, False, "seqused_k"), (128, 0, True, "segment_ids"),
                   (64, 0, True, "key_padding_mask,segment_ids"), (256, 0, False, "key_padding_mask,seqused_k"),
                   (128, 3, True, "key_padding_mask,seqused_k,segment_ids"), (96, 0, True, "")]
+# Gemma 2's logit softcapping (50): its head dim 256, and the others' default and persistent configs
+COMPILE_CASES += [(256, 0, True, "softcap"), (256, 0, False, "key_padding_mask,softcap"), (128, 0, True, "softcap"),
+                  (128, 5, False, "softcap"), (64, 0, True, "softcap")]
 
 COMPILE_SCRIPT = """
 import json, sys
@@ -196,7 +228,8 @@ if not HAS_GLUON:
 for d, i, causal, masks in cases:
     key = f"{d}-{i}-{causal}-{masks}"
     try:
-        c = compile_sm90(SM90_CONFIGS[d][i], d, causal=causal, **{m: True for m in masks.split(",") if m})
+        kw = {m: True for m in masks.split(",") if m and m != "softcap"}
+        c = compile_sm90(SM90_CONFIGS[d][i], d, causal=causal, softcap=50.0 if "softcap" in masks else 0.0, **kw)
         row = {"shared": c.metadata.shared, **resource_usage(c), **ptx_census(c.asm["ptx"]), "loops": loop_census(c)}
     except Exception as e:
         row = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}",
