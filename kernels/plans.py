@@ -37,6 +37,14 @@ GLUON_SWITCH = "FLASHPATCH_GLUON"
 SM90_BACKWARD_SWITCH = "FLASHPATCH_SM90_BACKWARD"
 
 
+def window_bounds_nothing(causal: bool, window, seq_q: int, seq_k: int) -> bool:
+    """Whether a window leaves every query all the keys it would see without it (query i sees keys
+    [i + Sk - Sq - left, i + Sk - Sq + right]): left >= Sk - 1, and right >= Sq - 1 unless causal. Mistral's 4096
+    window on a prompt of up to 4096 tokens, say; such a call is plain attention, for every kernel."""
+    band = kernel_window(causal, window)
+    return band is not None and band[0] >= seq_k - 1 and (causal or band[1] >= seq_q - 1)
+
+
 class PlanCache:
     """Plans by key, emptied when full: a process meets few kinds (its models' prefill and decode shapes)."""
 
@@ -223,12 +231,15 @@ def make_plan(q, k, v, *, causal, scale, key_padding_mask, dropout_p, seed, sequ
         return plan
 
     if segment_ids is None and uses_decode_kernel(seq_q, heads_q // heads_k, head_dim, dropout_p, element_size):
-        config = select_decode_config(family, head_dim, element_size)
+        config = select_decode_config(family, head_dim, element_size)  # a plan for any cache length: keeps its window
         return noted(DecodePlan(q.shape, q.stride(), heads_k, q.dtype, causal=causal, scale=scale, **flags,
                           config=config, sm_count=sm_count,
                           need_lse=need_lse, split_warps=decode_split_warps(family, head_dim, element_size),
                           **features), "few query rows: the decode kernel serves", keys="any",  # any cache length
                      tile=config.label(), tuning=None)
+    if window_bounds_nothing(causal, window, seq_q, seq_k):  # this plan's key length is fixed: plain attention
+        band, window, features["window"] = None, None, None
+        call = call_summary(q, k, causal, key_padding_mask, seqused_k, segment_ids, band, softcap, sinks, dropout_p)
     plain = key_padding_mask is None and seqused_k is None and segment_ids is None and not dropout_p
     plain_scores = band is None and not softcap and sinks is None  # what the TMA and Gluon kernels compute
 
@@ -302,7 +313,9 @@ def backward(grad_out, q, k, v, out, lse, *, causal, scale, family, key_padding_
              segment_ids=None, window=None, softcap=None, sinks=None):
     """(dq, dk, dv, dsinks or None) for a forward's (out, lse): the Gluon sm90 backward where it serves the call
     (`sm90_backward_refusal` is None), else the portable backward with the tile table's row. Each kind of call's
-    choice is listed by `plans_in_use`."""
+    choice is listed by `plans_in_use`. A window that bounds nothing (`window_bounds_nothing`) is dropped."""
+    if window is not None and window_bounds_nothing(causal, window, q.shape[2], k.shape[2]):
+        window = None
     refusal = sm90_backward_refusal(family, grad_out, q, k, v, out, key_padding_mask=key_padding_mask,
                                     dropout_p=dropout_p, segment_ids=segment_ids, window=window, softcap=softcap,
                                     sinks=sinks)

@@ -143,10 +143,14 @@ def test_a_hopper_training_call_reaches_the_sm90_backward(monkeypatch, device):
     segments = torch.tensor([[0] * 10 + [1] * 14], device=device)
     flashpatch.attention(q, k, v, causal=True, segment_ids=segments).sum().backward()
     flashpatch.attention(q, k, v, causal=True, dropout_p=0.5).sum().backward()
-    assert [c[-2:] for c in calls] == [(True, False), (False, True), ("portable", 0.5)]
+    flashpatch.attention(q, k, v, causal=True, window=(23, 0)).sum().backward()  # 24 keys: bounds nothing
+    flashpatch.attention(q, k, v, causal=True, window=(22, 0)).sum().backward()
+    assert [c[-2:] for c in calls] == [(True, False), (False, True), ("portable", 0.5), (False, False),
+                                       ("portable", 0.0)]
     kinds = [(u["kernel"], u["why_not_gluon"]) for u in flashpatch.kernels_used() if u["kernel"].endswith("-backward")]
     assert kinds == [("gluon-sm90-backward", None)] * 3 + [
-        ("portable-backward", "dropout (the portable backward serves it)")]
+        ("portable-backward", "dropout (the portable backward serves it)"),
+        ("portable-backward", "a sliding window (the portable backward serves it)")]
     ops.reset_caches()
 
 
@@ -209,3 +213,29 @@ def test_plan_kinds_do_not_mix():
     assert plans.plan_key(one, k, k, True, 0.125, None, None) == plans.plan_key(one, k[:, :, :40], k[:, :, :40], True,
                                                                                0.125, None, None)
     assert isinstance(plans.select_config(None, 64, 32, 2), TileConfig)
+
+
+def test_a_window_that_bounds_nothing_is_plain_attention(device):
+    """Mistral's 4096 window on a shorter prompt: left >= Sk - 1 (and right >= Sq - 1 without causal) leaves every
+    query its keys, so the plan is plain (kernels_used lists no window: the Gluon and TMA kernels may serve it),
+    and the output is the windowed reference's. One key fewer and the window stays."""
+    import flashpatch
+    from flashpatch import ops
+    from flashpatch.reference import reference_attention
+
+    assert plans.window_bounds_nothing(True, (4095, 0), 2048, 2048)
+    assert plans.window_bounds_nothing(True, (4095, -1), 4096, 4096)
+    assert not plans.window_bounds_nothing(True, (4095, 0), 4097, 4097)
+    assert plans.window_bounds_nothing(True, (-1, 0), 10, 10) is False  # no band at all: nothing to drop
+    assert plans.window_bounds_nothing(False, (39, 29), 30, 40)
+    assert not plans.window_bounds_nothing(False, (39, 28), 30, 40)
+    assert plans.window_bounds_nothing(True, (39, 3), 50, 40)  # Sq > Sk: bottom-right, the first rows see none
+    ops.reset_caches()
+    q = torch.randn(1, 2, 30, 32, device=device)
+    k, v = (torch.randn(1, 1, 40, 32, device=device) for _ in range(2))
+    for window, kept in (((39, 0), False), ((38, 0), True)):
+        out = flashpatch.attention(q, k, v, causal=True, window=window)
+        ref = reference_attention(q.double(), k.double(), v.double(), causal=True, window=window)
+        torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+        assert ("window" in flashpatch.kernels_used()[-1]["features"]) == kept
+    ops.reset_caches()
