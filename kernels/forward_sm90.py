@@ -5,8 +5,10 @@ projections transformers hands over, viewed as [B, H, S, D]), head dim 64, 80, 9
 the 128-wide kernel: TMA zero-fills the missing columns on load and clips them on store), GQA by index,
 bottom-right causal, ragged lengths, optional log-sum-exp, and the masks transformers hands over: a key-padding
 mask, `seqused_k` (a static cache's filled length per batch) and packed `segment_ids`; and tanh logit
-softcapping (`softcap`, a compile-time value: Gemma 2's 50). No dropout, windows, sinks or key splits: those
-stay with forward.py. Entry points: `sm90_eligible` and `flash_attn_forward_sm90`.
+softcapping (`softcap`, a compile-time value: Gemma 2's 50) and causal sliding windows (`window` (left, 0): the
+key blocks before a tile's band are neither loaded nor computed, those on its edges masked). No dropout, sinks,
+non-causal windows or key splits: those stay with forward.py. Entry points: `sm90_eligible` and
+`flash_attn_forward_sm90`.
 
 One program owns BLOCK_M = 64 * num_consumers query rows of one (batch, head) and walks that head's keys:
 
@@ -176,6 +178,14 @@ def _num_key_blocks(m_block, seq_q, seq_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.co
 
 
 @gluon.jit
+def _first_key_block(m_block, seq_q, seq_k, n_blocks, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                     WINDOW_LEFT: gl.constexpr):
+    """With a causal window (query i sees keys i + Sk - Sq - WINDOW_LEFT to i + Sk - Sq): the first key block the
+    tile's rows see, the block of its first row's first key (at most n_blocks). Producer and consumers agree on it."""
+    return gl.minimum(gl.maximum(m_block * BLOCK_M + seq_k - seq_q - WINDOW_LEFT, 0) // BLOCK_N, n_blocks)
+
+
+@gluon.jit
 def _put_tile(slot, tile, WARPS: gl.constexpr):
     """The producer (WARPS warps) leaves a tile index in shared memory for a consumer."""
     slot.store(gl.full([1], tile, gl.int32, layout=gl.BlockedLayout([1], [32], [WARPS], [0])))
@@ -232,24 +242,28 @@ def _produce_tile(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_ready, q_emp
                   group_size, num_m_blocks, num_tiles, batch_heads, l2_heads,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
                   NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, SECTIONS: gl.constexpr,
-                  DYNAMIC: gl.constexpr, HAS_SEQUSED: gl.constexpr, WARPS: gl.constexpr):
+                  DYNAMIC: gl.constexpr, HAS_SEQUSED: gl.constexpr, WINDOW_LEFT: gl.constexpr,
+                  WARPS: gl.constexpr):
     b, h, m_block = _tile_coords(tile, num_m_blocks, heads_q, batch_heads, l2_heads, CAUSAL, SECTIONS)
     kv_h = h // group_size  # GQA: consecutive query heads share a K/V head
-    n_blocks = _num_key_blocks(m_block, seq_q, _keys_of(b, seq_k, seqused_ptr, HAS_SEQUSED), BLOCK_M, BLOCK_N,
-                               CAUSAL)
-    # K(0) before the Q tiles: a persistent program's next K need not wait for the consumers' last epilogue.
-    if n_blocks > 0:
-        _load_kv(desc_k, k_smem, k_ready, k_empty, b, kv_h, 0, kv_count, NUM_STAGES)
+    keys = _keys_of(b, seq_k, seqused_ptr, HAS_SEQUSED)
+    n_blocks = _num_key_blocks(m_block, seq_q, keys, BLOCK_M, BLOCK_N, CAUSAL)
+    first = 0  # the tile's first key block: 0, or with a window the block of its first row's first key
+    if WINDOW_LEFT >= 0:
+        first = _first_key_block(m_block, seq_q, keys, n_blocks, BLOCK_M, BLOCK_N, WINDOW_LEFT)
+    # K(first) before the Q tiles: a persistent program's next K need not wait for the consumers' last epilogue.
+    if n_blocks > first:
+        _load_kv(desc_k, k_smem, k_ready, k_empty, b, kv_h, first, kv_count, NUM_STAGES)
     _load_q_tiles(desc_q, q_smem, q_ready, q_empty, tile_slots, tile, b, h, m_block * BLOCK_M, tile_count,
                   NUM_CONSUMERS, DYNAMIC, WARPS)
-    if n_blocks > 0:
-        _load_kv(desc_v, v_smem, v_ready, v_empty, b, kv_h, 0, kv_count, NUM_STAGES)
+    if n_blocks > first:
+        _load_kv(desc_v, v_smem, v_ready, v_empty, b, kv_h, first, kv_count, NUM_STAGES)
     # The next tile is claimed here, its latency hidden behind the ring's waits that follow.
     next_tile = _next_tile(tile, counter_ptr, num_tiles, DYNAMIC)
-    for j in range(1, n_blocks):
-        _load_kv(desc_k, k_smem, k_ready, k_empty, b, kv_h, j, kv_count + j, NUM_STAGES)
-        _load_kv(desc_v, v_smem, v_ready, v_empty, b, kv_h, j, kv_count + j, NUM_STAGES)
-    return kv_count + n_blocks, next_tile
+    for j in range(first + 1, n_blocks):
+        _load_kv(desc_k, k_smem, k_ready, k_empty, b, kv_h, j, kv_count + j - first, NUM_STAGES)
+        _load_kv(desc_v, v_smem, v_ready, v_empty, b, kv_h, j, kv_count + j - first, NUM_STAGES)
+    return kv_count + n_blocks - first, next_tile
 
 
 @gluon.jit
@@ -258,7 +272,7 @@ def _producer(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_ready, q_empty, 
               batch_heads, l2_heads,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
               NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, SECTIONS: gl.constexpr, DYNAMIC: gl.constexpr,
-              HAS_SEQUSED: gl.constexpr, WARPS: gl.constexpr):
+              HAS_SEQUSED: gl.constexpr, WINDOW_LEFT: gl.constexpr, WARPS: gl.constexpr):
     kv_count = 0  # K/V blocks loaded so far: ring slot and phase, continuing across tiles
     tile_count = 0
     tile = gl.program_id(0)
@@ -267,7 +281,8 @@ def _producer(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_ready, q_empty, 
                                        k_empty, v_ready, v_empty, tile_slots, counter_ptr, seqused_ptr, tile,
                                        kv_count, tile_count, seq_q, seq_k, heads_q, group_size, num_m_blocks,
                                        num_tiles, batch_heads, l2_heads, BLOCK_M, BLOCK_N, NUM_STAGES,
-                                       NUM_CONSUMERS, CAUSAL, SECTIONS, DYNAMIC, HAS_SEQUSED, WARPS)
+                                       NUM_CONSUMERS, CAUSAL, SECTIONS, DYNAMIC, HAS_SEQUSED, WINDOW_LEFT,
+                                       WARPS)
         tile_count += 1
     if DYNAMIC:  # no tile left: a past-the-end index tells each consumer to stop
         for w in gl.static_range(NUM_CONSUMERS):
@@ -344,7 +359,7 @@ def _tanh(x):
 @gluon.jit
 def _softmax_step(s, m_i, l_i, qk_scale, start_n, row0, seq_k, causal_offset, masked, keep, seg_k, seg_q,
                   ROWS: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, HAS_KPM: gl.constexpr,
-                  HAS_SEG: gl.constexpr, SOFTCAP: gl.constexpr, s_layout: gl.constexpr):
+                  HAS_SEG: gl.constexpr, SOFTCAP: gl.constexpr, WINDOW_LEFT: gl.constexpr, s_layout: gl.constexpr):
     """Online softmax of one block in base 2. m_i is the running max of raw scores; scaling is folded into one
     FFMA per score. Returns p (fp32), the rescale factor alpha for O and l, and the new m_i, l_i. SOFTCAP (a
     constexpr, 0.0: none): the scores become SOFTCAP * tanh(s * scale / SOFTCAP), in base 2 (qk_scale is then
@@ -359,6 +374,9 @@ def _softmax_step(s, m_i, l_i, qk_scale, start_n, row0, seq_k, causal_offset, ma
             rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
             limit = gl.minimum(rows + (row0 + causal_offset + 1 - start_n), seq_k - start_n)
             visible = gl.expand_dims(cols, 0) < gl.expand_dims(limit, 1)
+            if WINDOW_LEFT >= 0:  # and not left of the row's window
+                lowest = rows + (row0 + causal_offset - WINDOW_LEFT - start_n)
+                visible = visible & (gl.expand_dims(cols, 0) >= gl.expand_dims(lowest, 1))
         else:
             visible = gl.expand_dims(cols < seq_k - start_n, 0)
         s = gl.where(visible, s, float("-inf"))
@@ -385,24 +403,28 @@ def _rescale(acc, alpha, o_rows: gl.constexpr):
 # ---------------------------------------------------------------------------------------------------------------
 @gluon.jit
 def _key_loop_plain(q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, acc, m_i, l_i, kv_count, n_blocks,
-                    n_unmasked, qk_scale, row0, seq_k, causal_offset, kpm_base, seg_base, seg_q,
+                    n_unmasked, first, first_full, qk_scale, row0, seq_k, causal_offset, kpm_base, seg_base, seg_q,
                     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                    HAS_KPM: gl.constexpr, HAS_SEG: gl.constexpr, SOFTCAP: gl.constexpr, s_layout: gl.constexpr,
+                    HAS_KPM: gl.constexpr, HAS_SEG: gl.constexpr, SOFTCAP: gl.constexpr, WINDOW_LEFT: gl.constexpr,
+                    s_layout: gl.constexpr,
                     o_layout: gl.constexpr, p_layout: gl.constexpr):
     """S(j), softmax(j), PV(j) in turn; the other consumer warpgroups fill the tensor cores meanwhile."""
     ROWS: gl.constexpr = q_mma.shape[0]
-    for j in range(n_blocks):
-        stage = (kv_count + j) % NUM_STAGES
-        phase = ((kv_count + j) // NUM_STAGES) & 1
+    for j in range(first, n_blocks):
+        stage = (kv_count + j - first) % NUM_STAGES
+        phase = ((kv_count + j - first) // NUM_STAGES) & 1
         mbarrier.wait(k_ready.index(stage), phase)
         s = _scores(q_mma, k_smem.index(stage), ROWS, BLOCK_N, HEAD_DIM, s_layout)
         keep, seg_k = _load_key_masks(kpm_base, seg_base, j * BLOCK_N, seq_k, BLOCK_N, s_layout, True, HAS_KPM,
                                       HAS_SEG)
         s = warpgroup_mma_wait(0, deps=(s,))
         mbarrier.arrive(k_empty.index(stage))
+        masked = j >= n_unmasked
+        if WINDOW_LEFT >= 0:  # the blocks left of some row's window too
+            masked = masked | (j < first_full)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, j * BLOCK_N, row0, seq_k, causal_offset,
-                                           j >= n_unmasked, keep, seg_k, seg_q, ROWS, BLOCK_N, CAUSAL, HAS_KPM,
-                                           HAS_SEG, SOFTCAP, s_layout)
+                                           masked, keep, seg_k, seg_q, ROWS, BLOCK_N, CAUSAL, HAS_KPM,
+                                           HAS_SEG, SOFTCAP, WINDOW_LEFT, s_layout)
         acc = _rescale(acc, alpha, gl.SliceLayout(1, o_layout))
         p_op = gl.convert_layout(p.to(k_smem.dtype), p_layout)
         mbarrier.wait(v_ready.index(stage), phase)
@@ -419,7 +441,8 @@ def _overlapped_step(q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, 
                      seg_q, WG: gl.constexpr, NUM_CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr,
                      HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                      PINGPONG: gl.constexpr, MASKED: gl.constexpr, HAS_KPM: gl.constexpr, HAS_SEG: gl.constexpr,
-                     SOFTCAP: gl.constexpr, PIN: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
+                     SOFTCAP: gl.constexpr, WINDOW_LEFT: gl.constexpr, PIN: gl.constexpr, s_layout: gl.constexpr,
+                     o_layout: gl.constexpr,
                      p_layout: gl.constexpr):
     """One block of the overlapped schedule: `count` is the block's place in the K/V ring, P(j-1) comes in as
     p_op and P(j) goes out."""
@@ -446,6 +469,7 @@ def _overlapped_step(q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, 
                                       HAS_SEG)
     p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, start_n, row0, seq_k, causal_offset, MASKED, keep,
                                        seg_k, seg_q, s.shape[0], BLOCK_N, CAUSAL, HAS_KPM, HAS_SEG, SOFTCAP,
+                                       WINDOW_LEFT,
                                        s_layout)
     if PIN:
         # The wait for V(j) (PV(j) runs in the next step) sits between the softmax and the wait for PV(j-1):
@@ -462,14 +486,15 @@ def _overlapped_step(q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, 
 
 @gluon.jit
 def _key_loop_overlapped(q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turns, acc, m_i, l_i, kv_count,
-                         turn_count, n_blocks, n_unmasked, qk_scale, row0, seq_k, causal_offset, kpm_base, seg_base,
-                         seg_q,
+                         turn_count, n_blocks, n_unmasked, first, first_full, qk_scale, row0, seq_k, causal_offset,
+                         kpm_base, seg_base, seg_q,
                          WG: gl.constexpr, NUM_CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr,
                          HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                          PINGPONG: gl.constexpr, HAS_KPM: gl.constexpr, HAS_SEG: gl.constexpr,
-                         SOFTCAP: gl.constexpr, PIN: gl.constexpr, s_layout: gl.constexpr,
+                         SOFTCAP: gl.constexpr, WINDOW_LEFT: gl.constexpr, PIN: gl.constexpr, s_layout: gl.constexpr,
                          o_layout: gl.constexpr, p_layout: gl.constexpr):
-    """Needs n_blocks >= 1. Iteration j issues S(j) and PV(j-1) together, waits for S(j) only, runs softmax(j)
+    """Needs n_blocks > first (blocks first, ..., n_blocks - 1 run; a window's blocks before first_full are masked
+    too). Iteration j issues S(j) and PV(j-1) together, waits for S(j) only, runs softmax(j)
     while PV(j-1) runs, then waits for PV(j-1) and rescales O. P(j) is carried into the next iteration. The
     blocks that need no causal/ragged mask run in a loop of their own, which holds no mask code (and lets the
     scalars only the mask needs sit outside the hot loop)."""
@@ -480,31 +505,47 @@ def _key_loop_overlapped(q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_emp
     turn_count = _take_turn(turns, turn_count, WG, PINGPONG)
     s = _scores(q_mma, k_smem.index(stage), ROWS, BLOCK_N, HEAD_DIM, s_layout)
     _pass_turn(turns, WG, NUM_CONSUMERS, PINGPONG)
-    keep, seg_k = _load_key_masks(kpm_base, seg_base, 0, seq_k, BLOCK_N, s_layout, True, HAS_KPM, HAS_SEG)
+    keep, seg_k = _load_key_masks(kpm_base, seg_base, first * BLOCK_N, seq_k, BLOCK_N, s_layout, True, HAS_KPM,
+                                  HAS_SEG)
     s = warpgroup_mma_wait(0, deps=(s,))
     mbarrier.arrive(k_empty.index(stage))
-    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, 0, row0, seq_k, causal_offset, 0 >= n_unmasked,
+    masked = first >= n_unmasked
+    if WINDOW_LEFT >= 0:
+        masked = masked | (first < first_full)
+    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, first * BLOCK_N, row0, seq_k, causal_offset, masked,
                                        keep, seg_k, seg_q, ROWS, BLOCK_N, CAUSAL, HAS_KPM, HAS_SEG, SOFTCAP,
+                                       WINDOW_LEFT,
                                        s_layout)
     p_op = gl.convert_layout(p.to(k_smem.dtype), p_layout)
     if PIN:  # each step waits for the V its successor uses
         mbarrier.wait(v_ready.index(stage), phase)
-    split = gl.minimum(gl.maximum(n_unmasked, 1), n_blocks)
-    for j in range(1, split):
+    unmasked_from = first + 1
+    if WINDOW_LEFT >= 0:  # the blocks left of some row's window, masked
+        for j in range(first + 1, gl.minimum(first_full, n_blocks)):
+            acc, p_op, m_i, l_i, turn_count = _overlapped_step(
+                q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turns, acc, p_op, m_i, l_i,
+                kv_count + j - first, turn_count, j * BLOCK_N, qk_scale, row0, seq_k, causal_offset, kpm_base,
+                seg_base, seg_q, WG, NUM_CONSUMERS, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, PINGPONG, True, HAS_KPM,
+                HAS_SEG, SOFTCAP, WINDOW_LEFT, PIN, s_layout, o_layout, p_layout)
+        unmasked_from = gl.maximum(first_full, first + 1)
+    split = gl.minimum(gl.maximum(n_unmasked, unmasked_from), n_blocks)
+    for j in range(unmasked_from, split):
         acc, p_op, m_i, l_i, turn_count = _overlapped_step(
-            q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turns, acc, p_op, m_i, l_i, kv_count + j,
+            q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turns, acc, p_op, m_i, l_i, kv_count + j - first,
             turn_count, j * BLOCK_N, qk_scale, row0, seq_k, causal_offset, kpm_base, seg_base, seg_q,
-            WG, NUM_CONSUMERS, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, PINGPONG, False, HAS_KPM, HAS_SEG, SOFTCAP, PIN,
+            WG, NUM_CONSUMERS, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, PINGPONG, False, HAS_KPM, HAS_SEG, SOFTCAP,
+            WINDOW_LEFT, PIN,
             s_layout, o_layout, p_layout)
     for j in range(split, n_blocks):
         acc, p_op, m_i, l_i, turn_count = _overlapped_step(
-            q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turns, acc, p_op, m_i, l_i, kv_count + j,
+            q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turns, acc, p_op, m_i, l_i, kv_count + j - first,
             turn_count, j * BLOCK_N, qk_scale, row0, seq_k, causal_offset, kpm_base, seg_base, seg_q,
-            WG, NUM_CONSUMERS, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, PINGPONG, True, HAS_KPM, HAS_SEG, SOFTCAP, PIN,
+            WG, NUM_CONSUMERS, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, PINGPONG, True, HAS_KPM, HAS_SEG, SOFTCAP,
+            WINDOW_LEFT, PIN,
             s_layout, o_layout, p_layout)
-    last = (kv_count + n_blocks - 1) % NUM_STAGES
+    last = (kv_count + n_blocks - first - 1) % NUM_STAGES
     if not PIN:
-        mbarrier.wait(v_ready.index(last), ((kv_count + n_blocks - 1) // NUM_STAGES) & 1)
+        mbarrier.wait(v_ready.index(last), ((kv_count + n_blocks - first - 1) // NUM_STAGES) & 1)
     turn_count = _take_turn(turns, turn_count, WG, PINGPONG)
     acc = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
     _pass_turn(turns, WG, NUM_CONSUMERS, PINGPONG)
@@ -525,7 +566,7 @@ def _consume_tile(desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, q_sme
                   NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr,
                   OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, WRITE_LSE: gl.constexpr, SECTIONS: gl.constexpr,
                   WAIT_Q: gl.constexpr, EPILOGUE: gl.constexpr, HAS_KPM: gl.constexpr,
-                  HAS_SEQUSED: gl.constexpr, HAS_SEG: gl.constexpr, SOFTCAP: gl.constexpr):
+                  HAS_SEQUSED: gl.constexpr, HAS_SEG: gl.constexpr, SOFTCAP: gl.constexpr, WINDOW_LEFT: gl.constexpr):
     ROWS: gl.constexpr = BLOCK_M // NUM_CONSUMERS
     # wgmma accumulators: 4 warps stacked along M (16 rows each), instruction N = the tile's N.
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -548,6 +589,12 @@ def _consume_tile(desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, q_sme
     if CAUSAL:
         mask_from = gl.minimum(seq_k, row0 + causal_offset + 1)
     n_unmasked = gl.maximum(mask_from, 0) // BLOCK_N
+    first = 0  # the tile's first key block (the producer's), and the first one past every row's window's start
+    first_full = 0
+    if WINDOW_LEFT >= 0:
+        first = _first_key_block(m_block, seq_q, seq_k, n_blocks, BLOCK_M, BLOCK_N, WINDOW_LEFT)
+        first_full = gl.maximum((gl.maximum(row0 + ROWS - 1 + causal_offset - WINDOW_LEFT, 0) + BLOCK_N - 1)
+                                // BLOCK_N, first)
     kpm_base = kpm_ptr + b.to(gl.int64) * stride_kpm_b
     seg_base = seg_ptr + b.to(gl.int64) * stride_seg_b
     seg_q = 0
@@ -561,17 +608,19 @@ def _consume_tile(desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, q_sme
     if WAIT_Q:
         mbarrier.wait(q_ready.index(WG), tile_count & 1)
     if OVERLAP:
-        if n_blocks > 0:
+        if n_blocks > first:
             acc, m_i, l_i, turn_count = _key_loop_overlapped(
                 q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turns, acc, m_i, l_i, kv_count,
-                turn_count, n_blocks, n_unmasked, qk_scale, row0, seq_k, causal_offset, kpm_base, seg_base, seg_q,
+                turn_count, n_blocks, n_unmasked, first, first_full, qk_scale, row0, seq_k, causal_offset, kpm_base,
+                seg_base, seg_q,
                 WG, NUM_CONSUMERS, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, PINGPONG, HAS_KPM, HAS_SEG, SOFTCAP,
+                WINDOW_LEFT,
                 OVERLAP == 2, s_layout, o_layout, p_layout)
     else:
         acc, m_i, l_i = _key_loop_plain(q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, acc, m_i,
-                                        l_i, kv_count, n_blocks, n_unmasked, qk_scale, row0, seq_k,
+                                        l_i, kv_count, n_blocks, n_unmasked, first, first_full, qk_scale, row0, seq_k,
                                         causal_offset, kpm_base, seg_base, seg_q, BLOCK_N,
-                                        HEAD_DIM, NUM_STAGES, CAUSAL, HAS_KPM, HAS_SEG, SOFTCAP, s_layout,
+                                        HEAD_DIM, NUM_STAGES, CAUSAL, HAS_KPM, HAS_SEG, SOFTCAP, WINDOW_LEFT, s_layout,
                                         o_layout, p_layout)
     if EPILOGUE != 0:  # O does not go through the Q buffer: the next tile's Q may load now
         mbarrier.arrive(q_empty.index(WG))
@@ -607,7 +656,7 @@ def _consume_tile(desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, q_sme
     if EPILOGUE == 0:
         tma.store_wait(0)
         mbarrier.arrive(q_empty.index(WG))  # the Q buffer may take the next tile's rows
-    return kv_count + n_blocks, turn_count
+    return kv_count + n_blocks - first, turn_count
 
 
 @gluon.jit
@@ -619,7 +668,7 @@ def _consumer(desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, q_smem, o
               NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, OVERLAP: gl.constexpr,
               PINGPONG: gl.constexpr, WRITE_LSE: gl.constexpr, SECTIONS: gl.constexpr, DYNAMIC: gl.constexpr,
               EPILOGUE: gl.constexpr, HAS_KPM: gl.constexpr, HAS_SEQUSED: gl.constexpr, HAS_SEG: gl.constexpr,
-              SOFTCAP: gl.constexpr):
+              SOFTCAP: gl.constexpr, WINDOW_LEFT: gl.constexpr):
     kv_count = 0
     tile_count = 0
     turn_count = 0
@@ -633,7 +682,7 @@ def _consumer(desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, q_smem, o
                 qk_scale, seq_q, seq_k, heads_q, num_m_blocks, batch_heads, l2_heads, stride_ob, stride_oh,
                 stride_os, head_dim, stride_kpm_b, stride_seg_b, WG, BLOCK_M, BLOCK_N, HEAD_DIM,
                 NUM_STAGES, NUM_CONSUMERS, CAUSAL, OVERLAP, PINGPONG, WRITE_LSE, SECTIONS, False, EPILOGUE,
-                HAS_KPM, HAS_SEQUSED, HAS_SEG, SOFTCAP)
+                HAS_KPM, HAS_SEQUSED, HAS_SEG, SOFTCAP, WINDOW_LEFT)
             tile_count += 1
             mbarrier.wait(q_ready.index(WG), tile_count & 1)
             tile = _get_tile(tile_slots.index(WG))
@@ -645,7 +694,7 @@ def _consumer(desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, q_smem, o
                 qk_scale, seq_q, seq_k, heads_q, num_m_blocks, batch_heads, l2_heads, stride_ob, stride_oh,
                 stride_os, head_dim, stride_kpm_b, stride_seg_b, WG, BLOCK_M, BLOCK_N, HEAD_DIM,
                 NUM_STAGES, NUM_CONSUMERS, CAUSAL, OVERLAP, PINGPONG, WRITE_LSE, SECTIONS, True, EPILOGUE,
-                HAS_KPM, HAS_SEQUSED, HAS_SEG, SOFTCAP)
+                HAS_KPM, HAS_SEQUSED, HAS_SEG, SOFTCAP, WINDOW_LEFT)
             tile_count += 1
     if EPILOGUE == 1:
         tma.store_wait(0)
@@ -665,7 +714,7 @@ def _attn_fwd_sm90(desc_q, desc_k, desc_v, desc_o, out_ptr, lse_ptr, counter_ptr
                    PINGPONG: gl.constexpr, WRITE_LSE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                    PRODUCER_REGS: gl.constexpr, SECTIONS: gl.constexpr, DYNAMIC: gl.constexpr,
                    EPILOGUE: gl.constexpr, HAS_KPM: gl.constexpr, HAS_SEQUSED: gl.constexpr,
-                   HAS_SEG: gl.constexpr, SOFTCAP: gl.constexpr):
+                   HAS_SEG: gl.constexpr, SOFTCAP: gl.constexpr, WINDOW_LEFT: gl.constexpr):
     dtype: gl.constexpr = desc_q.dtype
     ROWS: gl.constexpr = desc_q.block_type.shape[2]
     BLOCK_M: gl.constexpr = ROWS * NUM_CONSUMERS
@@ -708,42 +757,42 @@ def _attn_fwd_sm90(desc_q, desc_k, desc_v, desc_o, out_ptr, lse_ptr, counter_ptr
                          seq_k, heads_q, num_m_blocks, num_tiles, batch_heads, l2_heads, stride_ob, stride_oh,
                          stride_os, head_dim, stride_kpm_b, stride_seg_b, 0, BLOCK_M, BLOCK_N,
                          HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, OVERLAP, PINGPONG, WRITE_LSE, SECTIONS,
-                         DYNAMIC, EPILOGUE, HAS_KPM, HAS_SEQUSED, HAS_SEG, SOFTCAP)),
+                         DYNAMIC, EPILOGUE, HAS_KPM, HAS_SEQUSED, HAS_SEG, SOFTCAP, WINDOW_LEFT)),
             (_consumer, (desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, q_smem, o_smem, k_smem, v_smem,
                          q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turns, tile_slots, qk_scale, seq_q,
                          seq_k, heads_q, num_m_blocks, num_tiles, batch_heads, l2_heads, stride_ob, stride_oh,
                          stride_os, head_dim, stride_kpm_b, stride_seg_b, 1, BLOCK_M, BLOCK_N,
                          HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, OVERLAP, PINGPONG, WRITE_LSE, SECTIONS,
-                         DYNAMIC, EPILOGUE, HAS_KPM, HAS_SEQUSED, HAS_SEG, SOFTCAP)),
+                         DYNAMIC, EPILOGUE, HAS_KPM, HAS_SEQUSED, HAS_SEG, SOFTCAP, WINDOW_LEFT)),
             (_producer, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
                          v_ready, v_empty, tile_slots, counter_ptr, seqused_ptr, seq_q, seq_k, heads_q, group_size,
                          num_m_blocks, num_tiles, batch_heads, l2_heads, BLOCK_M, BLOCK_N, NUM_STAGES,
-                         NUM_CONSUMERS, CAUSAL, SECTIONS, DYNAMIC, HAS_SEQUSED, 1)),
+                         NUM_CONSUMERS, CAUSAL, SECTIONS, DYNAMIC, HAS_SEQUSED, WINDOW_LEFT, 1)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([
             (_producer, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
                          v_ready, v_empty, tile_slots, counter_ptr, seqused_ptr, seq_q, seq_k, heads_q, group_size,
                          num_m_blocks, num_tiles, batch_heads, l2_heads, BLOCK_M, BLOCK_N, NUM_STAGES,
-                         NUM_CONSUMERS, CAUSAL, SECTIONS, DYNAMIC, HAS_SEQUSED, 4)),
+                         NUM_CONSUMERS, CAUSAL, SECTIONS, DYNAMIC, HAS_SEQUSED, WINDOW_LEFT, 4)),
             (_consumer, (desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, q_smem, o_smem, k_smem, v_smem,
                          q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turns, tile_slots, qk_scale, seq_q,
                          seq_k, heads_q, num_m_blocks, num_tiles, batch_heads, l2_heads, stride_ob, stride_oh,
                          stride_os, head_dim, stride_kpm_b, stride_seg_b, 0, BLOCK_M, BLOCK_N,
                          HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, OVERLAP, PINGPONG, WRITE_LSE, SECTIONS,
-                         DYNAMIC, EPILOGUE, HAS_KPM, HAS_SEQUSED, HAS_SEG, SOFTCAP)),
+                         DYNAMIC, EPILOGUE, HAS_KPM, HAS_SEQUSED, HAS_SEG, SOFTCAP, WINDOW_LEFT)),
             (_consumer, (desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, q_smem, o_smem, k_smem, v_smem,
                          q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turns, tile_slots, qk_scale, seq_q,
                          seq_k, heads_q, num_m_blocks, num_tiles, batch_heads, l2_heads, stride_ob, stride_oh,
                          stride_os, head_dim, stride_kpm_b, stride_seg_b, 1, BLOCK_M, BLOCK_N,
                          HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, OVERLAP, PINGPONG, WRITE_LSE, SECTIONS,
-                         DYNAMIC, EPILOGUE, HAS_KPM, HAS_SEQUSED, HAS_SEG, SOFTCAP)),
+                         DYNAMIC, EPILOGUE, HAS_KPM, HAS_SEQUSED, HAS_SEG, SOFTCAP, WINDOW_LEFT)),
             (_consumer, (desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, q_smem, o_smem, k_smem, v_smem,
                          q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turns, tile_slots, qk_scale, seq_q,
                          seq_k, heads_q, num_m_blocks, num_tiles, batch_heads, l2_heads, stride_ob, stride_oh,
                          stride_os, head_dim, stride_kpm_b, stride_seg_b, 2, BLOCK_M, BLOCK_N,
                          HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, OVERLAP, PINGPONG, WRITE_LSE, SECTIONS,
-                         DYNAMIC, EPILOGUE, HAS_KPM, HAS_SEQUSED, HAS_SEG, SOFTCAP)),
+                         DYNAMIC, EPILOGUE, HAS_KPM, HAS_SEQUSED, HAS_SEG, SOFTCAP, WINDOW_LEFT)),
         ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
 
 
@@ -756,7 +805,7 @@ _EPILOGUE_CODES = {name: i for i, name in enumerate(EPILOGUES)}
 
 
 def _constexprs(config: Sm90Config, head_dim: int, causal: bool, need_lse: bool, has_kpm: bool = False,
-                has_seqused: bool = False, has_seg: bool = False, softcap: float = 0.0) -> dict:
+                has_seqused: bool = False, has_seg: bool = False, softcap: float = 0.0, window_left: int = -1) -> dict:
     if config.pingpong and not config.overlap:
         raise ValueError("pingpong needs overlap")
     if config.dynamic and not config.persistent:
@@ -771,7 +820,7 @@ def _constexprs(config: Sm90Config, head_dim: int, causal: bool, need_lse: bool,
                 PINGPONG=config.pingpong, WRITE_LSE=need_lse, CONSUMER_REGS=config.consumer_regs,
                 PRODUCER_REGS=config.producer_regs, SECTIONS=causal and config.persistent, DYNAMIC=config.dynamic,
                 EPILOGUE=_EPILOGUE_CODES[config.epilogue], HAS_KPM=has_kpm, HAS_SEQUSED=has_seqused,
-                HAS_SEG=has_seg, SOFTCAP=float(softcap or 0.0))
+                HAS_SEG=has_seg, SOFTCAP=float(softcap or 0.0), WINDOW_LEFT=int(window_left))
 
 
 _SM_COUNT: dict = {}
@@ -848,7 +897,8 @@ def sm90_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_padd
 def flash_attn_forward_sm90(q, k, v, *, causal: bool, scale: float, need_lse: bool = True,
                             config: Sm90Config | None = None, key_padding_mask: torch.Tensor | None = None,
                             seqused_k: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
-                            softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+                            softcap: float = 0.0, window: tuple[int, int] | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """q: [B, Hq, Sq, D], k/v: [B, Hkv, Sk, D]. Returns out [B, Hq, Sq, D] (memory [B, Sq, Hq, D], q's dtype)
     and lse float32 [B, Hq, Sq] (natural log of the scaled scores' sum-exp; -inf for rows that see no key),
     or None for lse with need_lse=False.
@@ -856,7 +906,14 @@ def flash_attn_forward_sm90(q, k, v, *, causal: bool, scale: float, need_lse: bo
     key_padding_mask: bool [B, Sk], True = attend. seqused_k: int32 [B] on the device: keys >= seqused_k[b]
     do not exist and causal alignment is to seqused_k[b]. segment_ids: int32 [B, S] (Sq == Sk), unit inner
     stride: a query sees only the keys of its own segment. softcap > 0: scores softcap * tanh(scale * q.k /
-    softcap) (Gemma 2's logit softcapping), the lse of the capped scores; each value compiles its own kernel."""
+    softcap) (Gemma 2's logit softcapping), the lse of the capped scores; each value compiles its own kernel.
+    window (left, right), causal only: query i sees keys i + Sk - Sq - left to i + Sk - Sq (right must be 0 or -1,
+    left -1: no bound); the key blocks before a tile's band are not loaded. Each left compiles its own kernel."""
+    window_left = -1
+    if window is not None:
+        if not causal or window[1] not in (0, -1):
+            raise ValueError("the sm90 kernel's windows are causal ones: window (left, 0) with causal=True")
+        window_left = max(int(window[0]), -1)
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
     config = config or default_config(head_dim)
@@ -892,9 +949,10 @@ def flash_attn_forward_sm90(q, k, v, *, causal: bool, scale: float, need_lse: bo
         out.stride(1), out.stride(2), head_dim, kpm.stride(0) if key_padding_mask is not None else 0,
         segment_ids.stride(0) if segment_ids is not None else 0,
         **_constexprs(config, head_dim, causal, need_lse, key_padding_mask is not None, seqused_k is not None,
-                      segment_ids is not None, softcap), num_warps=4)
+                      segment_ids is not None, softcap, window_left), num_warps=4)
     masks = tuple(name for name, t in (("key_padding_mask", key_padding_mask), ("seqused_k", seqused_k),
-                                       ("segment_ids", segment_ids), ("softcap", softcap or None)) if t is not None)
+                                       ("segment_ids", segment_ids), ("softcap", softcap or None),
+                                       ("window", window if window_left >= 0 else None)) if t is not None)
     COMPILED[(config, head_dim, causal, q.dtype, need_lse) + ((masks, ) if masks else ())] = compiled
     return out, lse
 
@@ -904,7 +962,7 @@ def flash_attn_forward_sm90(q, k, v, *, causal: bool, scale: float, need_lse: bo
 # ---------------------------------------------------------------------------------------------------------------
 def compile_sm90(config: Sm90Config, head_dim: int, *, causal: bool, dtype: torch.dtype = torch.bfloat16,
                  need_lse: bool = True, key_padding_mask: bool = False, seqused_k: bool = False,
-                 segment_ids: bool = False, softcap: float = 0.0):
+                 segment_ids: bool = False, softcap: float = 0.0, window_left: int = -1):
     """The kernel compiled for an sm90 target as a launch with `config` (and the named masks) would compile it."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -917,7 +975,8 @@ def compile_sm90(config: Sm90Config, head_dim: int, *, causal: bool, dtype: torc
         return mangle_type(_descriptor(torch.empty(1, 1, rows, head_dim, dtype=dtype), rows, width))
 
     kernel = _attn_fwd_sm90
-    constexprs = _constexprs(config, head_dim, causal, need_lse, key_padding_mask, seqused_k, segment_ids, softcap)
+    constexprs = _constexprs(config, head_dim, causal, need_lse, key_padding_mask, seqused_k, segment_ids, softcap,
+                             window_left)
     elem = {torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
     runtime = dict(desc_q=desc_type(CONSUMER_ROWS), desc_k=desc_type(config.block_n),
                    desc_v=desc_type(config.block_n), desc_o=desc_type(CONSUMER_ROWS), out_ptr=elem,

@@ -20,31 +20,31 @@ needs_hopper = pytest.mark.skipif(not (HOPPER and forward_sm90.HAS_GLUON),
 MAX_CONFIGS = max(len(configs) for configs in SM90_CONFIGS.values())
 
 
-def expected_lse(q, k, causal, scale, softcap=None, **masks):
+def expected_lse(q, k, causal, scale, softcap=None, window=None, **masks):
     group = q.shape[1] // k.shape[1]
     scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double().repeat_interleave(group, 1)) * scale
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
     mask = visibility_mask(q.shape[2], k.shape[2], causal=causal, device=q.device,
                            key_padding_mask=masks.get("key_padding_mask"), seqused_k=masks.get("seqused_k"),
-                           segment_ids=masks.get("segment_ids"))
+                           segment_ids=masks.get("segment_ids"), window=window)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return torch.logsumexp(scores, -1)
 
 
-def check(q, k, v, causal, config=None, need_lse=True, softcap=None, **masks):
+def check(q, k, v, causal, config=None, need_lse=True, softcap=None, window=None, **masks):
     scale = q.shape[-1] ** -0.5
     assert sm90_eligible(q, k, v, **masks)
     out, lse = flash_attn_forward_sm90(q, k, v, causal=causal, scale=scale, need_lse=need_lse, config=config,
-                                       softcap=softcap or 0.0, **masks)
+                                       softcap=softcap or 0.0, window=window, **masks)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert out.transpose(1, 2).is_contiguous()  # memory [B, Sq, Hq, D]
-    assert_fa2_rule(out, q, k, v, causal=causal, scale=scale, softcap=softcap, **masks)
+    assert_fa2_rule(out, q, k, v, causal=causal, scale=scale, softcap=softcap, window=window, **masks)
     if not need_lse:
         assert lse is None
         return
-    want = expected_lse(q, k, causal, scale, softcap, **masks)
+    want = expected_lse(q, k, causal, scale, softcap, window, **masks)
     finite = torch.isfinite(want)
     assert torch.equal(torch.isfinite(lse), finite)  # rows that see no key: -inf
     torch.testing.assert_close(lse.double()[finite], want[finite], atol=2e-3, rtol=1e-3)
@@ -141,6 +141,43 @@ def test_softcap_every_config_and_masks(head_dim, index, kinds, seed, poison_emp
 
 @pytest.mark.gpu
 @needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("seq_q,seq_k", [(255, 255), (1000, 1000), (77, 333), (300, 100), (513, 2049)])
+@pytest.mark.parametrize("left", [0, 1, 63, 127, 200, 4095])
+def test_causal_window_matches_float64(dtype, head_dim, seq_q, seq_k, left, seed, poison_empty):
+    """Query i sees keys i + Sk - Sq - left to i + Sk - Sq: windows of one key, shorter and longer than a key
+    block (64/128), and longer than the sequence; Sq < Sk and Sq > Sk (rows above every key stay empty)."""
+    q, k, v = random_qkv(2, 4, 2, seq_q, seq_k, head_dim, dtype, "cuda")
+    check(q, k, v, True, window=(left, 0))
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("index", range(MAX_CONFIGS))
+@pytest.mark.parametrize("kinds", ["", "kpm", "seqused", "kpm,seg"])
+def test_causal_window_every_config_and_masks(head_dim, index, kinds, seed, poison_empty):
+    """Every config (persistent ones run several tiles per program: the K/V ring's count must carry over a tile
+    whose first block is not 0), with the masks, and with softcapping (Gemma 2's local layers)."""
+    if index >= len(SM90_CONFIGS[head_dim]):
+        pytest.skip("no such candidate")
+    q, k, v = random_qkv(3, 4, 2, 700, 700, head_dim, torch.bfloat16, "cuda")
+    masks = random_masks(3, 700, 700, "cuda", kinds)
+    check(bshd(q), bshd(k), bshd(v), True, config=SM90_CONFIGS[head_dim][index], window=(150, 0), **masks)
+    check(q * 4, k * 4, v, True, config=SM90_CONFIGS[head_dim][index], window=(97, 0), softcap=2.0, **masks)
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_window_must_be_causal():
+    q, k, v = random_qkv(1, 2, 2, 64, 64, 128, torch.bfloat16, "cuda")
+    with pytest.raises(ValueError, match="causal"):
+        flash_attn_forward_sm90(q, k, v, causal=False, scale=0.1, window=(10, 10))
+
+
+@pytest.mark.gpu
+@needs_hopper
 @pytest.mark.parametrize("head_dim", [80, 96])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("index", [0, 3])
@@ -209,9 +246,12 @@ COMPILE_CASES += [(d, 0, False, "") for d in KERNEL_DIMS]
 COMPILE_CASES += [(128, 0, True, "key_padding_mask"), (128, 0, False, "seqused_k"), (128, 0, True, "segment_ids"),
                   (64, 0, True, "key_padding_mask,segment_ids"), (256, 0, False, "key_padding_mask,seqused_k"),
                   (128, 3, True, "key_padding_mask,seqused_k,segment_ids"), (96, 0, True, "")]
-# Gemma 2's logit softcapping (50): its head dim 256, and the others' default and persistent configs
+# Gemma 2's logit softcapping (50): its head dim 256, and the others' default and persistent configs; causal
+# sliding windows (Mistral's 4096, gpt-oss's 128, Gemma 2's local layers: window and softcap)
 COMPILE_CASES += [(256, 0, True, "softcap"), (256, 0, False, "key_padding_mask,softcap"), (128, 0, True, "softcap"),
-                  (128, 5, False, "softcap"), (64, 0, True, "softcap")]
+                  (128, 5, False, "softcap"), (64, 0, True, "softcap"), (128, 0, True, "window"),
+                  (128, 5, True, "window,key_padding_mask"), (64, 3, True, "window"), (256, 0, True, "window,softcap"),
+                  (128, 2, True, "window,segment_ids")]
 
 COMPILE_SCRIPT = """
 import json, sys
@@ -228,8 +268,9 @@ if not HAS_GLUON:
 for d, i, causal, masks in cases:
     key = f"{d}-{i}-{causal}-{masks}"
     try:
-        kw = {m: True for m in masks.split(",") if m and m != "softcap"}
-        c = compile_sm90(SM90_CONFIGS[d][i], d, causal=causal, softcap=50.0 if "softcap" in masks else 0.0, **kw)
+        kw = {m: True for m in masks.split(",") if m and m not in ("softcap", "window")}
+        c = compile_sm90(SM90_CONFIGS[d][i], d, causal=causal, softcap=50.0 if "softcap" in masks else 0.0,
+                         window_left=(127 if d == 64 else 4095) if "window" in masks else -1, **kw)
         row = {"shared": c.metadata.shared, **resource_usage(c), **ptx_census(c.asm["ptx"]), "loops": loop_census(c)}
     except Exception as e:
         row = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}",
