@@ -33,6 +33,11 @@ from .online_softmax import kernel_window
 GLUON_SWITCH = "FLASHPATCH_GLUON"
 
 
+# "1" also makes the Gluon sm90 forward a candidate for softcapped calls and causal sliding windows (its GPU tests:
+# tests/test_forward_sm90.py's test_softcap_* and test_causal_window_*); unset, those run the portable kernels.
+GLUON_FEATURES_SWITCH = "FLASHPATCH_GLUON_FEATURES"
+
+
 # "0" keeps sm90 backwards on the portable kernels (kernels/backward.py) instead of the Gluon sm90 backward.
 SM90_BACKWARD_SWITCH = "FLASHPATCH_SM90_BACKWARD"
 
@@ -155,9 +160,11 @@ class Sm90Plan:
 
     kernel = "gluon-sm90"
 
-    def __init__(self, config, pointer_plan: ForwardPlan, *, causal: bool, scale: float, need_lse: bool):
+    def __init__(self, config, pointer_plan: ForwardPlan, *, causal: bool, scale: float, need_lse: bool,
+                 softcap: float = 0.0, window=None):
         self.config, self.pointer_plan = config, pointer_plan
         self.causal, self.scale, self.need_lse = causal, scale, need_lse
+        self.softcap, self.window = softcap, window  # window: kernel_window's band, (left, 0) or None
 
     def run(self, q, k, v, key_padding_mask=None, seqused_k=None, segment_ids=None, seed: int = 0, sinks=None):
         from .forward_sm90 import flash_attn_forward_sm90
@@ -167,19 +174,23 @@ class Sm90Plan:
         masks = {name: t for name, t in (("key_padding_mask", key_padding_mask), ("seqused_k", seqused_k),
                                          ("segment_ids", segment_ids)) if t is not None}
         out, lse = flash_attn_forward_sm90(q, k, v, causal=self.causal, scale=self.scale, need_lse=self.need_lse,
-                                           config=self.config, **masks)
+                                           config=self.config, softcap=self.softcap, window=self.window, **masks)
         return out.transpose(1, 2), lse
 
 
 def sm90_refusal(family, q, k, v, *, dropout_p, key_padding_mask, seqused_k, segment_ids, window=None,
-                 softcap=None, sinks=None) -> str | None:
+                 softcap=None, sinks=None, causal: bool = False) -> str | None:
     """Why the Gluon sm90 forward is not among this call's candidates, in a few words, or None when it is (Hopper,
-    Gluon, 16-bit, its head dims, descriptor-legal views, no dropout, sliding window, softcapping or sinks, and
-    FLASHPATCH_GLUON not "0"). `window` as `kernel_window` gives it (None: bounds nothing)."""
+    Gluon, 16-bit, its head dims, descriptor-legal views, no dropout or sinks, no sliding window or softcapping
+    unless FLASHPATCH_GLUON_FEATURES is "1" (then causal windows and softcapping are taken), and FLASHPATCH_GLUON
+    not "0"). `window` as `kernel_window` gives it (None: bounds nothing)."""
     if family != "sm90":
         return "not a Hopper (sm90) GPU"
-    for feature, present in (("dropout", dropout_p), ("a sliding window", window is not None),
-                             ("softcapping", softcap), ("sinks", sinks is not None)):
+    features = os.environ.get(GLUON_FEATURES_SWITCH) == "1"
+    causal_window = causal and window is not None and window[1] == 0
+    for feature, present in (("dropout", dropout_p), ("sinks", sinks is not None),
+                             ("a sliding window", window is not None and not (features and causal_window)),
+                             ("softcapping", softcap and not features)):
         if present:
             return f"{feature} (the portable kernels serve it)"
     if os.environ.get(GLUON_SWITCH) == "0":
@@ -253,7 +264,7 @@ def make_plan(q, k, v, *, causal, scale, key_padding_mask, dropout_p, seed, sequ
     def plan_with(config):
         if not isinstance(config, TileConfig):  # the Gluon kernel's
             return Sm90Plan(config, pointer_plan(select_config(family, head_dim, seq_q, element_size)),
-                            causal=causal, scale=scale, need_lse=need_lse)
+                            causal=causal, scale=scale, need_lse=need_lse, softcap=softcap, window=band)
         if config.tma:
             return TmaPlan(config, pointer_plan(config), causal=causal, scale=scale, need_lse=need_lse)
         return pointer_plan(config)
@@ -269,7 +280,8 @@ def make_plan(q, k, v, *, causal, scale, key_padding_mask, dropout_p, seed, sequ
         return noted(plan_with(config), untuned, tile=config.label(), tuning=None)
     candidates = [c for c in tune_candidates(family, head_dim) if (plain and plain_scores) or not c.tma]
     refusal = sm90_refusal(family, q, k, v, dropout_p=dropout_p, key_padding_mask=key_padding_mask,
-                           seqused_k=seqused_k, segment_ids=segment_ids, window=band, softcap=softcap, sinks=sinks)
+                           seqused_k=seqused_k, segment_ids=segment_ids, window=band, softcap=softcap, sinks=sinks,
+                           causal=causal)
     if refusal is None:
         candidates += _sm90_configs(head_dim)
     kind = "" if plain else "-masked"

@@ -77,6 +77,13 @@ def test_the_gluon_refusal_names_its_reason(monkeypatch):
     assert plans.sm90_refusal("sm90", q, k, v, **call) is None
     monkeypatch.setenv(plans.GLUON_SWITCH, "0")
     assert plans.sm90_refusal("sm90", q, k, v, **call) == "FLASHPATCH_GLUON=0"
+    monkeypatch.delenv(plans.GLUON_SWITCH)
+    # FLASHPATCH_GLUON_FEATURES=1: causal windows and softcapping are taken; other windows and sinks still not
+    monkeypatch.setenv(plans.GLUON_FEATURES_SWITCH, "1")
+    assert plans.sm90_refusal("sm90", q, k, v, **call, window=(63, 0), softcap=30.0, causal=True) is None
+    assert plans.sm90_refusal("sm90", q, k, v, **call, window=(63, 0)).startswith("a sliding window")  # not causal
+    assert plans.sm90_refusal("sm90", q, k, v, **call, window=(63, 5), causal=True).startswith("a sliding window")
+    assert plans.sm90_refusal("sm90", q, k, v, **call, sinks=torch.zeros(1), causal=True).startswith("sinks")
 
 
 def test_the_sm90_backward_refusal_names_its_reason(monkeypatch):
