@@ -406,8 +406,7 @@ def _key_loop_plain(q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, a
                     n_unmasked, first, first_full, qk_scale, row0, seq_k, causal_offset, kpm_base, seg_base, seg_q,
                     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                     HAS_KPM: gl.constexpr, HAS_SEG: gl.constexpr, SOFTCAP: gl.constexpr, WINDOW_LEFT: gl.constexpr,
-                    s_layout: gl.constexpr,
-                    o_layout: gl.constexpr, p_layout: gl.constexpr):
+                    s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
     """S(j), softmax(j), PV(j) in turn; the other consumer warpgroups fill the tensor cores meanwhile."""
     ROWS: gl.constexpr = q_mma.shape[0]
     for j in range(first, n_blocks):
@@ -469,8 +468,7 @@ def _overlapped_step(q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, 
                                       HAS_SEG)
     p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, start_n, row0, seq_k, causal_offset, MASKED, keep,
                                        seg_k, seg_q, s.shape[0], BLOCK_N, CAUSAL, HAS_KPM, HAS_SEG, SOFTCAP,
-                                       WINDOW_LEFT,
-                                       s_layout)
+                                       WINDOW_LEFT, s_layout)
     if PIN:
         # The wait for V(j) (PV(j) runs in the next step) sits between the softmax and the wait for PV(j-1):
         # its spin loop is a block boundary that ptxas does not schedule the PV wait across. Without it ptxas
@@ -494,8 +492,8 @@ def _key_loop_overlapped(q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_emp
                          SOFTCAP: gl.constexpr, WINDOW_LEFT: gl.constexpr, PIN: gl.constexpr, s_layout: gl.constexpr,
                          o_layout: gl.constexpr, p_layout: gl.constexpr):
     """Needs n_blocks > first (blocks first, ..., n_blocks - 1 run; a window's blocks before first_full are masked
-    too). Iteration j issues S(j) and PV(j-1) together, waits for S(j) only, runs softmax(j)
-    while PV(j-1) runs, then waits for PV(j-1) and rescales O. P(j) is carried into the next iteration. The
+    too). Iteration j issues S(j) and PV(j-1) together, waits for S(j) only, runs softmax(j) while PV(j-1) runs,
+    then waits for PV(j-1) and rescales O. P(j) is carried into the next iteration. The
     blocks that need no causal/ragged mask run in a loop of their own, which holds no mask code (and lets the
     scalars only the mask needs sit outside the hot loop)."""
     ROWS: gl.constexpr = q_mma.shape[0]
@@ -514,8 +512,7 @@ def _key_loop_overlapped(q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_emp
         masked = masked | (first < first_full)
     p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, first * BLOCK_N, row0, seq_k, causal_offset, masked,
                                        keep, seg_k, seg_q, ROWS, BLOCK_N, CAUSAL, HAS_KPM, HAS_SEG, SOFTCAP,
-                                       WINDOW_LEFT,
-                                       s_layout)
+                                       WINDOW_LEFT, s_layout)
     p_op = gl.convert_layout(p.to(k_smem.dtype), p_layout)
     if PIN:  # each step waits for the V its successor uses
         mbarrier.wait(v_ready.index(stage), phase)
@@ -534,15 +531,13 @@ def _key_loop_overlapped(q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_emp
             q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turns, acc, p_op, m_i, l_i, kv_count + j - first,
             turn_count, j * BLOCK_N, qk_scale, row0, seq_k, causal_offset, kpm_base, seg_base, seg_q,
             WG, NUM_CONSUMERS, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, PINGPONG, False, HAS_KPM, HAS_SEG, SOFTCAP,
-            WINDOW_LEFT, PIN,
-            s_layout, o_layout, p_layout)
+            WINDOW_LEFT, PIN, s_layout, o_layout, p_layout)
     for j in range(split, n_blocks):
         acc, p_op, m_i, l_i, turn_count = _overlapped_step(
             q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turns, acc, p_op, m_i, l_i, kv_count + j - first,
             turn_count, j * BLOCK_N, qk_scale, row0, seq_k, causal_offset, kpm_base, seg_base, seg_q,
             WG, NUM_CONSUMERS, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, PINGPONG, True, HAS_KPM, HAS_SEG, SOFTCAP,
-            WINDOW_LEFT, PIN,
-            s_layout, o_layout, p_layout)
+            WINDOW_LEFT, PIN, s_layout, o_layout, p_layout)
     last = (kv_count + n_blocks - first - 1) % NUM_STAGES
     if not PIN:
         mbarrier.wait(v_ready.index(last), ((kv_count + n_blocks - first - 1) // NUM_STAGES) & 1)
