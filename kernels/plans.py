@@ -227,7 +227,8 @@ def make_plan(q, k, v, *, causal, scale, key_padding_mask, dropout_p, seed, sequ
     """The plan for a validated call's kind: the decode kernel for few query rows, else a forward kernel with the
     tile table's row, or on a GPU the fastest of the candidates that can serve the call (the portable kernel's tiles,
     the TMA kernel's, the Gluon sm90 kernel's), timed once per bucket of lengths and batch x heads
-    (kernels/autotune.py). Calls with a sliding window, softcapping or sinks run the portable kernels only."""
+    (kernels/autotune.py). Calls with a sliding window, softcapping or sinks run the portable kernels, but for causal
+    windows and softcapping where FLASHPATCH_GLUON_FEATURES=1 adds the Gluon kernel."""
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
     element_size = q.element_size()
