@@ -11,13 +11,15 @@ from flashpatch.reference import reference_attention
 
 def test_an_sm90_plan_serves_calls_in_transformers_layout_and_falls_back_for_views_tma_cannot_take(monkeypatch):
     """Sm90Plan.run returns [B, Sq, H, D] (the plans' contract) from the Gluon kernel's SDPA-layout output, passes
-    only the masks a call has, and hands a misaligned view to its pointer plan."""
+    only the masks a call has (and the plan's softcap and window), and hands a misaligned view to its pointer
+    plan."""
     from flashpatch.kernels import forward_sm90
 
-    calls = []
+    calls, features = [], []
 
-    def fake_gluon(q, k, v, *, causal, scale, need_lse, config, **masks):
+    def fake_gluon(q, k, v, *, causal, scale, need_lse, config, softcap, window, **masks):
         calls.append(sorted(masks))
+        features.append((softcap, window))
         out = reference_attention(q.double(), k.double(), v.double(), causal=causal, scale=scale).to(q.dtype)
         return out.transpose(1, 2).contiguous().transpose(1, 2), None  # SDPA view of [B, S, H, D] memory
 
@@ -38,6 +40,10 @@ def test_an_sm90_plan_serves_calls_in_transformers_layout_and_falls_back_for_vie
     shifted = torch.empty(q.numel() + 1, dtype=q.dtype)[1:].view(q.shape)  # 2 bytes off 16-byte alignment
     plan.run(shifted, k, v)
     assert calls[-1] == "pointer"
+    capped = plans.Sm90Plan(Sm90Config(128, 2), PointerPlan(), causal=True, scale=0.125, need_lse=False,
+                            softcap=30.0, window=(15, 0))
+    capped.run(q, k, v)
+    assert features == [(0.0, None)] * 2 + [(30.0, (15, 0))]
 
 
 @pytest.mark.parametrize("switch,expected", [(None, True), ("0", False), ("1", True)])
