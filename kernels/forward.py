@@ -43,11 +43,26 @@ def segment_span(seg_base, stride_sp, first, count, seq_len, BLOCK: tl.constexpr
     return lo // BLOCK * BLOCK, hi
 
 
+_LAST_PLANES: list = []  # [(segment ids tensor, its version, planes)]: the last ids seen, held (so never reused)
+
+
 def segment_planes(segment_ids: torch.Tensor) -> torch.Tensor:
     """int32 [3, B, S] for the kernels' SEG argument: the segment ids, then for each position the first and one past
     the last position of its run of equal ids. In a row whose ids never decrease (packed sequences numbered in
     order) a run is a whole segment, so a tile's runs bound the keys it can see; a row whose ids do decrease gets
-    [0, S) for every position (nothing skipped, the kernels' per-element test alone)."""
+    [0, S) for every position (nothing skipped, the kernels' per-element test alone).
+
+    Every layer of a model's step gets the same ids tensor (transformers builds the mask once per forward), in the
+    forward and again in the backward: the planes of the last one are kept and reused while it is unchanged (same
+    object, same version counter). Not while a CUDA graph is captured, nor for inference tensors (no version)."""
+    try:
+        capturing = segment_ids.is_cuda and torch.cuda.is_current_stream_capturing()
+        version = None if capturing else segment_ids._version
+    except RuntimeError:  # an inference-mode tensor keeps no version counter
+        version = None
+    if version is not None and _LAST_PLANES and _LAST_PLANES[0][0] is segment_ids \
+            and _LAST_PLANES[0][1] == version:
+        return _LAST_PLANES[0][2]
     seg = segment_ids.to(torch.int32).contiguous()
     batch, seq = seg.shape
     planes = torch.empty((3, batch, seq), device=seg.device, dtype=torch.int32)
@@ -55,6 +70,8 @@ def segment_planes(segment_ids: torch.Tensor) -> torch.Tensor:
     ordered = (seg[:, 1:] >= seg[:, :-1]).all(dim=1, keepdim=True)
     planes[1] = torch.where(ordered, torch.searchsorted(seg, seg, side="left", out_int32=True), 0)
     planes[2] = torch.where(ordered, torch.searchsorted(seg, seg, side="right", out_int32=True), seq)
+    if version is not None:
+        _LAST_PLANES[:] = [(segment_ids, version, planes)]
     return planes
 
 

@@ -112,6 +112,25 @@ def test_segment_planes_bound_each_position_by_its_run():
     assert planes[1, 2].tolist() == [0] * 8 and planes[2, 2].tolist() == [8] * 8
 
 
+def test_segment_planes_are_made_once_per_ids_tensor_until_it_changes():
+    """A step's layers pass one ids tensor, forward and backward: its planes are reused; an in-place change, another
+    tensor with the same ids, or an inference tensor get planes of their own, and every answer is right."""
+    from flashpatch.kernels.forward import segment_planes
+
+    ids = torch.tensor([[0, 0, 1, 1, 1, 2]])
+    first = segment_planes(ids)
+    assert segment_planes(ids) is first
+    ids[0, 5] = 1  # in place: the version counter moves
+    changed = segment_planes(ids)
+    assert changed is not first and changed[2, 0].tolist() == [2, 2, 6, 6, 6, 6]
+    other = ids.clone()
+    assert segment_planes(other) is not changed and torch.equal(segment_planes(other), changed)
+    with torch.inference_mode():
+        frozen = torch.tensor([[0, 1, 1]])
+        assert segment_planes(frozen)[1, 0].tolist() == [0, 1, 1]
+        assert segment_planes(frozen) is not segment_planes(frozen)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("layout", ["short", "one-long", "unordered", "split-segment"])
 def test_many_segments_forward_and_backward(layout, causal, device, poison_empty):
