@@ -232,6 +232,9 @@ def make_plan(q, k, v, *, causal, scale, key_padding_mask, dropout_p, seed, sequ
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
     element_size = q.element_size()
+    decode = segment_ids is None and uses_decode_kernel(seq_q, heads_q // heads_k, head_dim, dropout_p, element_size)
+    if not decode and window_bounds_nothing(causal, window, seq_q, seq_k):  # a fixed key length: plain attention
+        window = None  # (a decode plan serves any cache length: it keeps its window)
     band = kernel_window(causal, window)
     softcap = float(softcap or 0.0)
     flags = dict(has_kpm=key_padding_mask is not None, has_seqused=seqused_k is not None)
@@ -242,16 +245,13 @@ def make_plan(q, k, v, *, causal, scale, key_padding_mask, dropout_p, seed, sequ
         plan.call, plan.why_not_gluon = dict(call, **call_changes), why_not_gluon
         return plan
 
-    if segment_ids is None and uses_decode_kernel(seq_q, heads_q // heads_k, head_dim, dropout_p, element_size):
-        config = select_decode_config(family, head_dim, element_size)  # a plan for any cache length: keeps its window
+    if decode:
+        config = select_decode_config(family, head_dim, element_size)
         return noted(DecodePlan(q.shape, q.stride(), heads_k, q.dtype, causal=causal, scale=scale, **flags,
                           config=config, sm_count=sm_count,
                           need_lse=need_lse, split_warps=decode_split_warps(family, head_dim, element_size),
                           **features), "few query rows: the decode kernel serves", keys="any",  # any cache length
                      tile=config.label(), tuning=None)
-    if window_bounds_nothing(causal, window, seq_q, seq_k):  # this plan's key length is fixed: plain attention
-        band, window, features["window"] = None, None, None
-        call = call_summary(q, k, causal, key_padding_mask, seqused_k, segment_ids, band, softcap, sinks, dropout_p)
     plain = key_padding_mask is None and seqused_k is None and segment_ids is None and not dropout_p
     plain_scores = band is None and not softcap and sinks is None  # what the TMA and Gluon kernels compute
 
