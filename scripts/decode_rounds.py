@@ -2,8 +2,8 @@
 in turn (CUDA-graph replays: GPU time), so that where the buffers land and the machine's drift move all alike.
 Prints each round, then median, min and max per implementation.
 
-Usage (GPU): python3 scripts/decode_rounds.py [CACHE] [BATCH] [ROUNDS] [--variants N,W,S,SPLITS ...]
-(default 4096 1 10; 32 heads, head dim 128, bf16). Each variant is a decode tile (key block N, warps W, stages S)
+Usage (GPU): python3 scripts/decode_rounds.py [CACHE] [BATCH] [ROUNDS] [--kv-heads K] [--variants N,W,S,SPLITS ...]
+(default 4096 1 10; 32 query heads, K = 32 KV heads, head dim 128, bf16; --variants last). Each variant is a decode tile (key block N, warps W, stages S)
 with SPLITS programs per (batch, head), timed through `flash_decode_forward` beside the shipped dispatch.
 """
 
@@ -16,9 +16,15 @@ import triton
 from flashpatch.bench.kernels import kv_bytes, make_fn
 from flashpatch.kernels import TileConfig, flash_decode_forward
 
-args = [a for a in sys.argv[1:] if not a.startswith("--")]
-variants = sys.argv[sys.argv.index("--variants") + 1:] if "--variants" in sys.argv else []
-args = args[:len(args) - len(variants)]
+argv = sys.argv[1:]
+variants = argv[argv.index("--variants") + 1:] if "--variants" in argv else []
+argv = argv[:len(argv) - len(variants)]
+heads_k = 32
+if "--kv-heads" in argv:
+    at = argv.index("--kv-heads")
+    heads_k = int(argv[at + 1])
+    del argv[at:at + 2]
+args = [a for a in argv if not a.startswith("--")]
 cache = int(args[0]) if len(args) > 0 else 4096
 batch = int(args[1]) if len(args) > 1 else 1
 rounds = int(args[2]) if len(args) > 2 else 10
@@ -35,10 +41,11 @@ def variant_fn(spec, q, k, v):
 impls = ["flashpatch", "sdpa-cudnn", "sdpa-flash", *variants]
 seen = {impl: [] for impl in impls}
 broken = set()
-print(f"batch {batch}, cache {cache}, {heads} heads, head dim {head_dim}, bf16; TB/s of K/V read, CUDA-graph replays")
+print(f"batch {batch}, cache {cache}, {heads} query heads, {heads_k} KV heads, head dim {head_dim}, bf16; "
+      "TB/s of K/V read, CUDA-graph replays")
 for r in range(rounds):
     q = torch.randn(batch, heads, 1, head_dim, device="cuda", dtype=torch.bfloat16)
-    k, v = (torch.randn(batch, heads, cache, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    k, v = (torch.randn(batch, heads_k, cache, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     line = []
     for impl in impls:
         if impl in broken:
@@ -51,7 +58,7 @@ for r in range(rounds):
             print(f"{impl}: {type(exc).__name__}: {str(exc)[:120]}")
             broken.add(impl)
             continue
-        seen[impl].append(kv_bytes(batch, heads, cache, head_dim) / (ms * 1e-3) / 1e12)
+        seen[impl].append(kv_bytes(batch, heads_k, cache, head_dim) / (ms * 1e-3) / 1e12)
         line.append(f"{impl} {seen[impl][-1]:.3f}")
     print(f"round {r}: " + ", ".join(line), flush=True)
     del q, k, v
