@@ -11,7 +11,7 @@ from . import plans
 from .autotune import AUTOTUNER, tune_key
 from .backward import flash_attn_backward
 from .config import (BACKWARD_TABLE, DECODE_TABLE, FP8_TABLE, INTERPRETER_SM_COUNT, SHORT_Q_BLOCK_M, TILE_TABLE,
-                     BackwardConfig, TileConfig, decode_split_warps, decode_splits, fp8_candidates, gpu_family,
+                     BackwardConfig, TileConfig, decode_split_config, decode_splits, fp8_candidates, gpu_family,
                      head_dim_bucket, select_backward_config, select_config, select_decode_config, tune_candidates,
                      uses_decode_kernel)
 from .decode import DecodePlan, flash_decode_forward
@@ -27,7 +27,7 @@ def interpreted() -> bool:
     return _is_interpreted(_flash_fwd_kernel)
 
 __all__ = ["AUTOTUNER", "BACKWARD_TABLE", "BackwardConfig", "DECODE_TABLE", "DecodePlan", "FP8_TABLE", "ForwardPlan",
-           "INTERPRETER_SM_COUNT", "SHORT_Q_BLOCK_M", "TILE_TABLE", "TileConfig", "decode_split_warps", "decode_splits",
+           "INTERPRETER_SM_COUNT", "SHORT_Q_BLOCK_M", "TILE_TABLE", "TileConfig", "decode_split_config", "decode_splits",
            "flash_attn_backward", "flash_attn_forward", "flash_attn_forward_fp8", "flash_decode_forward",
            "fp8_candidates", "gpu_family", "head_dim_bucket", "interpreted", "plans", "quantize_per_tensor", "select_backward_config",
            "select_config", "select_decode_config", "tune_candidates", "tune_key", "uses_decode_kernel"]

@@ -19,6 +19,8 @@ from .config import TileConfig
 
 ENV_SWITCH = "FLASHPATCH_AUTOTUNE"
 ENV_CACHE_DIR = "FLASHPATCH_CACHE_DIR"
+# In the cache file's name: choices made by an older way of timing (version 1: single calls) are made again.
+CACHE_VERSION = 2
 
 
 def enabled() -> bool:
@@ -40,7 +42,7 @@ def cache_file(family: str) -> str:
     import triton
 
     folder = os.environ.get(ENV_CACHE_DIR) or os.path.join(os.path.expanduser("~"), ".cache", "flashpatch")
-    return os.path.join(folder, f"autotune-{family}-triton{triton.__version__}.json")
+    return os.path.join(folder, f"autotune-v{CACHE_VERSION}-{family}-triton{triton.__version__}.json")
 
 
 def config_row(config) -> dict:
@@ -119,17 +121,30 @@ class Autotuner:
 AUTOTUNER = Autotuner()
 
 
-def time_ms(run) -> float:
-    """Median of three CUDA-event timings of `run()`, after a warm-up (which also compiles)."""
+def time_ms(run, fill_ms: float = 3.0, rounds: int = 3) -> float:
+    """Milliseconds per call of `run()`, timed as calls run in use: queued back to back on the stream, so that the
+    host's launch time hides behind the GPU's. After a warm-up (which also compiles), the median of `rounds`
+    CUDA-event timings of as many calls as fill about `fill_ms`. Single calls with a sync between them counted the
+    host's time too, and on an H200 led the tuner to a candidate up to 1.20x slower than the fastest
+    (scripts/autotune_choices.py, BENCHMARKS §1b)."""
     import torch
 
     run()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    run()
+    end.record()
+    end.synchronize()
+    calls = max(1, min(MAX_TIMED_CALLS, math.ceil(fill_ms / max(start.elapsed_time(end), 1e-3))))
     times = []
-    for _ in range(3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(rounds):
         start.record()
-        run()
+        for _ in range(calls):
+            run()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[1]
+        times.append(start.elapsed_time(end) / calls)
+    return sorted(times)[len(times) // 2]
+
+
+MAX_TIMED_CALLS = 64  # per timing round: short calls (tens of microseconds) need no more to fill fill_ms

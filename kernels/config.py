@@ -155,18 +155,21 @@ def select_decode_config(family: str | None, head_dim: int, element_size: int = 
     return (FP32_DECODE if element_size == 4 else DECODE_TABLE[family])[head_dim_bucket(head_dim)]
 
 
-# Warps for split launches, which put one program on each SM (decode_splits), where they differ from the row's.
-# sm90 head dim 128 on an H100, in rounds on fresh buffers (scripts/decode_rounds.py): batch 1 read faster on 8 warps (1K 1.84 vs 1.71, 4K 2.33 vs 2.28,
-# 16K 2.85 vs 2.82 TB/s), batch 8 and 32 (one program per (batch, head), many per SM) 1 % faster on the row's 4; more
-# programs per (batch, head), co-resident with fewer stages, lost at every length.
-DECODE_SPLIT_WARPS: dict[str, dict[int, int]] = {"sm90": {128: 8}}
+# The tile of split launches (one program per SM, each reading a stretch of one (batch, KV head)'s cache), where it
+# differs from the row's. sm90 head dim 128, CUDA-graph replays on an H200 (scripts/decode_rounds.py, same split
+# counts): 128-key blocks three deep on 8 warps read batch 1 MHA at 1.91 / 3.01 / 4.10 / 4.59 TB/s for 1K / 4K / 16K /
+# 128K keys against 1.82 / 2.77 / 3.65 / 4.00 for the row's 64-key blocks four deep (on 8 warps), GQA 32/8 batch 8 at
+# 1K-128K 1.06x-1.12x, GQA batch 1 level at 1K and 0.99x at 4K. Held for tiles of at most DECODE_SPLIT_MAX_ROWS
+# rows: the three stages take 192 KB of shared memory.
+DECODE_SPLIT_TABLE: dict[str, dict[int, TileConfig]] = {"sm90": {128: TileConfig(16, 128, 8, 3)}}
+DECODE_SPLIT_MAX_ROWS = 32
 
 
-def decode_split_warps(family: str | None, head_dim: int, element_size: int = 2) -> int | None:
-    """num_warps for the decode kernel's split launches, or None for the config's own."""
-    if family is None or element_size != 2:
+def decode_split_config(family: str | None, head_dim: int, rows: int, element_size: int = 2) -> TileConfig | None:
+    """The tile for the decode kernel's split launches of `rows`-row tiles, or None for the decode row's own."""
+    if family is None or element_size != 2 or rows > DECODE_SPLIT_MAX_ROWS:
         return None
-    return DECODE_SPLIT_WARPS.get(family, {}).get(head_dim_bucket(head_dim))
+    return DECODE_SPLIT_TABLE.get(family, {}).get(head_dim_bucket(head_dim))
 
 
 def decode_rows(seq_q: int, group_size: int) -> int:

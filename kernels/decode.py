@@ -227,8 +227,9 @@ class DecodePlan:
 
     `num_splits` None: the split count follows the key length (`decode_splits` for `sm_count` SMs); an int: that
     count (capped so that every split holds keys). The split count and grid depend only on shapes (the buffer's
-    length), never on `seqused_k`'s values, so a CUDA graph can capture the launch. `split_warps`: num_warps of
-    split launches where it differs from the config's (`decode_split_warps`).
+    length), never on `seqused_k`'s values, so a CUDA graph can capture the launch. `split_config`: the tile of split
+    launches where it differs from the config's (`decode_split_config`); the split count still follows the config's
+    key block, each split's length a whole number of the split tile's.
     """
 
     kernel = "decode"
@@ -238,10 +239,10 @@ class DecodePlan:
     def __init__(self, q_shape, q_stride, heads_k: int, dtype: torch.dtype, *, causal: bool, scale: float,
                  has_kpm: bool, has_seqused: bool, config: TileConfig, num_splits: int | None = None,
                  sm_count: int = 0, need_lse: bool = True, merge_unroll: int = MERGE_UNROLL,
-                 split_warps: int | None = None, window=None, softcap: float = 0.0, has_sinks: bool = False):
+                 split_config: TileConfig | None = None, window=None, softcap: float = 0.0, has_sinks: bool = False):
         batch, heads_q, seq_q, head_dim = q_shape
         self.batch, self.heads_q, self.seq_q, self.head_dim, self.heads_k = batch, heads_q, seq_q, head_dim, heads_k
-        self.dtype, self.need_lse, self.config = dtype, need_lse, config
+        self.dtype, self.need_lse, self.config, self.split_config = dtype, need_lse, config, split_config or config
         self.num_splits, self.sm_count = num_splits, sm_count
         self.out_shape, self.lse_shape = (batch, seq_q, heads_q, head_dim), (batch, heads_q, seq_q)
         band = kernel_window(causal, window)
@@ -257,16 +258,19 @@ class DecodePlan:
             STORE_LSE=need_lse, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", MERGE_UNROLL=merge_unroll,
             SOFTCAP=bool(softcap), WINDOW=band is not None, HAS_SINKS=has_sinks,
             num_warps=config.num_warps, num_stages=config.num_stages)
+        split = self.split_config
         self.constexprs = {False: {**constexprs, "SPLIT": False},
-                           True: {**constexprs, "SPLIT": True, "num_warps": split_warps or config.num_warps}}
+                           True: {**constexprs, "SPLIT": True, "BLOCK_N": split.block_n, "num_warps": split.num_warps,
+                                  "num_stages": split.num_stages}}
         self.lengths: dict = {}  # key length -> (grid, split_len, float32 partials)
         self.variants: dict = {}  # compiled kernels (CachedLauncher.launch_planned)
 
     def _layout(self, seq_k: int):
-        block_n, pairs = self.config.block_n, self.batch * self.heads_k
+        pairs = self.batch * self.heads_k
         splits = self.num_splits
         if splits is None:
-            splits = decode_splits(pairs, self.seq_q, seq_k, block_n, self.sm_count)
+            splits = decode_splits(pairs, self.seq_q, seq_k, self.config.block_n, self.sm_count)
+        block_n = self.split_config.block_n if splits > 1 else self.config.block_n
         split_len = cdiv(cdiv(seq_k, splits), block_n) * block_n
         splits = cdiv(seq_k, split_len)
         partials = self.batch * self.heads_q * self.seq_q * splits * (self.head_dim + 1) if splits > 1 else 0

@@ -20,7 +20,7 @@ import torch
 from .autotune import AUTOTUNER, time_ms, tune_key
 from .autotune import enabled as autotune_enabled
 from .backward import flash_attn_backward
-from .config import (SHORT_Q_BLOCK_M, TileConfig, decode_split_warps, decode_splits, head_dim_bucket,
+from .config import (SHORT_Q_BLOCK_M, TileConfig, decode_rows, decode_split_config, decode_splits, head_dim_bucket,
                      select_backward_config, select_config, select_decode_config, tune_candidates,
                      uses_decode_kernel)
 from .decode import DecodePlan
@@ -249,7 +249,8 @@ def make_plan(q, k, v, *, causal, scale, key_padding_mask, dropout_p, seed, sequ
         config = select_decode_config(family, head_dim, element_size)
         return noted(DecodePlan(q.shape, q.stride(), heads_k, q.dtype, causal=causal, scale=scale, **flags,
                           config=config, sm_count=sm_count,
-                          need_lse=need_lse, split_warps=decode_split_warps(family, head_dim, element_size),
+                          need_lse=need_lse, split_config=decode_split_config(
+                              family, head_dim, decode_rows(seq_q, heads_q // heads_k), element_size),
                           **features), "few query rows: the decode kernel serves", keys="any",  # any cache length
                      tile=config.label(), tuning=None)
     plain = key_padding_mask is None and seqused_k is None and segment_ids is None and not dropout_p

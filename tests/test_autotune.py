@@ -131,3 +131,32 @@ def test_candidates_serialise_with_their_kind():
     assert config_from_row({"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2}) == TileConfig(64, 32, 4, 2)
     with pytest.raises(TypeError):
         config_from_row({"kernel": "Sm90Config", "no_such_field": 1})
+
+
+def test_candidates_are_timed_as_calls_queued_back_to_back(monkeypatch):
+    """time_ms times rounds of calls with no wait between them (a wait per call would count the host's launch time,
+    which a busy stream hides), and returns the median round's time per call."""
+    import torch
+
+    from flashpatch.kernels import autotune
+
+    log = []  # "run", "record", "sync" in the order they happen
+
+    class FakeEvent:
+        def __init__(self, enable_timing):
+            self.at = None
+
+        def record(self):
+            log.append("record")
+            self.at = log.count("run")
+
+        def synchronize(self):
+            log.append("sync")
+
+        def elapsed_time(self, end):  # every call takes 0.5 ms on this fake GPU
+            return 0.5 * (end.at - self.at)
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    assert autotune.time_ms(lambda: log.append("run"), fill_ms=3.0, rounds=3) == 0.5
+    rounds = "".join("r" if e == "run" else "|" for e in log).split("|")
+    assert [len(r) for r in rounds if r] == [1, 1, 6, 6, 6]  # warm-up, one call to size the rounds, 3 rounds of 6

@@ -36,6 +36,27 @@ def test_decode_splits_that_do_not_divide(num_splits, head_dim, device, poison_e
     assert_fa2_rule(out, q, k, v, causal=True, seqused_k=seqused)
 
 
+@pytest.mark.parametrize("seq_k", [40, 203, 517])
+def test_split_launches_with_their_own_tile_match_the_reference(seq_k, device, poison_empty):
+    """A plan whose split launches take a longer key block, other warps and stages than its row (as Hopper's
+    decode does): splits of whole split blocks, a last one ragged, key padding and device-side lengths."""
+    from flashpatch.kernels import DecodePlan
+
+    row, split = ((TileConfig(16, 16, 4, 1), TileConfig(16, 32, 2, 1)) if device.type == "cpu"
+                  else (TileConfig(16, 64, 4, 4), TileConfig(16, 128, 8, 3)))
+    q, k, v = random_qkv(2, 8, 2, 1, seq_k, 64, torch.float16, device)
+    mask = torch.rand(2, seq_k, device=device) > 0.3
+    mask[:, -1] = True
+    seqused = torch.randint(1, seq_k + 1, (2,), dtype=torch.int32, device=device)
+    for kpm, used in ((None, None), (mask, None), (None, seqused)):
+        plan = DecodePlan(q.shape, q.stride(), 2, q.dtype, causal=True, scale=0.125, has_kpm=kpm is not None,
+                          has_seqused=used is not None, config=row, sm_count=16, split_config=split)
+        (splits, _, _), split_len, _ = plan._layout(seq_k)
+        assert (splits > 1 if seq_k == 517 else True) and (splits == 1 or split_len % split.block_n == 0)
+        out, _ = plan.run(q, k, v, kpm, used)
+        assert_fa2_rule(out.transpose(1, 2), q, k, v, causal=True, key_padding_mask=kpm, seqused_k=used)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_decode_key_padding(causal, device, poison_empty):
     batch, seq_k = 3, 157

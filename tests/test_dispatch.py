@@ -8,8 +8,8 @@ from typer.testing import CliRunner
 
 from flashpatch.cli.main import app
 from flashpatch.dispatch import path_for_capability, triton_too_old
-from flashpatch.kernels.config import (BACKWARD_TABLE, DECODE_SPLIT_WARPS, DECODE_TABLE, FP32_FORWARD, TILE_TABLE,
-                                       backward_smem, decode_split_warps, decode_splits, gpu_family, head_dim_bucket, select_backward_config,
+from flashpatch.kernels.config import (BACKWARD_TABLE, DECODE_SPLIT_MAX_ROWS, DECODE_SPLIT_TABLE, DECODE_TABLE, FP32_FORWARD, TILE_TABLE,
+                                       backward_smem, decode_split_config, decode_splits, gpu_family, head_dim_bucket, select_backward_config,
                                        select_config, select_decode_config, tune_candidates, uses_decode_kernel)
 
 # Shared memory per block each family may use (bytes): H100 227 KB, A100 163 KB, sm86/89 99 KB.
@@ -168,22 +168,37 @@ def test_importing_the_cli_leaves_triton_unimported():
     assert out.stdout.strip() == "False", out.stderr
 
 
-def test_split_decode_launches_take_their_own_warps_and_others_the_rows():
-    """Split launches (one program per SM) may use more warps than the table row, which the launches with a
-    program per (batch, head) keep; float32 and families without an entry keep the row everywhere."""
+def test_split_decode_launches_take_their_own_tile_and_others_the_rows():
+    """Split launches (one program per SM) may use another tile than the table row, which the launches with a
+    program per (batch, head) keep; the split count still follows the row's key block and each split's length is a
+    whole number of the split tile's blocks. float32, families without an entry and tiles of many rows keep the row
+    everywhere; the split tile fits shared memory at the most rows it serves."""
     import torch
 
     from flashpatch.kernels import DecodePlan, TileConfig
 
-    for family, rows in DECODE_SPLIT_WARPS.items():
-        for head_dim, warps in rows.items():
-            assert decode_split_warps(family, head_dim) == warps != DECODE_TABLE[family][head_dim].num_warps
-            assert decode_split_warps(family, head_dim, element_size=4) is None
-    assert decode_split_warps(None, 128) is None and decode_split_warps("sm86", 128) is None
-    config = TileConfig(16, 64, 4, 4)
+    for family, rows in DECODE_SPLIT_TABLE.items():
+        for head_dim, tile in rows.items():
+            assert decode_split_config(family, head_dim, 16) == tile != DECODE_TABLE[family][head_dim]
+            assert decode_split_config(family, head_dim, 16, element_size=4) is None
+            assert decode_split_config(family, head_dim, 2 * DECODE_SPLIT_MAX_ROWS) is None
+            smem = (DECODE_SPLIT_MAX_ROWS + 2 * tile.num_stages * tile.block_n) * head_dim * 2
+            assert smem <= SMEM[family], (family, head_dim, tile, smem)
+    assert decode_split_config(None, 128, 16) is None and decode_split_config("sm86", 128, 16) is None
+    config, split = TileConfig(16, 64, 4, 4), TileConfig(16, 128, 8, 3)
     plan = DecodePlan((1, 8, 1, 128), (1024, 128, 128, 1), 8, torch.bfloat16, causal=True, scale=0.1,
-                      has_kpm=False, has_seqused=False, config=config, sm_count=132, split_warps=8)
-    assert plan.constexprs[True]["num_warps"] == 8 and plan.constexprs[False]["num_warps"] == 4
+                      has_kpm=False, has_seqused=False, config=config, sm_count=132, split_config=split)
+    assert {k: plan.constexprs[True][k] for k in ("BLOCK_N", "num_warps", "num_stages")} == \
+        {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
+    assert {k: plan.constexprs[False][k] for k in ("BLOCK_N", "num_warps", "num_stages")} == \
+        {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4}
+    # 8 (batch, head) pairs on 132 SMs: 16 splits by the row's 64-key blocks, each 1024 keys (8 split blocks)
+    (grid, split_len, partials) = plan._layout(16384)
+    assert grid == (16, 8, 1) and split_len == 1024 and partials > 0
+    # a 1K cache: 8 splits of 128 keys by the row's blocks, one split block each
+    assert plan._layout(1024)[:2] == ((8, 8, 1), 128)
+    (grid, split_len, partials) = plan._layout(100)  # too short to split: one program per pair, the row's tile
+    assert grid[0] == 1 and partials == 0
     plain = DecodePlan((1, 8, 1, 128), (1024, 128, 128, 1), 8, torch.bfloat16, causal=True, scale=0.1,
                        has_kpm=False, has_seqused=False, config=config, sm_count=132)
     assert plain.constexprs[True]["num_warps"] == plain.constexprs[False]["num_warps"] == 4
