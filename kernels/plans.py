@@ -33,8 +33,8 @@ from .online_softmax import kernel_window
 GLUON_SWITCH = "FLASHPATCH_GLUON"
 
 
-# "1" also makes the Gluon sm90 forward a candidate for softcapped calls and causal sliding windows (its GPU tests:
-# tests/test_forward_sm90.py's test_softcap_* and test_causal_window_*); unset, those run the portable kernels.
+# "0" leaves the Gluon sm90 forward out of softcapped calls' and causal sliding windows' candidates (its GPU tests:
+# tests/test_forward_sm90.py's test_softcap_* and test_causal_window_*), so the portable kernels serve them alone.
 GLUON_FEATURES_SWITCH = "FLASHPATCH_GLUON_FEATURES"
 
 
@@ -181,12 +181,11 @@ class Sm90Plan:
 def sm90_refusal(family, q, k, v, *, dropout_p, key_padding_mask, seqused_k, segment_ids, window=None,
                  softcap=None, sinks=None, causal: bool = False) -> str | None:
     """Why the Gluon sm90 forward is not among this call's candidates, in a few words, or None when it is (Hopper,
-    Gluon, 16-bit, its head dims, descriptor-legal views, no dropout or sinks, no sliding window or softcapping
-    unless FLASHPATCH_GLUON_FEATURES is "1" (then causal windows and softcapping are taken), and FLASHPATCH_GLUON
-    not "0"). `window` as `kernel_window` gives it (None: bounds nothing)."""
+    Gluon, 16-bit, its head dims, descriptor-legal views, no dropout or sinks, sliding windows only causal ones, no
+    sliding window or softcapping where FLASHPATCH_GLUON_FEATURES is "0", and FLASHPATCH_GLUON not "0"). `window` as `kernel_window` gives it (None: bounds nothing)."""
     if family != "sm90":
         return "not a Hopper (sm90) GPU"
-    features = os.environ.get(GLUON_FEATURES_SWITCH) == "1"
+    features = os.environ.get(GLUON_FEATURES_SWITCH) != "0"
     causal_window = causal and window is not None and window[1] == 0
     for feature, present in (("dropout", dropout_p), ("sinks", sinks is not None),
                              ("a sliding window", window is not None and not (features and causal_window)),
@@ -227,8 +226,8 @@ def make_plan(q, k, v, *, causal, scale, key_padding_mask, dropout_p, seed, sequ
     """The plan for a validated call's kind: the decode kernel for few query rows, else a forward kernel with the
     tile table's row, or on a GPU the fastest of the candidates that can serve the call (the portable kernel's tiles,
     the TMA kernel's, the Gluon sm90 kernel's), timed once per bucket of lengths and batch x heads
-    (kernels/autotune.py). Calls with a sliding window, softcapping or sinks run the portable kernels, but for causal
-    windows and softcapping where FLASHPATCH_GLUON_FEATURES=1 adds the Gluon kernel."""
+    (kernels/autotune.py). Calls with sinks or a window that is not causal run the portable kernels; causal windows
+    and softcapping have the Gluon kernel among their candidates too, unless FLASHPATCH_GLUON_FEATURES=0."""
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
     element_size = q.element_size()

@@ -357,15 +357,15 @@ def test_kernels_used_names_why_a_call_is_not_on_the_gluon_forward():
 @pytest.mark.parametrize("head_dim,features", [(128, dict(window=(300, 0))), (256, dict(softcap=2.0)),
                                                (256, dict(window=(200, 0), softcap=2.0)), (64, dict(window=(0, 0)))])
 def test_gluon_features_through_the_op(head_dim, features, monkeypatch):
-    """FLASHPATCH_GLUON_FEATURES=1, the autotuner made to pick a Gluon config: a causal windowed or softcapped call
-    is served by the Gluon sm90 forward (kernels_used says so) within FA2's rule."""
+    """The autotuner made to pick a Gluon config: a causal windowed or softcapped call is served by the Gluon sm90
+    forward (kernels_used says so) within FA2's rule."""
     from flashpatch import ops
     from flashpatch.kernels import AUTOTUNER, plans
     from helpers import HOPPER
 
     if not HOPPER:
         pytest.skip("the Gluon sm90 forward needs an sm90 GPU")
-    monkeypatch.setenv(plans.GLUON_FEATURES_SWITCH, "1")
+    monkeypatch.delenv(plans.GLUON_FEATURES_SWITCH, raising=False)
     monkeypatch.setenv("FLASHPATCH_AUTOTUNE", "1")
     monkeypatch.setattr(AUTOTUNER, "pick", lambda family, key, candidates, timed: candidates[-1])
     ops.reset_caches()

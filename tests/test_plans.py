@@ -75,8 +75,9 @@ def test_the_gluon_refusal_names_its_reason(monkeypatch):
     call = dict(dropout_p=0.0, key_padding_mask=None, seqused_k=None, segment_ids=None)
     monkeypatch.delenv(plans.GLUON_SWITCH, raising=False)
     assert plans.sm90_refusal("sm80", q, k, v, **call) == "not a Hopper (sm90) GPU"
+    monkeypatch.delenv(plans.GLUON_FEATURES_SWITCH, raising=False)
     for change, words in ((dict(dropout_p=0.1), "dropout"), (dict(window=(63, 0)), "a sliding window"),
-                          (dict(softcap=30.0), "softcapping"), (dict(sinks=torch.zeros(1)), "sinks")):
+                          (dict(sinks=torch.zeros(1)), "sinks")):
         assert plans.sm90_refusal("sm90", q, k, v, **dict(call, **change)).startswith(words)
     assert plans.sm90_refusal("sm90", q, k, v, **call) in ("not a Hopper (sm90) GPU", "this Triton has no Gluon")
     monkeypatch.setattr(forward_sm90, "sm90_refusal", lambda q, k, v, **masks: None)
@@ -84,12 +85,14 @@ def test_the_gluon_refusal_names_its_reason(monkeypatch):
     monkeypatch.setenv(plans.GLUON_SWITCH, "0")
     assert plans.sm90_refusal("sm90", q, k, v, **call) == "FLASHPATCH_GLUON=0"
     monkeypatch.delenv(plans.GLUON_SWITCH)
-    # FLASHPATCH_GLUON_FEATURES=1: causal windows and softcapping are taken; other windows and sinks still not
-    monkeypatch.setenv(plans.GLUON_FEATURES_SWITCH, "1")
+    # causal windows and softcapping are taken; other windows and sinks not; FLASHPATCH_GLUON_FEATURES=0 takes neither
     assert plans.sm90_refusal("sm90", q, k, v, **call, window=(63, 0), softcap=30.0, causal=True) is None
     assert plans.sm90_refusal("sm90", q, k, v, **call, window=(63, 0)).startswith("a sliding window")  # not causal
     assert plans.sm90_refusal("sm90", q, k, v, **call, window=(63, 5), causal=True).startswith("a sliding window")
     assert plans.sm90_refusal("sm90", q, k, v, **call, sinks=torch.zeros(1), causal=True).startswith("sinks")
+    monkeypatch.setenv(plans.GLUON_FEATURES_SWITCH, "0")
+    assert plans.sm90_refusal("sm90", q, k, v, **call, softcap=30.0).startswith("softcapping")
+    assert plans.sm90_refusal("sm90", q, k, v, **call, window=(63, 0), causal=True).startswith("a sliding window")
 
 
 def test_the_sm90_backward_refusal_names_its_reason(monkeypatch):
