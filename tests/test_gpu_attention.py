@@ -347,7 +347,7 @@ def test_kernels_used_names_why_a_call_is_not_on_the_gluon_forward():
     ops.reset_caches()
     q, k, v = random_qkv(2, 8, 2, 512, 512, 128, torch.bfloat16, "cuda")
     flashpatch.attention(q, k, v, causal=True)
-    flashpatch.attention(q, k, v, causal=True, window=(127, 0))
+    flashpatch.attention(q, k, v, causal=False, window=(127, 16))  # reaches ahead: not one the Gluon kernel takes
     plain, windowed = flashpatch.kernels_used()
     assert plain["kernel"] in ("portable", "tma", "gluon-sm90") and windowed["kernel"] == "portable"
     assert (plain["why_not_gluon"] is None) == (plain["kernel"] == "gluon-sm90")
