@@ -1,8 +1,8 @@
 """Whether the autotuner picks the fastest forward candidate: its own timings beside do_bench's, per cell.
 
 For each (head dim, causal, N) cell of a bf16 self-attention (batch B, H heads): a fresh autotune cache, one
-`flashpatch.attention` call (the autotuner times every candidate as it does in use: the median of three single
-calls, launch included), then each candidate forced in turn and timed through `flashpatch.attention` with
+`flashpatch.attention` call (the autotuner times every candidate as it does in use: `kernels/autotune.py`'s
+`time_ms`), then each candidate forced in turn and timed through `flashpatch.attention` with
 `triton.testing.do_bench` (median of many calls). Prints, per cell, every candidate's two timings, the autotuner's
 choice, do_bench's fastest and how much slower the choice is than it (1.00 = it picked the fastest).
 
