@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -36,7 +37,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flashpatch.kernels import forward_sm90
-from flashpatch.kernels.forward_sm90 import SM90_CONFIGS, default_config, flash_attn_forward_sm90, sm90_eligible
+from flashpatch.kernels.forward_sm90 import SM90_CONFIGS, Sm90Config, default_config, flash_attn_forward_sm90, sm90_eligible
 from flashpatch.reference import reference_attention, visibility_mask
 from probe_support import STATE, log, make_qkv, poisoned_empty, save, watchdog
 
@@ -113,8 +114,27 @@ def variant_label(head_dim, config):
     return f"d{head_dim}:{config.label()}"
 
 
-def selected_configs(head_dims, only, skip):
-    picked = []
+def config_from_label(label, head_dim):
+    """The Sm90Config a `label()` names ("m192n64s3+persist+dyn+ob"): block rows give the consumer count, the flags
+    the schedule; registers as SM90_CONFIGS sets them (160 a consumer thread with three consumers, else 240; a
+    32-register producer at head dim 256)."""
+    match = re.fullmatch(r"m(\d+)n(\d+)s(\d+)((?:\+\w+)*)", label)
+    if match is None:
+        raise SystemExit(f"--extra: {label!r} is not a config label such as m128n128s2+ov+pp")
+    block_m, block_n, stages = map(int, match.groups()[:3])
+    flags = set(filter(None, match.group(4).split("+")))
+    unknown = flags - {"ov", "pp", "persist", "dyn", "ob", "ds", "nopin"}
+    if unknown or block_m % forward_sm90.CONSUMER_ROWS:
+        raise SystemExit(f"--extra: {label!r}: unknown flags {sorted(unknown)} or rows not a multiple of 64")
+    consumers = block_m // forward_sm90.CONSUMER_ROWS
+    return Sm90Config(block_n, stages, overlap="ov" in flags, pingpong="pp" in flags, persistent="persist" in flags,
+                      dynamic="dyn" in flags, num_consumers=consumers, consumer_regs=160 if consumers == 3 else 240,
+                      epilogue="o_tile" if "ob" in flags else "direct" if "ds" in flags else "q_tile",
+                      pin_pv_wait="nopin" not in flags, producer_regs=32 if head_dim == 256 else 24)
+
+
+def selected_configs(head_dims, only, skip, extra=()):
+    picked = [(head_dim, config) for head_dim, config in extra if head_dim in head_dims]
     for head_dim in head_dims:
         for config in SM90_CONFIGS[head_dim]:
             label = config.label()
@@ -347,6 +367,8 @@ def main():
     parser.add_argument("--head-dims", default="128,64,256", help="comma-separated, in the order to run")
     parser.add_argument("--only", default="", help="comma-separated config labels (as printed) to run")
     parser.add_argument("--skip", default="", help="comma-separated config labels to leave out")
+    parser.add_argument("--extra", default="", help="comma-separated dD:LABEL configs outside SM90_CONFIGS to check "
+                        "and time too (d64:m192n64s4+persist+dyn+ob)")
     parser.add_argument("--no-check", action="store_true")
     parser.add_argument("--no-bench", action="store_true")
     parser.add_argument("--no-flashpatch", action="store_true", help="leave flashpatch.attention out of the timing")
@@ -369,7 +391,9 @@ def main():
         log("the sm90 Gluon kernel cannot run here (needs Hopper and Gluon)")
         save()
         sys.exit(1)
-    configs = selected_configs(head_dims, only, skip)
+    extra = [(int(dim), config_from_label(label, int(dim))) for dim, label in
+             (spec.removeprefix("d").split(":") for spec in filter(None, args.extra.split(",")))]
+    configs = selected_configs(head_dims, only, skip, extra)
     log("configs: " + ", ".join(variant_label(d, c) for d, c in configs))
 
     failed = set() if args.no_check else run_checks(configs, args.hang_seconds)
