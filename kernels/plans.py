@@ -246,12 +246,12 @@ def make_plan(q, k, v, *, causal, scale, key_padding_mask, dropout_p, seed, sequ
 
     if decode:
         config = select_decode_config(family, head_dim, element_size)
+        split = decode_split_config(family, head_dim, decode_rows(seq_q, heads_q // heads_k), element_size)
+        tile = config.label() + (f" (split launches {split.label()})" if split else "")
         return noted(DecodePlan(q.shape, q.stride(), heads_k, q.dtype, causal=causal, scale=scale, **flags,
-                          config=config, sm_count=sm_count,
-                          need_lse=need_lse, split_config=decode_split_config(
-                              family, head_dim, decode_rows(seq_q, heads_q // heads_k), element_size),
-                          **features), "few query rows: the decode kernel serves", keys="any",  # any cache length
-                     tile=config.label(), tuning=None)
+                                config=config, sm_count=sm_count, need_lse=need_lse, split_config=split, **features),
+                     "few query rows: the decode kernel serves", keys="any",  # any cache length
+                     tile=tile, tuning=None)
     plain = key_padding_mask is None and seqused_k is None and segment_ids is None and not dropout_p
     plain_scores = band is None and not softcap and sinks is None  # what the TMA and Gluon kernels compute
 

@@ -202,3 +202,18 @@ def test_split_decode_launches_take_their_own_tile_and_others_the_rows():
     plain = DecodePlan((1, 8, 1, 128), (1024, 128, 128, 1), 8, torch.bfloat16, causal=True, scale=0.1,
                        has_kpm=False, has_seqused=False, config=config, sm_count=132)
     assert plain.constexprs[True]["num_warps"] == plain.constexprs[False]["num_warps"] == 4
+
+
+def test_a_decode_plan_names_its_split_tile(monkeypatch):
+    """kernels_used() gives a decode plan's row and, where split launches take another tile, that one too."""
+    import torch
+
+    from flashpatch.kernels import TileConfig, plans
+
+    q, k = torch.zeros(1, 8, 1, 128, dtype=torch.bfloat16), torch.zeros(1, 8, 64, 128, dtype=torch.bfloat16)
+    call = dict(causal=True, scale=0.1, key_padding_mask=None, dropout_p=0.0, seed=0, seqused_k=None,
+                segment_ids=None, need_lse=False, sm_count=132)
+    plan = plans.make_plan(q, k, k, family="sm90", **call)
+    assert plan.split_config == TileConfig(16, 128, 8, 3)
+    assert plan.call["tile"] == "m16n64w4s4 (split launches m16n128w8s3)"
+    assert plans.make_plan(q, k, k, family="sm86", **call).call["tile"] == DECODE_TABLE["sm86"][128].label()
