@@ -64,7 +64,9 @@ def reference_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=N
         scores = scores.masked_fill(~mask, float("-inf"))
     if sinks is not None:
         sink = sinks.to(compute_dtype)[None, :, None, None].expand(*scores.shape[:-1], 1)
-        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]  # a row's sink is always seen
+        logits = torch.cat([scores, sink], dim=-1)  # a row's sink is always seen
+        probs = torch.softmax(logits, dim=-1)[..., :-1]
+        probs = probs.masked_fill(logits.isneginf().all(-1, keepdim=True), 0.0)  # a sink of -inf and no key
         return (probs @ vc).to(q.dtype)
     probs = torch.softmax(scores, dim=-1)
     if mask is not None:

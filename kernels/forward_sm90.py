@@ -6,8 +6,9 @@ the 128-wide kernel: TMA zero-fills the missing columns on load and clips them o
 bottom-right causal, ragged lengths, optional log-sum-exp, and the masks transformers hands over: a key-padding
 mask, `seqused_k` (a static cache's filled length per batch) and packed `segment_ids`; and tanh logit
 softcapping (`softcap`, a compile-time value: Gemma 2's 50) and causal sliding windows (`window` (left, 0): the
-key blocks before a tile's band are neither loaded nor computed, those on its edges masked). No dropout, sinks,
-non-causal windows or key splits: those stay with forward.py. Entry points: `sm90_eligible` and
+key blocks before a tile's band are neither loaded nor computed, those on its edges masked); and sink logits
+(`sinks`, one per query head, folded into each row's sum in the epilogue). No dropout, non-causal windows or key
+splits: those stay with forward.py. Entry points: `sm90_eligible` and
 `flash_attn_forward_sm90`.
 
 One program owns BLOCK_M = 64 * num_consumers query rows of one (batch, head) and walks that head's keys:
@@ -553,15 +554,16 @@ def _key_loop_overlapped(q_mma, k_smem, v_smem, k_ready, k_empty, v_ready, v_emp
 # Step 5: a consumer warpgroup: its 64 rows of a tile, the epilogue, and the lse.
 # ---------------------------------------------------------------------------------------------------------------
 @gluon.jit
-def _consume_tile(desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, q_smem, o_smem, k_smem, v_smem, q_ready,
-                  q_empty, k_ready, k_empty, v_ready, v_empty, turns, tile, kv_count, tile_count, turn_count,
+def _consume_tile(desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, sinks_ptr, q_smem, o_smem, k_smem, v_smem,
+                  q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turns, tile, kv_count, tile_count, turn_count,
                   qk_scale, seq_q, seq_k, heads_q, num_m_blocks, batch_heads, l2_heads, stride_ob, stride_oh,
                   stride_os, head_dim, stride_kpm_b, stride_seg_b,
                   WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                   NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr,
                   OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, WRITE_LSE: gl.constexpr, SECTIONS: gl.constexpr,
                   WAIT_Q: gl.constexpr, EPILOGUE: gl.constexpr, HAS_KPM: gl.constexpr,
-                  HAS_SEQUSED: gl.constexpr, HAS_SEG: gl.constexpr, SOFTCAP: gl.constexpr, WINDOW_LEFT: gl.constexpr):
+                  HAS_SEQUSED: gl.constexpr, HAS_SEG: gl.constexpr, SOFTCAP: gl.constexpr, WINDOW_LEFT: gl.constexpr,
+                  HAS_SINKS: gl.constexpr):
     ROWS: gl.constexpr = BLOCK_M // NUM_CONSUMERS
     # wgmma accumulators: 4 warps stacked along M (16 rows each), instruction N = the tile's N.
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -622,7 +624,20 @@ def _consume_tile(desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, q_sme
 
     # Epilogue. A row that saw no key (l = 0) returns zeros and lse = -inf.
     seen = l_i > 0.0
-    inv_l = gl.where(seen, 1.0 / gl.where(seen, l_i, 1.0), 0.0)
+    if HAS_SINKS:  # the head's sink logit joins every row's sum with no value: l' = l * 2^(m - m') + 2^(sink - m')
+        m_log2 = m_i * qk_scale
+        if SOFTCAP != 0.0:  # softcapped scores are in base 2 already
+            m_log2 = m_i
+        sink = gl.load(sinks_ptr + h).to(gl.float32) * 1.4426950408889634
+        m_new = gl.maximum(m_log2, sink)
+        m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)  # a sink of -inf and a row without keys
+        alpha = gl.exp2(m_log2 - m_ref)
+        l_i = l_i * alpha + gl.exp2(sink - m_ref)
+        seen = l_i > 0.0  # a row without keys sees its sink: zeros out, lse = sink
+        inv_l = gl.where(seen, alpha / gl.where(seen, l_i, 1.0), 0.0)
+        m_i = m_ref  # base 2 from here on, as softcapped scores are
+    else:
+        inv_l = gl.where(seen, 1.0 / gl.where(seen, l_i, 1.0), 0.0)
     out = (acc * gl.expand_dims(gl.convert_layout(inv_l, o_rows), 1)).to(q_smem.dtype)
     if EPILOGUE == 0:  # through the Q buffer
         q_mma.store(out)
@@ -643,7 +658,7 @@ def _consume_tile(desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, q_sme
     if WRITE_LSE:
         rows = row0 + gl.arange(0, ROWS, layout=s_rows)
         m_log2 = m_i * qk_scale
-        if SOFTCAP != 0.0:  # softcapped scores are in base 2 already
+        if SOFTCAP != 0.0 or HAS_SINKS:  # softcapped scores (and the max with a sink) are in base 2 already
             m_log2 = m_i
         m_scaled = gl.where(seen, m_log2, 0.0)
         lse = gl.where(seen, (m_scaled + gl.log2(gl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
@@ -655,15 +670,15 @@ def _consume_tile(desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, q_sme
 
 
 @gluon.jit
-def _consumer(desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, q_smem, o_smem, k_smem, v_smem, q_ready,
-              q_empty, k_ready, k_empty, v_ready, v_empty, turns, tile_slots, qk_scale, seq_q, seq_k, heads_q,
+def _consumer(desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, sinks_ptr, q_smem, o_smem, k_smem, v_smem,
+              q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turns, tile_slots, qk_scale, seq_q, seq_k, heads_q,
               num_m_blocks, num_tiles, batch_heads, l2_heads, stride_ob, stride_oh, stride_os, head_dim,
               stride_kpm_b, stride_seg_b,
               WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
               NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, OVERLAP: gl.constexpr,
               PINGPONG: gl.constexpr, WRITE_LSE: gl.constexpr, SECTIONS: gl.constexpr, DYNAMIC: gl.constexpr,
               EPILOGUE: gl.constexpr, HAS_KPM: gl.constexpr, HAS_SEQUSED: gl.constexpr, HAS_SEG: gl.constexpr,
-              SOFTCAP: gl.constexpr, WINDOW_LEFT: gl.constexpr):
+              SOFTCAP: gl.constexpr, WINDOW_LEFT: gl.constexpr, HAS_SINKS: gl.constexpr):
     kv_count = 0
     tile_count = 0
     turn_count = 0
@@ -672,24 +687,26 @@ def _consumer(desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, q_smem, o
         tile = _get_tile(tile_slots.index(WG))
         while tile < num_tiles:
             kv_count, turn_count = _consume_tile(
-                desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, q_smem, o_smem, k_smem, v_smem, q_ready,
+                desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, sinks_ptr, q_smem, o_smem, k_smem, v_smem,
+                q_ready,
                 q_empty, k_ready, k_empty, v_ready, v_empty, turns, tile, kv_count, tile_count, turn_count,
                 qk_scale, seq_q, seq_k, heads_q, num_m_blocks, batch_heads, l2_heads, stride_ob, stride_oh,
                 stride_os, head_dim, stride_kpm_b, stride_seg_b, WG, BLOCK_M, BLOCK_N, HEAD_DIM,
                 NUM_STAGES, NUM_CONSUMERS, CAUSAL, OVERLAP, PINGPONG, WRITE_LSE, SECTIONS, False, EPILOGUE,
-                HAS_KPM, HAS_SEQUSED, HAS_SEG, SOFTCAP, WINDOW_LEFT)
+                HAS_KPM, HAS_SEQUSED, HAS_SEG, SOFTCAP, WINDOW_LEFT, HAS_SINKS)
             tile_count += 1
             mbarrier.wait(q_ready.index(WG), tile_count & 1)
             tile = _get_tile(tile_slots.index(WG))
     else:
         for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
             kv_count, turn_count = _consume_tile(
-                desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, q_smem, o_smem, k_smem, v_smem, q_ready,
+                desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, sinks_ptr, q_smem, o_smem, k_smem, v_smem,
+                q_ready,
                 q_empty, k_ready, k_empty, v_ready, v_empty, turns, tile, kv_count, tile_count, turn_count,
                 qk_scale, seq_q, seq_k, heads_q, num_m_blocks, batch_heads, l2_heads, stride_ob, stride_oh,
                 stride_os, head_dim, stride_kpm_b, stride_seg_b, WG, BLOCK_M, BLOCK_N, HEAD_DIM,
                 NUM_STAGES, NUM_CONSUMERS, CAUSAL, OVERLAP, PINGPONG, WRITE_LSE, SECTIONS, True, EPILOGUE,
-                HAS_KPM, HAS_SEQUSED, HAS_SEG, SOFTCAP, WINDOW_LEFT)
+                HAS_KPM, HAS_SEQUSED, HAS_SEG, SOFTCAP, WINDOW_LEFT, HAS_SINKS)
             tile_count += 1
     if EPILOGUE == 1:
         tma.store_wait(0)
@@ -702,14 +719,15 @@ def _consumer(desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, q_smem, o
 @gluon.jit(do_not_specialize=["seq_q", "seq_k", "heads_q", "group_size", "num_m_blocks", "num_tiles", "batch_heads",
                               "l2_heads", "stride_ob", "stride_oh", "stride_os", "head_dim"])
 def _attn_fwd_sm90(desc_q, desc_k, desc_v, desc_o, out_ptr, lse_ptr, counter_ptr, kpm_ptr, seqused_ptr, seg_ptr,
-                   qk_scale, seq_q, seq_k, heads_q, group_size, num_m_blocks, num_tiles, batch_heads, l2_heads,
-                   stride_ob, stride_oh, stride_os, head_dim, stride_kpm_b, stride_seg_b,
+                   sinks_ptr, qk_scale, seq_q, seq_k, heads_q, group_size, num_m_blocks, num_tiles, batch_heads,
+                   l2_heads, stride_ob, stride_oh, stride_os, head_dim, stride_kpm_b, stride_seg_b,
                    BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
                    NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, OVERLAP: gl.constexpr,
                    PINGPONG: gl.constexpr, WRITE_LSE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                    PRODUCER_REGS: gl.constexpr, SECTIONS: gl.constexpr, DYNAMIC: gl.constexpr,
                    EPILOGUE: gl.constexpr, HAS_KPM: gl.constexpr, HAS_SEQUSED: gl.constexpr,
-                   HAS_SEG: gl.constexpr, SOFTCAP: gl.constexpr, WINDOW_LEFT: gl.constexpr):
+                   HAS_SEG: gl.constexpr, SOFTCAP: gl.constexpr, WINDOW_LEFT: gl.constexpr,
+                   HAS_SINKS: gl.constexpr):
     dtype: gl.constexpr = desc_q.dtype
     ROWS: gl.constexpr = desc_q.block_type.shape[2]
     BLOCK_M: gl.constexpr = ROWS * NUM_CONSUMERS
@@ -747,18 +765,20 @@ def _attn_fwd_sm90(desc_q, desc_k, desc_v, desc_o, out_ptr, lse_ptr, counter_ptr
     gl.static_assert(NUM_CONSUMERS == 2 or NUM_CONSUMERS == 3)
     if NUM_CONSUMERS == 2:
         gl.warp_specialize([
-            (_consumer, (desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, q_smem, o_smem, k_smem, v_smem,
+            (_consumer, (desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, sinks_ptr, q_smem, o_smem, k_smem,
+                         v_smem,
                          q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turns, tile_slots, qk_scale, seq_q,
                          seq_k, heads_q, num_m_blocks, num_tiles, batch_heads, l2_heads, stride_ob, stride_oh,
                          stride_os, head_dim, stride_kpm_b, stride_seg_b, 0, BLOCK_M, BLOCK_N,
                          HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, OVERLAP, PINGPONG, WRITE_LSE, SECTIONS,
-                         DYNAMIC, EPILOGUE, HAS_KPM, HAS_SEQUSED, HAS_SEG, SOFTCAP, WINDOW_LEFT)),
-            (_consumer, (desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, q_smem, o_smem, k_smem, v_smem,
+                         DYNAMIC, EPILOGUE, HAS_KPM, HAS_SEQUSED, HAS_SEG, SOFTCAP, WINDOW_LEFT, HAS_SINKS)),
+            (_consumer, (desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, sinks_ptr, q_smem, o_smem, k_smem,
+                         v_smem,
                          q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turns, tile_slots, qk_scale, seq_q,
                          seq_k, heads_q, num_m_blocks, num_tiles, batch_heads, l2_heads, stride_ob, stride_oh,
                          stride_os, head_dim, stride_kpm_b, stride_seg_b, 1, BLOCK_M, BLOCK_N,
                          HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, OVERLAP, PINGPONG, WRITE_LSE, SECTIONS,
-                         DYNAMIC, EPILOGUE, HAS_KPM, HAS_SEQUSED, HAS_SEG, SOFTCAP, WINDOW_LEFT)),
+                         DYNAMIC, EPILOGUE, HAS_KPM, HAS_SEQUSED, HAS_SEG, SOFTCAP, WINDOW_LEFT, HAS_SINKS)),
             (_producer, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
                          v_ready, v_empty, tile_slots, counter_ptr, seqused_ptr, seq_q, seq_k, heads_q, group_size,
                          num_m_blocks, num_tiles, batch_heads, l2_heads, BLOCK_M, BLOCK_N, NUM_STAGES,
@@ -770,24 +790,27 @@ def _attn_fwd_sm90(desc_q, desc_k, desc_v, desc_o, out_ptr, lse_ptr, counter_ptr
                          v_ready, v_empty, tile_slots, counter_ptr, seqused_ptr, seq_q, seq_k, heads_q, group_size,
                          num_m_blocks, num_tiles, batch_heads, l2_heads, BLOCK_M, BLOCK_N, NUM_STAGES,
                          NUM_CONSUMERS, CAUSAL, SECTIONS, DYNAMIC, HAS_SEQUSED, WINDOW_LEFT, 4)),
-            (_consumer, (desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, q_smem, o_smem, k_smem, v_smem,
+            (_consumer, (desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, sinks_ptr, q_smem, o_smem, k_smem,
+                         v_smem,
                          q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turns, tile_slots, qk_scale, seq_q,
                          seq_k, heads_q, num_m_blocks, num_tiles, batch_heads, l2_heads, stride_ob, stride_oh,
                          stride_os, head_dim, stride_kpm_b, stride_seg_b, 0, BLOCK_M, BLOCK_N,
                          HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, OVERLAP, PINGPONG, WRITE_LSE, SECTIONS,
-                         DYNAMIC, EPILOGUE, HAS_KPM, HAS_SEQUSED, HAS_SEG, SOFTCAP, WINDOW_LEFT)),
-            (_consumer, (desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, q_smem, o_smem, k_smem, v_smem,
+                         DYNAMIC, EPILOGUE, HAS_KPM, HAS_SEQUSED, HAS_SEG, SOFTCAP, WINDOW_LEFT, HAS_SINKS)),
+            (_consumer, (desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, sinks_ptr, q_smem, o_smem, k_smem,
+                         v_smem,
                          q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turns, tile_slots, qk_scale, seq_q,
                          seq_k, heads_q, num_m_blocks, num_tiles, batch_heads, l2_heads, stride_ob, stride_oh,
                          stride_os, head_dim, stride_kpm_b, stride_seg_b, 1, BLOCK_M, BLOCK_N,
                          HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, OVERLAP, PINGPONG, WRITE_LSE, SECTIONS,
-                         DYNAMIC, EPILOGUE, HAS_KPM, HAS_SEQUSED, HAS_SEG, SOFTCAP, WINDOW_LEFT)),
-            (_consumer, (desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, q_smem, o_smem, k_smem, v_smem,
+                         DYNAMIC, EPILOGUE, HAS_KPM, HAS_SEQUSED, HAS_SEG, SOFTCAP, WINDOW_LEFT, HAS_SINKS)),
+            (_consumer, (desc_o, out_ptr, lse_ptr, kpm_ptr, seqused_ptr, seg_ptr, sinks_ptr, q_smem, o_smem, k_smem,
+                         v_smem,
                          q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turns, tile_slots, qk_scale, seq_q,
                          seq_k, heads_q, num_m_blocks, num_tiles, batch_heads, l2_heads, stride_ob, stride_oh,
                          stride_os, head_dim, stride_kpm_b, stride_seg_b, 2, BLOCK_M, BLOCK_N,
                          HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, OVERLAP, PINGPONG, WRITE_LSE, SECTIONS,
-                         DYNAMIC, EPILOGUE, HAS_KPM, HAS_SEQUSED, HAS_SEG, SOFTCAP, WINDOW_LEFT)),
+                         DYNAMIC, EPILOGUE, HAS_KPM, HAS_SEQUSED, HAS_SEG, SOFTCAP, WINDOW_LEFT, HAS_SINKS)),
         ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
 
 
@@ -800,7 +823,8 @@ _EPILOGUE_CODES = {name: i for i, name in enumerate(EPILOGUES)}
 
 
 def _constexprs(config: Sm90Config, head_dim: int, causal: bool, need_lse: bool, has_kpm: bool = False,
-                has_seqused: bool = False, has_seg: bool = False, softcap: float = 0.0, window_left: int = -1) -> dict:
+                has_seqused: bool = False, has_seg: bool = False, softcap: float = 0.0, window_left: int = -1,
+                has_sinks: bool = False) -> dict:
     if config.pingpong and not config.overlap:
         raise ValueError("pingpong needs overlap")
     if config.dynamic and not config.persistent:
@@ -815,7 +839,7 @@ def _constexprs(config: Sm90Config, head_dim: int, causal: bool, need_lse: bool,
                 PINGPONG=config.pingpong, WRITE_LSE=need_lse, CONSUMER_REGS=config.consumer_regs,
                 PRODUCER_REGS=config.producer_regs, SECTIONS=causal and config.persistent, DYNAMIC=config.dynamic,
                 EPILOGUE=_EPILOGUE_CODES[config.epilogue], HAS_KPM=has_kpm, HAS_SEQUSED=has_seqused,
-                HAS_SEG=has_seg, SOFTCAP=float(softcap or 0.0), WINDOW_LEFT=int(window_left))
+                HAS_SEG=has_seg, SOFTCAP=float(softcap or 0.0), WINDOW_LEFT=int(window_left), HAS_SINKS=has_sinks)
 
 
 _SM_COUNT: dict = {}
@@ -892,8 +916,8 @@ def sm90_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_padd
 def flash_attn_forward_sm90(q, k, v, *, causal: bool, scale: float, need_lse: bool = True,
                             config: Sm90Config | None = None, key_padding_mask: torch.Tensor | None = None,
                             seqused_k: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
-                            softcap: float = 0.0, window: tuple[int, int] | None = None
-                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                            softcap: float = 0.0, window: tuple[int, int] | None = None,
+                            sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """q: [B, Hq, Sq, D], k/v: [B, Hkv, Sk, D]. Returns out [B, Hq, Sq, D] (memory [B, Sq, Hq, D], q's dtype)
     and lse float32 [B, Hq, Sq] (natural log of the scaled scores' sum-exp; -inf for rows that see no key),
     or None for lse with need_lse=False.
@@ -903,7 +927,9 @@ def flash_attn_forward_sm90(q, k, v, *, causal: bool, scale: float, need_lse: bo
     stride: a query sees only the keys of its own segment. softcap > 0: scores softcap * tanh(scale * q.k /
     softcap) (Gemma 2's logit softcapping), the lse of the capped scores; each value compiles its own kernel.
     window (left, right), causal only: query i sees keys i + Sk - Sq - left to i + Sk - Sq (right must be 0 or -1,
-    left -1: no bound); the key blocks before a tile's band are not loaded. Each left compiles its own kernel."""
+    left -1: no bound); the key blocks before a tile's band are not loaded. Each left compiles its own kernel.
+    sinks: [Hq] floating point at unit stride, one logit per query head that joins every row's softmax with no value
+    (gpt-oss' `s_aux`); the lse includes it, and a row that sees no key gives zeros and the sink as lse."""
     window_left = -1
     if window is not None:
         if not causal or window[1] not in (0, -1):
@@ -938,16 +964,17 @@ def flash_attn_forward_sm90(q, k, v, *, causal: bool, scale: float, need_lse: bo
         _descriptor(q, CONSUMER_ROWS, width), _descriptor(k, config.block_n, width),
         _descriptor(v, config.block_n, width), _descriptor(out, CONSUMER_ROWS, width), out, lse_arg, counter, kpm,
         seqused_k if seqused_k is not None else counter, segment_ids if segment_ids is not None else counter,
-        scale / softcap if softcap else scale * LOG2E.value, seq_q, seq_k, heads_q, heads_q // heads_k, num_m_blocks,
-        num_tiles, batch_heads,
+        sinks if sinks is not None else counter, scale / softcap if softcap else scale * LOG2E.value, seq_q, seq_k,
+        heads_q, heads_q // heads_k, num_m_blocks, num_tiles, batch_heads,
         _l2_heads(batch_heads, heads_q // heads_k, seq_k, head_dim, q.element_size()), out.stride(0),
         out.stride(1), out.stride(2), head_dim, kpm.stride(0) if key_padding_mask is not None else 0,
         segment_ids.stride(0) if segment_ids is not None else 0,
         **_constexprs(config, head_dim, causal, need_lse, key_padding_mask is not None, seqused_k is not None,
-                      segment_ids is not None, softcap, window_left), num_warps=4)
+                      segment_ids is not None, softcap, window_left, sinks is not None), num_warps=4)
     masks = tuple(name for name, t in (("key_padding_mask", key_padding_mask), ("seqused_k", seqused_k),
                                        ("segment_ids", segment_ids), ("softcap", softcap or None),
-                                       ("window", window if window_left >= 0 else None)) if t is not None)
+                                       ("window", window if window_left >= 0 else None), ("sinks", sinks))
+                  if t is not None)
     COMPILED[(config, head_dim, causal, q.dtype, need_lse) + ((masks, ) if masks else ())] = compiled
     return out, lse
 
@@ -957,7 +984,7 @@ def flash_attn_forward_sm90(q, k, v, *, causal: bool, scale: float, need_lse: bo
 # ---------------------------------------------------------------------------------------------------------------
 def compile_sm90(config: Sm90Config, head_dim: int, *, causal: bool, dtype: torch.dtype = torch.bfloat16,
                  need_lse: bool = True, key_padding_mask: bool = False, seqused_k: bool = False,
-                 segment_ids: bool = False, softcap: float = 0.0, window_left: int = -1):
+                 segment_ids: bool = False, softcap: float = 0.0, window_left: int = -1, sinks: bool = False):
     """The kernel compiled for an sm90 target as a launch with `config` (and the named masks) would compile it."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -971,12 +998,13 @@ def compile_sm90(config: Sm90Config, head_dim: int, *, causal: bool, dtype: torc
 
     kernel = _attn_fwd_sm90
     constexprs = _constexprs(config, head_dim, causal, need_lse, key_padding_mask, seqused_k, segment_ids, softcap,
-                             window_left)
+                             window_left, sinks)
     elem = {torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
     runtime = dict(desc_q=desc_type(CONSUMER_ROWS), desc_k=desc_type(config.block_n),
                    desc_v=desc_type(config.block_n), desc_o=desc_type(CONSUMER_ROWS), out_ptr=elem,
                    lse_ptr="*fp32" if need_lse else elem, counter_ptr="*i32",
                    kpm_ptr="*u8" if key_padding_mask else "*i32", seqused_ptr="*i32", seg_ptr="*i32",
+                   sinks_ptr="*fp32" if sinks else "*i32",
                    qk_scale="fp32")
     names = kernel.arg_names
     signature = {n: "constexpr" if n in constexprs else runtime.get(n, "i32") for n in names}

@@ -36,6 +36,9 @@ GLUON_SWITCH = "FLASHPATCH_GLUON"
 # "0" leaves the Gluon sm90 forward out of softcapped calls' and causal sliding windows' candidates (its GPU tests:
 # tests/test_forward_sm90.py's test_softcap_* and test_causal_window_*), so the portable kernels serve them alone.
 GLUON_FEATURES_SWITCH = "FLASHPATCH_GLUON_FEATURES"
+# "1" also makes the Gluon sm90 forward a candidate for calls with sinks (compiled and tested for sm90 on CPU; its
+# GPU tests: tests/test_forward_sm90.py's test_sinks_*); unset, those run the portable kernels.
+GLUON_SINKS_SWITCH = "FLASHPATCH_GLUON_SINKS"
 
 
 # "0" keeps sm90 backwards on the portable kernels (kernels/backward.py) instead of the Gluon sm90 backward.
@@ -170,24 +173,27 @@ class Sm90Plan:
         from .forward_sm90 import flash_attn_forward_sm90
 
         if not (_descriptor_legal(q) and _descriptor_legal(k) and _descriptor_legal(v)):
-            return self.pointer_plan.run(q, k, v, key_padding_mask, seqused_k, segment_ids, seed)
+            return self.pointer_plan.run(q, k, v, key_padding_mask, seqused_k, segment_ids, seed, sinks)
         masks = {name: t for name, t in (("key_padding_mask", key_padding_mask), ("seqused_k", seqused_k),
                                          ("segment_ids", segment_ids)) if t is not None}
         out, lse = flash_attn_forward_sm90(q, k, v, causal=self.causal, scale=self.scale, need_lse=self.need_lse,
-                                           config=self.config, softcap=self.softcap, window=self.window, **masks)
+                                           config=self.config, softcap=self.softcap, window=self.window, sinks=sinks,
+                                           **masks)
         return out.transpose(1, 2), lse
 
 
 def sm90_refusal(family, q, k, v, *, dropout_p, key_padding_mask, seqused_k, segment_ids, window=None,
                  softcap=None, sinks=None, causal: bool = False) -> str | None:
     """Why the Gluon sm90 forward is not among this call's candidates, in a few words, or None when it is (Hopper,
-    Gluon, 16-bit, its head dims, descriptor-legal views, no dropout or sinks, sliding windows only causal ones, no
-    sliding window or softcapping where FLASHPATCH_GLUON_FEATURES is "0", and FLASHPATCH_GLUON not "0"). `window` as `kernel_window` gives it (None: bounds nothing)."""
+    Gluon, 16-bit, its head dims, descriptor-legal views, no dropout, sliding windows only causal ones, no sliding
+    window or softcapping where FLASHPATCH_GLUON_FEATURES is "0", sinks only where FLASHPATCH_GLUON_SINKS is "1",
+    and FLASHPATCH_GLUON not "0"). `window` as `kernel_window` gives it (None: bounds nothing)."""
     if family != "sm90":
         return "not a Hopper (sm90) GPU"
     features = os.environ.get(GLUON_FEATURES_SWITCH) != "0"
     causal_window = causal and window is not None and window[1] == 0
-    for feature, present in (("dropout", dropout_p), ("sinks", sinks is not None),
+    for feature, present in (("dropout", dropout_p),
+                             ("sinks", sinks is not None and os.environ.get(GLUON_SINKS_SWITCH) != "1"),
                              ("a sliding window", window is not None and not (features and causal_window)),
                              ("softcapping", softcap and not features)):
         if present:

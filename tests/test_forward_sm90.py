@@ -20,7 +20,7 @@ needs_hopper = pytest.mark.skipif(not (HOPPER and forward_sm90.HAS_GLUON),
 MAX_CONFIGS = max(len(configs) for configs in SM90_CONFIGS.values())
 
 
-def expected_lse(q, k, causal, scale, softcap=None, window=None, **masks):
+def expected_lse(q, k, causal, scale, softcap=None, window=None, sinks=None, **masks):
     group = q.shape[1] // k.shape[1]
     scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double().repeat_interleave(group, 1)) * scale
     if softcap:
@@ -30,25 +30,30 @@ def expected_lse(q, k, causal, scale, softcap=None, window=None, **masks):
                            segment_ids=masks.get("segment_ids"), window=window)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
+    if sinks is not None:  # one more logit per row, every row's
+        scores = torch.cat([scores, sinks.double()[None, :, None, None].expand(*scores.shape[:-1], 1)], -1)
     return torch.logsumexp(scores, -1)
 
 
-def check(q, k, v, causal, config=None, need_lse=True, softcap=None, window=None, **masks):
+def check(q, k, v, causal, config=None, need_lse=True, softcap=None, window=None, sinks=None, **masks):
     scale = q.shape[-1] ** -0.5
     assert sm90_eligible(q, k, v, **masks)
     out, lse = flash_attn_forward_sm90(q, k, v, causal=causal, scale=scale, need_lse=need_lse, config=config,
-                                       softcap=softcap or 0.0, window=window, **masks)
+                                       softcap=softcap or 0.0, window=window, sinks=sinks, **masks)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert out.transpose(1, 2).is_contiguous()  # memory [B, Sq, Hq, D]
-    assert_fa2_rule(out, q, k, v, causal=causal, scale=scale, softcap=softcap, window=window, **masks)
+    assert_fa2_rule(out, q, k, v, causal=causal, scale=scale, softcap=softcap, window=window, sinks=sinks, **masks)
     if not need_lse:
         assert lse is None
         return
-    want = expected_lse(q, k, causal, scale, softcap, window, **masks)
+    want = expected_lse(q, k, causal, scale, softcap, window, sinks, **masks)
     finite = torch.isfinite(want)
-    assert torch.equal(torch.isfinite(lse), finite)  # rows that see no key: -inf
+    assert torch.equal(torch.isfinite(lse), finite)  # rows that see no key (and no sink): -inf
     torch.testing.assert_close(lse.double()[finite], want[finite], atol=2e-3, rtol=1e-3)
     assert (out[~finite] == 0).all()  # and zeros
+    if sinks is not None:  # rows that see no key but their sink: zeros, and the sink as lse
+        empty = ~torch.isfinite(expected_lse(q, k, causal, scale, softcap, window, None, **masks))
+        assert (out[empty] == 0).all()
 
 
 def random_masks(batch, seq_q, seq_k, device, kinds):
@@ -170,6 +175,41 @@ def test_causal_window_every_config_and_masks(head_dim, index, kinds, seed, pois
 
 @pytest.mark.gpu
 @needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seq_q,seq_k", [(17, 17), (255, 255), (77, 333), (300, 100), (1000, 1000)])
+def test_sinks_match_float64(dtype, head_dim, causal, seq_q, seq_k, seed, poison_empty):
+    """One logit per query head in every row's softmax (gpt-oss' s_aux), with no value: sinks far below, around
+    and far above the rows' scores, a head without one (-inf), float32 and the inputs' dtype; Sq > Sk leaves causal
+    rows that see only their sink."""
+    q, k, v = random_qkv(2, 8, 2, seq_q, seq_k, head_dim, dtype, "cuda")
+    sinks = torch.tensor([-30.0, -2.0, 0.0, 0.5, 1.0, 3.0, 30.0, float("-inf")], device="cuda")
+    check(q, k, v, causal, sinks=sinks)
+    check(q, k, v, causal, sinks=torch.randn(8, device="cuda").to(dtype))
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("index", range(MAX_CONFIGS))
+@pytest.mark.parametrize("kinds", ["", "kpm", "seqused", "kpm,seg"])
+def test_sinks_every_config_and_masks(head_dim, index, kinds, seed, poison_empty):
+    """Every config, with the masks (a fully padded batch row sees only its sinks), a causal window (gpt-oss's
+    sliding layers: window and sinks) and softcapping."""
+    if index >= len(SM90_CONFIGS[head_dim]):
+        pytest.skip("no such candidate")
+    q, k, v = random_qkv(3, 4, 2, 600, 600, head_dim, torch.bfloat16, "cuda")
+    masks = random_masks(3, 600, 600, "cuda", kinds)
+    config = SM90_CONFIGS[head_dim][index]
+    sinks = torch.randn(4, device="cuda") * 2
+    check(bshd(q), bshd(k), bshd(v), True, config=config, sinks=sinks, **masks)
+    check(q, k, v, True, config=config, window=(127, 0), sinks=sinks, **masks)
+    check(q * 4, k * 4, v, False, config=config, softcap=2.0, sinks=sinks, **masks)
+
+
+@pytest.mark.gpu
+@needs_hopper
 def test_window_must_be_causal():
     q, k, v = random_qkv(1, 2, 2, 64, 64, 128, torch.bfloat16, "cuda")
     with pytest.raises(ValueError, match="causal"):
@@ -252,6 +292,9 @@ COMPILE_CASES += [(256, 0, True, "softcap"), (256, 0, False, "key_padding_mask,s
                   (128, 5, False, "softcap"), (64, 0, True, "softcap"), (128, 0, True, "window"),
                   (128, 5, True, "window,key_padding_mask"), (64, 3, True, "window"), (256, 0, True, "window,softcap"),
                   (128, 2, True, "window,segment_ids")]
+# gpt-oss's sinks (head dim 64; its sliding layers: window 128 and sinks), and with the other features and masks
+COMPILE_CASES += [(64, 0, True, "sinks"), (64, 3, True, "window,sinks"), (64, 5, False, "sinks,key_padding_mask"),
+                  (128, 0, False, "sinks"), (128, 5, True, "sinks,seqused_k"), (256, 0, True, "softcap,sinks")]
 
 COMPILE_SCRIPT = """
 import json, sys

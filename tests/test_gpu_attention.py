@@ -355,10 +355,11 @@ def test_kernels_used_names_why_a_call_is_not_on_the_gluon_forward():
 
 
 @pytest.mark.parametrize("head_dim,features", [(128, dict(window=(300, 0))), (256, dict(softcap=2.0)),
-                                               (256, dict(window=(200, 0), softcap=2.0)), (64, dict(window=(0, 0)))])
+                                               (256, dict(window=(200, 0), softcap=2.0)), (64, dict(window=(0, 0))),
+                                               (64, dict(sinks=True)), (64, dict(sinks=True, window=(127, 0)))])
 def test_gluon_features_through_the_op(head_dim, features, monkeypatch):
-    """The autotuner made to pick a Gluon config: a causal windowed or softcapped call is served by the Gluon sm90
-    forward (kernels_used says so) within FA2's rule."""
+    """The autotuner made to pick a Gluon config: a causal windowed, softcapped or (FLASHPATCH_GLUON_SINKS=1) sink
+    call is served by the Gluon sm90 forward (kernels_used says so) within FA2's rule."""
     from flashpatch import ops
     from flashpatch.kernels import AUTOTUNER, plans
     from helpers import HOPPER
@@ -366,11 +367,14 @@ def test_gluon_features_through_the_op(head_dim, features, monkeypatch):
     if not HOPPER:
         pytest.skip("the Gluon sm90 forward needs an sm90 GPU")
     monkeypatch.delenv(plans.GLUON_FEATURES_SWITCH, raising=False)
+    monkeypatch.setenv(plans.GLUON_SINKS_SWITCH, "1")
     monkeypatch.setenv("FLASHPATCH_AUTOTUNE", "1")
     monkeypatch.setattr(AUTOTUNER, "pick", lambda family, key, candidates, timed: candidates[-1])
     ops.reset_caches()
     q, k, v = random_qkv(2, 8, 4, 1000, 1000, head_dim, torch.bfloat16, "cuda")
     q, k = q * 4, k * 4  # scores that reach a cap of 2
+    if features.get("sinks"):
+        features = dict(features, sinks=torch.randn(8, device="cuda") * 2)
     out = flashpatch.attention(q, k, v, causal=True, **features)
     (used,) = flashpatch.kernels_used()
     assert used["kernel"] == "gluon-sm90", used

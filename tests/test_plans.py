@@ -11,21 +11,21 @@ from flashpatch.reference import reference_attention
 
 def test_an_sm90_plan_serves_calls_in_transformers_layout_and_falls_back_for_views_tma_cannot_take(monkeypatch):
     """Sm90Plan.run returns [B, Sq, H, D] (the plans' contract) from the Gluon kernel's SDPA-layout output, passes
-    only the masks a call has (and the plan's softcap and window), and hands a misaligned view to its pointer
-    plan."""
+    only the masks a call has (and the plan's softcap and window, the call's sinks), and hands a misaligned view to
+    its pointer plan, sinks included."""
     from flashpatch.kernels import forward_sm90
 
     calls, features = [], []
 
-    def fake_gluon(q, k, v, *, causal, scale, need_lse, config, softcap, window, **masks):
+    def fake_gluon(q, k, v, *, causal, scale, need_lse, config, softcap, window, sinks, **masks):
         calls.append(sorted(masks))
-        features.append((softcap, window))
+        features.append((softcap, window, sinks))
         out = reference_attention(q.double(), k.double(), v.double(), causal=causal, scale=scale).to(q.dtype)
         return out.transpose(1, 2).contiguous().transpose(1, 2), None  # SDPA view of [B, S, H, D] memory
 
     class PointerPlan:
         def run(self, q, k, v, *args):
-            calls.append("pointer")
+            calls.append(("pointer", args[-1] if len(args) == 5 else None))
             return torch.zeros(q.shape[0], q.shape[2], q.shape[1], q.shape[3]), None
 
     monkeypatch.setattr(forward_sm90, "flash_attn_forward_sm90", fake_gluon)
@@ -38,12 +38,13 @@ def test_an_sm90_plan_serves_calls_in_transformers_layout_and_falls_back_for_vie
     plan.run(q, k, v, torch.ones(2, 40, dtype=torch.bool))
     assert calls == [[], ["key_padding_mask"]]
     shifted = torch.empty(q.numel() + 1, dtype=q.dtype)[1:].view(q.shape)  # 2 bytes off 16-byte alignment
-    plan.run(shifted, k, v)
-    assert calls[-1] == "pointer"
+    sinks = torch.zeros(3)
+    plan.run(shifted, k, v, None, None, None, 0, sinks)
+    assert calls[-1] == ("pointer", sinks)
     capped = plans.Sm90Plan(Sm90Config(128, 2), PointerPlan(), causal=True, scale=0.125, need_lse=False,
                             softcap=30.0, window=(15, 0))
-    capped.run(q, k, v)
-    assert features == [(0.0, None)] * 2 + [(30.0, (15, 0))]
+    capped.run(q, k, v, sinks=sinks)
+    assert features == [(0.0, None, None)] * 2 + [(30.0, (15, 0), sinks)]
 
 
 @pytest.mark.parametrize("switch,expected", [(None, True), ("0", False), ("1", True)])
@@ -76,6 +77,7 @@ def test_the_gluon_refusal_names_its_reason(monkeypatch):
     monkeypatch.delenv(plans.GLUON_SWITCH, raising=False)
     assert plans.sm90_refusal("sm80", q, k, v, **call) == "not a Hopper (sm90) GPU"
     monkeypatch.delenv(plans.GLUON_FEATURES_SWITCH, raising=False)
+    monkeypatch.delenv(plans.GLUON_SINKS_SWITCH, raising=False)
     for change, words in ((dict(dropout_p=0.1), "dropout"), (dict(window=(63, 0)), "a sliding window"),
                           (dict(sinks=torch.zeros(1)), "sinks")):
         assert plans.sm90_refusal("sm90", q, k, v, **dict(call, **change)).startswith(words)
@@ -90,6 +92,9 @@ def test_the_gluon_refusal_names_its_reason(monkeypatch):
     assert plans.sm90_refusal("sm90", q, k, v, **call, window=(63, 0)).startswith("a sliding window")  # not causal
     assert plans.sm90_refusal("sm90", q, k, v, **call, window=(63, 5), causal=True).startswith("a sliding window")
     assert plans.sm90_refusal("sm90", q, k, v, **call, sinks=torch.zeros(1), causal=True).startswith("sinks")
+    monkeypatch.setenv(plans.GLUON_SINKS_SWITCH, "1")  # sinks too: their GPU tests are written, not yet run
+    assert plans.sm90_refusal("sm90", q, k, v, **call, sinks=torch.zeros(1), window=(63, 0), causal=True) is None
+    monkeypatch.delenv(plans.GLUON_SINKS_SWITCH)
     monkeypatch.setenv(plans.GLUON_FEATURES_SWITCH, "0")
     assert plans.sm90_refusal("sm90", q, k, v, **call, softcap=30.0).startswith("softcapping")
     assert plans.sm90_refusal("sm90", q, k, v, **call, window=(63, 0), causal=True).startswith("a sliding window")
