@@ -25,7 +25,8 @@ blocks on a band edge masked, those wholly inside it not. A key past seq_k is ou
 right = 0 (as on the causal path); with right > 0 the ragged key block gets the BOUNDARY launch and the dQ kernel's
 edge blocks test the key index. Softcapping (SOFTCAP): P is recomputed from the capped scores, and dS picks up the
 cap's derivative, 1 - tanh^2. Sinks need nothing here: the forward's lse already holds them (P of the keys is
-exp(s - lse) either way), and their own gradient, -sum over rows of P_sink * delta, is taken from lse and delta.
+exp(s - lse) either way); their own gradient, -sum over rows of P_sink * (dO . O), takes P_sink from lse and dO . O
+as the dQ kernel's sum of P * dP (delta comes from the stored O, rounded to q's dtype).
 """
 
 import torch
@@ -223,17 +224,18 @@ def _flash_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_steps(
-    dq, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
+    dq, pdp, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
     qk_scale, seq_k, head_dim, causal_offset, seed, row_head, dropout_p, start_n, end_n,
     seg_lo, seg_hi, cap_log2, win_left, win_right,
     BLOCK_N: tl.constexpr, MASK: tl.constexpr, BOUNDARY: tl.constexpr, HAS_KPM: tl.constexpr,
     HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr = False,
-    WINDOW: tl.constexpr = False,
+    WINDOW: tl.constexpr = False, ROW_PDP: tl.constexpr = False,
 ):
     """Accumulate dQ over the key blocks of [start_n, end_n) within [seg_lo, seg_hi) (the keys that can share this
     query block's segments; seg_lo a multiple of BLOCK_N). MASK: the causal diagonal, or with WINDOW a band edge.
-    BOUNDARY: the blocks run past seq_k (keys there get P = 0)."""
+    BOUNDARY: the blocks run past seq_k (keys there get P = 0). ROW_PDP: also sum P * dP over each row's keys into
+    pdp (float32), which is dO . O without the rounding of the stored O."""
     if HAS_SEG:
         start_n, end_n = tl.maximum(start_n, seg_lo), tl.minimum(end_n, seg_hi)
     for n0 in range(start_n, end_n, BLOCK_N):
@@ -262,16 +264,18 @@ def _dq_steps(
         if DROPOUT:
             keep = dropout_keep(seed, row_head, rows, cols, seq_k, dropout_p)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        if ROW_PDP:
+            pdp += tl.sum(p * dp, axis=1)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - tanh_s * tanh_s)
         dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=DOT_PRECISION)
-    return dq
+    return dq, pdp
 
 
 @triton.jit
 def _flash_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, KPM, SEG,
+    Q, K, V, DO, LSE, DELTA, DQ, KPM, SEG, PDP,
     qk_scale, sm_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -283,10 +287,12 @@ def _flash_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
     DROPOUT: tl.constexpr, BOUNDARY: tl.constexpr, SOFTCAP: tl.constexpr = False, WINDOW: tl.constexpr = False,
+    ROW_PDP: tl.constexpr = False,
 ):
     """One program per query block. BOUNDARY (non-causal, seq_k not a multiple of BLOCK_N): the key loop stops at the
     last whole block and the ragged one follows on its own, masked. WINDOW: the key blocks of this query block's
-    band only, its edge blocks (and the ragged tail) masked."""
+    band only, its edge blocks (and the ragged tail) masked. ROW_PDP: each row's sum of P * dP into PDP [B, Hq, Sq]
+    (the sinks' gradient)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads_q
@@ -312,25 +318,26 @@ def _flash_bwd_dq_kernel(
     if HAS_SEG:  # only the key blocks of this query block's own sequences
         seg_lo, seg_hi = segment_span(seg_base, stride_sp, m0, BLOCK_M, seq_q, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    pdp = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     causal_offset = seq_k - seq_q
     if WINDOW:
         lo, full_lo, full_hi, hi = window_key_range(m0, causal_offset, seq_k, win_left, win_right, BLOCK_M, BLOCK_N)
-        dq = _dq_steps(dq, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
+        dq, pdp = _dq_steps(dq, pdp, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
                        stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, seq_k, head_dim,
                        causal_offset, seed, pid_bh, dropout_p, lo, full_lo,
                        seg_lo, seg_hi, cap_log2, win_left, win_right,
-                       BLOCK_N, True, True, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, True)
-        dq = _dq_steps(dq, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
+                       BLOCK_N, True, True, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, True, ROW_PDP)
+        dq, pdp = _dq_steps(dq, pdp, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
                        stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, seq_k, head_dim,
                        causal_offset, seed, pid_bh, dropout_p, full_lo, full_hi,
                        seg_lo, seg_hi, cap_log2, win_left, win_right,
-                       BLOCK_N, False, False, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, True)
-        dq = _dq_steps(dq, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
+                       BLOCK_N, False, False, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, True, ROW_PDP)
+        dq, pdp = _dq_steps(dq, pdp, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
                        stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, seq_k, head_dim,
                        causal_offset, seed, pid_bh, dropout_p, full_hi, hi,
                        seg_lo, seg_hi, cap_log2, win_left, win_right,
-                       BLOCK_N, True, True, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, True)
+                       BLOCK_N, True, True, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, True, ROW_PDP)
     else:
         full_n = tl.cdiv(seq_k, BLOCK_N) * BLOCK_N
         if BOUNDARY:
@@ -340,24 +347,26 @@ def _flash_bwd_dq_kernel(
             # Key blocks before full_n are visible to every row of this block; [full_n, end_n) straddle the diagonal.
             end_n = tl.maximum(tl.minimum(seq_k, m0 + BLOCK_M + causal_offset), 0)
             full_n = tl.minimum(tl.maximum(m0 + 1 + causal_offset, 0) // BLOCK_N * BLOCK_N, end_n)
-            dq = _dq_steps(dq, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
+            dq, pdp = _dq_steps(dq, pdp, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
                            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, seq_k, head_dim,
                            causal_offset, seed, pid_bh, dropout_p, full_n, end_n,
                            seg_lo, seg_hi, cap_log2, win_left, win_right,
-                           BLOCK_N, True, False, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, False)
-        dq = _dq_steps(dq, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
+                           BLOCK_N, True, False, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, False, ROW_PDP)
+        dq, pdp = _dq_steps(dq, pdp, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
                        stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, seq_k, head_dim,
                        causal_offset, seed, pid_bh, dropout_p, 0, full_n, seg_lo, seg_hi, cap_log2, win_left, win_right,
-                       BLOCK_N, False, False, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, False)
+                       BLOCK_N, False, False, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, False, ROW_PDP)
         if BOUNDARY:
-            dq = _dq_steps(dq, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
+            dq, pdp = _dq_steps(dq, pdp, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
                            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, seq_k, head_dim,
                            causal_offset, seed, pid_bh, dropout_p, full_n, seq_k,
                            seg_lo, seg_hi, cap_log2, win_left, win_right,
-                           BLOCK_N, False, True, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, False)
+                           BLOCK_N, False, True, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, False, ROW_PDP)
 
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqd, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+    if ROW_PDP:
+        tl.store(PDP + pid_bh * seq_q + rows, pdp, mask=rows < seq_q)
 
 
 _launch_delta = CachedLauncher(_bwd_delta_kernel)
@@ -416,15 +425,18 @@ def flash_attn_backward(
                 win_right, seed,
                 BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, num_warps=dkdv.num_warps, num_stages=dkdv.num_stages,
                 BOUNDARY=boundary, **common)
+    # With sinks, the dQ kernel also sums P * dP per row: dO . O before O was rounded to q's dtype, which the sinks'
+    # gradient needs (from delta, the stored O's rounding put it 0.4 % off in float16 where torch's is exact).
+    pdp = torch.empty_like(delta) if sinks is not None else delta  # never written without ROW_PDP
     _launch_dq((cdiv(seq_q, dq_tiles.block_m), batch * heads_q),
-        q, k, v, grad_out, lse, delta, dq, kpm, seg, qk_scale, scale,
+        q, k, v, grad_out, lse, delta, dq, kpm, seg, pdp, qk_scale, scale,
         *strides, *dq.stride(), stride_mb, stride_mn, stride_sb, stride_sp,
         heads_q, heads_q // heads_k, seq_q, seq_k, head_dim, dropout_p, cap_log2, win_left, win_right, seed,
         BLOCK_M=dq_tiles.block_m, BLOCK_N=dq_tiles.block_n, num_warps=dq_tiles.num_warps,
         num_stages=dq_tiles.num_stages, BOUNDARY=band is None and not causal and seq_k % dq_tiles.block_n != 0,
-        **common)
+        ROW_PDP=sinks is not None, **common)
     dsinks = None
-    if sinks is not None:  # d sink_h = sum_rows P_sink * (dP_sink - delta), and dP_sink = dO . 0
+    if sinks is not None:  # d sink_h = sum_rows P_sink * (dP_sink - dO . O), and dP_sink = dO . 0
         p_sink = torch.exp(sinks.float()[None, :, None] - lse)
-        dsinks = -(p_sink * delta).sum((0, 2))
+        dsinks = -(p_sink * pdp).sum((0, 2))
     return dq, dk, dv, dsinks
