@@ -425,8 +425,8 @@ def flash_attn_backward(
                 win_right, seed,
                 BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, num_warps=dkdv.num_warps, num_stages=dkdv.num_stages,
                 BOUNDARY=boundary, **common)
-    # With sinks, the dQ kernel also sums P * dP per row: dO . O before O was rounded to q's dtype, which the sinks'
-    # gradient needs (from delta, the stored O's rounding put it 0.4 % off in float16 where torch's is exact).
+    # With sinks, the dQ kernel also sums P * dP per row: dO . O before O was rounded to q's dtype, for the sinks'
+    # gradient (taken from delta, the stored O's float16 rounding put it up to 0.4 % off; this sum is float32 math).
     pdp = torch.empty_like(delta) if sinks is not None else delta  # never written without ROW_PDP
     _launch_dq((cdiv(seq_q, dq_tiles.block_m), batch * heads_q),
         q, k, v, grad_out, lse, delta, dq, kpm, seg, pdp, qk_scale, scale,
