@@ -144,8 +144,8 @@ DECODE_TABLE: dict[str, dict[int, TileConfig]] = {
 }
 INTERPRETER_DECODE_CONFIG = TileConfig(16, 16, 4, 1)
 # The decode kernel holds every row (query tokens x GQA group) of a KV head in one tile: at most this many
-# rows x padded head dim 16-bit elements (half as many at float32), which keeps the tile plus pipelined K/V blocks within every family's
-# shared memory (tests/test_dispatch.py checks it).
+# rows x padded head dim 16-bit elements (half as many at float32), which keeps the tile plus pipelined K/V blocks
+# within every family's shared memory (tests/test_dispatch.py checks it).
 DECODE_MAX_TILE = 128 * 128
 
 
