@@ -58,7 +58,7 @@ from .gluon_hopper import (HAS_GLUON, SHARED_MEMORY_LIMIT, fence_async_shared, g
 from .gluon_hopper import descriptor as _descriptor
 from .gluon_hopper import tma_load as _tma_load
 from .gluon_hopper import tma_store as _tma_store
-from .online_softmax import LOG2E
+from .online_softmax import LOG2E, tanh
 
 CONSUMER_ROWS = 64  # query rows per consumer warpgroup: one m64 wgmma row block
 NUM_CONSUMERS = 2  # consumer warpgroups per program unless a config says otherwise
@@ -344,20 +344,6 @@ def _load_key_masks(kpm_base, seg_base, start_n, seq_k, BLOCK_N: gl.constexpr, s
 
 
 @gluon.jit
-def _tanh(x):
-    """online_softmax.tanh in Gluon (the same formula, so both kernels cap alike): an odd polynomial below 0.25,
-    (1 - e) / (1 + e) with e = exp(-2|x|) above."""
-    a = gl.abs(x)
-    e = gl.exp2(a * (-2.0 * 1.4426950408889634))
-    big = (1.0 - e) / (1.0 + e)
-    a2 = a * a
-    small = a * (1.0 + a2 * (-0.3333333333333333 + a2 * (0.13333333333333333 + a2 * (-0.05396825396825397
-                                                                                   + a2 * 0.021869488536155203))))
-    t = gl.where(a < 0.25, small, big)
-    return gl.where(x < 0, -t, t)
-
-
-@gluon.jit
 def _softmax_step(s, m_i, l_i, qk_scale, start_n, row0, seq_k, causal_offset, masked, keep, seg_k, seg_q,
                   ROWS: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, HAS_KPM: gl.constexpr,
                   HAS_SEG: gl.constexpr, SOFTCAP: gl.constexpr, WINDOW_LEFT: gl.constexpr, s_layout: gl.constexpr):
@@ -366,7 +352,7 @@ def _softmax_step(s, m_i, l_i, qk_scale, start_n, row0, seq_k, causal_offset, ma
     constexpr, 0.0: none): the scores become SOFTCAP * tanh(s * scale / SOFTCAP), in base 2 (qk_scale is then
     scale / SOFTCAP, applied inside the tanh), and m_i their running max."""
     if SOFTCAP != 0.0:
-        s = _tanh(s * qk_scale) * (SOFTCAP * 1.4426950408889634)
+        s = tanh(s * qk_scale) * (SOFTCAP * 1.4426950408889634)
         qk_scale = qk_scale * 0.0 + 1.0  # the capped scores are scaled already
     if masked:  # the diagonal block(s) and the ragged tail: keys past Sk (TMA reads zeros there) and future keys
         # One bound per row, relative to the block: key column c is visible iff c < limit.
