@@ -10,7 +10,8 @@ choice) with the window as a dense boolean mask, and flashpatch without the feat
 feature costs). Each cell first checks flashpatch against Flex (max |diff|, printed), then times both with
 triton.testing.do_bench. TFLOPS count 4 * B * Hq * D per visible (query, key) pair.
 
-Usage (GPU): PYTHONUNBUFFERED=1 python3 scripts/window_softcap_sinks_speed.py [--lengths 4096,8192] [--out F.json]
+Usage (GPU): PYTHONUNBUFFERED=1 python3 scripts/window_softcap_sinks_speed.py [--lengths 4096,8192] [--cases sinks]
+    [--out F.json]
 """
 
 from __future__ import annotations
@@ -114,6 +115,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", default="4096,16384")
     parser.add_argument("--tokens", type=int, default=32768, help="batch = tokens // N (at least 1)")
+    parser.add_argument("--cases", default="", help="only the cases whose name contains this text")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     start = time.time()
@@ -124,7 +126,7 @@ def main():
     log(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}")
     rows = []
     for n in (int(x) for x in args.lengths.split(",")):
-        for case in CASES:
+        for case in (c for c in CASES if args.cases in c[0]):
             row = run_case(*case, n, max(1, args.tokens // n), log)
             rows.append(row)
             log(f"{row['case']} N={n}: flashpatch {row['flashpatch_ms']:.3f} ms, flex {row['flex_ms']} ms, "
