@@ -33,12 +33,10 @@ from .online_softmax import kernel_window
 GLUON_SWITCH = "FLASHPATCH_GLUON"
 
 
-# "0" leaves the Gluon sm90 forward out of softcapped calls' and causal sliding windows' candidates (its GPU tests:
-# tests/test_forward_sm90.py's test_softcap_* and test_causal_window_*), so the portable kernels serve them alone.
+# "0" leaves the Gluon sm90 forward out of the candidates of softcapped calls, causal sliding windows and sinks (its
+# GPU tests: tests/test_forward_sm90.py's test_softcap_*, test_causal_window_* and test_sinks_*), so the portable
+# kernels serve them alone.
 GLUON_FEATURES_SWITCH = "FLASHPATCH_GLUON_FEATURES"
-# "1" also makes the Gluon sm90 forward a candidate for calls with sinks (compiled and tested for sm90 on CPU; its
-# GPU tests: tests/test_forward_sm90.py's test_sinks_*); unset, those run the portable kernels.
-GLUON_SINKS_SWITCH = "FLASHPATCH_GLUON_SINKS"
 
 
 # "0" keeps sm90 backwards on the portable kernels (kernels/backward.py) instead of the Gluon sm90 backward.
@@ -186,14 +184,14 @@ def sm90_refusal(family, q, k, v, *, dropout_p, key_padding_mask, seqused_k, seg
                  softcap=None, sinks=None, causal: bool = False) -> str | None:
     """Why the Gluon sm90 forward is not among this call's candidates, in a few words, or None when it is (Hopper,
     Gluon, 16-bit, its head dims, descriptor-legal views, no dropout, sliding windows only causal ones, no sliding
-    window or softcapping where FLASHPATCH_GLUON_FEATURES is "0", sinks only where FLASHPATCH_GLUON_SINKS is "1",
+    window, softcapping or sinks where FLASHPATCH_GLUON_FEATURES is "0",
     and FLASHPATCH_GLUON not "0"). `window` as `kernel_window` gives it (None: bounds nothing)."""
     if family != "sm90":
         return "not a Hopper (sm90) GPU"
     features = os.environ.get(GLUON_FEATURES_SWITCH) != "0"
     causal_window = causal and window is not None and window[1] == 0
     for feature, present in (("dropout", dropout_p),
-                             ("sinks", sinks is not None and os.environ.get(GLUON_SINKS_SWITCH) != "1"),
+                             ("sinks", sinks is not None and not features),
                              ("a sliding window", window is not None and not (features and causal_window)),
                              ("softcapping", softcap and not features)):
         if present:
@@ -232,8 +230,8 @@ def make_plan(q, k, v, *, causal, scale, key_padding_mask, dropout_p, seed, sequ
     """The plan for a validated call's kind: the decode kernel for few query rows, else a forward kernel with the
     tile table's row, or on a GPU the fastest of the candidates that can serve the call (the portable kernel's tiles,
     the TMA kernel's, the Gluon sm90 kernel's), timed once per bucket of lengths and batch x heads
-    (kernels/autotune.py). Calls with sinks or a window that is not causal run the portable kernels; causal windows
-    and softcapping have the Gluon kernel among their candidates too, unless FLASHPATCH_GLUON_FEATURES=0."""
+    (kernels/autotune.py). Calls with a window that is not causal run the portable kernels; causal windows,
+    softcapping and sinks have the Gluon kernel among their candidates too, unless FLASHPATCH_GLUON_FEATURES=0."""
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
     element_size = q.element_size()

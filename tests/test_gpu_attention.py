@@ -358,8 +358,8 @@ def test_kernels_used_names_why_a_call_is_not_on_the_gluon_forward():
                                                (256, dict(window=(200, 0), softcap=2.0)), (64, dict(window=(0, 0))),
                                                (64, dict(sinks=True)), (64, dict(sinks=True, window=(127, 0)))])
 def test_gluon_features_through_the_op(head_dim, features, monkeypatch):
-    """The autotuner made to pick a Gluon config: a causal windowed, softcapped or (FLASHPATCH_GLUON_SINKS=1) sink
-    call is served by the Gluon sm90 forward (kernels_used says so) within FA2's rule."""
+    """The autotuner made to pick a Gluon config: a causal windowed, softcapped or sink call is served by the Gluon
+    sm90 forward (kernels_used says so) within FA2's rule."""
     from flashpatch import ops
     from flashpatch.kernels import AUTOTUNER, plans
     from helpers import HOPPER
@@ -367,7 +367,6 @@ def test_gluon_features_through_the_op(head_dim, features, monkeypatch):
     if not HOPPER:
         pytest.skip("the Gluon sm90 forward needs an sm90 GPU")
     monkeypatch.delenv(plans.GLUON_FEATURES_SWITCH, raising=False)
-    monkeypatch.setenv(plans.GLUON_SINKS_SWITCH, "1")
     monkeypatch.setenv("FLASHPATCH_AUTOTUNE", "1")
     monkeypatch.setattr(AUTOTUNER, "pick", lambda family, key, candidates, timed: candidates[-1])
     ops.reset_caches()

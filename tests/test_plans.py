@@ -77,9 +77,7 @@ def test_the_gluon_refusal_names_its_reason(monkeypatch):
     monkeypatch.delenv(plans.GLUON_SWITCH, raising=False)
     assert plans.sm90_refusal("sm80", q, k, v, **call) == "not a Hopper (sm90) GPU"
     monkeypatch.delenv(plans.GLUON_FEATURES_SWITCH, raising=False)
-    monkeypatch.delenv(plans.GLUON_SINKS_SWITCH, raising=False)
-    for change, words in ((dict(dropout_p=0.1), "dropout"), (dict(window=(63, 0)), "a sliding window"),
-                          (dict(sinks=torch.zeros(1)), "sinks")):
+    for change, words in ((dict(dropout_p=0.1), "dropout"), (dict(window=(63, 0)), "a sliding window")):
         assert plans.sm90_refusal("sm90", q, k, v, **dict(call, **change)).startswith(words)
     assert plans.sm90_refusal("sm90", q, k, v, **call) in ("not a Hopper (sm90) GPU", "this Triton has no Gluon")
     monkeypatch.setattr(forward_sm90, "sm90_refusal", lambda q, k, v, **masks: None)
@@ -87,15 +85,13 @@ def test_the_gluon_refusal_names_its_reason(monkeypatch):
     monkeypatch.setenv(plans.GLUON_SWITCH, "0")
     assert plans.sm90_refusal("sm90", q, k, v, **call) == "FLASHPATCH_GLUON=0"
     monkeypatch.delenv(plans.GLUON_SWITCH)
-    # causal windows and softcapping are taken; other windows and sinks not; FLASHPATCH_GLUON_FEATURES=0 takes neither
+    # causal windows, softcapping and sinks are taken; other windows not; FLASHPATCH_GLUON_FEATURES=0 takes none
     assert plans.sm90_refusal("sm90", q, k, v, **call, window=(63, 0), softcap=30.0, causal=True) is None
     assert plans.sm90_refusal("sm90", q, k, v, **call, window=(63, 0)).startswith("a sliding window")  # not causal
     assert plans.sm90_refusal("sm90", q, k, v, **call, window=(63, 5), causal=True).startswith("a sliding window")
-    assert plans.sm90_refusal("sm90", q, k, v, **call, sinks=torch.zeros(1), causal=True).startswith("sinks")
-    monkeypatch.setenv(plans.GLUON_SINKS_SWITCH, "1")  # sinks too: their GPU tests are written, not yet run
     assert plans.sm90_refusal("sm90", q, k, v, **call, sinks=torch.zeros(1), window=(63, 0), causal=True) is None
-    monkeypatch.delenv(plans.GLUON_SINKS_SWITCH)
     monkeypatch.setenv(plans.GLUON_FEATURES_SWITCH, "0")
+    assert plans.sm90_refusal("sm90", q, k, v, **call, sinks=torch.zeros(1)).startswith("sinks")
     assert plans.sm90_refusal("sm90", q, k, v, **call, softcap=30.0).startswith("softcapping")
     assert plans.sm90_refusal("sm90", q, k, v, **call, window=(63, 0), causal=True).startswith("a sliding window")
 
