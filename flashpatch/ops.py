@@ -374,8 +374,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
 
     Up to 16 query tokens against a cache take the flash-decoding kernel (keys split across programs, each holding
     a whole GQA group's query rows, partial results merged by log-sum-exp). Under autocast q, k, v are cast to the
-    autocast dtype first, as SDPA does. Calls with sinks or a window that reaches ahead run the portable Triton
-    kernels (never the Gluon sm90 or TMA forward); softcapped and causal-windowed 16-bit calls on Hopper may run the
+    autocast dtype first, as SDPA does. Calls with a window that reaches ahead run the portable Triton kernels
+    (never the Gluon sm90 or TMA forward); softcapped, causal-windowed and sink 16-bit calls on Hopper may run the
     Gluon sm90 forward, their backward the portable one.
     """
     return attention_bshd(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
