@@ -82,6 +82,15 @@ def ms_of(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def served_by(sinks: bool, softcap, window) -> str:
+    """The kernel and tile that served the last call kind with these features (flashpatch.kernels_used())."""
+    wanted = {name for name, on in (("sinks", sinks), ("softcap", softcap), ("window", window)) if on}
+    for used in reversed(flashpatch.kernels_used()):
+        if set(used.get("features", ())) == wanted and used.get("causal"):
+            return f"{used['kernel']} {used.get('tile', '')}".strip()
+    return "?"
+
+
 def run_case(name, heads_q, heads_k, head_dim, window, softcap, use_sinks, n, batch, log):
     torch.manual_seed(n + head_dim)
     q = torch.randn(batch, heads_q, n, head_dim, device="cuda", dtype=torch.bfloat16)
@@ -91,9 +100,11 @@ def run_case(name, heads_q, heads_k, head_dim, window, softcap, use_sinks, n, ba
     kw = dict(causal=True, softcap=softcap, sinks=sinks, window=(window - 1, 0) if window else None)
     ours = lambda: flashpatch.attention(q, k, v, **kw)  # noqa: E731
     flops = 4.0 * batch * heads_q * head_dim * visible_pairs(n, window)
-    row = {"case": name, "N": n, "batch": batch, "flashpatch_ms": ms_of(ours),
-           "plain_causal_ms": ms_of(lambda: flashpatch.attention(q, k, v, causal=True)),
-           "flex_ms": None, "max_abs_diff_vs_flex": None}
+    row = {"case": name, "N": n, "batch": batch, "flashpatch_ms": ms_of(ours)}
+    row["served_by"] = served_by(sinks is not None, softcap, window)
+    row["plain_causal_ms"] = ms_of(lambda: flashpatch.attention(q, k, v, causal=True))
+    row["plain_served_by"] = served_by(False, None, None)
+    row.update(flex_ms=None, max_abs_diff_vs_flex=None)
     try:
         flex = flex_callable(q, k, v, window, softcap, sinks)
         row["max_abs_diff_vs_flex"] = (ours().float() - flex().float()).abs().max().item()
@@ -129,8 +140,9 @@ def main():
         for case in (c for c in CASES if args.cases in c[0]):
             row = run_case(*case, n, max(1, args.tokens // n), log)
             rows.append(row)
-            log(f"{row['case']} N={n}: flashpatch {row['flashpatch_ms']:.3f} ms, flex {row['flex_ms']} ms, "
-                f"plain causal {row['plain_causal_ms']:.3f} ms, max|diff| vs flex {row['max_abs_diff_vs_flex']}")
+            log(f"{row['case']} N={n}: flashpatch {row['flashpatch_ms']:.3f} ms ({row['served_by']}), flex "
+                f"{row['flex_ms']} ms, plain causal {row['plain_causal_ms']:.3f} ms ({row['plain_served_by']}), "
+                f"max|diff| vs flex {row['max_abs_diff_vs_flex']}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
