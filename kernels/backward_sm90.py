@@ -23,7 +23,10 @@ Three launches:
     keys, and only blocks that straddle the diagonal (or, non-causal, a key block past Sk) run the masked loop;
     with a key padding mask, every block of a consumer whose 64 keys hold padding does (P = 0 for padding keys);
     with segment ids, the producer and the consumers visit only the query blocks of the key block's own packed
-    sequences (`segment_planes`' run bounds), every one of them masked by segment.
+    sequences (`segment_planes`' run bounds), every one of them masked by segment. Persistent configs launch one
+    program per SM instead, each walking those tiles in turn (tile pid, pid + grid, ...): the Q/dO ring and the
+    dS^T exchange count their slots on across tiles, and K/V reload once both consumers have arrived on a
+    kv_empty barrier after their last step, so one tile's dK/dV stores overlap the next tile's loads.
   * convert (plain Triton): dq = dQaccum * scale in q's dtype and layout.
 
 The main kernel is warp-specialised (gl.warp_specialize):
@@ -65,6 +68,7 @@ from .forward_tma import _descriptor_legal
 from .gluon_hopper import (HAS_GLUON, SHARED_MEMORY_LIMIT, TensorDescriptor, fence_async_shared, gl, gluon,
                            mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
 from .gluon_hopper import descriptor as _descriptor
+from .gluon_hopper import sm_count
 from .gluon_hopper import tma_load as _tma_load
 from .launch import CachedLauncher, cdiv
 from .forward import segment_planes
@@ -101,6 +105,7 @@ class Sm90BwdConfig:
     consumer_regs: int = 240  # per thread, for the consumer warpgroups
     producer_regs: int = 24  # per thread, for the producer warp (and its warpgroup's padding)
     warp_specialize: bool = True  # False: one 8-warp partition loads its own blocks (Step 7; 128 keys, dQ "block")
+    persistent: bool = False  # grid = number of SMs, each program walks key blocks in turn (warp-specialised only)
 
     @property
     def block_n(self) -> int:
@@ -131,7 +136,7 @@ class Sm90BwdConfig:
 
     def label(self) -> str:
         return (f"m{self.block_m}n{self.block_n}s{self.num_stages}+dq_{self.dq}_{self.dq_write}"
-                + ("" if self.warp_specialize else "+nows"))
+                + ("" if self.warp_specialize else "+nows") + ("+persist" if self.persistent else ""))
 
 
 # Candidates per kernel head dim, the first is the default. Registers: 65536 per SM; with two consumers the kernel
@@ -143,20 +148,25 @@ class Sm90BwdConfig:
 # BLOCK_M 64 (d128 only: a half is one 128-byte swizzle row of K) or by 64-row halves at BLOCK_M 128. The one-
 # consumer rows (64 keys per program, 255 registers, one warpgroup issuing wgmma per SM) and the rows without warp
 # specialisation (Step 7: 255 registers, loads issued in line, both warpgroups in lockstep) are there to be timed.
-# Shared memory: d128 m64 s3 "block" takes 231472 of 232448 bytes; d64 m128 s3 "block" does not fit.
+# Shared memory: d128 m64 s3 "block" takes 231472 of 232448 bytes; d64 m128 s3 "block" does not fit. The
+# persistent rows are the defaults walking several key blocks a program (at short N each non-persistent program's
+# K/V load and dK/dV store are exposed: one 198 KB program fits an SM); their key loops compile to the same spill
+# and instruction counts as the defaults'.
 SM90_BWD_CONFIGS: dict[int, list[Sm90BwdConfig]] = {
     64: [Sm90BwdConfig(128, 2),
          Sm90BwdConfig(64, 2, dq="wg"),
          Sm90BwdConfig(128, 2, dq_write="atomic"),
          Sm90BwdConfig(64, 3, dq="wg"),
          Sm90BwdConfig(64, 2, num_consumers=1, dq="wg"),
-         Sm90BwdConfig(128, 2, warp_specialize=False)],
+         Sm90BwdConfig(128, 2, warp_specialize=False),
+         Sm90BwdConfig(128, 2, persistent=True)],
     128: [Sm90BwdConfig(64, 2),
           Sm90BwdConfig(64, 3),
           Sm90BwdConfig(64, 2, dq="wg"),
           Sm90BwdConfig(64, 2, dq_write="atomic"),
           Sm90BwdConfig(64, 2, num_consumers=1, dq="wg"),
-          Sm90BwdConfig(64, 2, warp_specialize=False)],
+          Sm90BwdConfig(64, 2, warp_specialize=False),
+          Sm90BwdConfig(64, 2, persistent=True)],
 }
 SM90_BWD_CONFIGS[80] = SM90_BWD_CONFIGS[96] = SM90_BWD_CONFIGS[128]
 
@@ -216,10 +226,15 @@ def _bwd_dq_convert_kernel(DQ_ACC, DQ, stride_dqb, stride_dqh, stride_dqm, num_h
 # ---------------------------------------------------------------------------------------------------------------
 @gluon.jit
 def _program_coords(heads_k, num_n_blocks):
+    """(batch, K/V head, key block) of this program's tile (without persistence: one tile a program)."""
+    return _tile_coords(gl.program_id(0), heads_k, num_n_blocks)
+
+
+@gluon.jit
+def _tile_coords(tile, heads_k, num_n_blocks):
     """(batch, K/V head, key block): head-major, so a head's key blocks run together and share its Q/dO in L2."""
-    pid = gl.program_id(0)
-    bh = pid // num_n_blocks
-    return bh // heads_k, bh % heads_k, pid % num_n_blocks
+    bh = tile // num_n_blocks
+    return bh // heads_k, bh % heads_k, tile % num_n_blocks
 
 
 @gluon.jit
@@ -258,12 +273,38 @@ def _masked_blocks(n0w, m_lo, m_hi, seq_q, seq_k, BLOCK_M: gl.constexpr, CAUSAL:
 # ---------------------------------------------------------------------------------------------------------------
 @gluon.jit
 def _bwd_producer(desc_q, desc_do, desc_k, desc_v, desc_lse, desc_delta, q_smem, do_smem, k_smem, v_smem, lse_smem,
-                  delta_smem, kv_ready, q_ready, do_ready, qdo_empty, seq_q, seq_k, heads_q, heads_k, group_size,
-                  padded_q, num_n_blocks, seg_ptr, stride_sb, stride_sp,
+                  delta_smem, kv_ready, kv_empty, q_ready, do_ready, qdo_empty, seq_q, seq_k, heads_q, heads_k,
+                  group_size, padded_q, num_n_blocks, num_tiles, seg_ptr, stride_sb, stride_sp,
                   BLOCK_M: gl.constexpr, NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
-                  CAUSAL: gl.constexpr, HAS_SEG: gl.constexpr):
-    b, kv_h, n_block = _program_coords(heads_k, num_n_blocks)
+                  CAUSAL: gl.constexpr, HAS_SEG: gl.constexpr, PERSISTENT: gl.constexpr):
+    if PERSISTENT:  # the ring's slot count runs on across tiles; K and V reload once the consumers are done
+        it = 0
+        t_local = 0
+        for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            it = _bwd_produce_tile(desc_q, desc_do, desc_k, desc_v, desc_lse, desc_delta, q_smem, do_smem, k_smem,
+                                   v_smem, lse_smem, delta_smem, kv_ready, kv_empty, q_ready, do_ready, qdo_empty,
+                                   seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks, seg_ptr,
+                                   stride_sb, stride_sp, tile, it, t_local, BLOCK_M, NUM_STAGES, NUM_CONSUMERS,
+                                   CAUSAL, HAS_SEG, PERSISTENT)
+            t_local += 1
+    else:
+        _bwd_produce_tile(desc_q, desc_do, desc_k, desc_v, desc_lse, desc_delta, q_smem, do_smem, k_smem, v_smem,
+                          lse_smem, delta_smem, kv_ready, kv_empty, q_ready, do_ready, qdo_empty, seq_q, seq_k,
+                          heads_q, heads_k, group_size, padded_q, num_n_blocks, seg_ptr, stride_sb, stride_sp,
+                          gl.program_id(0), 0, 0, BLOCK_M, NUM_STAGES, NUM_CONSUMERS, CAUSAL, HAS_SEG, PERSISTENT)
+
+
+@gluon.jit
+def _bwd_produce_tile(desc_q, desc_do, desc_k, desc_v, desc_lse, desc_delta, q_smem, do_smem, k_smem, v_smem,
+                      lse_smem, delta_smem, kv_ready, kv_empty, q_ready, do_ready, qdo_empty, seq_q, seq_k, heads_q,
+                      heads_k, group_size, padded_q, num_n_blocks, seg_ptr, stride_sb, stride_sp, tile, it, t_local,
+                      BLOCK_M: gl.constexpr, NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
+                      CAUSAL: gl.constexpr, HAS_SEG: gl.constexpr, PERSISTENT: gl.constexpr):
+    """One key block's loads: K and V, then Q/lse and dO/delta of every query block it meets, slots `it` on."""
+    b, kv_h, n_block = _tile_coords(tile, heads_k, num_n_blocks)
     n0 = n_block * (_KEY_ROWS * NUM_CONSUMERS)
+    if PERSISTENT:
+        mbarrier.wait(kv_empty, (t_local & 1) ^ 1)  # every consumer is done with the last tile's K and V
     mbarrier.expect(kv_ready, desc_k.block_type.nbytes + desc_v.block_type.nbytes)
     _tma_load(desc_k, [b, kv_h, n0, 0], kv_ready, k_smem)
     _tma_load(desc_v, [b, kv_h, n0, 0], kv_ready, v_smem)
@@ -276,8 +317,8 @@ def _bwd_producer(desc_q, desc_do, desc_k, desc_v, desc_lse, desc_delta, q_smem,
         h = kv_h * group_size + i // n_m
         m0 = (m_lo + i % n_m) * BLOCK_M
         row = (b * heads_q + h) * padded_q + m0  # in the padded lse/delta rows
-        stage = i % NUM_STAGES
-        phase = (i // NUM_STAGES) & 1
+        stage = (it + i) % NUM_STAGES
+        phase = ((it + i) // NUM_STAGES) & 1
         mbarrier.wait(qdo_empty.index(stage), phase ^ 1)  # every consumer is done with this slot's last block
         mbarrier.expect(q_ready.index(stage), desc_q.block_type.nbytes + desc_lse.block_type.nbytes)
         _tma_load(desc_q, [b, h, m0, 0], q_ready.index(stage), q_smem.index(stage))
@@ -285,6 +326,7 @@ def _bwd_producer(desc_q, desc_do, desc_k, desc_v, desc_lse, desc_delta, q_smem,
         mbarrier.expect(do_ready.index(stage), desc_do.block_type.nbytes + desc_delta.block_type.nbytes)
         _tma_load(desc_do, [b, h, m0, 0], do_ready.index(stage), do_smem.index(stage))
         _tma_load(desc_delta, [row], do_ready.index(stage), delta_smem.index(stage))
+    return it + group_size * n_m
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -395,13 +437,48 @@ def _bwd_step(k_smem, v_tile, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq
 # ---------------------------------------------------------------------------------------------------------------
 @gluon.jit
 def _bwd_consumer(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem,
-                  ds_smem, dq_smem, kv_ready, q_ready, do_ready, qdo_empty, ds_full, ds_free, qk_scale, sm_scale,
-                  seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks, head_dim, stride_dkb,
-                  stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, kpm_ptr, stride_mb, stride_mn,
-                  seg_ptr, stride_sb, stride_sp,
+                  ds_smem, dq_smem, kv_ready, kv_empty, q_ready, do_ready, qdo_empty, ds_full, ds_free, qk_scale,
+                  sm_scale, seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks, num_tiles, head_dim,
+                  stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, kpm_ptr, stride_mb,
+                  stride_mn, seg_ptr, stride_sb, stride_sp,
                   WG: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
                   NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, DQ_SPLIT: gl.constexpr,
-                  DQ_TMA: gl.constexpr, HAS_KPM: gl.constexpr, HAS_SEG: gl.constexpr):
+                  DQ_TMA: gl.constexpr, HAS_KPM: gl.constexpr, HAS_SEG: gl.constexpr, PERSISTENT: gl.constexpr):
+    if PERSISTENT:  # the tile sequence the producer walks; a tile's dK/dV stores overlap the next tile's loads
+        it = 0
+        t_local = 0
+        for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            it = _bwd_consume_tile(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, do_smem, lse_smem,
+                                   delta_smem, ds_smem, dq_smem, kv_ready, kv_empty, q_ready, do_ready, qdo_empty,
+                                   ds_full, ds_free, qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size,
+                                   padded_q, num_n_blocks, head_dim, stride_dkb, stride_dkh, stride_dks, stride_dvb,
+                                   stride_dvh, stride_dvs, kpm_ptr, stride_mb, stride_mn, seg_ptr, stride_sb,
+                                   stride_sp, tile, it, t_local, WG, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS,
+                                   CAUSAL, DQ_SPLIT, DQ_TMA, HAS_KPM, HAS_SEG, PERSISTENT)
+            t_local += 1
+    else:
+        _bwd_consume_tile(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, do_smem, lse_smem,
+                          delta_smem, ds_smem, dq_smem, kv_ready, kv_empty, q_ready, do_ready, qdo_empty, ds_full,
+                          ds_free, qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size, padded_q,
+                          num_n_blocks, head_dim, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh,
+                          stride_dvs, kpm_ptr, stride_mb, stride_mn, seg_ptr, stride_sb, stride_sp,
+                          gl.program_id(0), 0, 0, WG, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, DQ_SPLIT,
+                          DQ_TMA, HAS_KPM, HAS_SEG, PERSISTENT)
+    if DQ_TMA:
+        tma.store_wait(0)
+
+
+@gluon.jit
+def _bwd_consume_tile(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem,
+                      ds_smem, dq_smem, kv_ready, kv_empty, q_ready, do_ready, qdo_empty, ds_full, ds_free, qk_scale,
+                      sm_scale, seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks, head_dim,
+                      stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, kpm_ptr, stride_mb,
+                      stride_mn, seg_ptr, stride_sb, stride_sp, tile, it, t_local,
+                      WG: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
+                      NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, DQ_SPLIT: gl.constexpr,
+                      DQ_TMA: gl.constexpr, HAS_KPM: gl.constexpr, HAS_SEG: gl.constexpr, PERSISTENT: gl.constexpr):
+    """One key block: this warpgroup's 64 keys over every query block of the group's heads (ring slots `it` on),
+    then dK and dV. Returns the slot count after it."""
     # wgmma accumulators: 4 warps stacked along M (16 rows each), instruction N = the tile's N.
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_M, 16])
@@ -412,7 +489,7 @@ def _bwd_consumer(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, d
     dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, dq_shape[1], 16])
 
-    b, kv_h, n_block = _program_coords(heads_k, num_n_blocks)
+    b, kv_h, n_block = _tile_coords(tile, heads_k, num_n_blocks)
     n0 = n_block * (_KEY_ROWS * NUM_CONSUMERS)
     n0w = n0 + WG * _KEY_ROWS
     causal_offset = seq_k - seq_q
@@ -442,23 +519,25 @@ def _bwd_consumer(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, d
 
     dk = gl.zeros([_KEY_ROWS, HEAD_DIM], gl.float32, kv_layout)
     dv = gl.zeros([_KEY_ROWS, HEAD_DIM], gl.float32, kv_layout)
-    mbarrier.wait(kv_ready, 0)
+    mbarrier.wait(kv_ready, t_local & 1)
     for g in range(group_size):  # GQA: the group's query heads, one after the other, into the same dK/dV
         row0 = (b * heads_q + kv_h * group_size + g) * padded_q
         for j in range(n_masked):
             m0 = (m_lo + j) * BLOCK_M
             dk, dv = _bwd_step(k_smem, v_tile, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, q_ready,
-                               do_ready, qdo_empty, ds_full, ds_free, desc_dq, dq_acc_ptr, dk, dv, g * n_m + j, m0,
-                               row0 + m0, n0w, qk_scale, seq_k, causal_offset, key_keep, key_seg, seg_row, seq_q,
+                               do_ready, qdo_empty, ds_full, ds_free, desc_dq, dq_acc_ptr, dk, dv,
+                               it + g * n_m + j, m0, row0 + m0, n0w, qk_scale, seq_k, causal_offset, key_keep, key_seg, seg_row, seq_q,
                                WG, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, True, DQ_SPLIT, DQ_TMA,
                                HAS_KPM, HAS_SEG, s_layout, op_layout, dq_layout, dq_shape)
         for j in range(n_masked, n_m):
             m0 = (m_lo + j) * BLOCK_M
             dk, dv = _bwd_step(k_smem, v_tile, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, q_ready,
-                               do_ready, qdo_empty, ds_full, ds_free, desc_dq, dq_acc_ptr, dk, dv, g * n_m + j, m0,
-                               row0 + m0, n0w, qk_scale, seq_k, causal_offset, key_keep, key_seg, seg_row, seq_q,
+                               do_ready, qdo_empty, ds_full, ds_free, desc_dq, dq_acc_ptr, dk, dv,
+                               it + g * n_m + j, m0, row0 + m0, n0w, qk_scale, seq_k, causal_offset, key_keep, key_seg, seg_row, seq_q,
                                WG, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, False, DQ_SPLIT, DQ_TMA,
                                HAS_KPM, HAS_SEG, s_layout, op_layout, dq_layout, dq_shape)
+    if PERSISTENT:  # the last step's wgmmas have read K and V: the producer may load the next tile's
+        mbarrier.arrive(kv_empty)
 
     # Step 5a: dK (scaled) and dV, straight from registers; rows past Sk and columns past the head dim are not
     # stored.
@@ -470,8 +549,7 @@ def _bwd_consumer(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, d
              mask=keep)
     dv_base = dv_ptr + b.to(gl.int64) * stride_dvb + kv_h.to(gl.int64) * stride_dvh
     gl.store(dv_base + rows.to(gl.int64) * stride_dvs + dcols, dv.to(dv_ptr.dtype.element_ty), mask=keep)
-    if DQ_TMA:
-        tma.store_wait(0)
+    return it + group_size * n_m
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -479,15 +557,15 @@ def _bwd_consumer(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, d
 # ---------------------------------------------------------------------------------------------------------------
 # Lengths, head counts and strides are not specialised on (== 1, multiple of 16): one compile per config and dtype.
 @gluon.jit(do_not_specialize=["seq_q", "seq_k", "heads_q", "heads_k", "group_size", "padded_q", "num_n_blocks",
-                              "head_dim", "stride_dkb", "stride_dkh", "stride_dks", "stride_dvb", "stride_dvh",
-                              "stride_dvs", "stride_mb", "stride_mn", "stride_sb", "stride_sp"])
+                              "num_tiles", "head_dim", "stride_dkb", "stride_dkh", "stride_dks", "stride_dvb",
+                              "stride_dvh", "stride_dvs", "stride_mb", "stride_mn", "stride_sb", "stride_sp"])
 def _attn_bwd_sm90(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, desc_dq, dq_acc_ptr, dk_ptr, dv_ptr,
-                   qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks, head_dim,
-                   stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, kpm_ptr, stride_mb,
-                   stride_mn, seg_ptr, stride_sb, stride_sp, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+                   qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks, num_tiles,
+                   head_dim, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, kpm_ptr,
+                   stride_mb, stride_mn, seg_ptr, stride_sb, stride_sp, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
                    NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr,
                    DQ_SPLIT: gl.constexpr, DQ_TMA: gl.constexpr, HAS_KPM: gl.constexpr, HAS_SEG: gl.constexpr,
-                   CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                   CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, PERSISTENT: gl.constexpr):
     dtype: gl.constexpr = desc_q.dtype
     k_smem = gl.allocate_shared_memory(dtype, desc_k.block_type.shape, desc_k.layout)  # the whole key block
     v_smem = gl.allocate_shared_memory(dtype, desc_v.block_type.shape, desc_v.layout)
@@ -506,12 +584,14 @@ def _attn_bwd_sm90(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, desc_d
     else:
         dq_smem = ds_smem  # not used
     kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())  # (persistent) K/V reusable
     q_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     do_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     qdo_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     ds_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     ds_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_ready, count=1)
+    mbarrier.init(kv_empty, count=NUM_CONSUMERS)
     for i in gl.static_range(NUM_STAGES):
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(do_ready.index(i), count=1)
@@ -525,34 +605,37 @@ def _attn_bwd_sm90(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, desc_d
     if NUM_CONSUMERS == 2:
         gl.warp_specialize([
             (_bwd_consumer, (dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, do_smem, lse_smem,
-                             delta_smem, ds_smem, dq_smem, kv_ready, q_ready, do_ready, qdo_empty, ds_full, ds_free,
-                             qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks,
-                             head_dim, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
-                             kpm_ptr, stride_mb, stride_mn, seg_ptr, stride_sb, stride_sp, 0, BLOCK_M, HEAD_DIM,
-                             NUM_STAGES, NUM_CONSUMERS, CAUSAL, DQ_SPLIT, DQ_TMA, HAS_KPM, HAS_SEG)),
+                             delta_smem, ds_smem, dq_smem, kv_ready, kv_empty, q_ready, do_ready, qdo_empty,
+                             ds_full, ds_free, qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size,
+                             padded_q, num_n_blocks, num_tiles, head_dim, stride_dkb, stride_dkh, stride_dks,
+                             stride_dvb, stride_dvh, stride_dvs, kpm_ptr, stride_mb, stride_mn, seg_ptr, stride_sb,
+                             stride_sp, 0, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, DQ_SPLIT, DQ_TMA,
+                             HAS_KPM, HAS_SEG, PERSISTENT)),
             (_bwd_consumer, (dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, do_smem, lse_smem,
-                             delta_smem, ds_smem, dq_smem, kv_ready, q_ready, do_ready, qdo_empty, ds_full, ds_free,
-                             qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks,
-                             head_dim, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
-                             kpm_ptr, stride_mb, stride_mn, seg_ptr, stride_sb, stride_sp, 1, BLOCK_M, HEAD_DIM,
-                             NUM_STAGES, NUM_CONSUMERS, CAUSAL, DQ_SPLIT, DQ_TMA, HAS_KPM, HAS_SEG)),
+                             delta_smem, ds_smem, dq_smem, kv_ready, kv_empty, q_ready, do_ready, qdo_empty,
+                             ds_full, ds_free, qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size,
+                             padded_q, num_n_blocks, num_tiles, head_dim, stride_dkb, stride_dkh, stride_dks,
+                             stride_dvb, stride_dvh, stride_dvs, kpm_ptr, stride_mb, stride_mn, seg_ptr, stride_sb,
+                             stride_sp, 1, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, DQ_SPLIT, DQ_TMA,
+                             HAS_KPM, HAS_SEG, PERSISTENT)),
             (_bwd_producer, (desc_q, desc_do, desc_k, desc_v, desc_lse, desc_delta, q_smem, do_smem, k_smem, v_smem,
-                             lse_smem, delta_smem, kv_ready, q_ready, do_ready, qdo_empty, seq_q, seq_k, heads_q,
-                             heads_k, group_size, padded_q, num_n_blocks, seg_ptr, stride_sb, stride_sp, BLOCK_M,
-                             NUM_STAGES, NUM_CONSUMERS, CAUSAL, HAS_SEG)),
+                             lse_smem, delta_smem, kv_ready, kv_empty, q_ready, do_ready, qdo_empty, seq_q, seq_k,
+                             heads_q, heads_k, group_size, padded_q, num_n_blocks, num_tiles, seg_ptr, stride_sb,
+                             stride_sp, BLOCK_M, NUM_STAGES, NUM_CONSUMERS, CAUSAL, HAS_SEG, PERSISTENT)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([
             (_bwd_consumer, (dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, do_smem, lse_smem,
-                             delta_smem, ds_smem, dq_smem, kv_ready, q_ready, do_ready, qdo_empty, ds_full, ds_free,
-                             qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks,
-                             head_dim, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
-                             kpm_ptr, stride_mb, stride_mn, seg_ptr, stride_sb, stride_sp, 0, BLOCK_M, HEAD_DIM,
-                             NUM_STAGES, NUM_CONSUMERS, CAUSAL, DQ_SPLIT, DQ_TMA, HAS_KPM, HAS_SEG)),
+                             delta_smem, ds_smem, dq_smem, kv_ready, kv_empty, q_ready, do_ready, qdo_empty,
+                             ds_full, ds_free, qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size,
+                             padded_q, num_n_blocks, num_tiles, head_dim, stride_dkb, stride_dkh, stride_dks,
+                             stride_dvb, stride_dvh, stride_dvs, kpm_ptr, stride_mb, stride_mn, seg_ptr, stride_sb,
+                             stride_sp, 0, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, DQ_SPLIT, DQ_TMA,
+                             HAS_KPM, HAS_SEG, PERSISTENT)),
             (_bwd_producer, (desc_q, desc_do, desc_k, desc_v, desc_lse, desc_delta, q_smem, do_smem, k_smem, v_smem,
-                             lse_smem, delta_smem, kv_ready, q_ready, do_ready, qdo_empty, seq_q, seq_k, heads_q,
-                             heads_k, group_size, padded_q, num_n_blocks, seg_ptr, stride_sb, stride_sp, BLOCK_M,
-                             NUM_STAGES, NUM_CONSUMERS, CAUSAL, HAS_SEG)),
+                             lse_smem, delta_smem, kv_ready, kv_empty, q_ready, do_ready, qdo_empty, seq_q, seq_k,
+                             heads_q, heads_k, group_size, padded_q, num_n_blocks, num_tiles, seg_ptr, stride_sb,
+                             stride_sp, BLOCK_M, NUM_STAGES, NUM_CONSUMERS, CAUSAL, HAS_SEG, PERSISTENT)),
         ], [1], [PRODUCER_REGS])
 
 
@@ -778,6 +861,8 @@ def _constexprs(config: Sm90BwdConfig, head_dim: int, causal: bool, key_padding_
             raise ValueError("without warp specialisation the program is two warpgroups with the block dQ")
         if key_padding_mask or segment_ids:
             raise ValueError("the kernel without warp specialisation takes no key padding mask or segment ids")
+        if config.persistent:
+            raise ValueError("persistence needs warp specialisation")
         return dict(BLOCK_M=config.block_m, HEAD_DIM=KERNEL_HEAD_DIM[head_dim], NUM_STAGES=config.num_stages,
                     CAUSAL=causal, DQ_TMA=config.dq_write == "tma")
     if config.dq_split() == 1 and KERNEL_HEAD_DIM[head_dim] != 128:
@@ -785,7 +870,7 @@ def _constexprs(config: Sm90BwdConfig, head_dim: int, causal: bool, key_padding_
     return dict(BLOCK_M=config.block_m, HEAD_DIM=KERNEL_HEAD_DIM[head_dim], NUM_STAGES=config.num_stages,
                 NUM_CONSUMERS=config.num_consumers, CAUSAL=causal, DQ_SPLIT=config.dq_split(),
                 DQ_TMA=config.dq_write == "tma", HAS_KPM=key_padding_mask, HAS_SEG=segment_ids,
-                CONSUMER_REGS=config.consumer_regs, PRODUCER_REGS=config.producer_regs)
+                CONSUMER_REGS=config.consumer_regs, PRODUCER_REGS=config.producer_regs, PERSISTENT=config.persistent)
 
 
 # (config, head_dim, causal, dtype[, masks]) -> the compiled main kernel of the last launch, for inspection.
@@ -849,12 +934,15 @@ def flash_attn_backward_sm90(grad_out, q, k, v, out, lse, *, causal: bool, scale
         masks = (kpm, *(kpm.stride() if key_padding_mask is not None else (0, 0)),
                  seg, *((seg.stride(1), seg.stride(0)) if segment_ids is not None else (0, 0)))
     kernel = _attn_bwd_sm90 if config.warp_specialize else _attn_bwd_sm90_plain
-    compiled = kernel[(num_n_blocks * batch * heads_k, )](
+    num_tiles = num_n_blocks * batch * heads_k
+    tiles = (num_tiles, ) if config.warp_specialize else ()  # the plain kernel is one program a tile
+    grid = min(num_tiles, sm_count(q.device)) if config.persistent else num_tiles
+    compiled = kernel[(grid, )](
         _descriptor(q, block_m, width), _descriptor(k, config.block_n, width), _descriptor(v, config.block_n, width),
         _descriptor(grad_out, block_m, width), _row_descriptor(lse2, block_m), _row_descriptor(delta, block_m),
         _dq_descriptor(dq_acc, *config.dq_share(head_dim)), dq_acc, dk, dv,
         scale * LOG2E.value, scale, seq_q, seq_k, heads_q, heads_k, heads_q // heads_k, padded_q, num_n_blocks,
-        head_dim,
+        *tiles, head_dim,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), *masks,
         **constexprs, num_warps=4 if config.warp_specialize else 8)
     masked = tuple(name for name, t in (("key_padding_mask", key_padding_mask), ("segment_ids", segment_ids))

@@ -56,6 +56,7 @@ from .forward_tma import _descriptor_legal
 from .gluon_hopper import (HAS_GLUON, SHARED_MEMORY_LIMIT, fence_async_shared, gl, gluon, mbarrier, tma,
                            warpgroup_mma, warpgroup_mma_wait)
 from .gluon_hopper import descriptor as _descriptor
+from .gluon_hopper import sm_count
 from .gluon_hopper import tma_load as _tma_load
 from .gluon_hopper import tma_store as _tma_store
 from .online_softmax import LOG2E, tanh
@@ -823,18 +824,10 @@ def _constexprs(config: Sm90Config, head_dim: int, causal: bool, need_lse: bool,
                 HAS_SEG=has_seg, SOFTCAP=float(softcap or 0.0), WINDOW_LEFT=int(window_left), HAS_SINKS=has_sinks)
 
 
-_SM_COUNT: dict = {}
 _COUNTERS: dict = {}  # (device index, stream) -> the int32 tile counter of the dynamic scheduler (self-resetting)
 # (config, head_dim, causal, dtype, need_lse[, the names of the masks given]) -> the compiled kernel of the last
 # launch, for inspection (registers, spills, shared memory).
 COMPILED: dict = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
 
 
 def _tile_counter(device: torch.device) -> torch.Tensor:
@@ -934,7 +927,7 @@ def flash_attn_forward_sm90(q, k, v, *, causal: bool, scale: float, need_lse: bo
     num_m_blocks = math.ceil(seq_q / config.block_m)
     batch_heads = batch * heads_q
     num_tiles = num_m_blocks * batch_heads
-    grid = min(num_tiles, _sm_count(q.device)) if config.persistent else num_tiles
+    grid = min(num_tiles, sm_count(q.device)) if config.persistent else num_tiles
     counter = _tile_counter(q.device)  # also the stand-in for the masks a launch does not have (never read)
     lse_arg = lse if lse is not None else out  # never written without WRITE_LSE
     kpm = counter

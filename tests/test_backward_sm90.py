@@ -94,6 +94,27 @@ def test_every_config(head_dim, index, causal, seed, poison_empty):
 
 
 @needs_hopper
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("batch,heads_q,heads_k,masks", [(2, 64, 64, ""), (3, 32, 8, ""), (8, 16, 16, "kpm"),
+                                                          (8, 16, 16, "seg")])
+def test_persistent_programs_walk_several_tiles(head_dim, causal, batch, heads_q, heads_k, masks, seed,
+                                                poison_empty):
+    """The persistent config with more key blocks than SMs, so a program walks several: the Q/dO ring's slots, the
+    dS^T exchange's buffers and the K/V reload carry on from tile to tile (GQA, key padding, segments); twice in a
+    row."""
+    config = next(c for c in SM90_BWD_CONFIGS[head_dim] if c.persistent)
+    seq = 1100
+    tiles = batch * heads_k * -(-seq // config.block_n)
+    assert tiles > torch.cuda.get_device_properties(0).multi_processor_count
+    q, k, v = random_qkv(batch, heads_q, heads_k, seq, seq, head_dim, torch.bfloat16, "cuda")
+    extra = dict(key_padding_mask=padding_mask("right", batch, seq)) if masks == "kpm" else \
+        dict(segment_ids=packed_ids(batch, seq)) if masks == "seg" else {}
+    for _ in range(2):
+        check(bshd(q), bshd(k), bshd(v), causal, config=config, **extra)
+
+
+@needs_hopper
 @pytest.mark.parametrize("heads_q,heads_k", [(32, 8), (8, 1), (4, 4)])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
