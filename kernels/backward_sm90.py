@@ -72,6 +72,7 @@ from .gluon_hopper import sm_count
 from .gluon_hopper import tma_load as _tma_load
 from .launch import CachedLauncher, cdiv
 from .forward import segment_planes
+from .forward_sm90 import L2_KV_BYTES
 from .online_softmax import LOG2E
 
 if HAS_GLUON:
@@ -227,14 +228,35 @@ def _bwd_dq_convert_kernel(DQ_ACC, DQ, stride_dqb, stride_dqh, stride_dqm, num_h
 @gluon.jit
 def _program_coords(heads_k, num_n_blocks):
     """(batch, K/V head, key block) of this program's tile (without persistence: one tile a program)."""
-    return _tile_coords(gl.program_id(0), heads_k, num_n_blocks)
+    return _tile_coords(gl.program_id(0), heads_k, num_n_blocks, 0, 0, False)
 
 
 @gluon.jit
-def _tile_coords(tile, heads_k, num_n_blocks):
-    """(batch, K/V head, key block): head-major, so a head's key blocks run together and share its Q/dO in L2."""
-    bh = tile // num_n_blocks
-    return bh // heads_k, bh % heads_k, tile % num_n_blocks
+def _tile_coords(tile, heads_k, num_n_blocks, batch_kv, l2_pairs, SECTIONS: gl.constexpr):
+    """(batch, K/V head, key block): head-major, so a head's key blocks run together and share its Q/dO in L2; with
+    SECTIONS (persistent causal), l2_pairs (batch, K/V head) pairs at a time, their key blocks longest first across
+    them (key block 0 meets every query block)."""
+    if SECTIONS:
+        per_section = l2_pairs * num_n_blocks
+        section = tile // per_section
+        first = section * l2_pairs
+        in_section = gl.minimum(l2_pairs, batch_kv - first)  # the last section may be short
+        within = tile - section * per_section
+        n_block = within // in_section
+        bh = first + within - n_block * in_section
+    else:
+        bh = tile // num_n_blocks
+        n_block = tile % num_n_blocks
+    return bh // heads_k, bh % heads_k, n_block
+
+
+@gluon.jit
+def _walked_tile(k):
+    """A persistent program's k-th tile: rounds of one tile per program, every other round in reverse, so that
+    with tiles longest first no program takes the longest of every round."""
+    grid = gl.num_programs(0)
+    pid = gl.program_id(0)
+    return k * grid + gl.where(k % 2 == 0, pid, grid - 1 - pid)
 
 
 @gluon.jit
@@ -274,34 +296,37 @@ def _masked_blocks(n0w, m_lo, m_hi, seq_q, seq_k, BLOCK_M: gl.constexpr, CAUSAL:
 @gluon.jit
 def _bwd_producer(desc_q, desc_do, desc_k, desc_v, desc_lse, desc_delta, q_smem, do_smem, k_smem, v_smem, lse_smem,
                   delta_smem, kv_ready, kv_empty, q_ready, do_ready, qdo_empty, seq_q, seq_k, heads_q, heads_k,
-                  group_size, padded_q, num_n_blocks, num_tiles, seg_ptr, stride_sb, stride_sp,
+                  group_size, padded_q, num_n_blocks, num_tiles, batch_kv, l2_pairs, seg_ptr, stride_sb, stride_sp,
                   BLOCK_M: gl.constexpr, NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
                   CAUSAL: gl.constexpr, HAS_SEG: gl.constexpr, PERSISTENT: gl.constexpr):
     if PERSISTENT:  # the ring's slot count runs on across tiles; K and V reload once the consumers are done
         it = 0
         t_local = 0
-        for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-            it = _bwd_produce_tile(desc_q, desc_do, desc_k, desc_v, desc_lse, desc_delta, q_smem, do_smem, k_smem,
-                                   v_smem, lse_smem, delta_smem, kv_ready, kv_empty, q_ready, do_ready, qdo_empty,
-                                   seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks, seg_ptr,
-                                   stride_sb, stride_sp, tile, it, t_local, BLOCK_M, NUM_STAGES, NUM_CONSUMERS,
-                                   CAUSAL, HAS_SEG, PERSISTENT)
-            t_local += 1
+        for k in range(0, (num_tiles + gl.num_programs(0) - 1) // gl.num_programs(0)):
+            tile = _walked_tile(k)
+            if tile < num_tiles:
+                b, kv_h, n_block = _tile_coords(tile, heads_k, num_n_blocks, batch_kv, l2_pairs, CAUSAL)
+                it = _bwd_produce_tile(desc_q, desc_do, desc_k, desc_v, desc_lse, desc_delta, q_smem, do_smem,
+                                       k_smem, v_smem, lse_smem, delta_smem, kv_ready, kv_empty, q_ready, do_ready,
+                                       qdo_empty, seq_q, seq_k, heads_q, group_size, padded_q, seg_ptr, stride_sb,
+                                       stride_sp, b, kv_h, n_block, it, t_local, BLOCK_M, NUM_STAGES, NUM_CONSUMERS,
+                                       CAUSAL, HAS_SEG, PERSISTENT)
+                t_local += 1
     else:
+        b, kv_h, n_block = _program_coords(heads_k, num_n_blocks)
         _bwd_produce_tile(desc_q, desc_do, desc_k, desc_v, desc_lse, desc_delta, q_smem, do_smem, k_smem, v_smem,
                           lse_smem, delta_smem, kv_ready, kv_empty, q_ready, do_ready, qdo_empty, seq_q, seq_k,
-                          heads_q, heads_k, group_size, padded_q, num_n_blocks, seg_ptr, stride_sb, stride_sp,
-                          gl.program_id(0), 0, 0, BLOCK_M, NUM_STAGES, NUM_CONSUMERS, CAUSAL, HAS_SEG, PERSISTENT)
+                          heads_q, group_size, padded_q, seg_ptr, stride_sb, stride_sp, b, kv_h, n_block, 0, 0,
+                          BLOCK_M, NUM_STAGES, NUM_CONSUMERS, CAUSAL, HAS_SEG, PERSISTENT)
 
 
 @gluon.jit
 def _bwd_produce_tile(desc_q, desc_do, desc_k, desc_v, desc_lse, desc_delta, q_smem, do_smem, k_smem, v_smem,
                       lse_smem, delta_smem, kv_ready, kv_empty, q_ready, do_ready, qdo_empty, seq_q, seq_k, heads_q,
-                      heads_k, group_size, padded_q, num_n_blocks, seg_ptr, stride_sb, stride_sp, tile, it, t_local,
+                      group_size, padded_q, seg_ptr, stride_sb, stride_sp, b, kv_h, n_block, it, t_local,
                       BLOCK_M: gl.constexpr, NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
                       CAUSAL: gl.constexpr, HAS_SEG: gl.constexpr, PERSISTENT: gl.constexpr):
     """One key block's loads: K and V, then Q/lse and dO/delta of every query block it meets, slots `it` on."""
-    b, kv_h, n_block = _tile_coords(tile, heads_k, num_n_blocks)
     n0 = n_block * (_KEY_ROWS * NUM_CONSUMERS)
     if PERSISTENT:
         mbarrier.wait(kv_empty, (t_local & 1) ^ 1)  # every consumer is done with the last tile's K and V
@@ -438,32 +463,36 @@ def _bwd_step(k_smem, v_tile, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq
 @gluon.jit
 def _bwd_consumer(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem,
                   ds_smem, dq_smem, kv_ready, kv_empty, q_ready, do_ready, qdo_empty, ds_full, ds_free, qk_scale,
-                  sm_scale, seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks, num_tiles, head_dim,
-                  stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, kpm_ptr, stride_mb,
-                  stride_mn, seg_ptr, stride_sb, stride_sp,
+                  sm_scale, seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks, num_tiles, batch_kv,
+                  l2_pairs, head_dim, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, kpm_ptr,
+                  stride_mb, stride_mn, seg_ptr, stride_sb, stride_sp,
                   WG: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
                   NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, DQ_SPLIT: gl.constexpr,
                   DQ_TMA: gl.constexpr, HAS_KPM: gl.constexpr, HAS_SEG: gl.constexpr, PERSISTENT: gl.constexpr):
     if PERSISTENT:  # the tile sequence the producer walks; a tile's dK/dV stores overlap the next tile's loads
         it = 0
         t_local = 0
-        for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-            it = _bwd_consume_tile(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, do_smem, lse_smem,
-                                   delta_smem, ds_smem, dq_smem, kv_ready, kv_empty, q_ready, do_ready, qdo_empty,
-                                   ds_full, ds_free, qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size,
-                                   padded_q, num_n_blocks, head_dim, stride_dkb, stride_dkh, stride_dks, stride_dvb,
-                                   stride_dvh, stride_dvs, kpm_ptr, stride_mb, stride_mn, seg_ptr, stride_sb,
-                                   stride_sp, tile, it, t_local, WG, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS,
-                                   CAUSAL, DQ_SPLIT, DQ_TMA, HAS_KPM, HAS_SEG, PERSISTENT)
-            t_local += 1
+        for k in range(0, (num_tiles + gl.num_programs(0) - 1) // gl.num_programs(0)):
+            tile = _walked_tile(k)
+            if tile < num_tiles:
+                b, kv_h, n_block = _tile_coords(tile, heads_k, num_n_blocks, batch_kv, l2_pairs, CAUSAL)
+                it = _bwd_consume_tile(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, do_smem,
+                                       lse_smem, delta_smem, ds_smem, dq_smem, kv_ready, kv_empty, q_ready, do_ready,
+                                       qdo_empty, ds_full, ds_free, qk_scale, sm_scale, seq_q, seq_k, heads_q,
+                                       group_size, padded_q, head_dim, stride_dkb, stride_dkh, stride_dks,
+                                       stride_dvb, stride_dvh, stride_dvs, kpm_ptr, stride_mb, stride_mn, seg_ptr,
+                                       stride_sb, stride_sp, b, kv_h, n_block, it, t_local, WG, BLOCK_M, HEAD_DIM,
+                                       NUM_STAGES, NUM_CONSUMERS, CAUSAL, DQ_SPLIT, DQ_TMA, HAS_KPM, HAS_SEG,
+                                       PERSISTENT)
+                t_local += 1
     else:
+        b, kv_h, n_block = _program_coords(heads_k, num_n_blocks)
         _bwd_consume_tile(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, do_smem, lse_smem,
                           delta_smem, ds_smem, dq_smem, kv_ready, kv_empty, q_ready, do_ready, qdo_empty, ds_full,
-                          ds_free, qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size, padded_q,
-                          num_n_blocks, head_dim, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh,
-                          stride_dvs, kpm_ptr, stride_mb, stride_mn, seg_ptr, stride_sb, stride_sp,
-                          gl.program_id(0), 0, 0, WG, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, DQ_SPLIT,
-                          DQ_TMA, HAS_KPM, HAS_SEG, PERSISTENT)
+                          ds_free, qk_scale, sm_scale, seq_q, seq_k, heads_q, group_size, padded_q, head_dim,
+                          stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, kpm_ptr, stride_mb,
+                          stride_mn, seg_ptr, stride_sb, stride_sp, b, kv_h, n_block, 0, 0, WG, BLOCK_M, HEAD_DIM,
+                          NUM_STAGES, NUM_CONSUMERS, CAUSAL, DQ_SPLIT, DQ_TMA, HAS_KPM, HAS_SEG, PERSISTENT)
     if DQ_TMA:
         tma.store_wait(0)
 
@@ -471,9 +500,9 @@ def _bwd_consumer(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, d
 @gluon.jit
 def _bwd_consume_tile(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem,
                       ds_smem, dq_smem, kv_ready, kv_empty, q_ready, do_ready, qdo_empty, ds_full, ds_free, qk_scale,
-                      sm_scale, seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks, head_dim,
-                      stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, kpm_ptr, stride_mb,
-                      stride_mn, seg_ptr, stride_sb, stride_sp, tile, it, t_local,
+                      sm_scale, seq_q, seq_k, heads_q, group_size, padded_q, head_dim, stride_dkb, stride_dkh,
+                      stride_dks, stride_dvb, stride_dvh, stride_dvs, kpm_ptr, stride_mb, stride_mn, seg_ptr,
+                      stride_sb, stride_sp, b, kv_h, n_block, it, t_local,
                       WG: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
                       NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, DQ_SPLIT: gl.constexpr,
                       DQ_TMA: gl.constexpr, HAS_KPM: gl.constexpr, HAS_SEG: gl.constexpr, PERSISTENT: gl.constexpr):
@@ -489,7 +518,6 @@ def _bwd_consume_tile(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_sme
     dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, dq_shape[1], 16])
 
-    b, kv_h, n_block = _tile_coords(tile, heads_k, num_n_blocks)
     n0 = n_block * (_KEY_ROWS * NUM_CONSUMERS)
     n0w = n0 + WG * _KEY_ROWS
     causal_offset = seq_k - seq_q
@@ -526,14 +554,16 @@ def _bwd_consume_tile(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_sme
             m0 = (m_lo + j) * BLOCK_M
             dk, dv = _bwd_step(k_smem, v_tile, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, q_ready,
                                do_ready, qdo_empty, ds_full, ds_free, desc_dq, dq_acc_ptr, dk, dv,
-                               it + g * n_m + j, m0, row0 + m0, n0w, qk_scale, seq_k, causal_offset, key_keep, key_seg, seg_row, seq_q,
+                               it + g * n_m + j, m0, row0 + m0, n0w, qk_scale, seq_k, causal_offset, key_keep,
+                               key_seg, seg_row, seq_q,
                                WG, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, True, DQ_SPLIT, DQ_TMA,
                                HAS_KPM, HAS_SEG, s_layout, op_layout, dq_layout, dq_shape)
         for j in range(n_masked, n_m):
             m0 = (m_lo + j) * BLOCK_M
             dk, dv = _bwd_step(k_smem, v_tile, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, q_ready,
                                do_ready, qdo_empty, ds_full, ds_free, desc_dq, dq_acc_ptr, dk, dv,
-                               it + g * n_m + j, m0, row0 + m0, n0w, qk_scale, seq_k, causal_offset, key_keep, key_seg, seg_row, seq_q,
+                               it + g * n_m + j, m0, row0 + m0, n0w, qk_scale, seq_k, causal_offset, key_keep,
+                               key_seg, seg_row, seq_q,
                                WG, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, False, DQ_SPLIT, DQ_TMA,
                                HAS_KPM, HAS_SEG, s_layout, op_layout, dq_layout, dq_shape)
     if PERSISTENT:  # the last step's wgmmas have read K and V: the producer may load the next tile's
@@ -557,12 +587,14 @@ def _bwd_consume_tile(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_sme
 # ---------------------------------------------------------------------------------------------------------------
 # Lengths, head counts and strides are not specialised on (== 1, multiple of 16): one compile per config and dtype.
 @gluon.jit(do_not_specialize=["seq_q", "seq_k", "heads_q", "heads_k", "group_size", "padded_q", "num_n_blocks",
-                              "num_tiles", "head_dim", "stride_dkb", "stride_dkh", "stride_dks", "stride_dvb",
-                              "stride_dvh", "stride_dvs", "stride_mb", "stride_mn", "stride_sb", "stride_sp"])
+                              "num_tiles", "batch_kv", "l2_pairs", "head_dim", "stride_dkb", "stride_dkh",
+                              "stride_dks", "stride_dvb", "stride_dvh", "stride_dvs", "stride_mb", "stride_mn",
+                              "stride_sb", "stride_sp"])
 def _attn_bwd_sm90(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, desc_dq, dq_acc_ptr, dk_ptr, dv_ptr,
                    qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks, num_tiles,
-                   head_dim, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, kpm_ptr,
-                   stride_mb, stride_mn, seg_ptr, stride_sb, stride_sp, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+                   batch_kv, l2_pairs, head_dim, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh,
+                   stride_dvs, kpm_ptr, stride_mb, stride_mn, seg_ptr, stride_sb, stride_sp, BLOCK_M: gl.constexpr,
+                   HEAD_DIM: gl.constexpr,
                    NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr,
                    DQ_SPLIT: gl.constexpr, DQ_TMA: gl.constexpr, HAS_KPM: gl.constexpr, HAS_SEG: gl.constexpr,
                    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, PERSISTENT: gl.constexpr):
@@ -607,35 +639,37 @@ def _attn_bwd_sm90(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, desc_d
             (_bwd_consumer, (dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, do_smem, lse_smem,
                              delta_smem, ds_smem, dq_smem, kv_ready, kv_empty, q_ready, do_ready, qdo_empty,
                              ds_full, ds_free, qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size,
-                             padded_q, num_n_blocks, num_tiles, head_dim, stride_dkb, stride_dkh, stride_dks,
-                             stride_dvb, stride_dvh, stride_dvs, kpm_ptr, stride_mb, stride_mn, seg_ptr, stride_sb,
-                             stride_sp, 0, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, DQ_SPLIT, DQ_TMA,
-                             HAS_KPM, HAS_SEG, PERSISTENT)),
+                             padded_q, num_n_blocks, num_tiles, batch_kv, l2_pairs, head_dim, stride_dkb, stride_dkh,
+                             stride_dks, stride_dvb, stride_dvh, stride_dvs, kpm_ptr, stride_mb, stride_mn, seg_ptr,
+                             stride_sb, stride_sp, 0, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL,
+                             DQ_SPLIT, DQ_TMA, HAS_KPM, HAS_SEG, PERSISTENT)),
             (_bwd_consumer, (dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, do_smem, lse_smem,
                              delta_smem, ds_smem, dq_smem, kv_ready, kv_empty, q_ready, do_ready, qdo_empty,
                              ds_full, ds_free, qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size,
-                             padded_q, num_n_blocks, num_tiles, head_dim, stride_dkb, stride_dkh, stride_dks,
-                             stride_dvb, stride_dvh, stride_dvs, kpm_ptr, stride_mb, stride_mn, seg_ptr, stride_sb,
-                             stride_sp, 1, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, DQ_SPLIT, DQ_TMA,
-                             HAS_KPM, HAS_SEG, PERSISTENT)),
+                             padded_q, num_n_blocks, num_tiles, batch_kv, l2_pairs, head_dim, stride_dkb, stride_dkh,
+                             stride_dks, stride_dvb, stride_dvh, stride_dvs, kpm_ptr, stride_mb, stride_mn, seg_ptr,
+                             stride_sb, stride_sp, 1, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL,
+                             DQ_SPLIT, DQ_TMA, HAS_KPM, HAS_SEG, PERSISTENT)),
             (_bwd_producer, (desc_q, desc_do, desc_k, desc_v, desc_lse, desc_delta, q_smem, do_smem, k_smem, v_smem,
                              lse_smem, delta_smem, kv_ready, kv_empty, q_ready, do_ready, qdo_empty, seq_q, seq_k,
-                             heads_q, heads_k, group_size, padded_q, num_n_blocks, num_tiles, seg_ptr, stride_sb,
-                             stride_sp, BLOCK_M, NUM_STAGES, NUM_CONSUMERS, CAUSAL, HAS_SEG, PERSISTENT)),
+                             heads_q, heads_k, group_size, padded_q, num_n_blocks, num_tiles, batch_kv, l2_pairs,
+                             seg_ptr, stride_sb, stride_sp, BLOCK_M, NUM_STAGES, NUM_CONSUMERS, CAUSAL, HAS_SEG,
+                             PERSISTENT)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([
             (_bwd_consumer, (dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, do_smem, lse_smem,
                              delta_smem, ds_smem, dq_smem, kv_ready, kv_empty, q_ready, do_ready, qdo_empty,
                              ds_full, ds_free, qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size,
-                             padded_q, num_n_blocks, num_tiles, head_dim, stride_dkb, stride_dkh, stride_dks,
-                             stride_dvb, stride_dvh, stride_dvs, kpm_ptr, stride_mb, stride_mn, seg_ptr, stride_sb,
-                             stride_sp, 0, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, DQ_SPLIT, DQ_TMA,
-                             HAS_KPM, HAS_SEG, PERSISTENT)),
+                             padded_q, num_n_blocks, num_tiles, batch_kv, l2_pairs, head_dim, stride_dkb, stride_dkh,
+                             stride_dks, stride_dvb, stride_dvh, stride_dvs, kpm_ptr, stride_mb, stride_mn, seg_ptr,
+                             stride_sb, stride_sp, 0, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL,
+                             DQ_SPLIT, DQ_TMA, HAS_KPM, HAS_SEG, PERSISTENT)),
             (_bwd_producer, (desc_q, desc_do, desc_k, desc_v, desc_lse, desc_delta, q_smem, do_smem, k_smem, v_smem,
                              lse_smem, delta_smem, kv_ready, kv_empty, q_ready, do_ready, qdo_empty, seq_q, seq_k,
-                             heads_q, heads_k, group_size, padded_q, num_n_blocks, num_tiles, seg_ptr, stride_sb,
-                             stride_sp, BLOCK_M, NUM_STAGES, NUM_CONSUMERS, CAUSAL, HAS_SEG, PERSISTENT)),
+                             heads_q, heads_k, group_size, padded_q, num_n_blocks, num_tiles, batch_kv, l2_pairs,
+                             seg_ptr, stride_sb, stride_sp, BLOCK_M, NUM_STAGES, NUM_CONSUMERS, CAUSAL, HAS_SEG,
+                             PERSISTENT)),
         ], [1], [PRODUCER_REGS])
 
 
@@ -838,6 +872,14 @@ def _dq_descriptor(t: torch.Tensor, rows: int, cols: int):
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [rows, cols], _float32_layout(rows, cols))
 
 
+def _l2_pairs(batch_kv: int, group_size: int, seq_q: int, width: int, element_size: int) -> int:
+    """(batch, K/V head) pairs per causal L2 section of a persistent launch: as many as keep their group's Q and dO
+    within L2_KV_BYTES (a power of two, at least one)."""
+    qdo_bytes = 2 * group_size * seq_q * width * element_size
+    fit = max(1, L2_KV_BYTES // max(qdo_bytes, 1))
+    return max(1, min(batch_kv, 1 << (fit.bit_length() - 1)))
+
+
 def _empty_as(t: torch.Tensor) -> torch.Tensor:
     """An uninitialised tensor of t's shape and dtype whose dims lie in memory in t's order (a [B, S, H, D] projection
     viewed as [B, H, S, D] gives the same view), by torch.empty (which the tests poison)."""
@@ -935,7 +977,8 @@ def flash_attn_backward_sm90(grad_out, q, k, v, out, lse, *, causal: bool, scale
                  seg, *((seg.stride(1), seg.stride(0)) if segment_ids is not None else (0, 0)))
     kernel = _attn_bwd_sm90 if config.warp_specialize else _attn_bwd_sm90_plain
     num_tiles = num_n_blocks * batch * heads_k
-    tiles = (num_tiles, ) if config.warp_specialize else ()  # the plain kernel is one program a tile
+    l2_pairs = _l2_pairs(batch * heads_k, heads_q // heads_k, seq_q, width, q.element_size())
+    tiles = (num_tiles, batch * heads_k, l2_pairs) if config.warp_specialize else ()  # plain: one program a tile
     grid = min(num_tiles, sm_count(q.device)) if config.persistent else num_tiles
     compiled = kernel[(grid, )](
         _descriptor(q, block_m, width), _descriptor(k, config.block_n, width), _descriptor(v, config.block_n, width),
