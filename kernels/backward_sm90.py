@@ -24,8 +24,9 @@ Three launches:
     with a key padding mask, every block of a consumer whose 64 keys hold padding does (P = 0 for padding keys);
     with segment ids, the producer and the consumers visit only the query blocks of the key block's own packed
     sequences (`segment_planes`' run bounds), every one of them masked by segment. Persistent configs launch one
-    program per SM instead, each walking those tiles in turn (tile pid, pid + grid, ...): the Q/dO ring and the
-    dS^T exchange count their slots on across tiles, and K/V reload once both consumers have arrived on a
+    program per SM instead, each walking those tiles in turn (rounds of one tile a program, every other round in
+    reverse; causal tiles in L2 sections, key blocks longest first): the Q/dO ring and the dS^T exchange count their
+    slots on across tiles, and K/V reload once both consumers have arrived on a
     kv_empty barrier after their last step, so one tile's dK/dV stores overlap the next tile's loads.
   * convert (plain Triton): dq = dQaccum * scale in q's dtype and layout.
 
