@@ -26,8 +26,8 @@ Three launches:
     sequences (`segment_planes`' run bounds), every one of them masked by segment. Persistent configs launch one
     program per SM instead, each walking those tiles in turn (rounds of one tile a program, every other round in
     reverse; causal tiles in L2 sections, key blocks longest first): the Q/dO ring and the dS^T exchange count their
-    slots on across tiles, and K/V reload once both consumers have arrived on a
-    kv_empty barrier after their last step, so one tile's dK/dV stores overlap the next tile's loads.
+    slots on across tiles, and K/V reload once both consumers have arrived on a kv_empty barrier after their last
+    step, so one tile's dK/dV stores overlap the next tile's loads.
   * convert (plain Triton): dq = dQaccum * scale in q's dtype and layout.
 
 The main kernel is warp-specialised (gl.warp_specialize):
