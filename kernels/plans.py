@@ -184,8 +184,8 @@ def sm90_refusal(family, q, k, v, *, dropout_p, key_padding_mask, seqused_k, seg
                  softcap=None, sinks=None, causal: bool = False) -> str | None:
     """Why the Gluon sm90 forward is not among this call's candidates, in a few words, or None when it is (Hopper,
     Gluon, 16-bit, its head dims, descriptor-legal views, no dropout, sliding windows only causal ones, no sliding
-    window, softcapping or sinks where FLASHPATCH_GLUON_FEATURES is "0",
-    and FLASHPATCH_GLUON not "0"). `window` as `kernel_window` gives it (None: bounds nothing)."""
+    window, softcapping or sinks where FLASHPATCH_GLUON_FEATURES is "0", and FLASHPATCH_GLUON not "0"). `window`
+    as `kernel_window` gives it (None: bounds nothing)."""
     if family != "sm90":
         return "not a Hopper (sm90) GPU"
     features = os.environ.get(GLUON_FEATURES_SWITCH) != "0"
