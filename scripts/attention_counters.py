@@ -10,7 +10,7 @@ scripts/sm90_forward_probe.py prints them; forward only).
 
 Usage (a GPU where ncu reads counters):
     python3 scripts/attention_counters.py [--head-dim 128] [--n 2048] [--causal] [--pass forward|backward]
-        [--backends flashpatch,cudnn,flash,gluon:m128n128s2+ov+pp] [--json]
+        [--heads 32 --kv-heads 8] [--sinks] [--backends flashpatch,cudnn,flash,gluon:m128n128s2+ov+pp] [--json]
 """
 
 from __future__ import annotations
@@ -29,26 +29,33 @@ TO_US = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}
 STALL = re.compile(r"smsp__average_warps?_(?:latency_)?issue_stalled_(\w+?)_per_issue_active\.ratio")
 
 
-def make_call(backend: str, head_dim: int, n: int, causal: bool, batch: int, heads: int, backward: bool):
+def make_call(backend: str, args, backward: bool):
     """The inputs and a function that runs one call of `backend` (out, for the backward to start from)."""
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     torch.manual_seed(0)
-    shape = (batch, n, heads, head_dim)  # transformers' projections, viewed as [B, H, S, D]
-    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_(backward)
-               for _ in range(3))
+    head_dim, causal, kv_heads = args.head_dim, args.causal, args.kv_heads or args.heads
+
+    def projection(heads):  # transformers' [B, S, H, D] projections, viewed as [B, H, S, D]
+        shape = (args.batch, args.n, heads, head_dim)
+        return torch.randn(shape, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_(backward)
+
+    q, k, v = projection(args.heads), projection(kv_heads), projection(kv_heads)
+    sinks = torch.randn(args.heads, device="cuda") * 2 if args.sinks else None
     if backend == "flashpatch":
         import flashpatch
 
-        return lambda: flashpatch.attention(q, k, v, causal=causal)
+        return lambda: flashpatch.attention(q, k, v, causal=causal, sinks=sinks)
+    if sinks is not None:
+        raise SystemExit(f"--sinks: only the flashpatch backend takes sinks, not {backend!r}")
     if backend in ("cudnn", "flash"):
         which = SDPBackend.CUDNN_ATTENTION if backend == "cudnn" else SDPBackend.FLASH_ATTENTION
 
         def sdpa():
             with sdpa_kernel(which):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=kv_heads != args.heads)
         return sdpa
     if backend.startswith("gluon:") and not backward:
         from flashpatch.kernels.forward_sm90 import flash_attn_forward_sm90
@@ -64,7 +71,7 @@ def child(args) -> None:
     import torch
 
     backward = args.pass_ == "backward"
-    call = make_call(args.child, args.head_dim, args.n, args.causal, args.batch, args.heads, backward)
+    call = make_call(args.child, args, backward)
     grad = None
     for _ in range(3):
         out = call()
@@ -127,8 +134,9 @@ def profile(ncu: str, backend: str, args) -> list[dict] | str:
     command = [ncu, "--clock-control", "none", "--profile-from-start", "off", "--target-processes", "all",
                "--page", "raw", "--csv", *(x for s in SECTIONS for x in ("--section", s)),
                sys.executable, __file__, "--child", backend, "--head-dim", str(args.head_dim), "--n", str(args.n),
-               "--batch", str(args.batch), "--heads", str(args.heads), "--pass", args.pass_]
-    command += ["--causal"] if args.causal else []
+               "--batch", str(args.batch), "--heads", str(args.heads), "--kv-heads", str(args.kv_heads),
+               "--pass", args.pass_]
+    command += (["--causal"] if args.causal else []) + (["--sinks"] if args.sinks else [])
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -150,6 +158,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2048, help="query and key length")
     parser.add_argument("--batch", type=int, default=0, help="default 16384 // n (16K tokens)")
     parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=0, help="GQA: K/V heads (default: --heads)")
+    parser.add_argument("--sinks", action="store_true", help="a sink logit per head (flashpatch only)")
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--pass", dest="pass_", choices=("forward", "backward"), default="forward")
     parser.add_argument("--backends", default="flashpatch,cudnn,flash")
@@ -167,8 +177,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(dict(vars(args), results=results), indent=1))
         return
-    print(f"{args.pass_}, d{args.head_dim}, N {args.n}, batch {args.batch} x {args.heads} heads, bf16, "
-          f"{'causal' if args.causal else 'non-causal'}")
+    print(f"{args.pass_}, d{args.head_dim}, N {args.n}, batch {args.batch} x {args.heads}/{args.kv_heads or args.heads}"
+          f" heads, bf16, {'causal' if args.causal else 'non-causal'}{', sinks' if args.sinks else ''}")
     print(f"{'backend':11} {'kernel':28} {'us':>7} {'SM%':>4} {'DRAM%':>5} {'tens%':>5} {'iss%':>4} {'regs':>4}")
     for backend, kernels in results.items():
         if isinstance(kernels, str):
