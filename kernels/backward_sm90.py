@@ -73,7 +73,7 @@ from .gluon_hopper import sm_count
 from .gluon_hopper import tma_load as _tma_load
 from .launch import CachedLauncher, cdiv
 from .forward import segment_planes
-from .forward_sm90 import L2_KV_BYTES
+from .forward_sm90 import L2_KV_BYTES, section_order
 from .online_softmax import LOG2E
 
 if HAS_GLUON:
@@ -238,13 +238,7 @@ def _tile_coords(tile, heads_k, num_n_blocks, batch_kv, l2_pairs, SECTIONS: gl.c
     SECTIONS (persistent causal), l2_pairs (batch, K/V head) pairs at a time, their key blocks longest first across
     them (key block 0 meets every query block)."""
     if SECTIONS:
-        per_section = l2_pairs * num_n_blocks
-        section = tile // per_section
-        first = section * l2_pairs
-        in_section = gl.minimum(l2_pairs, batch_kv - first)  # the last section may be short
-        within = tile - section * per_section
-        n_block = within // in_section
-        bh = first + within - n_block * in_section
+        bh, n_block = section_order(tile, num_n_blocks, l2_pairs, batch_kv)
     else:
         bh = tile // num_n_blocks
         n_block = tile % num_n_blocks

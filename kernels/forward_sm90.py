@@ -145,16 +145,24 @@ def default_config(head_dim: int) -> Sm90Config:
 # Step 1: tiles. A tile is (batch, query head, query block); producer and consumers walk the same tile sequence.
 # ---------------------------------------------------------------------------------------------------------------
 @gluon.jit
+def section_order(tile, blocks, section_heads, heads):
+    """(head, rank) of a tile in L2 sections: section_heads heads at a time (of `heads`; the last section may be
+    short), each section's tiles ordered by block rank first, then head, so the heads of a section that L2 holds
+    take their longest blocks (rank 0) first, together."""
+    per_section = section_heads * blocks
+    section = tile // per_section
+    first = section * section_heads
+    in_section = gl.minimum(section_heads, heads - first)
+    within = tile - section * per_section
+    rank = within // in_section
+    return first + within - rank * in_section, rank
+
+
+@gluon.jit
 def _tile_coords(tile, num_m_blocks, heads_q, batch_heads, l2_heads, CAUSAL: gl.constexpr,
                  SECTIONS: gl.constexpr):
     if SECTIONS:  # l2_heads (batch, head) pairs at a time, their query blocks longest first across them
-        per_section = l2_heads * num_m_blocks
-        section = tile // per_section
-        first = section * l2_heads
-        in_section = gl.minimum(l2_heads, batch_heads - first)  # the last section may be short
-        within = tile - section * per_section
-        m_rank = within // in_section
-        bh = first + within - m_rank * in_section
+        bh, m_rank = section_order(tile, num_m_blocks, l2_heads, batch_heads)
         m_block = num_m_blocks - 1 - m_rank
     else:  # head-major
         bh = tile // num_m_blocks
