@@ -27,7 +27,8 @@ def interpreted() -> bool:
     return _is_interpreted(_flash_fwd_kernel)
 
 __all__ = ["AUTOTUNER", "BACKWARD_TABLE", "BackwardConfig", "DECODE_TABLE", "DecodePlan", "FP8_TABLE", "ForwardPlan",
-           "INTERPRETER_SM_COUNT", "SHORT_Q_BLOCK_M", "TILE_TABLE", "TileConfig", "decode_split_config", "decode_splits",
+           "INTERPRETER_SM_COUNT", "SHORT_Q_BLOCK_M", "TILE_TABLE", "TileConfig", "decode_split_config",
+           "decode_splits",
            "flash_attn_backward", "flash_attn_forward", "flash_attn_forward_fp8", "flash_decode_forward",
            "fp8_candidates", "gpu_family", "head_dim_bucket", "interpreted", "plans", "quantize_per_tensor", "select_backward_config",
            "select_config", "select_decode_config", "tune_candidates", "tune_key", "uses_decode_kernel"]

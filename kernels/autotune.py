@@ -121,6 +121,9 @@ class Autotuner:
 AUTOTUNER = Autotuner()
 
 
+MAX_TIMED_CALLS = 64  # per timing round: short calls (tens of microseconds) need no more to fill fill_ms
+
+
 def time_ms(run, fill_ms: float = 3.0, rounds: int = 3) -> float:
     """Milliseconds per call of `run()`, timed as calls run in use: queued back to back on the stream, so that the
     host's launch time hides behind the GPU's. After a warm-up (which also compiles), the median of `rounds`
@@ -146,5 +149,3 @@ def time_ms(run, fill_ms: float = 3.0, rounds: int = 3) -> float:
         times.append(start.elapsed_time(end) / calls)
     return sorted(times)[len(times) // 2]
 
-
-MAX_TIMED_CALLS = 64  # per timing round: short calls (tens of microseconds) need no more to fill fill_ms

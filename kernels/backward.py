@@ -324,20 +324,20 @@ def _flash_bwd_dq_kernel(
     if WINDOW:
         lo, full_lo, full_hi, hi = window_key_range(m0, causal_offset, seq_k, win_left, win_right, BLOCK_M, BLOCK_N)
         dq, pdp = _dq_steps(dq, pdp, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
-                       stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, seq_k, head_dim,
-                       causal_offset, seed, pid_bh, dropout_p, lo, full_lo,
-                       seg_lo, seg_hi, cap_log2, win_left, win_right,
-                       BLOCK_N, True, True, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, True, ROW_PDP)
+                            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, seq_k, head_dim,
+                            causal_offset, seed, pid_bh, dropout_p, lo, full_lo,
+                            seg_lo, seg_hi, cap_log2, win_left, win_right,
+                            BLOCK_N, True, True, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, True, ROW_PDP)
         dq, pdp = _dq_steps(dq, pdp, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
-                       stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, seq_k, head_dim,
-                       causal_offset, seed, pid_bh, dropout_p, full_lo, full_hi,
-                       seg_lo, seg_hi, cap_log2, win_left, win_right,
-                       BLOCK_N, False, False, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, True, ROW_PDP)
+                            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, seq_k, head_dim,
+                            causal_offset, seed, pid_bh, dropout_p, full_lo, full_hi,
+                            seg_lo, seg_hi, cap_log2, win_left, win_right,
+                            BLOCK_N, False, False, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, True, ROW_PDP)
         dq, pdp = _dq_steps(dq, pdp, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
-                       stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, seq_k, head_dim,
-                       causal_offset, seed, pid_bh, dropout_p, full_hi, hi,
-                       seg_lo, seg_hi, cap_log2, win_left, win_right,
-                       BLOCK_N, True, True, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, True, ROW_PDP)
+                            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, seq_k, head_dim,
+                            causal_offset, seed, pid_bh, dropout_p, full_hi, hi,
+                            seg_lo, seg_hi, cap_log2, win_left, win_right,
+                            BLOCK_N, True, True, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, True, ROW_PDP)
     else:
         full_n = tl.cdiv(seq_k, BLOCK_N) * BLOCK_N
         if BOUNDARY:
@@ -348,20 +348,21 @@ def _flash_bwd_dq_kernel(
             end_n = tl.maximum(tl.minimum(seq_k, m0 + BLOCK_M + causal_offset), 0)
             full_n = tl.minimum(tl.maximum(m0 + 1 + causal_offset, 0) // BLOCK_N * BLOCK_N, end_n)
             dq, pdp = _dq_steps(dq, pdp, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
-                           stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, seq_k, head_dim,
-                           causal_offset, seed, pid_bh, dropout_p, full_n, end_n,
-                           seg_lo, seg_hi, cap_log2, win_left, win_right,
-                           BLOCK_N, True, False, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, False, ROW_PDP)
+                                stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, seq_k, head_dim,
+                                causal_offset, seed, pid_bh, dropout_p, full_n, end_n,
+                                seg_lo, seg_hi, cap_log2, win_left, win_right,
+                                BLOCK_N, True, False, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, False, ROW_PDP)
         dq, pdp = _dq_steps(dq, pdp, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
-                       stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, seq_k, head_dim,
-                       causal_offset, seed, pid_bh, dropout_p, 0, full_n, seg_lo, seg_hi, cap_log2, win_left, win_right,
-                       BLOCK_N, False, False, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, False, ROW_PDP)
+                            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, seq_k, head_dim,
+                            causal_offset, seed, pid_bh, dropout_p, 0, full_n,
+                            seg_lo, seg_hi, cap_log2, win_left, win_right,
+                            BLOCK_N, False, False, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, False, ROW_PDP)
         if BOUNDARY:
             dq, pdp = _dq_steps(dq, pdp, q, do, lse, delta, k_base, v_base, kpm_base, seg_base, rows, offs_n, offs_d,
-                           stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, seq_k, head_dim,
-                           causal_offset, seed, pid_bh, dropout_p, full_n, seq_k,
-                           seg_lo, seg_hi, cap_log2, win_left, win_right,
-                           BLOCK_N, False, True, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, False, ROW_PDP)
+                                stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, seq_k, head_dim,
+                                causal_offset, seed, pid_bh, dropout_p, full_n, seq_k,
+                                seg_lo, seg_hi, cap_log2, win_left, win_right,
+                                BLOCK_N, False, True, HAS_KPM, HAS_SEG, DOT_PRECISION, DROPOUT, SOFTCAP, False, ROW_PDP)
 
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqd, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)

@@ -37,7 +37,8 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flashpatch.kernels import forward_sm90
-from flashpatch.kernels.forward_sm90 import SM90_CONFIGS, Sm90Config, default_config, flash_attn_forward_sm90, sm90_eligible
+from flashpatch.kernels.forward_sm90 import (SM90_CONFIGS, Sm90Config, default_config, flash_attn_forward_sm90,
+                                             sm90_eligible)
 from flashpatch.reference import reference_attention, visibility_mask
 from probe_support import STATE, log, make_qkv, poisoned_empty, save, watchdog
 
