@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from flashpatch.reference import reference_attention
+from flashpatch.reference import reference_attention, visibility_mask
 
 # Slack on top of FA2's 2x rule, for cases where torch's own error happens to be tiny.
 EPS = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
@@ -35,6 +35,36 @@ def assert_fa2_rule(out, q, k, v, **kw):
     torch_err = (ref_same.double() - ref64).abs().max().item()
     assert err <= 2 * torch_err + EPS[q.dtype], f"error {err:.3g} vs torch's own {torch_err:.3g}"
     return err, torch_err
+
+
+def grads_given_stored_out(q, k, v, grad_out, reference=reference_attention, sinks=None, **kw):
+    """The float64 gradients of q, k, v that a flash-attention backward (FA2's too) aims at, given the forward's out
+    as it is stored, rounded to q's dtype: delta = rowsum(dO * out) then shifts by eps = rowsum(dO * (stored - out))
+    per row, so dS = P * (dP - delta - eps) no longer sums to 0 over a row. Also returns the float64 scores the
+    gradients come from (invisible ones -inf). kw: `reference`'s (causal, scale, key_padding_mask, segment_ids,
+    window, softcap); sinks join each row's softmax. Rows that see nothing have no gradient."""
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    sink64 = sinks.detach().double() if sinks is not None else None
+    out = reference(*leaves, **kw, **({"sinks": sink64} if sinks is not None else {}))
+    dout = grad_out.double()
+    eps = (dout * (out.detach().to(q.dtype).double() - out.detach())).sum(-1)  # delta's shift, per row
+    group = q.shape[1] // k.shape[1]
+    scores = (leaves[0] @ leaves[1].repeat_interleave(group, 1).transpose(-1, -2)) * (kw.get("scale") or
+                                                                                     q.shape[-1] ** -0.5)
+    if kw.get("softcap"):
+        scores = kw["softcap"] * torch.tanh(scores / kw["softcap"])
+    mask = visibility_mask(q.shape[2], k.shape[2], causal=kw.get("causal", False), device=q.device,
+                           key_padding_mask=kw.get("key_padding_mask"), segment_ids=kw.get("segment_ids"),
+                           window=kw.get("window"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    if sink64 is not None:
+        scores = torch.cat([scores, sink64[None, :, None, None].expand(*scores.shape[:-1], 1)], -1)
+    empty = scores.isneginf().all(-1, keepdim=True)
+    lse = torch.logsumexp(scores.masked_fill(empty, 0.0), -1) * ~empty[..., 0]  # empty rows: no gradient
+    # d(lse_i)/dS_ij = P_ij: this loss gives dS = P * (dP - delta - eps), the gradients given the stored out.
+    ((out * dout).sum() - (eps * lse).sum()).backward()
+    return [t.grad for t in leaves], scores.detach()
 
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9

@@ -8,7 +8,7 @@ import torch
 import flashpatch
 from flashpatch import ops
 from flashpatch.reference import reference_attention, visibility_mask
-from helpers import EPS, random_qkv
+from helpers import EPS, grads_given_stored_out, random_qkv
 
 
 @pytest.fixture(autouse=True)
@@ -51,29 +51,14 @@ def stored_inputs_error(q, k, v, grad_out, ref64, reference, **kw):
     - P = exp2(s * log2(e) - lse * log2(e)) from float32 scores and lse: a relative error of a few float32 ulps of
       the largest |s| in log2 units (torch's exp(s - max) is exact at the row's max), which passes torch's float32
       error once |s| is large; allowed for as 8 such ulps of the largest gradient."""
-    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    out = reference(*leaves, **kw)
-    dout = grad_out.double()
-    eps = (dout * (out.detach().to(q.dtype).double() - out.detach())).sum(-1)  # delta's shift, per row
-    group = q.shape[1] // k.shape[1]
-    scale = kw.get("scale") or q.shape[-1] ** -0.5
-    scores = (leaves[0] @ leaves[1].repeat_interleave(group, 1).transpose(-1, -2)) * scale
-    mask = visibility_mask(q.shape[2], k.shape[2], causal=kw.get("causal", False),
-                           key_padding_mask=kw.get("key_padding_mask"), device=q.device,
-                           segment_ids=kw.get("segment_ids"))
-    if mask is not None:
-        empty = ~mask.any(-1, keepdim=True)
-        scores = scores.masked_fill(~mask, float("-inf")).masked_fill(empty, 0.0)
-    lse = torch.logsumexp(scores, -1)
-    if mask is not None:
-        lse = lse * ~empty[..., 0]  # rows that see no key have no gradient
-    # d(lse_i)/dS_ij = P_ij: the loss below gives dS = P * (dP - delta - eps), the gradients given the stored out.
-    ((out * dout).sum() - (eps * lse).sum()).backward()
+    grads64, scores = grads_given_stored_out(q, k, v, grad_out, reference, **kw)
     # Relative to the largest of the three gradients: dq and dk come out of sums whose terms are far larger than the
-    # result (they cancel exactly where a row sees one key), so their own size is no measure.
-    exponent = 8 * 2.0**-24 * scores.detach().abs().max().item() * 1.4426950408889634
+    # result (they cancel exactly where a row sees one key), so their own size is no measure. Invisible scores are
+    # -inf: the largest |s| is that of the visible ones.
+    largest = scores[scores.isfinite()].abs().max().item() if scores.isfinite().any() else 0.0
+    exponent = 8 * 2.0**-24 * largest * 1.4426950408889634
     magnitude = max(r.abs().max().item() for r in ref64)
-    return [max((t.grad - r).abs().max().item(), exponent * magnitude) for t, r in zip(leaves, ref64)]
+    return [max((g - r).abs().max().item(), exponent * magnitude) for g, r in zip(grads64, ref64)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

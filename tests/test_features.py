@@ -11,7 +11,7 @@ import flashpatch
 from flashpatch import AttentionInputError, ops
 from flashpatch.kernels.online_softmax import tanh
 from flashpatch.reference import reference_attention, visibility_mask
-from helpers import EPS, assert_fa2_rule, random_qkv
+from helpers import EPS, assert_fa2_rule, grads_given_stored_out, random_qkv
 
 DTYPES = [torch.float32, torch.float16]
 
@@ -230,31 +230,10 @@ def test_window_over_a_static_cache(seq_q, device, poison_empty):
 # Backward: dq, dk, dv (and dsinks) against float64 autograd through the reference.
 def stored_out_floor(q, k, v, grad_out, sinks, ref64, **kw):
     """How far from float64 each gradient is put by delta = rowsum(dO * out) taking out as stored, rounded to q's
-    dtype (as every flash-attention backward does): the float64 gradients given that delta, against ref64. Where a
-    sink takes part of a row's weight, a row of one key no longer has out = v exactly, so that rounding reaches dq
-    even at Sq = Sk = 1 (tests/test_backward.py's stored_inputs_error, for the features)."""
-    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    sink64 = sinks.detach().double() if sinks is not None else None
-    out = reference_attention(*leaves, sinks=sink64, **kw)
-    dout = grad_out.double()
-    eps = (dout * (out.detach().to(q.dtype).double() - out.detach())).sum(-1)  # delta's shift, per row
-    group = q.shape[1] // k.shape[1]
-    scores = (leaves[0] @ leaves[1].repeat_interleave(group, 1).transpose(-1, -2)) * (kw.get("scale") or
-                                                                                     q.shape[-1] ** -0.5)
-    if kw.get("softcap"):
-        scores = kw["softcap"] * torch.tanh(scores / kw["softcap"])
-    mask = visibility_mask(q.shape[2], k.shape[2], causal=kw.get("causal", False), device=q.device,
-                           key_padding_mask=kw.get("key_padding_mask"), segment_ids=kw.get("segment_ids"),
-                           window=kw.get("window"))
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    if sink64 is not None:
-        scores = torch.cat([scores, sink64[None, :, None, None].expand(*scores.shape[:-1], 1)], -1)
-    empty = scores.isneginf().all(-1, keepdim=True)
-    lse = torch.logsumexp(scores.masked_fill(empty, 0.0), -1) * ~empty[..., 0]  # empty rows: no gradient
-    # d(lse_i)/dS_ij = P_ij: this loss gives dS = P * (dP - delta - eps), the gradients given the stored out.
-    ((out * dout).sum() - (eps * lse).sum()).backward()
-    return [(t.grad - r).abs().max().item() for t, r in zip(leaves, ref64)] + [0.0]
+    dtype (as every flash-attention backward does; helpers.grads_given_stored_out). Where a sink takes part of a
+    row's weight, a row of one key no longer has out = v exactly, so that rounding reaches dq even at Sq = Sk = 1."""
+    grads64, _ = grads_given_stored_out(q, k, v, grad_out, sinks=sinks, **kw)
+    return [(g - r).abs().max().item() for g, r in zip(grads64, ref64)] + [0.0]
 
 
 def check_grads(q, k, v, sinks=None, **kw):
