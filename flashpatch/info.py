@@ -73,5 +73,5 @@ def gather_info() -> dict:
         from flashpatch.kernels.autotune import cache_file, enabled
 
         info["autotune"] = {"enabled": enabled(), "cache": cache_file(family),
-                            "switch": "FLASHPATCH_AUTOTUNE=0 uses the table rows only"}
+                            "switch": "FLASHPATCH_AUTOTUNE=0 uses the first candidate only"}
     return info

@@ -2,7 +2,7 @@
 
 Keyed by GPU family, head-dim bucket, dtype, causal and power-of-two buckets of the lengths and of batch x heads;
 the first call with a new key times every candidate on the caller's own tensors, later calls (and later
-processes) read the answer. FLASHPATCH_AUTOTUNE=0 turns it off (the tile table's row is used). The decode path
+processes) read the answer. FLASHPATCH_AUTOTUNE=0 turns it off (the first candidate is used). The decode path
 never tunes: its launches must stay cheap and graph-capturable.
 """
 
@@ -95,7 +95,7 @@ class Autotuner:
 
     def pick(self, family: str, key: str, candidates: list[TileConfig], time_ms) -> TileConfig:
         """The fastest candidate for `key` (timing each with `time_ms(cfg)` the first time), or the first
-        candidate, the table's row, when tuning is off. A remembered choice that is not among this call's candidates
+        candidate when tuning is off. A remembered choice that is not among this call's candidates
         (another checkout's cache, a kernel switched off since) is timed afresh."""
         if not enabled() or len(candidates) == 1:
             return candidates[0]

@@ -228,9 +228,9 @@ def call_summary(q, k, causal, key_padding_mask, seqused_k, segment_ids, band, s
 def make_plan(q, k, v, *, causal, scale, key_padding_mask, dropout_p, seed, seqused_k, segment_ids, need_lse, family,
               sm_count, window=None, softcap=None, sinks=None):
     """The plan for a validated call's kind: the decode kernel for few query rows, else a forward kernel with the
-    tile table's row, or on a GPU the fastest of the candidates that can serve the call (the portable kernel's tiles,
-    the TMA kernel's, the Gluon sm90 kernel's), timed once per bucket of lengths and batch x heads
-    (kernels/autotune.py). Calls with a window that is not causal run the portable kernels; causal windows,
+    tile table's row, or on a GPU the fastest of the candidates that can serve the call (the Gluon sm90 kernel's
+    configs, first where it serves, then the portable kernel's tiles and the TMA kernel's), timed once per bucket
+    of lengths and batch x heads (kernels/autotune.py). Calls with a window that is not causal run the portable kernels; causal windows,
     softcapping and sinks have the Gluon kernel among their candidates too, unless FLASHPATCH_GLUON_FEATURES=0."""
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
@@ -287,8 +287,8 @@ def make_plan(q, k, v, *, causal, scale, key_padding_mask, dropout_p, seed, sequ
     refusal = sm90_refusal(family, q, k, v, dropout_p=dropout_p, key_padding_mask=key_padding_mask,
                            seqused_k=seqused_k, segment_ids=segment_ids, window=band, softcap=softcap, sinks=sinks,
                            causal=causal)
-    if refusal is None:
-        candidates += _sm90_configs(head_dim)
+    if refusal is None:  # first: what runs untuned (FLASHPATCH_AUTOTUNE=0, CUDA graph capture) on Hopper
+        candidates = _sm90_configs(head_dim) + candidates
     kind = "" if plain else "-masked"
     if not plain_scores:  # a window's band, tanh or the sink change what a tile costs: tuned apart
         kind += "-window" * (band is not None) + "-softcap" * bool(softcap) + "-sinks" * (sinks is not None)
@@ -367,8 +367,9 @@ def plans_in_use() -> list[dict]:
 
 def prefill_config(family: str, q, seq_k: int, causal: bool, candidates: list, timed, plain: bool,
                    kind: str | None = None):
-    """The first candidate (the table's row) while a CUDA graph is being captured (nothing can be timed), else the
-    autotuned choice for this bucket of lengths and batch x heads (`timed(config)` -> ms), remembered on disk.
+    """The first candidate (on Hopper the Gluon kernel's default, else the table's row) while a CUDA graph is being
+    captured (nothing can be timed), else the autotuned choice for this bucket of lengths and batch x heads
+    (`timed(config)` -> ms), remembered on disk.
     `kind`: the key's suffix ("" for plain calls, "-masked" for others unless given). Returns (config, how it was
     chosen: the autotuner's `describe`, or None where nothing was tuned)."""
     if torch.cuda.is_current_stream_capturing():

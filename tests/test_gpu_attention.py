@@ -354,21 +354,41 @@ def test_kernels_used_names_why_a_call_is_not_on_the_gluon_forward():
     assert windowed["why_not_gluon"].startswith(("a sliding window", "not a Hopper"))
 
 
+def test_untuned_hopper_calls_run_the_gluon_forward(monkeypatch):
+    """FLASHPATCH_AUTOTUNE=0 (the suite's default) runs the first candidate: on Hopper the Gluon kernel's default
+    config, not the portable kernel's table row."""
+    from flashpatch import ops
+    from flashpatch.kernels.forward_sm90 import SM90_CONFIGS
+    from helpers import HOPPER
+
+    if not HOPPER:
+        pytest.skip("the Gluon sm90 forward needs an sm90 GPU")
+    monkeypatch.setenv("FLASHPATCH_AUTOTUNE", "0")
+    ops.reset_caches()
+    for head_dim in (64, 128):
+        q, k, v = random_qkv(2, 8, 2, 700, 700, head_dim, torch.bfloat16, "cuda")
+        assert_fa2_rule(flashpatch.attention(q, k, v, causal=True), q, k, v, causal=True)
+    used = flashpatch.kernels_used()
+    assert [(u["kernel"], u["tile"]) for u in used] == [("gluon-sm90", SM90_CONFIGS[d][0].label()) for d in (64, 128)]
+    ops.reset_caches()
+
+
 @pytest.mark.parametrize("head_dim,features", [(128, dict(window=(300, 0))), (256, dict(softcap=2.0)),
                                                (256, dict(window=(200, 0), softcap=2.0)), (64, dict(window=(0, 0))),
                                                (64, dict(sinks=True)), (64, dict(sinks=True, window=(127, 0)))])
 def test_gluon_features_through_the_op(head_dim, features, monkeypatch):
-    """The autotuner made to pick a Gluon config: a causal windowed, softcapped or sink call is served by the Gluon
+    """The autotuner made to pick a Gluon config (as it does untuned): a causal windowed, softcapped or sink call is served by the Gluon
     sm90 forward (kernels_used says so) within FA2's rule."""
     from flashpatch import ops
-    from flashpatch.kernels import AUTOTUNER, plans
+    from flashpatch.kernels import AUTOTUNER, TileConfig, plans
     from helpers import HOPPER
 
     if not HOPPER:
         pytest.skip("the Gluon sm90 forward needs an sm90 GPU")
     monkeypatch.delenv(plans.GLUON_FEATURES_SWITCH, raising=False)
     monkeypatch.setenv("FLASHPATCH_AUTOTUNE", "1")
-    monkeypatch.setattr(AUTOTUNER, "pick", lambda family, key, candidates, timed: candidates[-1])
+    monkeypatch.setattr(AUTOTUNER, "pick", lambda family, key, candidates, timed: next(
+        c for c in candidates if not isinstance(c, TileConfig)))
     ops.reset_caches()
     q, k, v = random_qkv(2, 8, 4, 1000, 1000, head_dim, torch.bfloat16, "cuda")
     q, k = q * 4, k * 4  # scores that reach a cap of 2
