@@ -23,7 +23,8 @@
          instead), N = 1K..16K, head dims 128 and 64, causal and not: every config that passed its checks (only
          each head dim's default with --defaults-only) beside SDPA forced to cuDNN and to FlashAttention-2 and
          flashpatch's portable backward (flash_attn_backward with select_backward_config; its fwd+bwd is
-         flashpatch.attention's autograd, the current training path, with FLASHPATCH_AUTOTUNE=0 unless set).
+         flashpatch.attention's autograd, the current training path, with FLASHPATCH_AUTOTUNE=0 unless set: on
+         Hopper the Gluon forward's default config, then the dispatch's backward).
          Ours fwd+bwd is the Gluon forward's default config and then the backward. TFLOPS: forward
          4 * B * H * N^2 * D (halved causal), backward 2.5 times that, fwd+bwd 3.5 times.
       3. Writes JSON to --out as it goes and prints a table last.
@@ -45,7 +46,7 @@ import time
 
 import torch
 
-os.environ.setdefault("FLASHPATCH_AUTOTUNE", "0")  # the portable forward's table row: no timing of candidates
+os.environ.setdefault("FLASHPATCH_AUTOTUNE", "0")  # the first candidate (Gluon's default): no timing of candidates
 
 from flashpatch.kernels import backward_sm90  # noqa: E402
 from flashpatch.kernels.backward_sm90 import (SHARED_MEMORY_LIMIT, SM90_BWD_CONFIGS, default_config,  # noqa: E402
