@@ -87,7 +87,7 @@ def test_a_failing_candidate_is_never_chosen_and_a_broken_cache_is_retuned(cache
 
 def test_prefill_tiles_are_tuned_per_length_bucket_and_call_kind(monkeypatch):
     """A GPU prefill asks the tuner with its bucketed key (masked calls apart: their candidates differ) and keeps
-    what it picks; while a CUDA graph is being captured nothing is timed and the table's row serves."""
+    what it picks; while a CUDA graph is being captured nothing is timed and the first candidate serves."""
     import torch
 
     from flashpatch.kernels import AUTOTUNER, plans, tune_candidates
