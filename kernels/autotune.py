@@ -95,8 +95,8 @@ class Autotuner:
 
     def pick(self, family: str, key: str, candidates: list[TileConfig], time_ms) -> TileConfig:
         """The fastest candidate for `key` (timing each with `time_ms(cfg)` the first time), or the first
-        candidate when tuning is off. A remembered choice that is not among this call's candidates
-        (another checkout's cache, a kernel switched off since) is timed afresh."""
+        candidate when tuning is off. A remembered choice that is not among this call's candidates (another
+        checkout's cache, a kernel switched off since) is timed afresh."""
         if not enabled() or len(candidates) == 1:
             return candidates[0]
         known = self._load(family)

@@ -47,8 +47,8 @@ TILE_TABLE: dict[str, dict[int, TileConfig]] = {
 
 # Autotuning (kernels/autotune.py) times these per key on first use; the table's row comes first and is
 # what runs with FLASHPATCH_AUTOTUNE=0 (on Hopper, where the Gluon kernel serves, its configs come before them).
-# Alternatives are the runners-up of the sm90 sweep and their
-# shared-memory-scaled cousins; tests/test_dispatch.py checks each fits its family's budget.
+# Alternatives are the runners-up of the sm90 sweep and their shared-memory-scaled cousins; tests/test_dispatch.py
+# checks each fits its family's budget.
 TUNE_ALTERNATIVES: dict[str, dict[int, list[TileConfig]]] = {
     "sm90": {64: [TileConfig(128, 64, 4, 3), TileConfig(64, 64, 4, 3)],
              128: [TileConfig(128, 128, 8, 3), TileConfig(128, 128, 8, 3, tma=True),

@@ -230,8 +230,9 @@ def make_plan(q, k, v, *, causal, scale, key_padding_mask, dropout_p, seed, sequ
     """The plan for a validated call's kind: the decode kernel for few query rows, else a forward kernel with the
     tile table's row, or on a GPU the fastest of the candidates that can serve the call (the Gluon sm90 kernel's
     configs, first where it serves, then the portable kernel's tiles and the TMA kernel's), timed once per bucket
-    of lengths and batch x heads (kernels/autotune.py). Calls with a window that is not causal run the portable kernels; causal windows,
-    softcapping and sinks have the Gluon kernel among their candidates too, unless FLASHPATCH_GLUON_FEATURES=0."""
+    of lengths and batch x heads (kernels/autotune.py). Calls with a window that is not causal run the portable
+    kernels; causal windows, softcapping and sinks have the Gluon kernel among their candidates too, unless
+    FLASHPATCH_GLUON_FEATURES=0."""
     batch, heads_q, seq_q, head_dim = q.shape
     heads_k, seq_k = k.shape[1], k.shape[2]
     element_size = q.element_size()

@@ -8,7 +8,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 # On a GPU the tests check the math of the first candidates (on Hopper the Gluon kernel's default config, elsewhere
-# the tile table's rows); every tuning candidate has its own test (test_gpu_attention.py, test_forward_sm90.py). Timing candidates for each new shape, in parallel workers, would only cost time.
+# the tile table's rows); every tuning candidate has its own test (test_gpu_attention.py, test_forward_sm90.py).
+# Timing candidates for each new shape, in parallel workers, would only cost time.
 os.environ.setdefault("FLASHPATCH_AUTOTUNE", "0")
 
 HAS_CUDA = torch.cuda.is_available()

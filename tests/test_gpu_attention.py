@@ -377,8 +377,8 @@ def test_untuned_hopper_calls_run_the_gluon_forward(monkeypatch):
                                                (256, dict(window=(200, 0), softcap=2.0)), (64, dict(window=(0, 0))),
                                                (64, dict(sinks=True)), (64, dict(sinks=True, window=(127, 0)))])
 def test_gluon_features_through_the_op(head_dim, features, monkeypatch):
-    """The autotuner made to pick a Gluon config (as it does untuned): a causal windowed, softcapped or sink call is served by the Gluon
-    sm90 forward (kernels_used says so) within FA2's rule."""
+    """The autotuner made to pick a Gluon config (as it does untuned): a causal windowed, softcapped or sink call is
+    served by the Gluon sm90 forward (kernels_used says so) within FA2's rule."""
     from flashpatch import ops
     from flashpatch.kernels import AUTOTUNER, TileConfig, plans
     from helpers import HOPPER
