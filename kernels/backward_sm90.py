@@ -108,6 +108,7 @@ class Sm90BwdConfig:
     producer_regs: int = 24  # per thread, for the producer warp (and its warpgroup's padding)
     warp_specialize: bool = True  # False: one 8-warp partition loads its own blocks (Step 7; 128 keys, dQ "block")
     persistent: bool = False  # grid = number of SMs, each program walks key blocks in turn (warp-specialised only)
+    fresh_kv: bool = False  # K/V wgmma descriptors derived in the key loop, not hoisted and spilled (see FRESH_KV)
 
     @property
     def block_n(self) -> int:
@@ -138,7 +139,8 @@ class Sm90BwdConfig:
 
     def label(self) -> str:
         return (f"m{self.block_m}n{self.block_n}s{self.num_stages}+dq_{self.dq}_{self.dq_write}"
-                + ("" if self.warp_specialize else "+nows") + ("+persist" if self.persistent else ""))
+                + ("" if self.warp_specialize else "+nows") + ("+persist" if self.persistent else "")
+                + ("+fresh_kv" if self.fresh_kv else ""))
 
 
 # Candidates per kernel head dim, the first is the default. Registers: 65536 per SM; with two consumers the kernel
@@ -153,7 +155,9 @@ class Sm90BwdConfig:
 # Shared memory: d128 m64 s3 "block" takes 231472 of 232448 bytes; d64 m128 s3 "block" does not fit. The
 # persistent rows are the defaults walking several key blocks a program (at short N each non-persistent program's
 # K/V load and dK/dV store are exposed: one 198 KB program fits an SM); their key loops compile to the same spill
-# and instruction counts as the defaults'.
+# and instruction counts as the defaults', and on an H200 they ran level without a mask, 12-20 % slower causal
+# (BENCHMARKS §2). The fresh_kv rows are the defaults with the K/V descriptors derived in the key loop (FRESH_KV in
+# Step 4): compiled for sm90, d128's loops reload 0-6 values a step from local memory instead of 12-20.
 SM90_BWD_CONFIGS: dict[int, list[Sm90BwdConfig]] = {
     64: [Sm90BwdConfig(128, 2),
          Sm90BwdConfig(64, 2, dq="wg"),
@@ -161,14 +165,16 @@ SM90_BWD_CONFIGS: dict[int, list[Sm90BwdConfig]] = {
          Sm90BwdConfig(64, 3, dq="wg"),
          Sm90BwdConfig(64, 2, num_consumers=1, dq="wg"),
          Sm90BwdConfig(128, 2, warp_specialize=False),
-         Sm90BwdConfig(128, 2, persistent=True)],
+         Sm90BwdConfig(128, 2, persistent=True),
+         Sm90BwdConfig(128, 2, fresh_kv=True)],
     128: [Sm90BwdConfig(64, 2),
           Sm90BwdConfig(64, 3),
           Sm90BwdConfig(64, 2, dq="wg"),
           Sm90BwdConfig(64, 2, dq_write="atomic"),
           Sm90BwdConfig(64, 2, num_consumers=1, dq="wg"),
           Sm90BwdConfig(64, 2, warp_specialize=False),
-          Sm90BwdConfig(64, 2, persistent=True)],
+          Sm90BwdConfig(64, 2, persistent=True),
+          Sm90BwdConfig(64, 2, fresh_kv=True)],
 }
 SM90_BWD_CONFIGS[80] = SM90_BWD_CONFIGS[96] = SM90_BWD_CONFIGS[128]
 
@@ -326,8 +332,8 @@ def _bwd_produce_tile(desc_q, desc_do, desc_k, desc_v, desc_lse, desc_delta, q_s
     if PERSISTENT:
         mbarrier.wait(kv_empty, (t_local & 1) ^ 1)  # every consumer is done with the last tile's K and V
     mbarrier.expect(kv_ready, desc_k.block_type.nbytes + desc_v.block_type.nbytes)
-    _tma_load(desc_k, [b, kv_h, n0, 0], kv_ready, k_smem)
-    _tma_load(desc_v, [b, kv_h, n0, 0], kv_ready, v_smem)
+    _tma_load(desc_k, [b, kv_h, n0, 0], kv_ready, k_smem.index(0))
+    _tma_load(desc_v, [b, kv_h, n0, 0], kv_ready, v_smem.index(0))
     m_lo, m_hi = _query_blocks(n0, seq_q, seq_k, BLOCK_M, CAUSAL)
     if HAS_SEG:  # the consumers narrow their loops alike
         m_lo, m_hi = _segment_query_blocks(m_lo, m_hi, seg_ptr + b.to(gl.int64) * stride_sb, stride_sp, n0, seq_k,
@@ -353,16 +359,22 @@ def _bwd_produce_tile(desc_q, desc_do, desc_k, desc_v, desc_lse, desc_delta, q_s
 # Step 4: one query block of a consumer warpgroup.
 # ---------------------------------------------------------------------------------------------------------------
 @gluon.jit
-def _bwd_step(k_smem, v_tile, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, q_ready, do_ready, qdo_empty,
+def _bwd_step(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, q_ready, do_ready, qdo_empty,
               ds_full, ds_free, desc_dq, dq_acc_ptr, dk, dv, i, m0, dq_row, n0w, qk_scale, seq_k, causal_offset,
               key_keep, key_seg, seg_row, seq_q, WG: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
               NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, MASKED: gl.constexpr,
               DQ_SPLIT: gl.constexpr, DQ_TMA: gl.constexpr, HAS_KPM: gl.constexpr, HAS_SEG: gl.constexpr,
-              s_layout: gl.constexpr, op_layout: gl.constexpr, dq_layout: gl.constexpr, dq_shape: gl.constexpr):
+              FRESH_KV: gl.constexpr, s_layout: gl.constexpr, op_layout: gl.constexpr, dq_layout: gl.constexpr,
+              dq_shape: gl.constexpr):
     stage = i % NUM_STAGES
     phase = (i // NUM_STAGES) & 1
-    k_block = k_smem.reshape([NUM_CONSUMERS * _KEY_ROWS, HEAD_DIM])
+    # FRESH_KV: the K and V views hang on a runtime index that is always 0 (i >> 31, i >= 0), so the compiler
+    # derives their wgmma descriptors in the loop instead of hoisting them out and reloading them from local memory
+    # every step (the d128 key loops' SASS: 12-20 such reloads a step without it, 0-6 with it; BENCHMARKS §2).
+    kv = i >> 31 if FRESH_KV else 0
+    k_block = k_smem.index(kv).reshape([NUM_CONSUMERS * _KEY_ROWS, HEAD_DIM])
     k_tile = k_block.slice(WG * _KEY_ROWS, _KEY_ROWS)
+    v_tile = v_smem.index(kv).reshape([NUM_CONSUMERS * _KEY_ROWS, HEAD_DIM]).slice(WG * _KEY_ROWS, _KEY_ROWS)
     q_tile = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
     do_tile = do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
     cols: gl.constexpr = gl.SliceLayout(0, s_layout)  # one value per query of the block
@@ -463,7 +475,8 @@ def _bwd_consumer(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, d
                   stride_mb, stride_mn, seg_ptr, stride_sb, stride_sp,
                   WG: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
                   NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, DQ_SPLIT: gl.constexpr,
-                  DQ_TMA: gl.constexpr, HAS_KPM: gl.constexpr, HAS_SEG: gl.constexpr, PERSISTENT: gl.constexpr):
+                  DQ_TMA: gl.constexpr, HAS_KPM: gl.constexpr, HAS_SEG: gl.constexpr, PERSISTENT: gl.constexpr,
+                  FRESH_KV: gl.constexpr):
     if PERSISTENT:  # the tile sequence the producer walks; a tile's dK/dV stores overlap the next tile's loads
         it = 0
         t_local = 0
@@ -478,7 +491,7 @@ def _bwd_consumer(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, d
                                        stride_dvb, stride_dvh, stride_dvs, kpm_ptr, stride_mb, stride_mn, seg_ptr,
                                        stride_sb, stride_sp, b, kv_h, n_block, it, t_local, WG, BLOCK_M, HEAD_DIM,
                                        NUM_STAGES, NUM_CONSUMERS, CAUSAL, DQ_SPLIT, DQ_TMA, HAS_KPM, HAS_SEG,
-                                       PERSISTENT)
+                                       PERSISTENT, FRESH_KV)
                 t_local += 1
     else:
         b, kv_h, n_block = _program_coords(heads_k, num_n_blocks)
@@ -487,7 +500,8 @@ def _bwd_consumer(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, d
                           ds_free, qk_scale, sm_scale, seq_q, seq_k, heads_q, group_size, padded_q, head_dim,
                           stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, kpm_ptr, stride_mb,
                           stride_mn, seg_ptr, stride_sb, stride_sp, b, kv_h, n_block, 0, 0, WG, BLOCK_M, HEAD_DIM,
-                          NUM_STAGES, NUM_CONSUMERS, CAUSAL, DQ_SPLIT, DQ_TMA, HAS_KPM, HAS_SEG, PERSISTENT)
+                          NUM_STAGES, NUM_CONSUMERS, CAUSAL, DQ_SPLIT, DQ_TMA, HAS_KPM, HAS_SEG, PERSISTENT,
+                          FRESH_KV)
     if DQ_TMA:
         tma.store_wait(0)
 
@@ -500,7 +514,8 @@ def _bwd_consume_tile(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_sme
                       stride_sb, stride_sp, b, kv_h, n_block, it, t_local,
                       WG: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
                       NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, DQ_SPLIT: gl.constexpr,
-                      DQ_TMA: gl.constexpr, HAS_KPM: gl.constexpr, HAS_SEG: gl.constexpr, PERSISTENT: gl.constexpr):
+                      DQ_TMA: gl.constexpr, HAS_KPM: gl.constexpr, HAS_SEG: gl.constexpr, PERSISTENT: gl.constexpr,
+                      FRESH_KV: gl.constexpr):
     """One key block: this warpgroup's 64 keys over every query block of the group's heads (ring slots `it` on),
     then dK and dV. Returns the slot count after it."""
     # wgmma accumulators: 4 warps stacked along M (16 rows each), instruction N = the tile's N.
@@ -538,7 +553,6 @@ def _bwd_consume_tile(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_sme
     if HAS_SEG:  # every query block compares segments
         key_seg = gl.expand_dims(gl.load(seg_row + key_idx, mask=key_idx < seq_k, other=-1), 1)
         n_masked = n_m
-    v_tile = v_smem.reshape([NUM_CONSUMERS * _KEY_ROWS, HEAD_DIM]).slice(WG * _KEY_ROWS, _KEY_ROWS)
 
     dk = gl.zeros([_KEY_ROWS, HEAD_DIM], gl.float32, kv_layout)
     dv = gl.zeros([_KEY_ROWS, HEAD_DIM], gl.float32, kv_layout)
@@ -547,20 +561,20 @@ def _bwd_consume_tile(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_sme
         row0 = (b * heads_q + kv_h * group_size + g) * padded_q
         for j in range(n_masked):
             m0 = (m_lo + j) * BLOCK_M
-            dk, dv = _bwd_step(k_smem, v_tile, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, q_ready,
+            dk, dv = _bwd_step(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, q_ready,
                                do_ready, qdo_empty, ds_full, ds_free, desc_dq, dq_acc_ptr, dk, dv,
                                it + g * n_m + j, m0, row0 + m0, n0w, qk_scale, seq_k, causal_offset, key_keep,
                                key_seg, seg_row, seq_q,
                                WG, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, True, DQ_SPLIT, DQ_TMA,
-                               HAS_KPM, HAS_SEG, s_layout, op_layout, dq_layout, dq_shape)
+                               HAS_KPM, HAS_SEG, FRESH_KV, s_layout, op_layout, dq_layout, dq_shape)
         for j in range(n_masked, n_m):
             m0 = (m_lo + j) * BLOCK_M
-            dk, dv = _bwd_step(k_smem, v_tile, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, q_ready,
+            dk, dv = _bwd_step(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, q_ready,
                                do_ready, qdo_empty, ds_full, ds_free, desc_dq, dq_acc_ptr, dk, dv,
                                it + g * n_m + j, m0, row0 + m0, n0w, qk_scale, seq_k, causal_offset, key_keep,
                                key_seg, seg_row, seq_q,
                                WG, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, False, DQ_SPLIT, DQ_TMA,
-                               HAS_KPM, HAS_SEG, s_layout, op_layout, dq_layout, dq_shape)
+                               HAS_KPM, HAS_SEG, FRESH_KV, s_layout, op_layout, dq_layout, dq_shape)
     if PERSISTENT:  # the last step's wgmmas have read K and V: the producer may load the next tile's
         mbarrier.arrive(kv_empty)
 
@@ -592,10 +606,12 @@ def _attn_bwd_sm90(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, desc_d
                    HEAD_DIM: gl.constexpr,
                    NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr,
                    DQ_SPLIT: gl.constexpr, DQ_TMA: gl.constexpr, HAS_KPM: gl.constexpr, HAS_SEG: gl.constexpr,
-                   CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, PERSISTENT: gl.constexpr):
+                   CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, PERSISTENT: gl.constexpr,
+                   FRESH_KV: gl.constexpr):
     dtype: gl.constexpr = desc_q.dtype
-    k_smem = gl.allocate_shared_memory(dtype, desc_k.block_type.shape, desc_k.layout)  # the whole key block
-    v_smem = gl.allocate_shared_memory(dtype, desc_v.block_type.shape, desc_v.layout)
+    # The whole key block, behind a leading dimension of one that the consumers index (see FRESH_KV).
+    k_smem = gl.allocate_shared_memory(dtype, [1] + desc_k.block_type.shape, desc_k.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [1] + desc_v.block_type.shape, desc_v.layout)
     q_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_M, HEAD_DIM], desc_q.layout)
     do_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, 1, 1, BLOCK_M, HEAD_DIM], desc_do.layout)
     lse_smem = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, BLOCK_M], desc_lse.layout)
@@ -637,14 +653,14 @@ def _attn_bwd_sm90(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, desc_d
                              padded_q, num_n_blocks, num_tiles, batch_kv, l2_pairs, head_dim, stride_dkb, stride_dkh,
                              stride_dks, stride_dvb, stride_dvh, stride_dvs, kpm_ptr, stride_mb, stride_mn, seg_ptr,
                              stride_sb, stride_sp, 0, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL,
-                             DQ_SPLIT, DQ_TMA, HAS_KPM, HAS_SEG, PERSISTENT)),
+                             DQ_SPLIT, DQ_TMA, HAS_KPM, HAS_SEG, PERSISTENT, FRESH_KV)),
             (_bwd_consumer, (dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, do_smem, lse_smem,
                              delta_smem, ds_smem, dq_smem, kv_ready, kv_empty, q_ready, do_ready, qdo_empty,
                              ds_full, ds_free, qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size,
                              padded_q, num_n_blocks, num_tiles, batch_kv, l2_pairs, head_dim, stride_dkb, stride_dkh,
                              stride_dks, stride_dvb, stride_dvh, stride_dvs, kpm_ptr, stride_mb, stride_mn, seg_ptr,
                              stride_sb, stride_sp, 1, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL,
-                             DQ_SPLIT, DQ_TMA, HAS_KPM, HAS_SEG, PERSISTENT)),
+                             DQ_SPLIT, DQ_TMA, HAS_KPM, HAS_SEG, PERSISTENT, FRESH_KV)),
             (_bwd_producer, (desc_q, desc_do, desc_k, desc_v, desc_lse, desc_delta, q_smem, do_smem, k_smem, v_smem,
                              lse_smem, delta_smem, kv_ready, kv_empty, q_ready, do_ready, qdo_empty, seq_q, seq_k,
                              heads_q, heads_k, group_size, padded_q, num_n_blocks, num_tiles, batch_kv, l2_pairs,
@@ -659,7 +675,7 @@ def _attn_bwd_sm90(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, desc_d
                              padded_q, num_n_blocks, num_tiles, batch_kv, l2_pairs, head_dim, stride_dkb, stride_dkh,
                              stride_dks, stride_dvb, stride_dvh, stride_dvs, kpm_ptr, stride_mb, stride_mn, seg_ptr,
                              stride_sb, stride_sp, 0, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL,
-                             DQ_SPLIT, DQ_TMA, HAS_KPM, HAS_SEG, PERSISTENT)),
+                             DQ_SPLIT, DQ_TMA, HAS_KPM, HAS_SEG, PERSISTENT, FRESH_KV)),
             (_bwd_producer, (desc_q, desc_do, desc_k, desc_v, desc_lse, desc_delta, q_smem, do_smem, k_smem, v_smem,
                              lse_smem, delta_smem, kv_ready, kv_empty, q_ready, do_ready, qdo_empty, seq_q, seq_k,
                              heads_q, heads_k, group_size, padded_q, num_n_blocks, num_tiles, batch_kv, l2_pairs,
@@ -898,8 +914,8 @@ def _constexprs(config: Sm90BwdConfig, head_dim: int, causal: bool, key_padding_
             raise ValueError("without warp specialisation the program is two warpgroups with the block dQ")
         if key_padding_mask or segment_ids:
             raise ValueError("the kernel without warp specialisation takes no key padding mask or segment ids")
-        if config.persistent:
-            raise ValueError("persistence needs warp specialisation")
+        if config.persistent or config.fresh_kv:
+            raise ValueError("persistence and fresh K/V descriptors need warp specialisation")
         return dict(BLOCK_M=config.block_m, HEAD_DIM=KERNEL_HEAD_DIM[head_dim], NUM_STAGES=config.num_stages,
                     CAUSAL=causal, DQ_TMA=config.dq_write == "tma")
     if config.dq_split() == 1 and KERNEL_HEAD_DIM[head_dim] != 128:
@@ -907,7 +923,8 @@ def _constexprs(config: Sm90BwdConfig, head_dim: int, causal: bool, key_padding_
     return dict(BLOCK_M=config.block_m, HEAD_DIM=KERNEL_HEAD_DIM[head_dim], NUM_STAGES=config.num_stages,
                 NUM_CONSUMERS=config.num_consumers, CAUSAL=causal, DQ_SPLIT=config.dq_split(),
                 DQ_TMA=config.dq_write == "tma", HAS_KPM=key_padding_mask, HAS_SEG=segment_ids,
-                CONSUMER_REGS=config.consumer_regs, PRODUCER_REGS=config.producer_regs, PERSISTENT=config.persistent)
+                CONSUMER_REGS=config.consumer_regs, PRODUCER_REGS=config.producer_regs, PERSISTENT=config.persistent,
+                FRESH_KV=config.fresh_kv)
 
 
 # (config, head_dim, causal, dtype[, masks]) -> the compiled main kernel of the last launch, for inspection.
