@@ -109,6 +109,7 @@ class Sm90BwdConfig:
     warp_specialize: bool = True  # False: one 8-warp partition loads its own blocks (Step 7; 128 keys, dQ "block")
     persistent: bool = False  # grid = number of SMs, each program walks key blocks in turn (warp-specialised only)
     fresh_kv: bool = False  # K/V wgmma descriptors derived in the key loop, not hoisted and spilled (see FRESH_KV)
+    early_dq_wait: bool = False  # TMA dQ: wait for the last reduction during the dK/dQ wgmmas (see EARLY_DQ_WAIT)
 
     @property
     def block_n(self) -> int:
@@ -140,7 +141,7 @@ class Sm90BwdConfig:
     def label(self) -> str:
         return (f"m{self.block_m}n{self.block_n}s{self.num_stages}+dq_{self.dq}_{self.dq_write}"
                 + ("" if self.warp_specialize else "+nows") + ("+persist" if self.persistent else "")
-                + ("+fresh_kv" if self.fresh_kv else ""))
+                + ("+fresh_kv" if self.fresh_kv else "") + ("+early_dq_wait" if self.early_dq_wait else ""))
 
 
 # Candidates per kernel head dim, the first is the default. Registers: 65536 per SM; with two consumers the kernel
@@ -157,7 +158,8 @@ class Sm90BwdConfig:
 # K/V load and dK/dV store are exposed: one 198 KB program fits an SM); their key loops compile to the same spill
 # and instruction counts as the defaults', and on an H200 they ran level without a mask, 12-20 % slower causal
 # (BENCHMARKS §2). The fresh_kv rows are the defaults with the K/V descriptors derived in the key loop (FRESH_KV in
-# Step 4): compiled for sm90, d128's loops reload 0-6 values a step from local memory instead of 12-20.
+# Step 4): compiled for sm90, d128's loops reload 0-6 values a step from local memory instead of 12-20. The
+# early_dq_wait rows add EARLY_DQ_WAIT (Step 4e): five warpgroup barriers a step instead of six.
 SM90_BWD_CONFIGS: dict[int, list[Sm90BwdConfig]] = {
     64: [Sm90BwdConfig(128, 2),
          Sm90BwdConfig(64, 2, dq="wg"),
@@ -166,7 +168,8 @@ SM90_BWD_CONFIGS: dict[int, list[Sm90BwdConfig]] = {
          Sm90BwdConfig(64, 2, num_consumers=1, dq="wg"),
          Sm90BwdConfig(128, 2, warp_specialize=False),
          Sm90BwdConfig(128, 2, persistent=True),
-         Sm90BwdConfig(128, 2, fresh_kv=True)],
+         Sm90BwdConfig(128, 2, fresh_kv=True),
+         Sm90BwdConfig(128, 2, fresh_kv=True, early_dq_wait=True)],
     128: [Sm90BwdConfig(64, 2),
           Sm90BwdConfig(64, 3),
           Sm90BwdConfig(64, 2, dq="wg"),
@@ -174,7 +177,8 @@ SM90_BWD_CONFIGS: dict[int, list[Sm90BwdConfig]] = {
           Sm90BwdConfig(64, 2, num_consumers=1, dq="wg"),
           Sm90BwdConfig(64, 2, warp_specialize=False),
           Sm90BwdConfig(64, 2, persistent=True),
-          Sm90BwdConfig(64, 2, fresh_kv=True)],
+          Sm90BwdConfig(64, 2, fresh_kv=True),
+          Sm90BwdConfig(64, 2, fresh_kv=True, early_dq_wait=True)],
 }
 SM90_BWD_CONFIGS[80] = SM90_BWD_CONFIGS[96] = SM90_BWD_CONFIGS[128]
 
@@ -364,8 +368,8 @@ def _bwd_step(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq
               key_keep, key_seg, seg_row, seq_q, WG: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
               NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, MASKED: gl.constexpr,
               DQ_SPLIT: gl.constexpr, DQ_TMA: gl.constexpr, HAS_KPM: gl.constexpr, HAS_SEG: gl.constexpr,
-              FRESH_KV: gl.constexpr, s_layout: gl.constexpr, op_layout: gl.constexpr, dq_layout: gl.constexpr,
-              dq_shape: gl.constexpr):
+              FRESH_KV: gl.constexpr, EARLY_DQ_WAIT: gl.constexpr, s_layout: gl.constexpr, op_layout: gl.constexpr,
+              dq_layout: gl.constexpr, dq_shape: gl.constexpr):
     stage = i % NUM_STAGES
     phase = (i // NUM_STAGES) & 1
     # FRESH_KV: the K and V views hang on a runtime index that is always 0 (i >> 31, i >= 0), so the compiler
@@ -444,17 +448,28 @@ def _bwd_step(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq
                            use_acc=False, is_async=True)
     else:
         dq = warpgroup_mma(ds_tile.permute((1, 0)), k_tile, dq_zero, use_acc=False, is_async=True)
+    # EARLY_DQ_WAIT (TMA dQ): the last block's reduction is waited for while dK and dQ run, and the slots are given
+    # back after the dQ tile is written, so that one warpgroup barrier serves both (five a step instead of six).
+    EARLY: gl.constexpr = EARLY_DQ_WAIT and DQ_TMA
+    if EARLY:
+        tma.store_wait(0)  # the last block's reduction has read the dQ tile
     dk, dq = warpgroup_mma_wait(0, deps=(dk, dq))
-    if DQ_SPLIT != 0:
-        mbarrier.arrive(ds_free.index(buf))
-    mbarrier.arrive(qdo_empty.index(stage))  # Q, dO, lse and delta of this slot are no longer read
+    if not EARLY:
+        if DQ_SPLIT != 0:
+            mbarrier.arrive(ds_free.index(buf))
+        mbarrier.arrive(qdo_empty.index(stage))  # Q, dO, lse and delta of this slot are no longer read
 
     # Step 4e: the dQ share into dQaccum.
     if DQ_TMA:
         dq_tile = dq_smem.index(WG)
-        tma.store_wait(0)  # the last block's reduction has read the dQ tile
+        if not EARLY:
+            tma.store_wait(0)
         dq_tile.store(dq)
         fence_async_shared()
+        if EARLY:
+            if DQ_SPLIT != 0:
+                mbarrier.arrive(ds_free.index(buf))
+            mbarrier.arrive(qdo_empty.index(stage))
         _tma_reduce_add(desc_dq, [dq_row + DQ_ROW_OFF, DQ_COL], dq_tile)
     else:
         rows = gl.expand_dims(gl.arange(0, dq_shape[0], layout=gl.SliceLayout(1, dq_layout)), 1)
@@ -476,7 +491,7 @@ def _bwd_consumer(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, d
                   WG: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
                   NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, DQ_SPLIT: gl.constexpr,
                   DQ_TMA: gl.constexpr, HAS_KPM: gl.constexpr, HAS_SEG: gl.constexpr, PERSISTENT: gl.constexpr,
-                  FRESH_KV: gl.constexpr):
+                  FRESH_KV: gl.constexpr, EARLY_DQ_WAIT: gl.constexpr):
     if PERSISTENT:  # the tile sequence the producer walks; a tile's dK/dV stores overlap the next tile's loads
         it = 0
         t_local = 0
@@ -491,7 +506,7 @@ def _bwd_consumer(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, d
                                        stride_dvb, stride_dvh, stride_dvs, kpm_ptr, stride_mb, stride_mn, seg_ptr,
                                        stride_sb, stride_sp, b, kv_h, n_block, it, t_local, WG, BLOCK_M, HEAD_DIM,
                                        NUM_STAGES, NUM_CONSUMERS, CAUSAL, DQ_SPLIT, DQ_TMA, HAS_KPM, HAS_SEG,
-                                       PERSISTENT, FRESH_KV)
+                                       PERSISTENT, FRESH_KV, EARLY_DQ_WAIT)
                 t_local += 1
     else:
         b, kv_h, n_block = _program_coords(heads_k, num_n_blocks)
@@ -501,7 +516,7 @@ def _bwd_consumer(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, d
                           stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, kpm_ptr, stride_mb,
                           stride_mn, seg_ptr, stride_sb, stride_sp, b, kv_h, n_block, 0, 0, WG, BLOCK_M, HEAD_DIM,
                           NUM_STAGES, NUM_CONSUMERS, CAUSAL, DQ_SPLIT, DQ_TMA, HAS_KPM, HAS_SEG, PERSISTENT,
-                          FRESH_KV)
+                          FRESH_KV, EARLY_DQ_WAIT)
     if DQ_TMA:
         tma.store_wait(0)
 
@@ -515,7 +530,7 @@ def _bwd_consume_tile(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_sme
                       WG: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
                       NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, DQ_SPLIT: gl.constexpr,
                       DQ_TMA: gl.constexpr, HAS_KPM: gl.constexpr, HAS_SEG: gl.constexpr, PERSISTENT: gl.constexpr,
-                      FRESH_KV: gl.constexpr):
+                      FRESH_KV: gl.constexpr, EARLY_DQ_WAIT: gl.constexpr):
     """One key block: this warpgroup's 64 keys over every query block of the group's heads (ring slots `it` on),
     then dK and dV. Returns the slot count after it."""
     # wgmma accumulators: 4 warps stacked along M (16 rows each), instruction N = the tile's N.
@@ -566,7 +581,7 @@ def _bwd_consume_tile(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_sme
                                it + g * n_m + j, m0, row0 + m0, n0w, qk_scale, seq_k, causal_offset, key_keep,
                                key_seg, seg_row, seq_q,
                                WG, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, True, DQ_SPLIT, DQ_TMA,
-                               HAS_KPM, HAS_SEG, FRESH_KV, s_layout, op_layout, dq_layout, dq_shape)
+                               HAS_KPM, HAS_SEG, FRESH_KV, EARLY_DQ_WAIT, s_layout, op_layout, dq_layout, dq_shape)
         for j in range(n_masked, n_m):
             m0 = (m_lo + j) * BLOCK_M
             dk, dv = _bwd_step(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem, q_ready,
@@ -574,7 +589,7 @@ def _bwd_consume_tile(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_sme
                                it + g * n_m + j, m0, row0 + m0, n0w, qk_scale, seq_k, causal_offset, key_keep,
                                key_seg, seg_row, seq_q,
                                WG, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, False, DQ_SPLIT, DQ_TMA,
-                               HAS_KPM, HAS_SEG, FRESH_KV, s_layout, op_layout, dq_layout, dq_shape)
+                               HAS_KPM, HAS_SEG, FRESH_KV, EARLY_DQ_WAIT, s_layout, op_layout, dq_layout, dq_shape)
     if PERSISTENT:  # the last step's wgmmas have read K and V: the producer may load the next tile's
         mbarrier.arrive(kv_empty)
 
@@ -607,7 +622,7 @@ def _attn_bwd_sm90(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, desc_d
                    NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr,
                    DQ_SPLIT: gl.constexpr, DQ_TMA: gl.constexpr, HAS_KPM: gl.constexpr, HAS_SEG: gl.constexpr,
                    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, PERSISTENT: gl.constexpr,
-                   FRESH_KV: gl.constexpr):
+                   FRESH_KV: gl.constexpr, EARLY_DQ_WAIT: gl.constexpr):
     dtype: gl.constexpr = desc_q.dtype
     # The whole key block, behind a leading dimension of one that the consumers index (see FRESH_KV).
     k_smem = gl.allocate_shared_memory(dtype, [1] + desc_k.block_type.shape, desc_k.layout)
@@ -653,14 +668,14 @@ def _attn_bwd_sm90(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, desc_d
                              padded_q, num_n_blocks, num_tiles, batch_kv, l2_pairs, head_dim, stride_dkb, stride_dkh,
                              stride_dks, stride_dvb, stride_dvh, stride_dvs, kpm_ptr, stride_mb, stride_mn, seg_ptr,
                              stride_sb, stride_sp, 0, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL,
-                             DQ_SPLIT, DQ_TMA, HAS_KPM, HAS_SEG, PERSISTENT, FRESH_KV)),
+                             DQ_SPLIT, DQ_TMA, HAS_KPM, HAS_SEG, PERSISTENT, FRESH_KV, EARLY_DQ_WAIT)),
             (_bwd_consumer, (dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, do_smem, lse_smem,
                              delta_smem, ds_smem, dq_smem, kv_ready, kv_empty, q_ready, do_ready, qdo_empty,
                              ds_full, ds_free, qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size,
                              padded_q, num_n_blocks, num_tiles, batch_kv, l2_pairs, head_dim, stride_dkb, stride_dkh,
                              stride_dks, stride_dvb, stride_dvh, stride_dvs, kpm_ptr, stride_mb, stride_mn, seg_ptr,
                              stride_sb, stride_sp, 1, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL,
-                             DQ_SPLIT, DQ_TMA, HAS_KPM, HAS_SEG, PERSISTENT, FRESH_KV)),
+                             DQ_SPLIT, DQ_TMA, HAS_KPM, HAS_SEG, PERSISTENT, FRESH_KV, EARLY_DQ_WAIT)),
             (_bwd_producer, (desc_q, desc_do, desc_k, desc_v, desc_lse, desc_delta, q_smem, do_smem, k_smem, v_smem,
                              lse_smem, delta_smem, kv_ready, kv_empty, q_ready, do_ready, qdo_empty, seq_q, seq_k,
                              heads_q, heads_k, group_size, padded_q, num_n_blocks, num_tiles, batch_kv, l2_pairs,
@@ -675,7 +690,7 @@ def _attn_bwd_sm90(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, desc_d
                              padded_q, num_n_blocks, num_tiles, batch_kv, l2_pairs, head_dim, stride_dkb, stride_dkh,
                              stride_dks, stride_dvb, stride_dvh, stride_dvs, kpm_ptr, stride_mb, stride_mn, seg_ptr,
                              stride_sb, stride_sp, 0, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL,
-                             DQ_SPLIT, DQ_TMA, HAS_KPM, HAS_SEG, PERSISTENT, FRESH_KV)),
+                             DQ_SPLIT, DQ_TMA, HAS_KPM, HAS_SEG, PERSISTENT, FRESH_KV, EARLY_DQ_WAIT)),
             (_bwd_producer, (desc_q, desc_do, desc_k, desc_v, desc_lse, desc_delta, q_smem, do_smem, k_smem, v_smem,
                              lse_smem, delta_smem, kv_ready, kv_empty, q_ready, do_ready, qdo_empty, seq_q, seq_k,
                              heads_q, heads_k, group_size, padded_q, num_n_blocks, num_tiles, batch_kv, l2_pairs,
@@ -914,8 +929,8 @@ def _constexprs(config: Sm90BwdConfig, head_dim: int, causal: bool, key_padding_
             raise ValueError("without warp specialisation the program is two warpgroups with the block dQ")
         if key_padding_mask or segment_ids:
             raise ValueError("the kernel without warp specialisation takes no key padding mask or segment ids")
-        if config.persistent or config.fresh_kv:
-            raise ValueError("persistence and fresh K/V descriptors need warp specialisation")
+        if config.persistent or config.fresh_kv or config.early_dq_wait:
+            raise ValueError("persistence, fresh K/V descriptors and the early dQ wait need warp specialisation")
         return dict(BLOCK_M=config.block_m, HEAD_DIM=KERNEL_HEAD_DIM[head_dim], NUM_STAGES=config.num_stages,
                     CAUSAL=causal, DQ_TMA=config.dq_write == "tma")
     if config.dq_split() == 1 and KERNEL_HEAD_DIM[head_dim] != 128:
@@ -924,7 +939,7 @@ def _constexprs(config: Sm90BwdConfig, head_dim: int, causal: bool, key_padding_
                 NUM_CONSUMERS=config.num_consumers, CAUSAL=causal, DQ_SPLIT=config.dq_split(),
                 DQ_TMA=config.dq_write == "tma", HAS_KPM=key_padding_mask, HAS_SEG=segment_ids,
                 CONSUMER_REGS=config.consumer_regs, PRODUCER_REGS=config.producer_regs, PERSISTENT=config.persistent,
-                FRESH_KV=config.fresh_kv)
+                FRESH_KV=config.fresh_kv, EARLY_DQ_WAIT=config.early_dq_wait)
 
 
 # (config, head_dim, causal, dtype[, masks]) -> the compiled main kernel of the last launch, for inspection.
