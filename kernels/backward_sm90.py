@@ -25,7 +25,9 @@ Three launches:
     with segment ids, the producer and the consumers visit only the query blocks of the key block's own packed
     sequences (`segment_planes`' run bounds), every one of them masked by segment. Persistent configs launch one
     program per SM instead, each walking those tiles in turn (rounds of one tile a program, every other round in
-    reverse; causal tiles in L2 sections, key blocks longest first): the Q/dO ring and the dS^T exchange count their
+    reverse; causal tiles in L2 sections, key blocks longest first) or, dynamic, taking the next tile of that order
+    from an atomic counter (the forward's scheduler; the producer names each tile in shared memory under the K/V
+    barrier, a past-the-end index stops the consumers): the Q/dO ring and the dS^T exchange count their
     slots on across tiles, and K/V reload once both consumers have arrived on a kv_empty barrier after their last
     step, so one tile's dK/dV stores overlap the next tile's loads.
   * convert (plain Triton): dq = dQaccum * scale in q's dtype and layout.
@@ -73,7 +75,7 @@ from .gluon_hopper import sm_count
 from .gluon_hopper import tma_load as _tma_load
 from .launch import CachedLauncher, cdiv
 from .forward import segment_planes
-from .forward_sm90 import L2_KV_BYTES, section_order
+from .forward_sm90 import L2_KV_BYTES, _get_tile, _next_tile, _put_tile, _tile_counter, section_order
 from .online_softmax import LOG2E
 
 if HAS_GLUON:
@@ -110,6 +112,7 @@ class Sm90BwdConfig:
     persistent: bool = False  # grid = number of SMs, each program walks key blocks in turn (warp-specialised only)
     fresh_kv: bool = False  # K/V wgmma descriptors derived in the key loop, not hoisted and spilled (see FRESH_KV)
     early_dq_wait: bool = False  # TMA dQ: wait for the last reduction during the dK/dQ wgmmas (see EARLY_DQ_WAIT)
+    dynamic: bool = False  # persistent tiles handed out in order by an atomic counter (needs persistent)
 
     @property
     def block_n(self) -> int:
@@ -141,6 +144,7 @@ class Sm90BwdConfig:
     def label(self) -> str:
         return (f"m{self.block_m}n{self.block_n}s{self.num_stages}+dq_{self.dq}_{self.dq_write}"
                 + ("" if self.warp_specialize else "+nows") + ("+persist" if self.persistent else "")
+                + ("+dyn" if self.dynamic else "")
                 + ("+fresh_kv" if self.fresh_kv else "") + ("+early_dq_wait" if self.early_dq_wait else ""))
 
 
@@ -157,9 +161,12 @@ class Sm90BwdConfig:
 # persistent rows are the defaults walking several key blocks a program (at short N each non-persistent program's
 # K/V load and dK/dV store are exposed: one 198 KB program fits an SM); their key loops compile to the same spill
 # and instruction counts as the defaults', and on an H200 they ran level without a mask, 12-20 % slower causal
-# (BENCHMARKS §2). The fresh_kv rows are the defaults with the K/V descriptors derived in the key loop (FRESH_KV in
-# Step 4): compiled for sm90, d128's loops reload 0-6 values a step from local memory instead of 12-20. The
-# early_dq_wait rows add EARLY_DQ_WAIT (Step 4e): five warpgroup barriers a step instead of six.
+# (BENCHMARKS §2): their static rounds load causal programs unevenly (scripts/persistent_schedule_balance.py:
+# the busiest program gets 1.19x-1.23x the mean work at d128 from 2K, a greedy hand-out in the same order
+# 1.00x-1.01x), which the dynamic rows (persist+dyn, with fresh_kv) address. The fresh_kv rows are the defaults with
+# the K/V descriptors derived in the key loop (FRESH_KV in Step 4): compiled for sm90, d128's loops reload 0-6 values
+# a step from local memory instead of 12-20. The early_dq_wait rows add EARLY_DQ_WAIT (Step 4e): five warpgroup
+# barriers a step instead of six.
 SM90_BWD_CONFIGS: dict[int, list[Sm90BwdConfig]] = {
     64: [Sm90BwdConfig(128, 2),
          Sm90BwdConfig(64, 2, dq="wg"),
@@ -169,7 +176,8 @@ SM90_BWD_CONFIGS: dict[int, list[Sm90BwdConfig]] = {
          Sm90BwdConfig(128, 2, warp_specialize=False),
          Sm90BwdConfig(128, 2, persistent=True),
          Sm90BwdConfig(128, 2, fresh_kv=True),
-         Sm90BwdConfig(128, 2, fresh_kv=True, early_dq_wait=True)],
+         Sm90BwdConfig(128, 2, fresh_kv=True, early_dq_wait=True),
+         Sm90BwdConfig(128, 2, persistent=True, dynamic=True, fresh_kv=True)],
     128: [Sm90BwdConfig(64, 2),
           Sm90BwdConfig(64, 3),
           Sm90BwdConfig(64, 2, dq="wg"),
@@ -178,7 +186,8 @@ SM90_BWD_CONFIGS: dict[int, list[Sm90BwdConfig]] = {
           Sm90BwdConfig(64, 2, warp_specialize=False),
           Sm90BwdConfig(64, 2, persistent=True),
           Sm90BwdConfig(64, 2, fresh_kv=True),
-          Sm90BwdConfig(64, 2, fresh_kv=True, early_dq_wait=True)],
+          Sm90BwdConfig(64, 2, fresh_kv=True, early_dq_wait=True),
+          Sm90BwdConfig(64, 2, persistent=True, dynamic=True, fresh_kv=True)],
 }
 SM90_BWD_CONFIGS[80] = SM90_BWD_CONFIGS[96] = SM90_BWD_CONFIGS[128]
 
@@ -302,9 +311,28 @@ def _masked_blocks(n0w, m_lo, m_hi, seq_q, seq_k, BLOCK_M: gl.constexpr, CAUSAL:
 def _bwd_producer(desc_q, desc_do, desc_k, desc_v, desc_lse, desc_delta, q_smem, do_smem, k_smem, v_smem, lse_smem,
                   delta_smem, kv_ready, kv_empty, q_ready, do_ready, qdo_empty, seq_q, seq_k, heads_q, heads_k,
                   group_size, padded_q, num_n_blocks, num_tiles, batch_kv, l2_pairs, seg_ptr, stride_sb, stride_sp,
+                  tile_slot, counter_ptr,
                   BLOCK_M: gl.constexpr, NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
-                  CAUSAL: gl.constexpr, HAS_SEG: gl.constexpr, PERSISTENT: gl.constexpr):
-    if PERSISTENT:  # the ring's slot count runs on across tiles; K and V reload once the consumers are done
+                  CAUSAL: gl.constexpr, HAS_SEG: gl.constexpr, PERSISTENT: gl.constexpr, DYNAMIC: gl.constexpr):
+    if DYNAMIC:  # tiles in order, each to the program that asks first: its index in tile_slot, under kv_ready
+        it = 0
+        t_local = 0
+        tile = gl.program_id(0)
+        while tile < num_tiles:
+            b, kv_h, n_block = _tile_coords(tile, heads_k, num_n_blocks, batch_kv, l2_pairs, CAUSAL)
+            mbarrier.wait(kv_empty, (t_local & 1) ^ 1)  # both consumers are done with the last tile (and its index)
+            _put_tile(tile_slot, tile, 1)  # published by kv_ready's arrive (release), read after the consumers' wait
+            it = _bwd_produce_tile(desc_q, desc_do, desc_k, desc_v, desc_lse, desc_delta, q_smem, do_smem, k_smem,
+                                   v_smem, lse_smem, delta_smem, kv_ready, kv_empty, q_ready, do_ready, qdo_empty,
+                                   seq_q, seq_k, heads_q, group_size, padded_q, seg_ptr, stride_sb, stride_sp, b,
+                                   kv_h, n_block, it, t_local, BLOCK_M, NUM_STAGES, NUM_CONSUMERS, CAUSAL, HAS_SEG,
+                                   False)
+            tile = _next_tile(tile, counter_ptr, num_tiles, True)  # claimed while the consumers work the ring
+            t_local += 1
+        mbarrier.wait(kv_empty, (t_local & 1) ^ 1)  # no tile left: a past-the-end index tells the consumers to stop
+        _put_tile(tile_slot, num_tiles, 1)
+        mbarrier.arrive(kv_ready)
+    elif PERSISTENT:  # the ring's slot count runs on across tiles; K and V reload once the consumers are done
         it = 0
         t_local = 0
         for k in range(0, (num_tiles + gl.num_programs(0) - 1) // gl.num_programs(0)):
@@ -487,12 +515,29 @@ def _bwd_consumer(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, d
                   ds_smem, dq_smem, kv_ready, kv_empty, q_ready, do_ready, qdo_empty, ds_full, ds_free, qk_scale,
                   sm_scale, seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks, num_tiles, batch_kv,
                   l2_pairs, head_dim, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, kpm_ptr,
-                  stride_mb, stride_mn, seg_ptr, stride_sb, stride_sp,
+                  stride_mb, stride_mn, seg_ptr, stride_sb, stride_sp, tile_slot,
                   WG: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
                   NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, DQ_SPLIT: gl.constexpr,
                   DQ_TMA: gl.constexpr, HAS_KPM: gl.constexpr, HAS_SEG: gl.constexpr, PERSISTENT: gl.constexpr,
-                  FRESH_KV: gl.constexpr, EARLY_DQ_WAIT: gl.constexpr):
-    if PERSISTENT:  # the tile sequence the producer walks; a tile's dK/dV stores overlap the next tile's loads
+                  FRESH_KV: gl.constexpr, EARLY_DQ_WAIT: gl.constexpr, DYNAMIC: gl.constexpr):
+    if DYNAMIC:  # the tile the producer names with each kv_ready phase (past the end: stop)
+        it = 0
+        t_local = 0
+        mbarrier.wait(kv_ready, 0)
+        tile = _get_tile(tile_slot)
+        while tile < num_tiles:
+            b, kv_h, n_block = _tile_coords(tile, heads_k, num_n_blocks, batch_kv, l2_pairs, CAUSAL)
+            it = _bwd_consume_tile(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, do_smem, lse_smem,
+                                   delta_smem, ds_smem, dq_smem, kv_ready, kv_empty, q_ready, do_ready, qdo_empty,
+                                   ds_full, ds_free, qk_scale, sm_scale, seq_q, seq_k, heads_q, group_size, padded_q,
+                                   head_dim, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
+                                   kpm_ptr, stride_mb, stride_mn, seg_ptr, stride_sb, stride_sp, b, kv_h, n_block, it,
+                                   t_local, WG, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, DQ_SPLIT,
+                                   DQ_TMA, HAS_KPM, HAS_SEG, True, FRESH_KV, EARLY_DQ_WAIT)
+            t_local += 1
+            mbarrier.wait(kv_ready, t_local & 1)
+            tile = _get_tile(tile_slot)
+    elif PERSISTENT:  # the tile sequence the producer walks; a tile's dK/dV stores overlap the next tile's loads
         it = 0
         t_local = 0
         for k in range(0, (num_tiles + gl.num_programs(0) - 1) // gl.num_programs(0)):
@@ -615,14 +660,14 @@ def _bwd_consume_tile(dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_sme
                               "stride_dks", "stride_dvb", "stride_dvh", "stride_dvs", "stride_mb", "stride_mn",
                               "stride_sb", "stride_sp"])
 def _attn_bwd_sm90(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, desc_dq, dq_acc_ptr, dk_ptr, dv_ptr,
-                   qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size, padded_q, num_n_blocks, num_tiles,
-                   batch_kv, l2_pairs, head_dim, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh,
-                   stride_dvs, kpm_ptr, stride_mb, stride_mn, seg_ptr, stride_sb, stride_sp, BLOCK_M: gl.constexpr,
-                   HEAD_DIM: gl.constexpr,
-                   NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr,
+                   counter_ptr, qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size, padded_q,
+                   num_n_blocks, num_tiles, batch_kv, l2_pairs, head_dim, stride_dkb, stride_dkh, stride_dks,
+                   stride_dvb, stride_dvh, stride_dvs, kpm_ptr, stride_mb, stride_mn, seg_ptr, stride_sb, stride_sp,
+                   BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
+                   NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr,
                    DQ_SPLIT: gl.constexpr, DQ_TMA: gl.constexpr, HAS_KPM: gl.constexpr, HAS_SEG: gl.constexpr,
                    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, PERSISTENT: gl.constexpr,
-                   FRESH_KV: gl.constexpr, EARLY_DQ_WAIT: gl.constexpr):
+                   FRESH_KV: gl.constexpr, EARLY_DQ_WAIT: gl.constexpr, DYNAMIC: gl.constexpr):
     dtype: gl.constexpr = desc_q.dtype
     # The whole key block, behind a leading dimension of one that the consumers index (see FRESH_KV).
     k_smem = gl.allocate_shared_memory(dtype, [1] + desc_k.block_type.shape, desc_k.layout)
@@ -643,6 +688,7 @@ def _attn_bwd_sm90(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, desc_d
         dq_smem = ds_smem  # not used
     kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     kv_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())  # (persistent) K/V reusable
+    tile_slot = gl.allocate_shared_memory(gl.int32, [1], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))  # (DYNAMIC)
     q_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     do_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     qdo_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
@@ -667,20 +713,22 @@ def _attn_bwd_sm90(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, desc_d
                              ds_full, ds_free, qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size,
                              padded_q, num_n_blocks, num_tiles, batch_kv, l2_pairs, head_dim, stride_dkb, stride_dkh,
                              stride_dks, stride_dvb, stride_dvh, stride_dvs, kpm_ptr, stride_mb, stride_mn, seg_ptr,
-                             stride_sb, stride_sp, 0, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL,
-                             DQ_SPLIT, DQ_TMA, HAS_KPM, HAS_SEG, PERSISTENT, FRESH_KV, EARLY_DQ_WAIT)),
+                             stride_sb, stride_sp, tile_slot, 0, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL,
+                             DQ_SPLIT, DQ_TMA, HAS_KPM, HAS_SEG, PERSISTENT, FRESH_KV, EARLY_DQ_WAIT,
+                             DYNAMIC)),
             (_bwd_consumer, (dk_ptr, dv_ptr, desc_dq, dq_acc_ptr, k_smem, v_smem, q_smem, do_smem, lse_smem,
                              delta_smem, ds_smem, dq_smem, kv_ready, kv_empty, q_ready, do_ready, qdo_empty,
                              ds_full, ds_free, qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size,
                              padded_q, num_n_blocks, num_tiles, batch_kv, l2_pairs, head_dim, stride_dkb, stride_dkh,
                              stride_dks, stride_dvb, stride_dvh, stride_dvs, kpm_ptr, stride_mb, stride_mn, seg_ptr,
-                             stride_sb, stride_sp, 1, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL,
-                             DQ_SPLIT, DQ_TMA, HAS_KPM, HAS_SEG, PERSISTENT, FRESH_KV, EARLY_DQ_WAIT)),
+                             stride_sb, stride_sp, tile_slot, 1, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL,
+                             DQ_SPLIT, DQ_TMA, HAS_KPM, HAS_SEG, PERSISTENT, FRESH_KV, EARLY_DQ_WAIT,
+                             DYNAMIC)),
             (_bwd_producer, (desc_q, desc_do, desc_k, desc_v, desc_lse, desc_delta, q_smem, do_smem, k_smem, v_smem,
                              lse_smem, delta_smem, kv_ready, kv_empty, q_ready, do_ready, qdo_empty, seq_q, seq_k,
                              heads_q, heads_k, group_size, padded_q, num_n_blocks, num_tiles, batch_kv, l2_pairs,
-                             seg_ptr, stride_sb, stride_sp, BLOCK_M, NUM_STAGES, NUM_CONSUMERS, CAUSAL, HAS_SEG,
-                             PERSISTENT)),
+                             seg_ptr, stride_sb, stride_sp, tile_slot, counter_ptr, BLOCK_M, NUM_STAGES,
+                             NUM_CONSUMERS, CAUSAL, HAS_SEG, PERSISTENT, DYNAMIC)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([
@@ -689,13 +737,14 @@ def _attn_bwd_sm90(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, desc_d
                              ds_full, ds_free, qk_scale, sm_scale, seq_q, seq_k, heads_q, heads_k, group_size,
                              padded_q, num_n_blocks, num_tiles, batch_kv, l2_pairs, head_dim, stride_dkb, stride_dkh,
                              stride_dks, stride_dvb, stride_dvh, stride_dvs, kpm_ptr, stride_mb, stride_mn, seg_ptr,
-                             stride_sb, stride_sp, 0, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL,
-                             DQ_SPLIT, DQ_TMA, HAS_KPM, HAS_SEG, PERSISTENT, FRESH_KV, EARLY_DQ_WAIT)),
+                             stride_sb, stride_sp, tile_slot, 0, BLOCK_M, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL,
+                             DQ_SPLIT, DQ_TMA, HAS_KPM, HAS_SEG, PERSISTENT, FRESH_KV, EARLY_DQ_WAIT,
+                             DYNAMIC)),
             (_bwd_producer, (desc_q, desc_do, desc_k, desc_v, desc_lse, desc_delta, q_smem, do_smem, k_smem, v_smem,
                              lse_smem, delta_smem, kv_ready, kv_empty, q_ready, do_ready, qdo_empty, seq_q, seq_k,
                              heads_q, heads_k, group_size, padded_q, num_n_blocks, num_tiles, batch_kv, l2_pairs,
-                             seg_ptr, stride_sb, stride_sp, BLOCK_M, NUM_STAGES, NUM_CONSUMERS, CAUSAL, HAS_SEG,
-                             PERSISTENT)),
+                             seg_ptr, stride_sb, stride_sp, tile_slot, counter_ptr, BLOCK_M, NUM_STAGES,
+                             NUM_CONSUMERS, CAUSAL, HAS_SEG, PERSISTENT, DYNAMIC)),
         ], [1], [PRODUCER_REGS])
 
 
@@ -924,6 +973,8 @@ def _constexprs(config: Sm90BwdConfig, head_dim: int, causal: bool, key_padding_
         raise ValueError("block_m is 64 or 128")
     if config.dq == "block" and config.num_consumers != 2:
         raise ValueError("the block dQ needs two consumers")
+    if config.dynamic and not config.persistent:
+        raise ValueError("the dynamic schedule hands out a persistent launch's tiles")
     if not config.warp_specialize:
         if config.num_consumers != 2 or config.dq != "block":
             raise ValueError("without warp specialisation the program is two warpgroups with the block dQ")
@@ -939,7 +990,7 @@ def _constexprs(config: Sm90BwdConfig, head_dim: int, causal: bool, key_padding_
                 NUM_CONSUMERS=config.num_consumers, CAUSAL=causal, DQ_SPLIT=config.dq_split(),
                 DQ_TMA=config.dq_write == "tma", HAS_KPM=key_padding_mask, HAS_SEG=segment_ids,
                 CONSUMER_REGS=config.consumer_regs, PRODUCER_REGS=config.producer_regs, PERSISTENT=config.persistent,
-                FRESH_KV=config.fresh_kv, EARLY_DQ_WAIT=config.early_dq_wait)
+                FRESH_KV=config.fresh_kv, EARLY_DQ_WAIT=config.early_dq_wait, DYNAMIC=config.dynamic)
 
 
 # (config, head_dim, causal, dtype[, masks]) -> the compiled main kernel of the last launch, for inspection.
@@ -1011,6 +1062,7 @@ def flash_attn_backward_sm90(grad_out, q, k, v, out, lse, *, causal: bool, scale
         _descriptor(q, block_m, width), _descriptor(k, config.block_n, width), _descriptor(v, config.block_n, width),
         _descriptor(grad_out, block_m, width), _row_descriptor(lse2, block_m), _row_descriptor(delta, block_m),
         _dq_descriptor(dq_acc, *config.dq_share(head_dim)), dq_acc, dk, dv,
+        *((_tile_counter(q.device), ) if config.warp_specialize else ()),  # the dynamic schedule's (self-resetting)
         scale * LOG2E.value, scale, seq_q, seq_k, heads_q, heads_k, heads_q // heads_k, padded_q, num_n_blocks,
         *tiles, head_dim,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), *masks,
@@ -1049,7 +1101,8 @@ def compile_sm90(config: Sm90BwdConfig, head_dim: int, *, causal: bool, dtype: t
                    desc_delta=mangle_type(_row_descriptor(rows_t, block_m)),
                    desc_dq=mangle_type(_dq_descriptor(torch.empty(block_m, width, dtype=torch.float32),
                                                        *config.dq_share(head_dim))),
-                   dq_acc_ptr="*fp32", kpm_ptr="*u8", seg_ptr="*i32", qk_scale="fp32", sm_scale="fp32")
+                   dq_acc_ptr="*fp32", counter_ptr="*i32", kpm_ptr="*u8", seg_ptr="*i32", qk_scale="fp32",
+                   sm_scale="fp32")
     kernel = _attn_bwd_sm90 if config.warp_specialize else _attn_bwd_sm90_plain
     names = kernel.arg_names
     signature = {n: "constexpr" if n in constexprs else runtime.get(n, "i32") for n in names}

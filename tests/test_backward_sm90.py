@@ -98,12 +98,13 @@ def test_every_config(head_dim, index, causal, seed, poison_empty):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("batch,heads_q,heads_k,masks", [(2, 64, 64, ""), (3, 32, 8, ""), (8, 16, 16, "kpm"),
                                                           (8, 16, 16, "seg")])
-def test_persistent_programs_walk_several_tiles(head_dim, causal, batch, heads_q, heads_k, masks, seed,
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_persistent_programs_walk_several_tiles(head_dim, causal, batch, heads_q, heads_k, masks, dynamic, seed,
                                                 poison_empty):
-    """The persistent config with more key blocks than SMs, so a program walks several: the Q/dO ring's slots, the
-    dS^T exchange's buffers and the K/V reload carry on from tile to tile (GQA, key padding, segments); twice in a
-    row."""
-    config = next(c for c in SM90_BWD_CONFIGS[head_dim] if c.persistent)
+    """Each persistent config (static rounds, dynamic hand-out) with more key blocks than SMs, so a program walks
+    several: the Q/dO ring's slots, the dS^T exchange's buffers and the K/V reload carry on from tile to tile (GQA,
+    key padding, segments); twice in a row (the dynamic schedule's counter is back at zero for the second)."""
+    config = next(c for c in SM90_BWD_CONFIGS[head_dim] if c.persistent and c.dynamic == dynamic)
     seq = 1100
     tiles = batch * heads_k * -(-seq // config.block_n)
     assert tiles > torch.cuda.get_device_properties(0).multi_processor_count
@@ -112,6 +113,11 @@ def test_persistent_programs_walk_several_tiles(head_dim, causal, batch, heads_q
         dict(segment_ids=packed_ids(batch, seq)) if masks == "seg" else {}
     for _ in range(2):
         check(bshd(q), bshd(k), bshd(v), causal, config=config, **extra)
+    if dynamic:
+        from flashpatch.kernels import forward_sm90
+
+        torch.cuda.synchronize()
+        assert all(int(c.item()) == 0 for c in forward_sm90._COUNTERS.values())
 
 
 @needs_hopper
