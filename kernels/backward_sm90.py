@@ -1062,7 +1062,8 @@ def flash_attn_backward_sm90(grad_out, q, k, v, out, lse, *, causal: bool, scale
         _descriptor(q, block_m, width), _descriptor(k, config.block_n, width), _descriptor(v, config.block_n, width),
         _descriptor(grad_out, block_m, width), _row_descriptor(lse2, block_m), _row_descriptor(delta, block_m),
         _dq_descriptor(dq_acc, *config.dq_share(head_dim)), dq_acc, dk, dv,
-        *((_tile_counter(q.device), ) if config.warp_specialize else ()),  # the dynamic schedule's (self-resetting)
+        # The dynamic schedule's self-resetting tile counter; other launches never read it and get a stand-in.
+        *((_tile_counter(q.device) if config.dynamic else dq_acc, ) if config.warp_specialize else ()),
         scale * LOG2E.value, scale, seq_q, seq_k, heads_q, heads_k, heads_q // heads_k, padded_q, num_n_blocks,
         *tiles, head_dim,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), *masks,
@@ -1101,8 +1102,8 @@ def compile_sm90(config: Sm90BwdConfig, head_dim: int, *, causal: bool, dtype: t
                    desc_delta=mangle_type(_row_descriptor(rows_t, block_m)),
                    desc_dq=mangle_type(_dq_descriptor(torch.empty(block_m, width, dtype=torch.float32),
                                                        *config.dq_share(head_dim))),
-                   dq_acc_ptr="*fp32", counter_ptr="*i32", kpm_ptr="*u8", seg_ptr="*i32", qk_scale="fp32",
-                   sm_scale="fp32")
+                   dq_acc_ptr="*fp32", counter_ptr="*i32" if config.dynamic else "*fp32",  # (else a stand-in)
+                   kpm_ptr="*u8", seg_ptr="*i32", qk_scale="fp32", sm_scale="fp32")
     kernel = _attn_bwd_sm90 if config.warp_specialize else _attn_bwd_sm90_plain
     names = kernel.arg_names
     signature = {n: "constexpr" if n in constexprs else runtime.get(n, "i32") for n in names}
